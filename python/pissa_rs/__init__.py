@@ -10,6 +10,7 @@ from ._pissa_rs import (
     HeaderError,
     PissaError,
     PissaIOError,
+    Pipeline,
     ShardWriter,
     TensorBuffer,
     TensorInfo,
@@ -19,6 +20,9 @@ from ._pissa_rs import (
     UnsupportedFormatError,
     WriterError,
 )
+from .decompose import DecomposeOptions, DecomposeResult, decompose_checkpoint
+from .factors import Factors, principal_factors
+from .targets import Target, TargetError, resolve_targets
 from .tensors import as_numpy_bytes, as_torch
 
 __all__ = [
@@ -28,6 +32,7 @@ __all__ = [
     "HeaderError",
     "PissaError",
     "PissaIOError",
+    "Pipeline",
     "ShardWriter",
     "TensorBuffer",
     "TensorInfo",
@@ -36,6 +41,14 @@ __all__ = [
     "UnsafePathError",
     "UnsupportedFormatError",
     "WriterError",
+    "DecomposeOptions",
+    "DecomposeResult",
+    "Factors",
+    "Target",
+    "TargetError",
     "as_numpy_bytes",
+    "decompose_checkpoint",
+    "principal_factors",
+    "resolve_targets",
     "as_torch",
 ]

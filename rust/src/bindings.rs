@@ -15,6 +15,7 @@ use pyo3::types::PyTuple;
 
 use crate::checkpoint::{parse_dtype, Checkpoint, Shard, TensorEntry};
 use crate::error::Error;
+use crate::pipeline::{CopyJob, Pipeline, WriteJob};
 use crate::writer::{ShardWriter, TensorSpec};
 
 create_exception!(
@@ -306,6 +307,12 @@ impl PyCheckpoint {
         self.inner.shards[e.shard].release(e.start, e.end);
         Ok(())
     }
+    /// Start reading a tensor's pages in the background (read-ahead).
+    fn prefetch(&self, name: &str) -> PyResult<()> {
+        let e = self.inner.get(name).map_err(to_py)?;
+        self.inner.shards[e.shard].prefetch(e.start, e.end);
+        Ok(())
+    }
     fn __len__(&self) -> usize {
         self.inner.tensors.len()
     }
@@ -364,7 +371,7 @@ impl Drop for BorrowedBytes {
 /// Writes one safetensors shard whose tensors are all known up front.
 #[pyclass(frozen, name = "ShardWriter", module = "pissa_rs._pissa_rs")]
 pub struct PyShardWriter {
-    inner: ShardWriter,
+    inner: Arc<ShardWriter>,
 }
 
 #[pymethods]
@@ -392,7 +399,9 @@ impl PyShardWriter {
         let inner = py
             .detach(|| ShardWriter::create(&path, &specs, metadata))
             .map_err(to_py)?;
-        Ok(PyShardWriter { inner })
+        Ok(PyShardWriter {
+            inner: Arc::new(inner),
+        })
     }
 
     /// The final path (the file appears there only on finalize).
@@ -470,6 +479,98 @@ impl PyShardWriter {
     }
 }
 
+/// Background I/O for one decomposition: pass-through copies on one thread,
+/// computed results written from a bounded queue on another.
+#[pyclass(frozen, name = "Pipeline", module = "pissa_rs._pissa_rs")]
+pub struct PyPipeline {
+    checkpoint: Arc<Checkpoint>,
+    inner: Pipeline,
+}
+
+#[pymethods]
+impl PyPipeline {
+    /// `copies`: (source tensor, writer, name in that writer) for every
+    /// pass-through tensor; they start copying at once.
+    #[new]
+    #[pyo3(signature = (checkpoint, copies, queue_depth=2))]
+    fn new(
+        checkpoint: &PyCheckpoint,
+        copies: Vec<(String, PyRef<'_, PyShardWriter>, String)>,
+        queue_depth: usize,
+    ) -> Self {
+        let jobs = copies
+            .into_iter()
+            .map(|(source, writer, name)| CopyJob {
+                checkpoint: checkpoint.inner.clone(),
+                source,
+                writer: writer.inner.clone(),
+                name,
+            })
+            .collect();
+        PyPipeline {
+            checkpoint: checkpoint.inner.clone(),
+            inner: Pipeline::start(jobs, queue_depth),
+        }
+    }
+
+    /// Queue `data` (any C-contiguous buffer, copied now) for writing as
+    /// `name`; then drop the pages of input tensor `release`. Blocks, with
+    /// the GIL released, while the queue is full.
+    #[pyo3(signature = (writer, name, data, release=None))]
+    fn submit(
+        &self,
+        py: Python<'_>,
+        writer: &PyShardWriter,
+        name: String,
+        data: &Bound<'_, PyAny>,
+        release: Option<String>,
+    ) -> PyResult<()> {
+        let borrowed = BorrowedBytes::get(data)?;
+        let slice = borrowed.as_slice();
+        let job_writer = writer.inner.clone();
+        let release = release.map(|r| (self.checkpoint.clone(), r));
+        py.detach(|| {
+            self.inner.submit(WriteJob {
+                writer: job_writer,
+                name,
+                bytes: slice.to_vec(),
+                release,
+            })
+        })
+        .map_err(to_py)
+    }
+
+    /// Wait for every write and copy; raises the first error.
+    fn finish(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| self.inner.finish()).map_err(to_py)
+    }
+
+    /// No more submits; `done` turns true once everything queued is written.
+    fn close(&self) {
+        self.inner.close()
+    }
+
+    #[getter]
+    fn done(&self) -> bool {
+        self.inner.is_done()
+    }
+
+    /// Stop pass-through copies early.
+    fn cancel(&self) {
+        self.inner.cancel()
+    }
+
+    #[getter]
+    fn bytes_written(&self) -> u64 {
+        self.inner.bytes_written()
+    }
+
+    #[getter]
+    fn tensors_written(&self) -> u64 {
+        self.inner.tensors_written()
+    }
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add("PissaError", py.get_type::<PissaError>())?;
@@ -492,5 +593,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<TensorInfo>()?;
     m.add_class::<TensorBuffer>()?;
     m.add_class::<PyShardWriter>()?;
+    m.add_class::<PyPipeline>()?;
     Ok(())
 }

@@ -65,6 +65,21 @@ impl Shard {
     }
 }
 
+impl Shard {
+    /// Ask the kernel to start reading `[start, end)` now (asynchronous
+    /// read-ahead), so the bytes are in memory when torch needs them.
+    pub fn prefetch(&self, start: u64, end: u64) {
+        let page = 4096u64;
+        let s = start / page * page;
+        let e = end.min(self.len);
+        if e > s {
+            let _ = self
+                .map
+                .advise_range(memmap2::Advice::WillNeed, s as usize, (e - s) as usize);
+        }
+    }
+}
+
 /// One tensor of a checkpoint: where its bytes are.
 #[derive(Clone, Debug)]
 pub struct TensorEntry {

@@ -4,6 +4,7 @@
 pub mod bindings;
 pub mod checkpoint;
 pub mod error;
+pub mod pipeline;
 pub mod writer;
 
 use pyo3::prelude::*;

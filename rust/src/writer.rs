@@ -24,6 +24,9 @@ pub struct TensorSpec {
     pub shape: Vec<usize>,
 }
 
+/// Pass-through copies move this many bytes at a time.
+const COPY_CHUNK: usize = 64 << 20;
+
 /// (name, start, end): a tensor's absolute byte range in the file.
 pub type ByteRange = (String, u64, u64);
 
@@ -326,7 +329,9 @@ impl ShardWriter {
     }
 
     /// Copy tensor `source` of `checkpoint` into slot `name`, byte for byte.
-    /// Its dtype and shape must be the ones the slot was laid out with.
+    /// Its dtype and shape must be the ones the slot was laid out with. The
+    /// copy goes in chunks, each chunk's input pages released once written,
+    /// so a 2 GB embedding never makes 2 GB resident.
     pub fn copy_from(&self, checkpoint: &Checkpoint, source: &str, name: &str) -> Result<()> {
         let entry = checkpoint.get(source)?;
         {
@@ -343,7 +348,23 @@ impl ShardWriter {
                 }
             }
         }
-        self.write(name, checkpoint.bytes(entry))
+        let bytes = checkpoint.bytes(entry);
+        let offset = self.claim(name, bytes.len())?;
+        let shard = &checkpoint.shards[entry.shard];
+        let mut result = Ok(());
+        for (i, chunk) in bytes.chunks(COPY_CHUNK).enumerate() {
+            let at = (i * COPY_CHUNK) as u64;
+            result = self
+                .file
+                .write_all_at(chunk, offset + at)
+                .map_err(|e| Error::io(&self.tmp_path, "write", e));
+            shard.release(entry.start + at, entry.start + at + chunk.len() as u64);
+            if result.is_err() {
+                break;
+            }
+        }
+        self.settle(name, result.is_ok());
+        result
     }
 
     /// Names of the tensors not yet written, in layout order.

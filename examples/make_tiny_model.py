@@ -1,0 +1,59 @@
+"""Make a small random-weight model checkpoint to try pissa_rs on (no download needed).
+
+    python examples/make_tiny_model.py OUT [--arch llama|gpt2] [--layers 2] [--dtype float32] [--shard-size 200KB]
+
+The model is built by transformers from a config, with random weights, and saved
+as sharded safetensors with its index, like a real Hugging Face checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+
+def tiny_config(arch: str = "llama", layers: int = 2, hidden: int = 64, intermediate: int = 160):
+    if arch == "llama":
+        return LlamaConfig(
+            vocab_size=256, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
+        )
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=256, n_embd=hidden, n_layer=layers, n_head=4, n_positions=128,
+                          bos_token_id=0, eos_token_id=0)
+    raise ValueError(f"unknown arch {arch!r}: llama or gpt2")
+
+
+def save_tiny_model(out: str | Path, arch: str = "llama", layers: int = 2, dtype: str = "float32",
+                    shard_size: str = "200KB", seed: int = 0, hidden: int = 64, intermediate: int = 160) -> Path:
+    """Save a random `arch` model with `layers` layers to `out`; returns `out`."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, layers, hidden, intermediate))
+    # Random init leaves some weights at exact constants (norms at 1); spread them so
+    # that pass-through copies are really tested on varied bytes.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model = model.to(getattr(torch, dtype))
+    out = Path(out)
+    model.save_pretrained(out, max_shard_size=shard_size)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out")
+    ap.add_argument("--arch", default="llama", choices=["llama", "gpt2"])
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--shard-size", default="200KB")
+    args = ap.parse_args()
+    out = save_tiny_model(args.out, args.arch, args.layers, args.dtype, args.shard_size)
+    print(f"saved a random {args.arch} with {args.layers} layers to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""The `pissa-rs` command: the Python API's options, spelled for the shell."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ._pissa_rs import Checkpoint, PissaError
+from .decompose import ADAPTER_DTYPES, DecomposeOptions, run_decomposition
+
+
+def _modules(text: str) -> str | list[str]:
+    """'all-linear' or a regex stays a string; 'q_proj,v_proj' is a list of suffixes."""
+    if text.lower() == "all-linear" or "," not in text and any(c in text for c in "^$*+?()[]|\\"):
+        return text
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _pattern(cast):
+    def parse(text: str) -> dict:
+        out = {}
+        for item in text.split(","):
+            key, sep, value = item.rpartition("=")
+            if not sep or not key:
+                raise argparse.ArgumentTypeError(f"expected NAME=VALUE[,NAME=VALUE...], got {item!r}")
+            out[key.strip()] = cast(value)
+        return out
+
+    return parse
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = DecomposeOptions()
+    parser = argparse.ArgumentParser(
+        prog="pissa-rs",
+        description="Out-of-core PiSSA: split every target weight W of a safetensors checkpoint into a "
+        "trainable adapter (its top-r singular triplets) and a frozen residual, in PEFT's format.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    dec = sub.add_parser(
+        "decompose",
+        help="decompose a checkpoint into a residual model and a PiSSA adapter",
+        description="Writes OUT (the residual model, same shards as the input), OUT/pissa_init (the adapter, "
+        "PEFT format) and OUT/pissa_report.json. Load with AutoModelForCausalLM.from_pretrained(OUT) then "
+        "PeftModel.from_pretrained(model, OUT, subfolder='pissa_init', is_trainable=True).",
+    )
+    dec.add_argument("path", help="a checkpoint directory (sharded or not) or one .safetensors file")
+    dec.add_argument("--rank", "-r", type=int, default=defaults.r, help="adapter rank r (default %(default)s)")
+    dec.add_argument("--out", "-o", type=Path, help="output directory (default: <name>-pissa-r<rank> beside the input)")
+    dec.add_argument("--lora-alpha", type=float, help="LoRA alpha; scale s = alpha / r (default: alpha = r, s = 1)")
+    dec.add_argument("--niter", type=int, default=defaults.niter,
+                     help="subspace iterations of the randomized SVD (PEFT pissa_niter_K); 0 = exact SVD "
+                     "(PEFT 'pissa') (default %(default)s)")
+    dec.add_argument("--target-modules", type=_modules, default=defaults.target_modules,
+                     help="'all-linear' (every linear layer but the output head), comma-separated module name "
+                     "suffixes (q_proj,v_proj), or a regex matched against full module names (default %(default)s)")
+    dec.add_argument("--exclude-modules", type=_modules, help="suffixes or a regex of modules to leave alone")
+    dec.add_argument("--rank-pattern", type=_pattern(int), default={},
+                     help="per-module ranks as PEFT's rank_pattern: NAME=R[,NAME=R...]")
+    dec.add_argument("--alpha-pattern", type=_pattern(float), default={},
+                     help="per-module alphas as PEFT's alpha_pattern: NAME=A[,NAME=A...]")
+    dec.add_argument("--use-rslora", action="store_true", help="rank-stabilized scale s = alpha / sqrt(r)")
+    dec.add_argument("--device", help="torch device for the SVDs, e.g. cuda:0 (default: cuda if available, else cpu)")
+    dec.add_argument("--seed", type=int, default=defaults.seed,
+                     help="seed of the randomized SVD; each tensor's seed derives from it and the tensor name "
+                     "(default %(default)s)")
+    dec.add_argument("--adapter-dtype", choices=sorted(ADAPTER_DTYPES), default=defaults.adapter_dtype,
+                     help="dtype of lora_A / lora_B (default %(default)s)")
+    dec.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    dec.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+    ins = sub.add_parser("inspect", help="list a checkpoint's tensors, dtypes, shapes, files and sizes")
+    ins.add_argument("path")
+    return parser
+
+
+def _decompose(args) -> int:
+    options = DecomposeOptions(
+        r=args.rank, lora_alpha=args.lora_alpha, niter=args.niter, target_modules=args.target_modules,
+        exclude_modules=args.exclude_modules, rank_pattern=args.rank_pattern, alpha_pattern=args.alpha_pattern,
+        use_rslora=args.use_rslora, device=args.device, seed=args.seed, adapter_dtype=args.adapter_dtype,
+    ).validate()
+    result = run_decomposition(Path(args.path), options, out=args.out, overwrite=args.overwrite,
+                               progress=not args.no_progress)
+    totals = result.report["totals"]
+    print(f"decomposed {totals['targets']} weights in {totals['seconds']:.1f} s "
+          f"(mean energy kept {totals['energy_kept_mean']:.3f}, max reconstruction error {totals['max_abs_error']:.2e})")
+    print(f"residual model: {result.out}")
+    print(f"adapter:        {result.adapter}")
+    return 0
+
+
+def _inspect(args) -> int:
+    ck = Checkpoint(args.path)
+    width = max((len(t.name) for t in ck.tensors), default=4)
+    for t in ck.tensors:
+        print(f"{t.name:<{width}}  {t.dtype:<8} {str(list(t.shape)):<18} {_human(t.nbytes):>11}  {Path(t.file).name}")
+    total = sum(t.nbytes for t in ck.tensors)
+    print(f"{len(ck)} tensors, {_human(total)} in {len(ck.files)} file(s)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"decompose": _decompose, "inspect": _inspect}[args.command](args)
+    except (PissaError, ValueError, OSError) as err:
+        print(f"pissa-rs: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("pissa-rs: interrupted; no partial file was left under a final name", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

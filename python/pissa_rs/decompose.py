@@ -1,0 +1,322 @@
+"""The driver: plan a decomposition, run the targets through torch one at a
+time while Rust reads ahead, copies pass-through tensors and writes results."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._pissa_rs import Checkpoint, Pipeline, ShardWriter
+from .factors import principal_factors, scaling, tensor_seed
+from .peft_format import ADAPTER_WEIGHTS, adapter_config, lora_a_key, lora_b_key, save_adapter_config
+from .targets import TargetError, TargetPlan, resolve_targets
+from .tensors import SAFETENSORS_DTYPES, as_numpy_bytes, as_torch
+
+ADAPTER_SUBDIR = "pissa_init"
+REPORT_NAME = "pissa_report.json"
+ADAPTER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Weight files of other formats are never copied as "small files".
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+READ_AHEAD = 2  # targets prefetched ahead of the one torch works on
+
+
+@dataclass
+class DecomposeOptions:
+    """Every choice of a decomposition, validated once; the API and the CLI share it."""
+
+    r: int = 128
+    lora_alpha: float | None = None  # None: equal to r, as in the PiSSA recipes
+    niter: int = 4  # 0: exact SVD (PEFT "pissa"); K > 0: PEFT "pissa_niter_K"
+    target_modules: str | list[str] = "all-linear"
+    exclude_modules: str | list[str] | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    use_rslora: bool = False
+    device: str | None = None  # None: cuda if available, else cpu
+    seed: int = 0
+    adapter_dtype: str = "float32"
+
+    def validate(self) -> DecomposeOptions:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"r must be a positive integer, got {self.r!r}")
+        if self.lora_alpha is None:
+            self.lora_alpha = self.r
+        if not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be positive, got {self.lora_alpha!r}")
+        if isinstance(self.niter, bool) or not isinstance(self.niter, int) or self.niter < 0:
+            raise ValueError(f"niter must be an integer >= 0, got {self.niter!r}")
+        if self.adapter_dtype not in ADAPTER_DTYPES:
+            raise ValueError(f"adapter_dtype must be one of {sorted(ADAPTER_DTYPES)}, got {self.adapter_dtype!r}")
+        for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+            for key, value in pattern.items():
+                if not (isinstance(value, (int, float)) and value > 0):
+                    raise ValueError(f"{name}[{key!r}] must be positive, got {value!r}")
+        if self.device is None:
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        torch.device(self.device)  # raises on a malformed device string
+        return self
+
+    @property
+    def init_lora_weights(self) -> str:
+        """The PEFT init_lora_weights value this computes."""
+        return "pissa" if self.niter == 0 else f"pissa_niter_{self.niter}"
+
+
+@dataclass
+class DecomposeResult:
+    out: Path  # the residual model
+    adapter: Path  # OUT/pissa_init
+    report: dict[str, Any]  # the contents of OUT/pissa_report.json
+
+
+def default_out(path: Path, r: int) -> Path:
+    """`<name>-pissa-r<r>` beside the input."""
+    path = path.resolve()
+    stem = path.name[: -len(".safetensors")] if path.name.endswith(".safetensors") else path.name
+    return path.parent / f"{stem}-pissa-r{r}"
+
+
+def _prepare_out(out: Path, checkpoint: Checkpoint, overwrite: bool) -> None:
+    root = Path(checkpoint.root).resolve()
+    resolved = out.resolve()
+    if resolved == root or root.is_relative_to(resolved):
+        raise TargetError(f"{out}: the output would overwrite the input checkpoint {root}; choose another out")
+    if out.exists() and not out.is_dir():
+        raise TargetError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise TargetError(f"{out}: exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _is_model_dir(path: Path) -> bool:
+    """A model directory (or its index) carries config and tokenizer files; a
+    bare .safetensors file says nothing about the files beside it."""
+    return path.is_dir() or path.name.endswith(".index.json")
+
+
+def _copy_small_files(src_root: Path, out: Path) -> list[str]:
+    """config.json, tokenizer files and the like: every regular file of the
+    input directory that holds no weights."""
+    copied = []
+    for entry in sorted(src_root.iterdir()):
+        if not entry.is_file() or entry.name.startswith("."):
+            continue
+        if entry.name.endswith(WEIGHT_SUFFIXES) or entry.name.endswith(".index.json"):
+            continue
+        tmp = out / f".{entry.name}.partial"
+        shutil.copyfile(entry, tmp)
+        os.replace(tmp, out / entry.name)
+        copied.append(entry.name)
+    return copied
+
+
+def decompose_checkpoint(
+    path: str | os.PathLike[str],
+    r: int = 128,
+    *,
+    out: str | os.PathLike[str] | None = None,
+    lora_alpha: float | None = None,
+    niter: int = 4,
+    target_modules: str | list[str] = "all-linear",
+    exclude_modules: str | list[str] | None = None,
+    rank_pattern: dict[str, int] | None = None,
+    alpha_pattern: dict[str, float] | None = None,
+    use_rslora: bool = False,
+    device: str | None = None,
+    seed: int = 0,
+    adapter_dtype: str = "float32",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> DecomposeResult:
+    """PiSSA-decompose every target weight of a safetensors checkpoint, out of core.
+
+    Writes the residual model to `out` (same names, dtypes and shard split as the
+    input), the adapter to `out/pissa_init` and a report to `out/pissa_report.json`.
+    Load it with `AutoModelForCausalLM.from_pretrained(out)` then
+    `PeftModel.from_pretrained(model, out, subfolder="pissa_init", is_trainable=True)`.
+    """
+    options = DecomposeOptions(
+        r=r, lora_alpha=lora_alpha, niter=niter, target_modules=target_modules, exclude_modules=exclude_modules,
+        rank_pattern=dict(rank_pattern or {}), alpha_pattern=dict(alpha_pattern or {}), use_rslora=use_rslora,
+        device=device, seed=seed, adapter_dtype=adapter_dtype,
+    ).validate()
+    return run_decomposition(Path(path), options, out=Path(out) if out else None, overwrite=overwrite, progress=progress)
+
+
+def plan_targets(path: Path, checkpoint: Checkpoint, options: DecomposeOptions) -> TargetPlan:
+    root = Path(checkpoint.root)
+    return resolve_targets(
+        checkpoint, r=options.r, lora_alpha=options.lora_alpha, target_modules=options.target_modules,
+        exclude_modules=options.exclude_modules, rank_pattern=options.rank_pattern,
+        alpha_pattern=options.alpha_pattern, use_rslora=options.use_rslora,
+        config_dir=root if _is_model_dir(path) and (root / "config.json").is_file() else None,
+    )
+
+
+def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None, overwrite: bool,
+                      progress: bool) -> DecomposeResult:
+    started = time.perf_counter()
+    checkpoint = Checkpoint(path)
+    plan = plan_targets(path, checkpoint, options)
+    out = out or default_out(path, options.r)
+    _prepare_out(out, checkpoint, overwrite)
+    adapter_dir = out / ADAPTER_SUBDIR
+    adapter_dir.mkdir()
+    root = Path(checkpoint.root)
+
+    # One writer per input shard, laid out exactly like it: targets keep their dtype and shape.
+    shard_writers: dict[str, ShardWriter] = {}
+    by_file: dict[str, list] = {}
+    for info in checkpoint.tensors:
+        by_file.setdefault(info.file, []).append(info)
+    for file, infos in by_file.items():
+        rel = os.path.relpath(file, root)
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        shard_writers[file] = ShardWriter(
+            out / rel, [(i.name, i.dtype, list(i.shape)) for i in infos], metadata=checkpoint.file_metadata[file]
+        )
+    adapter_dtype = ADAPTER_DTYPES[options.adapter_dtype]
+    adapter_specs = []
+    for t in plan.targets:
+        rows, cols = (t.shape[1], t.shape[0]) if t.fan_in_fan_out else t.shape
+        adapter_specs.append((lora_a_key(t.module), SAFETENSORS_DTYPES[adapter_dtype], [t.r, cols]))
+        adapter_specs.append((lora_b_key(t.module), SAFETENSORS_DTYPES[adapter_dtype], [rows, t.r]))
+    adapter_writer = ShardWriter(adapter_dir / ADAPTER_WEIGHTS, adapter_specs, metadata={"format": "pt"})
+
+    target_names = {t.tensor for t in plan.targets}
+    passthrough = [i for i in checkpoint.tensors if i.name not in target_names]
+    pipeline = Pipeline(checkpoint, [(i.name, shard_writers[i.file], i.name) for i in passthrough])
+    total_bytes = sum(i.nbytes for i in checkpoint.tensors) + sum(
+        int(torch.Size(s[2]).numel()) * adapter_dtype.itemsize for s in adapter_specs
+    )
+    bar = _progress_bar(total_bytes, len(plan.targets), enabled=progress)
+    device = torch.device(options.device)
+    records = []
+    try:
+        for i, target in enumerate(plan.targets):
+            for ahead in plan.targets[i + 1 : i + 1 + READ_AHEAD]:
+                checkpoint.prefetch(ahead.tensor)
+            records.append(_decompose_one(checkpoint, target, options, device, adapter_dtype, pipeline,
+                                          shard_writers[checkpoint.info(target.tensor).file], adapter_writer))
+            bar.set_postfix_str(f"{i + 1}/{len(plan.targets)} targets", refresh=False)
+            bar.update(pipeline.bytes_written - bar.n)
+        pipeline.close()
+        while not pipeline.done:  # pass-through copies may still be running: show them too
+            bar.update(pipeline.bytes_written - bar.n)
+            time.sleep(0.05)
+        pipeline.finish()
+        bar.update(pipeline.bytes_written - bar.n)
+        for writer in shard_writers.values():
+            writer.finalize()
+        adapter_writer.finalize()
+    except BaseException:
+        pipeline.cancel()
+        try:
+            pipeline.finish()
+        except Exception:
+            pass  # the error being raised is the one to report
+        for writer in [*shard_writers.values(), adapter_writer]:
+            writer.abort()
+        raise
+    finally:
+        bar.close()
+
+    if checkpoint.index_path:
+        index = Path(checkpoint.index_path)
+        tmp = out / f".{index.name}.partial"
+        shutil.copyfile(index, tmp)  # same tensors, dtypes and shards: the same index
+        os.replace(tmp, out / index.name)
+    copied = _copy_small_files(root, out) if _is_model_dir(path) else []
+    _write_adapter_config(adapter_dir, plan, options, out)
+    report = _report(path, out, plan, options, records, copied, total_bytes, time.perf_counter() - started)
+    # Written last: a report in OUT means every file before it is complete.
+    _atomic_write_text(out / REPORT_NAME, json.dumps(report, indent=1))
+    return DecomposeResult(out=out, adapter=adapter_dir, report=report)
+
+
+def _progress_bar(total_bytes: int, n_targets: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="pissa",
+                disable=not enabled, postfix=f"0/{n_targets} targets")
+
+
+def _decompose_one(checkpoint, target, options, device, adapter_dtype, pipeline, residual_writer, adapter_writer):
+    t0 = time.perf_counter()
+    weight = as_torch(checkpoint.buffer(target.tensor)).to(device)
+    scale = scaling(target.r, target.lora_alpha, options.use_rslora)
+    factors = principal_factors(
+        weight, target.r, scale, niter=options.niter, seed=tensor_seed(options.seed, target.tensor),
+        adapter_dtype=adapter_dtype, fan_in_fan_out=target.fan_in_fan_out,
+    )
+    del weight
+    # The adapter first: the residual's write also releases the input's pages.
+    pipeline.submit(adapter_writer, lora_a_key(target.module), as_numpy_bytes(factors.lora_A))
+    pipeline.submit(adapter_writer, lora_b_key(target.module), as_numpy_bytes(factors.lora_B))
+    pipeline.submit(residual_writer, target.tensor, as_numpy_bytes(factors.residual), release=target.tensor)
+    return {
+        "tensor": target.tensor,
+        "module": target.module,
+        "shape": list(target.shape),
+        "dtype": target.dtype,
+        "fan_in_fan_out": target.fan_in_fan_out,
+        "r": target.r,
+        "lora_alpha": target.lora_alpha,
+        "scale": scale,
+        "singular_values": factors.singular_values.cpu().tolist(),
+        "energy_kept": factors.energy_kept,
+        "max_abs_error": factors.max_abs_error,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _write_adapter_config(adapter_dir: Path, plan: TargetPlan, options: DecomposeOptions, out: Path) -> None:
+    config = adapter_config(
+        r=options.r, lora_alpha=options.lora_alpha, target_modules=options.target_modules,
+        exclude_modules=options.exclude_modules, rank_pattern=options.rank_pattern,
+        alpha_pattern=options.alpha_pattern, use_rslora=options.use_rslora,
+        fan_in_fan_out=any(t.fan_in_fan_out for t in plan.targets), task_type=plan.task_type,
+        base_model_name_or_path=str(out.resolve()),
+    )
+    with tempfile.TemporaryDirectory(dir=adapter_dir, prefix=".config-") as tmp:
+        written = save_adapter_config(config, Path(tmp))
+        os.replace(written, adapter_dir / written.name)
+
+
+def _report(path, out, plan, options, records, copied, total_bytes, seconds) -> dict[str, Any]:
+    opts = asdict(options)
+    return {
+        "input": str(Path(path).resolve()),
+        "out": str(out.resolve()),
+        "architecture": plan.architecture,
+        "init_lora_weights": options.init_lora_weights,
+        "options": opts,
+        "totals": {
+            "targets": len(records),
+            "bytes_written": total_bytes,
+            "seconds": seconds,
+            "energy_kept_mean": sum(r["energy_kept"] for r in records) / max(len(records), 1),
+            "max_abs_error": max((r["max_abs_error"] for r in records), default=0.0),
+            "copied_files": copied,
+        },
+        "tensors": records,
+    }

@@ -1,0 +1,59 @@
+"""PEFT's adapter layout: key names in adapter_model.safetensors and the
+adapter_config.json that PEFT's own LoraConfig writes and reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from peft import LoraConfig
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def lora_a_key(module: str) -> str:
+    """The key PeftModel.save_pretrained gives a module's lora_A."""
+    return f"base_model.model.{module}.lora_A.weight"
+
+
+def lora_b_key(module: str) -> str:
+    return f"base_model.model.{module}.lora_B.weight"
+
+
+def adapter_config(
+    *,
+    r: int,
+    lora_alpha: float,
+    target_modules: str | list[str],
+    exclude_modules: str | list[str] | None,
+    rank_pattern: dict[str, int] | None,
+    alpha_pattern: dict[str, float] | None,
+    use_rslora: bool,
+    fan_in_fan_out: bool,
+    task_type: str | None,
+    base_model_name_or_path: str,
+) -> LoraConfig:
+    """The config of an initialised PiSSA adapter, as PEFT expects to load it:
+    init_lora_weights=True (the SVD is already done) and no dropout (dropping
+    principal components at random would defeat PiSSA)."""
+    return LoraConfig(
+        r=r,
+        lora_alpha=lora_alpha,
+        target_modules=sorted(target_modules) if isinstance(target_modules, (list, tuple, set)) else target_modules,
+        exclude_modules=exclude_modules,
+        rank_pattern=dict(rank_pattern or {}),
+        alpha_pattern=dict(alpha_pattern or {}),
+        use_rslora=use_rslora,
+        fan_in_fan_out=fan_in_fan_out,
+        lora_dropout=0.0,
+        init_lora_weights=True,
+        bias="none",
+        task_type=task_type,
+        base_model_name_or_path=base_model_name_or_path,
+    )
+
+
+def save_adapter_config(config: LoraConfig, adapter_dir: Path) -> Path:
+    """Write adapter_config.json with PEFT's own serializer."""
+    config.save_pretrained(str(adapter_dir))
+    return adapter_dir / ADAPTER_CONFIG

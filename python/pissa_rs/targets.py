@@ -1,0 +1,144 @@
+"""Which checkpoint tensors PiSSA decomposes: PEFT's target_modules semantics,
+applied to a model built on the meta device from config.json (no weights)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
+from peft.utils.other import get_pattern_key
+
+from ._pissa_rs import Checkpoint, PissaError
+
+DECOMPOSABLE_DTYPES = ("F32", "F16", "BF16")
+
+
+class TargetError(PissaError, ValueError):
+    """target_modules, rank or dtype choices that cannot be applied to this checkpoint."""
+
+
+@dataclass(frozen=True)
+class Target:
+    module: str  # the module's name in the model: adapter keys are built from it
+    tensor: str  # the weight's name in the checkpoint
+    shape: tuple[int, int]  # as stored
+    dtype: str
+    fan_in_fan_out: bool  # GPT-2 Conv1D: stored in x out
+    r: int
+    lora_alpha: float
+
+
+@dataclass(frozen=True)
+class TargetPlan:
+    targets: list[Target]
+    task_type: str | None  # "CAUSAL_LM" when the model is a causal LM
+    architecture: str | None
+
+
+def lora_config_for(r, lora_alpha, target_modules, exclude_modules, rank_pattern, alpha_pattern, use_rslora) -> LoraConfig:
+    return LoraConfig(
+        r=r, lora_alpha=lora_alpha, target_modules=target_modules, exclude_modules=exclude_modules,
+        rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {}, use_rslora=use_rslora,
+    )
+
+
+def _meta_model(config_dir: Path):
+    """The model as transformers would build it, on the meta device: names and
+    module types, no memory. Returns (model, task_type)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(config_dir)
+    with torch.device("meta"):
+        try:
+            return AutoModelForCausalLM.from_config(config), "CAUSAL_LM"
+        except ValueError:
+            return AutoModel.from_config(config), None
+
+
+def _tensor_for_module(checkpoint: Checkpoint, module: str, prefix: str) -> str | None:
+    """The checkpoint name of a module's weight; checkpoints saved from the
+    base model lack the head model's prefix ("transformer." for GPT-2)."""
+    candidates = [f"{module}.weight"]
+    if prefix and module.startswith(prefix + "."):
+        candidates.append(f"{module[len(prefix) + 1:]}.weight")
+    elif prefix:
+        candidates.append(f"{prefix}.{module}.weight")
+    return next((c for c in candidates if c in checkpoint), None)
+
+
+def resolve_targets(
+    checkpoint: Checkpoint,
+    *,
+    r: int,
+    lora_alpha: float,
+    target_modules: str | list[str] | None = "all-linear",
+    exclude_modules: str | list[str] | None = None,
+    rank_pattern: dict[str, int] | None = None,
+    alpha_pattern: dict[str, float] | None = None,
+    use_rslora: bool = False,
+    config_dir: str | Path | None = None,
+) -> TargetPlan:
+    """The weights to decompose, each with its rank and alpha, as PEFT would pick them."""
+    where = checkpoint.index_path or checkpoint.files[0]
+    if target_modules is None:
+        raise TargetError(f"{where}: target_modules is required")
+    if isinstance(target_modules, (list, tuple, set)):
+        target_modules = sorted(target_modules)
+    lora_config = lora_config_for(r, lora_alpha, target_modules, exclude_modules, rank_pattern, alpha_pattern, use_rslora)
+    config_path = Path(config_dir) / "config.json" if config_dir else None
+
+    found: list[tuple[str, str, bool]] = []  # (module, tensor, fan_in_fan_out)
+    task_type = architecture = None
+    if config_path is not None and config_path.is_file():
+        from transformers.pytorch_utils import Conv1D
+
+        model, task_type = _meta_model(config_path.parent)
+        architecture = type(model).__name__
+        lora_config = _maybe_include_all_linear_layers(lora_config, model)
+        prefix = getattr(model, "base_model_prefix", "")
+        for name, module in model.named_modules():
+            if not name or not check_target_module_exists(lora_config, name):
+                continue
+            if not isinstance(module, (torch.nn.Linear, Conv1D)):
+                raise TargetError(
+                    f"{where}: target module '{name}' is a {type(module).__name__}, not a Linear or Conv1D layer; "
+                    "PiSSA decomposes linear weights only"
+                )
+            tensor = _tensor_for_module(checkpoint, name, prefix)
+            if tensor is None:
+                raise TargetError(f"{where}: target module '{name}' has no weight tensor '{name}.weight' in the checkpoint")
+            found.append((name, tensor, isinstance(module, Conv1D)))
+    else:
+        if isinstance(target_modules, str) and target_modules.lower() == "all-linear":
+            raise TargetError(
+                f"{where}: target_modules='all-linear' needs the model's config.json to tell linear layers "
+                "from others; pass explicit target_modules (e.g. ['q_proj', 'v_proj']) or config_dir"
+            )
+        for info in checkpoint.tensors:
+            if info.name.endswith(".weight") and check_target_module_exists(lora_config, info.name[: -len(".weight")]):
+                found.append((info.name[: -len(".weight")], info.name, False))
+
+    if not found:
+        raise TargetError(f"{where}: target_modules={target_modules!r} matched no module")
+
+    targets = []
+    for module, tensor, fan_in_fan_out in found:
+        info = checkpoint.info(tensor)
+        if len(info.shape) != 2 or info.dtype not in DECOMPOSABLE_DTYPES:
+            raise TargetError(
+                f"{info.file}: target tensor '{tensor}' is {info.dtype} x {list(info.shape)}; "
+                f"PiSSA needs a 2-D {'/'.join(DECOMPOSABLE_DTYPES)} weight"
+            )
+        rank = lora_config.rank_pattern.get(get_pattern_key(lora_config.rank_pattern.keys(), module), r)
+        alpha = lora_config.alpha_pattern.get(get_pattern_key(lora_config.alpha_pattern.keys(), module), lora_alpha)
+        limit = min(info.shape)
+        if not 1 <= rank <= limit:
+            raise TargetError(
+                f"{info.file}: tensor '{tensor}' of shape {list(info.shape)} cannot take rank {rank}: "
+                f"r must be in [1, {limit}]"
+            )
+        targets.append(Target(module, tensor, tuple(info.shape), info.dtype, fan_in_fan_out, rank, alpha))
+    return TargetPlan(targets, task_type, architecture)
