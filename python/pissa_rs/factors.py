@@ -25,6 +25,20 @@ def tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def round_to_nearest(exact: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float64 -> dtype, correctly rounded. torch casts float64 to float16 and
+    bfloat16 through float32, and that double rounding can land one ulp off
+    near a tie; step to the neighbour when it is closer."""
+    rounded = exact.to(dtype)
+    if dtype == torch.float32:
+        return rounded
+    miss = exact - rounded.to(torch.float64)
+    toward = torch.where(miss > 0, float("inf"), float("-inf")).to(dtype)
+    neighbour = torch.nextafter(rounded, toward)
+    closer = (exact - neighbour.to(torch.float64)).abs() < miss.abs()
+    return torch.where(closer, neighbour, rounded)
+
+
 @dataclass
 class Factors:
     """One weight's PiSSA split: W == residual + scale * lora_B @ lora_A."""
@@ -78,11 +92,11 @@ def principal_factors(
 
     # PEFT's expression, in float32 from the factors as stored.
     delta = (scale * lora_B.to(torch.float32)) @ lora_A.to(torch.float32)
-    # One rounding only: the difference is formed in float64 (exact for two
-    # float32 values in practice) and cast straight to the weight's dtype, so
-    # residual + delta is within half an ulp of the residual's dtype of W.
+    # The difference is formed in float64 (exact for two float32 values in
+    # practice) and rounded once to the weight's dtype, so residual + delta is
+    # within half an ulp of the residual's dtype of W.
     exact = w.to(torch.float64) - delta.to(torch.float64)
-    residual = exact.to(weight.dtype)
+    residual = round_to_nearest(exact, weight.dtype)
     max_abs_error = (residual.to(torch.float64) - exact).abs().max().item() if w.numel() else 0.0
     del exact
     total = w.square().sum()

@@ -1,0 +1,91 @@
+"""The pissa-rs command: the API's options, one-line errors, non-zero exits."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from make_tiny_model import save_tiny_model
+
+import pissa_rs
+from pissa_rs.cli import main
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    """The real command in a subprocess: exit code and stderr as a shell sees them."""
+    return subprocess.run([sys.executable, "-m", "pissa_rs.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def run_in_process(capsys, *args: str) -> subprocess.CompletedProcess:
+    """The same entry point in this process (no 7 s torch import per call)."""
+    try:
+        code = main(list(args))
+    except SystemExit as exit:  # argparse's --help and usage errors
+        code = exit.code
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("cli") / "m", "llama", layers=1)
+
+
+def test_help_documents_every_option(capsys):
+    out = run_in_process(capsys, "decompose", "--help").stdout
+    for flag in ["--rank", "--out", "--lora-alpha", "--niter", "--target-modules", "--exclude-modules",
+                 "--rank-pattern", "--alpha-pattern", "--use-rslora", "--device", "--seed", "--adapter-dtype",
+                 "--overwrite", "--no-progress"]:
+        assert flag in out, flag
+    assert "decompose" in run_in_process(capsys, "--help").stdout
+
+
+def test_decompose_from_the_shell(llama, tmp_path):
+    out = tmp_path / "o"
+    proc = run("decompose", str(llama), "--rank", "4", "--out", str(out), "--target-modules", "q_proj,v_proj",
+               "--rank-pattern", "v_proj=2", "--niter", "0", "--seed", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert "residual model:" in proc.stdout
+    assert "targets" in proc.stderr  # the progress bar
+    report = pissa_rs.Checkpoint(out)  # a complete checkpoint
+    assert "model.layers.0.self_attn.q_proj.weight" in report
+    import json
+
+    rep = json.loads((out / "pissa_report.json").read_text())
+    assert {t["module"].rsplit(".", 1)[-1]: t["r"] for t in rep["tensors"]} == {"q_proj": 4, "v_proj": 2}
+    assert rep["options"]["seed"] == 3 and rep["init_lora_weights"] == "pissa"
+
+
+def test_default_out_is_a_sibling(llama, capsys):
+    proc = run_in_process(capsys, "decompose", str(llama), "-r", "2", "--no-progress", "--target-modules", "o_proj")
+    assert proc.returncode == 0, proc.stderr
+    assert (llama.parent / "m-pissa-r2" / "pissa_report.json").exists()
+    assert proc.stderr == ""  # --no-progress
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target-modules", "nope"], "matched no module"),
+    (["--rank", "1000"], "cannot take rank 1000"),
+    (["--rank", "0"], "r must be a positive integer"),
+])
+def test_errors_are_one_line_and_exit_non_zero(llama, tmp_path, capsys, args, message):
+    proc = run_in_process(capsys, "decompose", str(llama), "--out", str(tmp_path / "x"), *args)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pissa-rs: error:") and message in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_checkpoint_is_one_line(tmp_path):
+    (tmp_path / "pytorch_model.bin").write_bytes(b"x")
+    proc = run("decompose", str(tmp_path))
+    assert proc.returncode == 1 and "pytorch_model.bin" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_inspect_lists_tensors(llama, capsys):
+    proc = run_in_process(capsys, "inspect", str(llama))
+    assert proc.returncode == 0
+    assert "model.layers.0.self_attn.q_proj.weight" in proc.stdout and "F32" in proc.stdout
+    assert "tensors," in proc.stdout.splitlines()[-1]

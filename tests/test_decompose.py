@@ -1,0 +1,278 @@
+"""decompose_checkpoint end to end: PEFT loads the output, logits match, PEFT parity, byte-identical pass-through."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from make_tiny_model import save_tiny_model
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+import pissa_rs
+
+torch.manual_seed(0)
+TOKENS = torch.randint(0, 256, (2, 24))
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(TOKENS).logits.float()
+
+
+def load_pissa(out: Path, dtype=None):
+    residual = AutoModelForCausalLM.from_pretrained(out, dtype=dtype)
+    return PeftModel.from_pretrained(residual, out, subfolder="pissa_init", is_trainable=True)
+
+
+def file_hashes(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("in") / "tiny-llama", "llama", layers=2, shard_size="150KB")
+
+
+@pytest.fixture(scope="module")
+def llama_out(llama) -> pissa_rs.DecomposeResult:
+    return pissa_rs.decompose_checkpoint(llama, r=8, progress=False)
+
+
+def test_llama_residual_plus_adapter_gives_the_original_logits(llama, llama_out):
+    assert len(list(llama.glob("*.safetensors"))) >= 3, "the fixture must be sharded"
+    assert llama_out.out == llama.parent / "tiny-llama-pissa-r8"
+    original = logits(AutoModelForCausalLM.from_pretrained(llama))
+    model = load_pissa(llama_out.out)
+    assert any(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+    torch.testing.assert_close(logits(model), original, atol=1e-4, rtol=0)
+
+
+def test_output_layout(llama, llama_out):
+    out = llama_out.out
+    in_files = sorted(p.name for p in llama.iterdir())
+    out_files = sorted(p.name for p in out.iterdir())
+    assert out_files == sorted(in_files + ["pissa_init", "pissa_report.json"])
+    assert (out / "model.safetensors.index.json").read_bytes() == (llama / "model.safetensors.index.json").read_bytes()
+    assert (out / "config.json").read_bytes() == (llama / "config.json").read_bytes()
+    assert sorted(p.name for p in (out / "pissa_init").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert not list(out.rglob(".*")), "no temporary file may remain"
+
+    src, dst = pissa_rs.Checkpoint(llama), pissa_rs.Checkpoint(out)
+    for a, b in zip(src.tensors, dst.tensors):
+        assert (a.name, a.dtype, a.shape, Path(a.file).name, a.start, a.end) == (
+            b.name, b.dtype, b.shape, Path(b.file).name, b.start, b.end)
+
+    adapter = safetensors.torch.load_file(out / "pissa_init" / "adapter_model.safetensors")
+    q = "base_model.model.model.layers.0.self_attn.q_proj"
+    assert adapter[f"{q}.lora_A.weight"].shape == (8, 64) and adapter[f"{q}.lora_B.weight"].shape == (64, 8)
+    assert all(t.dtype == torch.float32 for t in adapter.values())
+    assert len(adapter) == 2 * 7 * 2  # 7 projections x 2 layers, A and B
+
+    config = LoraConfig.from_pretrained(out / "pissa_init")
+    assert (config.r, config.lora_alpha, config.init_lora_weights, config.lora_dropout) == (8, 8, True, 0.0)
+    assert config.target_modules == "all-linear" and config.task_type == "CAUSAL_LM"
+    assert config.base_model_name_or_path == str(out.resolve())
+
+
+def test_report(llama_out):
+    report = json.loads((llama_out.out / "pissa_report.json").read_text())
+    assert report == json.loads(json.dumps(llama_out.report))
+    assert report["totals"]["targets"] == len(report["tensors"]) == 14
+    assert report["init_lora_weights"] == "pissa_niter_4"
+    for t in report["tensors"]:
+        assert len(t["singular_values"]) == t["r"] == 8
+        assert 0 < t["energy_kept"] <= 1 and t["max_abs_error"] < 1e-6 and t["seconds"] >= 0
+    assert "lm_head.weight" not in {t["tensor"] for t in report["tensors"]}, "all-linear excludes the output head"
+
+
+def test_pass_through_tensors_are_byte_identical_and_input_untouched(llama, llama_out):
+    report = llama_out.report
+    targets = {t["tensor"] for t in report["tensors"]}
+    src, dst = pissa_rs.Checkpoint(llama), pissa_rs.Checkpoint(llama_out.out)
+    passthrough = [n for n in src.names() if n not in targets]
+    assert "model.embed_tokens.weight" in passthrough and "lm_head.weight" in passthrough
+    for name in passthrough:
+        assert bytes(src.buffer(name)) == bytes(dst.buffer(name)), name
+    before = file_hashes(llama)
+    pissa_rs.decompose_checkpoint(llama, r=4, out=llama.parent / "again", progress=False)
+    assert file_hashes(llama) == before
+
+
+def test_same_seed_gives_identical_files_and_another_seed_does_not(llama, tmp_path):
+    a = pissa_rs.decompose_checkpoint(llama, r=4, niter=2, seed=7, out=tmp_path / "a", progress=False)
+    b = pissa_rs.decompose_checkpoint(llama, r=4, niter=2, seed=7, out=tmp_path / "b", progress=False)
+    c = pissa_rs.decompose_checkpoint(llama, r=4, niter=2, seed=8, out=tmp_path / "c", progress=False)
+    ha, hb, hc = (file_hashes(x.out) for x in (a, b, c))
+    del ha["pissa_report.json"], hb["pissa_report.json"]  # timings and paths differ
+    del ha["pissa_init/adapter_config.json"], hb["pissa_init/adapter_config.json"]  # base_model_name_or_path
+    assert ha == hb
+    assert hc["pissa_init/adapter_model.safetensors"] != ha["pissa_init/adapter_model.safetensors"]
+
+
+def test_gpt2_conv1d_weights_are_handled_like_fan_in_fan_out(tmp_path):
+    src = save_tiny_model(tmp_path / "gpt2", "gpt2", layers=2, shard_size="150KB")
+    res = pissa_rs.decompose_checkpoint(src, r=8, out=tmp_path / "out", progress=False)
+    assert LoraConfig.from_pretrained(res.adapter).fan_in_fan_out is True
+    tensors = {t["tensor"]: t for t in res.report["tensors"]}
+    c_fc = tensors["transformer.h.0.mlp.c_fc.weight"]
+    assert c_fc["fan_in_fan_out"] and c_fc["shape"] == [64, 256]  # stored in x out
+    adapter = safetensors.torch.load_file(res.adapter / "adapter_model.safetensors")
+    assert adapter["base_model.model.transformer.h.0.mlp.c_fc.lora_A.weight"].shape == (8, 64)
+    assert adapter["base_model.model.transformer.h.0.mlp.c_fc.lora_B.weight"].shape == (256, 8)
+    original = logits(AutoModelForCausalLM.from_pretrained(src))
+    torch.testing.assert_close(logits(load_pissa(res.out)), original, atol=1e-4, rtol=0)
+
+
+def test_bfloat16_checkpoint(tmp_path):
+    src = save_tiny_model(tmp_path / "bf16", "llama", layers=2, dtype="bfloat16", shard_size="100KB")
+    res = pissa_rs.decompose_checkpoint(src, r=8, out=tmp_path / "out", progress=False)
+    assert {t.dtype for t in pissa_rs.Checkpoint(res.out).tensors} == {"BF16"}
+    original = logits(AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16))
+    model = load_pissa(res.out, dtype=torch.bfloat16)
+    # Each residual is within half a bf16 ulp of W - s*B@A; through two layers
+    # that is a few bf16 ulps of the logits (|logits| ~ 1).
+    scale = original.abs().max().item()
+    torch.testing.assert_close(logits(model), original, atol=0.03 * scale, rtol=0)
+    for t in res.report["tensors"]:
+        assert t["max_abs_error"] <= 2.0**-9  # half a bf16 ulp, as |W_res| < 1 here
+
+
+def test_exact_mode_matches_peft_pissa(llama, tmp_path):
+    res = pissa_rs.decompose_checkpoint(llama, r=8, lora_alpha=16, niter=0, out=tmp_path / "out", progress=False)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights="pissa", lora_dropout=0.0)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(llama), config)
+    ours_adapter = safetensors.torch.load_file(res.adapter / "adapter_model.safetensors")
+    ours_residual = pissa_rs.Checkpoint(res.out)
+    compared = 0
+    for name, module in peft_model.named_modules():
+        if not hasattr(module, "lora_A") or "default" not in module.lora_A:
+            continue
+        key = name.removeprefix("base_model.model.")
+        A = ours_adapter[f"base_model.model.{key}.lora_A.weight"]
+        B = ours_adapter[f"base_model.model.{key}.lora_B.weight"]
+        s = module.scaling["default"]
+        theirs = s * module.lora_B["default"].weight @ module.lora_A["default"].weight
+        ours = s * B @ A
+        # Singular vectors may differ in sign; the product may not.
+        assert (ours - theirs).norm() / theirs.norm() < 1e-4, key
+        residual = pissa_rs.as_torch(ours_residual.buffer(f"{key}.weight"))
+        torch.testing.assert_close(residual, module.base_layer.weight.detach(), atol=1e-5, rtol=1e-4)
+        compared += 1
+    # PEFT expanded "all-linear" in place into the modules it adapted: the same as ours.
+    assert config.target_modules == {t["module"] for t in res.report["tensors"]} and compared == 14
+    loaded = LoraConfig.from_pretrained(res.adapter)
+    assert (loaded.r, loaded.lora_alpha, loaded.target_modules) == (8, 16, "all-linear")
+    assert res.report["init_lora_weights"] == "pissa"
+
+
+def test_target_lists_patterns_and_rslora(llama, tmp_path):
+    res = pissa_rs.decompose_checkpoint(
+        llama, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
+        rank_pattern={"v_proj": 4}, alpha_pattern={"down_proj": 4}, use_rslora=True,
+        out=tmp_path / "out", progress=False,
+    )
+    by_module = {t["module"].rsplit(".", 1)[-1]: t for t in res.report["tensors"]}
+    assert set(by_module) == {"q_proj", "v_proj", "down_proj"}
+    assert by_module["v_proj"]["r"] == 4 and by_module["q_proj"]["r"] == 8
+    assert by_module["down_proj"]["lora_alpha"] == 4
+    assert by_module["q_proj"]["scale"] == pytest.approx(16 / 8**0.5)
+    config = LoraConfig.from_pretrained(res.adapter)
+    assert config.rank_pattern == {"v_proj": 4} and config.alpha_pattern == {"down_proj": 4} and config.use_rslora
+    original = logits(AutoModelForCausalLM.from_pretrained(llama))
+    torch.testing.assert_close(logits(load_pissa(res.out)), original, atol=1e-4, rtol=0)
+
+
+def test_regex_and_exclude_modules_follow_peft(llama, tmp_path):
+    res = pissa_rs.decompose_checkpoint(
+        llama, r=4, target_modules=r".*\.layers\.1\..*_proj", exclude_modules=["o_proj"],
+        out=tmp_path / "out", progress=False,
+    )
+    modules = {t["module"] for t in res.report["tensors"]}
+    assert modules and all(".layers.1." in m and not m.endswith("o_proj") for m in modules)
+    assert len(modules) == 6
+
+
+def test_bare_safetensors_file_needs_explicit_targets(tmp_path):
+    path = tmp_path / "weights.safetensors"
+    safetensors.torch.save_file({"a.proj.weight": torch.randn(16, 12), "a.norm.weight": torch.ones(12)}, path)
+    with pytest.raises(pissa_rs.TargetError, match="all-linear.*config.json"):
+        pissa_rs.decompose_checkpoint(path, r=4, progress=False)
+    res = pissa_rs.decompose_checkpoint(path, r=4, target_modules=["proj"], progress=False)
+    assert res.out == tmp_path / "weights-pissa-r4"
+    assert sorted(p.name for p in res.out.iterdir()) == ["pissa_init", "pissa_report.json", "weights.safetensors"]
+    adapter = safetensors.torch.load_file(res.adapter / "adapter_model.safetensors")
+    residual = safetensors.torch.load_file(res.out / "weights.safetensors")
+    w = residual["a.proj.weight"] + adapter["base_model.model.a.proj.lora_B.weight"] @ adapter["base_model.model.a.proj.lora_A.weight"]
+    torch.testing.assert_close(w, safetensors.torch.load_file(path)["a.proj.weight"], atol=1e-5, rtol=0)
+
+
+# --- errors name the culprit, and nothing is written
+
+
+def test_targets_matching_nothing(llama, tmp_path):
+    with pytest.raises(pissa_rs.TargetError, match=r"model.safetensors.index.json.*\['nope'\] matched no module"):
+        pissa_rs.decompose_checkpoint(llama, r=4, target_modules=["nope"], out=tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_target_that_is_not_linear(llama, tmp_path):
+    with pytest.raises(pissa_rs.TargetError, match="'model.layers.0.input_layernorm' is a LlamaRMSNorm"):
+        pissa_rs.decompose_checkpoint(llama, r=4, target_modules=["input_layernorm"], out=tmp_path / "o", progress=False)
+
+
+def test_target_with_a_wrong_dtype_or_rank(tmp_path):
+    path = tmp_path / "w.safetensors"
+    safetensors.torch.save_file({"x.weight": torch.ones(4, 4, dtype=torch.int32), "y.weight": torch.ones(4, 6),
+                                 "z.weight": torch.ones(4)}, path)
+    with pytest.raises(pissa_rs.TargetError, match=r"w.safetensors: target tensor 'x.weight' is I32 x \[4, 4\]"):
+        pissa_rs.decompose_checkpoint(path, r=2, target_modules=["x"], progress=False)
+    with pytest.raises(pissa_rs.TargetError, match=r"'z.weight' is F32 x \[4\]"):
+        pissa_rs.decompose_checkpoint(path, r=2, target_modules=["z"], progress=False)
+    with pytest.raises(pissa_rs.TargetError, match=r"'y.weight' of shape \[4, 6\] cannot take rank 5.*\[1, 4\]"):
+        pissa_rs.decompose_checkpoint(path, r=5, target_modules=["y"], progress=False)
+
+
+def test_existing_output_is_refused_unless_overwrite(llama, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(pissa_rs.TargetError, match="not empty.*overwrite"):
+        pissa_rs.decompose_checkpoint(llama, r=4, out=out, progress=False)
+    assert (out / "keep.txt").read_text() == "mine"
+    pissa_rs.decompose_checkpoint(llama, r=4, out=out, overwrite=True, progress=False)
+    assert not (out / "keep.txt").exists() and (out / "pissa_report.json").exists()
+
+
+def test_output_onto_the_input_is_refused(llama):
+    with pytest.raises(pissa_rs.TargetError, match="overwrite the input"):
+        pissa_rs.decompose_checkpoint(llama, r=4, out=llama, overwrite=True, progress=False)
+    with pytest.raises(pissa_rs.TargetError, match="overwrite the input"):
+        pissa_rs.decompose_checkpoint(llama, r=4, out=llama.parent, overwrite=True, progress=False)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"r": 0}, "r must be a positive integer"),
+    ({"niter": -1}, "niter"),
+    ({"adapter_dtype": "int8"}, "adapter_dtype"),
+    ({"lora_alpha": -2}, "lora_alpha"),
+    ({"device": "gpu7"}, "device"),
+])
+def test_bad_options(llama, kwargs, match):
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        pissa_rs.decompose_checkpoint(llama, **{"r": 4, **kwargs}, progress=False)
+
+
+def test_bfloat16_adapter(llama, tmp_path):
+    res = pissa_rs.decompose_checkpoint(llama, r=8, adapter_dtype="bfloat16", out=tmp_path / "o", progress=False)
+    adapter = safetensors.torch.load_file(res.adapter / "adapter_model.safetensors")
+    assert {t.dtype for t in adapter.values()} == {torch.bfloat16}
+    # The residual absorbs the adapter's rounding: reconstruction stays exact.
+    original = logits(AutoModelForCausalLM.from_pretrained(llama))
+    model = load_pissa(res.out)
+    torch.testing.assert_close(logits(model), original, atol=1e-4, rtol=0)
