@@ -240,13 +240,24 @@ def test_target_with_a_wrong_dtype_or_rank(tmp_path):
 
 def test_existing_output_is_refused_unless_overwrite(llama, tmp_path):
     out = tmp_path / "o"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    pissa_rs.decompose_checkpoint(llama, r=4, niter=1, out=out, progress=False)
+    first = (out / "pissa_init" / "adapter_model.safetensors").read_bytes()
     with pytest.raises(pissa_rs.TargetError, match="not empty.*overwrite"):
         pissa_rs.decompose_checkpoint(llama, r=4, out=out, progress=False)
-    assert (out / "keep.txt").read_text() == "mine"
-    pissa_rs.decompose_checkpoint(llama, r=4, out=out, overwrite=True, progress=False)
-    assert not (out / "keep.txt").exists() and (out / "pissa_report.json").exists()
+    assert (out / "pissa_init" / "adapter_model.safetensors").read_bytes() == first
+    (out / ".model.safetensors.index.json.partial").write_text("left by a crash")
+    pissa_rs.decompose_checkpoint(llama, r=4, niter=2, out=out, overwrite=True, progress=False)
+    assert (out / "pissa_init" / "adapter_model.safetensors").read_bytes() != first
+    assert not list(out.glob(".*"))
+
+
+def test_overwrite_never_deletes_foreign_files(llama, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "thesis.tex").write_text("mine")
+    with pytest.raises(pissa_rs.TargetError, match="'thesis.tex'.*not a pissa_rs output"):
+        pissa_rs.decompose_checkpoint(llama, r=4, out=out, overwrite=True, progress=False)
+    assert (out / "thesis.tex").read_text() == "mine"
 
 
 def test_output_onto_the_input_is_refused(llama):
@@ -276,3 +287,23 @@ def test_bfloat16_adapter(llama, tmp_path):
     original = logits(AutoModelForCausalLM.from_pretrained(llama))
     model = load_pissa(res.out)
     torch.testing.assert_close(logits(model), original, atol=1e-4, rtol=0)
+
+
+def test_planning_in_a_child_process_gives_the_same_plan(llama, tmp_path):
+    from dataclasses import asdict
+
+    from pissa_rs.plan import make_plan, make_plan_in_child
+
+    options = asdict(pissa_rs.DecomposeOptions(r=8, rank_pattern={"v_proj": 4}).validate())
+    out = tmp_path / "o"
+    assert make_plan_in_child(llama, options, out) == make_plan(llama, options, out)
+    with pytest.raises(pissa_rs.TargetError, match="matched no module"):
+        make_plan_in_child(llama, {**options, "target_modules": ["nope"]}, out)
+
+
+def test_the_decomposing_process_need_not_hold_peft_or_transformers():
+    import subprocess
+    import sys
+
+    code = "import sys, pissa_rs; print(sorted(m for m in ('peft', 'transformers') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"

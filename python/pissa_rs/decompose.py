@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,8 +15,9 @@ import torch
 
 from ._pissa_rs import Checkpoint, Pipeline, ShardWriter
 from .factors import principal_factors, scaling, tensor_seed
-from .peft_format import ADAPTER_WEIGHTS, adapter_config, lora_a_key, lora_b_key, save_adapter_config
-from .targets import TargetError, TargetPlan, resolve_targets
+from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, lora_a_key, lora_b_key
+from .plan import PLAN_IN_CHILD_ABOVE_BYTES, Plan, _is_model_dir, make_plan, make_plan_in_child
+from .targets import TargetError
 from .tensors import SAFETENSORS_DTYPES, as_numpy_bytes, as_torch
 
 ADAPTER_SUBDIR = "pissa_init"
@@ -84,17 +84,39 @@ def default_out(path: Path, r: int) -> Path:
     return path.parent / f"{stem}-pissa-r{r}"
 
 
-def _prepare_out(out: Path, checkpoint: Checkpoint, overwrite: bool) -> None:
+def _output_names(checkpoint: Checkpoint, path: Path) -> set[str]:
+    """Top-level names a decomposition of this checkpoint writes into OUT."""
+    root = Path(checkpoint.root)
+    names = {Path(os.path.relpath(f, root)).parts[0] for f in checkpoint.files}
+    names |= {ADAPTER_SUBDIR, REPORT_NAME}
+    if checkpoint.index_path:
+        names.add(Path(checkpoint.index_path).name)
+    if _is_model_dir(path):
+        names |= {e.name for e in root.iterdir() if e.is_file() and not e.name.endswith(WEIGHT_SUFFIXES)}
+    return names
+
+
+def _prepare_out(out: Path, checkpoint: Checkpoint, path: Path, overwrite: bool) -> None:
     root = Path(checkpoint.root).resolve()
     resolved = out.resolve()
     if resolved == root or root.is_relative_to(resolved):
         raise TargetError(f"{out}: the output would overwrite the input checkpoint {root}; choose another out")
     if out.exists() and not out.is_dir():
         raise TargetError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
+    existing = sorted(out.iterdir()) if out.is_dir() else []
+    if existing:
         if not overwrite:
             raise TargetError(f"{out}: exists and is not empty; pass overwrite=True (--overwrite) to replace it")
-        shutil.rmtree(out)
+        # Replace an earlier output, never delete what pissa_rs did not write.
+        ours = _output_names(checkpoint, path)
+        foreign = [e.name for e in existing if e.name not in ours and not e.name.endswith(".partial")]
+        if foreign:
+            raise TargetError(
+                f"{out}: holds '{foreign[0]}', which a decomposition does not write; refusing to overwrite a "
+                "directory that is not a pissa_rs output"
+            )
+        for entry in existing:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -105,12 +127,6 @@ def _atomic_write_text(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def _is_model_dir(path: Path) -> bool:
-    """A model directory (or its index) carries config and tokenizer files; a
-    bare .safetensors file says nothing about the files beside it."""
-    return path.is_dir() or path.name.endswith(".index.json")
 
 
 def _copy_small_files(src_root: Path, out: Path) -> list[str]:
@@ -162,23 +178,14 @@ def decompose_checkpoint(
     return run_decomposition(Path(path), options, out=Path(out) if out else None, overwrite=overwrite, progress=progress)
 
 
-def plan_targets(path: Path, checkpoint: Checkpoint, options: DecomposeOptions) -> TargetPlan:
-    root = Path(checkpoint.root)
-    return resolve_targets(
-        checkpoint, r=options.r, lora_alpha=options.lora_alpha, target_modules=options.target_modules,
-        exclude_modules=options.exclude_modules, rank_pattern=options.rank_pattern,
-        alpha_pattern=options.alpha_pattern, use_rslora=options.use_rslora,
-        config_dir=root if _is_model_dir(path) and (root / "config.json").is_file() else None,
-    )
-
-
 def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None, overwrite: bool,
                       progress: bool) -> DecomposeResult:
     started = time.perf_counter()
     checkpoint = Checkpoint(path)
-    plan = plan_targets(path, checkpoint, options)
     out = out or default_out(path, options.r)
-    _prepare_out(out, checkpoint, overwrite)
+    planner = make_plan_in_child if sum(i.nbytes for i in checkpoint.tensors) > PLAN_IN_CHILD_ABOVE_BYTES else make_plan
+    plan = planner(path, asdict(options), out)
+    _prepare_out(out, checkpoint, path, overwrite)
     adapter_dir = out / ADAPTER_SUBDIR
     adapter_dir.mkdir()
     root = Path(checkpoint.root)
@@ -246,7 +253,7 @@ def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None
         shutil.copyfile(index, tmp)  # same tensors, dtypes and shards: the same index
         os.replace(tmp, out / index.name)
     copied = _copy_small_files(root, out) if _is_model_dir(path) else []
-    _write_adapter_config(adapter_dir, plan, options, out)
+    _atomic_write_text(adapter_dir / ADAPTER_CONFIG, plan.adapter_config_json)
     report = _report(path, out, plan, options, records, copied, total_bytes, time.perf_counter() - started)
     # Written last: a report in OUT means every file before it is complete.
     _atomic_write_text(out / REPORT_NAME, json.dumps(report, indent=1))
@@ -289,20 +296,7 @@ def _decompose_one(checkpoint, target, options, device, adapter_dtype, pipeline,
     }
 
 
-def _write_adapter_config(adapter_dir: Path, plan: TargetPlan, options: DecomposeOptions, out: Path) -> None:
-    config = adapter_config(
-        r=options.r, lora_alpha=options.lora_alpha, target_modules=options.target_modules,
-        exclude_modules=options.exclude_modules, rank_pattern=options.rank_pattern,
-        alpha_pattern=options.alpha_pattern, use_rslora=options.use_rslora,
-        fan_in_fan_out=any(t.fan_in_fan_out for t in plan.targets), task_type=plan.task_type,
-        base_model_name_or_path=str(out.resolve()),
-    )
-    with tempfile.TemporaryDirectory(dir=adapter_dir, prefix=".config-") as tmp:
-        written = save_adapter_config(config, Path(tmp))
-        os.replace(written, adapter_dir / written.name)
-
-
-def _report(path, out, plan, options, records, copied, total_bytes, seconds) -> dict[str, Any]:
+def _report(path, out, plan: Plan, options, records, copied, total_bytes, seconds) -> dict[str, Any]:
     opts = asdict(options)
     return {
         "input": str(Path(path).resolve()),

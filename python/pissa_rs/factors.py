@@ -25,18 +25,41 @@ def tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def round_to_nearest(exact: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """float64 -> dtype, correctly rounded. torch casts float64 to float16 and
-    bfloat16 through float32, and that double rounding can land one ulp off
-    near a tie; step to the neighbour when it is closer."""
-    rounded = exact.to(dtype)
+def two_sum_low(a: torch.Tensor, b: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """Knuth's TwoSum: the exact rounding error of high = fl(a + b), so that
+    a + b == high + low exactly."""
+    b_virtual = high - a
+    return (a - (high - b_virtual)) + (b - b_virtual)
+
+
+def round_difference(w: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """w - delta (float32 inputs) correctly rounded to `dtype`, in one rounding.
+
+    float32: IEEE subtraction already is. float16 / bfloat16: rounding the
+    float32 difference again can land one ulp off, but only when that float32
+    value sits exactly on a tie between two `dtype` neighbours and the
+    subtraction's own rounding error points away from the chosen one. Ties are
+    found from the bit pattern (cheap), and only they are examined. Returns
+    the rounded tensor and the float32 difference it rounds.
+    """
+    high = w - delta
     if dtype == torch.float32:
-        return rounded
-    miss = exact - rounded.to(torch.float64)
-    toward = torch.where(miss > 0, float("inf"), float("-inf")).to(dtype)
-    neighbour = torch.nextafter(rounded, toward)
-    closer = (exact - neighbour.to(torch.float64)).abs() < miss.abs()
-    return torch.where(closer, neighbour, rounded)
+        return high, high
+    rounded = high.to(dtype)
+    bits = high.view(torch.int32)
+    if dtype == torch.bfloat16:  # bfloat16 keeps float32's top 16 bits
+        candidates = (bits & 0xFFFF) == 0x8000
+    else:  # float16 keeps 10 of 23 mantissa bits; below 2**-14 it is subnormal
+        candidates = ((bits & 0x1FFF) == 0x1000) | (high.abs() < 2.0**-14)
+    idx = candidates.nonzero(as_tuple=True)
+    if idx[0].numel():
+        h, r = high[idx], rounded[idx]
+        low = two_sum_low(w[idx], -delta[idx], h)
+        gap = h - r.to(torch.float32)  # exact: r is within an ulp of h
+        other = torch.nextafter(r, torch.where(gap > 0, float("inf"), float("-inf")).to(dtype))
+        tie = (gap != 0) & ((other.to(torch.float32) - h).abs() == gap.abs())
+        rounded[idx] = torch.where(tie & (low * gap > 0), other, r)
+    return rounded, high
 
 
 @dataclass
@@ -48,7 +71,7 @@ class Factors:
     residual: torch.Tensor  # out x in (as stored: in x out for fan_in_fan_out), weight dtype
     singular_values: torch.Tensor  # top-r singular values of W, float32, descending
     energy_kept: float  # sum(S_r^2) / ||W||_F^2
-    max_abs_error: float  # max |W - (residual + scale * B @ A)| after the cast
+    max_abs_error: float  # max |residual - (W - scale * B @ A)|, the difference in float32: the cast's error
 
 
 def principal_factors(
@@ -77,6 +100,9 @@ def principal_factors(
     if not 1 <= r <= min(rows, cols):
         raise ValueError(f"rank {r} is not in [1, min({rows}, {cols})]")
 
+    flat = w.reshape(-1)
+    total = torch.dot(flat, flat).item()
+
     if niter == 0:
         U, S, Vh = torch.linalg.svd(w, full_matrices=False)
         U, S, Vh = U[:, :r], S[:r], Vh[:r]
@@ -89,18 +115,21 @@ def principal_factors(
     sqrt_s = torch.sqrt(S / scale)
     lora_A = (sqrt_s[:, None] * Vh).to(adapter_dtype)
     lora_B = (U * sqrt_s[None, :]).to(adapter_dtype)
+    del U, Vh
 
     # PEFT's expression, in float32 from the factors as stored.
     delta = (scale * lora_B.to(torch.float32)) @ lora_A.to(torch.float32)
-    # The difference is formed in float64 (exact for two float32 values in
-    # practice) and rounded once to the weight's dtype, so residual + delta is
-    # within half an ulp of the residual's dtype of W.
-    exact = w.to(torch.float64) - delta.to(torch.float64)
-    residual = round_to_nearest(exact, weight.dtype)
-    max_abs_error = (residual.to(torch.float64) - exact).abs().max().item() if w.numel() else 0.0
-    del exact
-    total = w.square().sum()
-    energy_kept = (S.square().sum() / total).item() if total > 0 else 1.0
+    # Rounded once to the weight's dtype, so residual + delta is within half
+    # an ulp of the residual's dtype of W.
+    residual, difference = round_difference(w, delta, weight.dtype)
+    del delta, w, flat
+    if weight.dtype == torch.float32 or residual.numel() == 0:
+        max_abs_error = 0.0  # the float32 difference is the residual: no cast
+    else:
+        # The cast's error |residual - (W - s*B@A)|, in place to hold one temporary.
+        max_abs_error = residual.to(torch.float32).sub_(difference).abs_().max().item()
+    del difference
+    energy_kept = (S.double().square().sum().item() / total) if total > 0 else 1.0
     if fan_in_fan_out:
         residual = residual.T
     return Factors(

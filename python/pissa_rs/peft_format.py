@@ -3,9 +3,8 @@ adapter_config.json that PEFT's own LoraConfig writes and reads."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
-
-from peft import LoraConfig
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -32,10 +31,12 @@ def adapter_config(
     fan_in_fan_out: bool,
     task_type: str | None,
     base_model_name_or_path: str,
-) -> LoraConfig:
+):
     """The config of an initialised PiSSA adapter, as PEFT expects to load it:
     init_lora_weights=True (the SVD is already done) and no dropout (dropping
     principal components at random would defeat PiSSA)."""
+    from peft import LoraConfig
+
     return LoraConfig(
         r=r,
         lora_alpha=lora_alpha,
@@ -53,7 +54,8 @@ def adapter_config(
     )
 
 
-def save_adapter_config(config: LoraConfig, adapter_dir: Path) -> Path:
-    """Write adapter_config.json with PEFT's own serializer."""
-    config.save_pretrained(str(adapter_dir))
-    return adapter_dir / ADAPTER_CONFIG
+def adapter_config_json(config) -> str:
+    """adapter_config.json's text, as PEFT's own serializer writes it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        config.save_pretrained(tmp)
+        return (Path(tmp) / ADAPTER_CONFIG).read_text()

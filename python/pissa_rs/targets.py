@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig
-from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
-from peft.utils.other import get_pattern_key
 
 from ._pissa_rs import Checkpoint, PissaError
+
+# PEFT and transformers are imported inside the functions that use them: a
+# decomposition can plan in a child process and never hold them (~250 MB).
 
 DECOMPOSABLE_DTYPES = ("F32", "F16", "BF16")
 
@@ -38,7 +38,9 @@ class TargetPlan:
     architecture: str | None
 
 
-def lora_config_for(r, lora_alpha, target_modules, exclude_modules, rank_pattern, alpha_pattern, use_rslora) -> LoraConfig:
+def lora_config_for(r, lora_alpha, target_modules, exclude_modules, rank_pattern, alpha_pattern, use_rslora):
+    from peft import LoraConfig
+
     return LoraConfig(
         r=r, lora_alpha=lora_alpha, target_modules=target_modules, exclude_modules=exclude_modules,
         rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {}, use_rslora=use_rslora,
@@ -82,6 +84,9 @@ def resolve_targets(
     config_dir: str | Path | None = None,
 ) -> TargetPlan:
     """The weights to decompose, each with its rank and alpha, as PEFT would pick them."""
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
+    from peft.utils.other import get_pattern_key
+
     where = checkpoint.index_path or checkpoint.files[0]
     if target_modules is None:
         raise TargetError(f"{where}: target_modules is required")

@@ -1,0 +1,212 @@
+"""Benchmark: pissa_rs vs PEFT's in-memory way vs the compute floor, on TinyLlama-1.1B shapes.
+
+    python benches/bench_decompose.py [--workdir DIR] [--layers 22] [--smoke] [--json OUT.json]
+
+Builds a synthetic checkpoint with TinyLlama-1.1B shapes (hidden 2048, intermediate
+5632, 22 layers, 32 heads, 4 kv heads, vocab 32000, bf16, 1 GiB shards), then runs,
+each in its own process so that peak RSS (VmHWM, file-backed pages included) is its own:
+
+- pissa_rs:  decompose_checkpoint(r=128, niter=4, all 7 projections)
+- peft:      from_pretrained, get_peft_model(init_lora_weights="pissa_niter_4"),
+             save the adapter, unload, save the residual
+- floor:     the same torch work (pissa_rs.principal_factors) on tensors already in
+             memory, no I/O; loading them is not timed
+
+--smoke runs the same at a tiny scale (CI uses it to keep the script working; its
+timings mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def shapes(hidden: int, intermediate: int, heads: int, kv_heads: int, vocab: int, layers: int) -> dict[str, list[int]]:
+    """LlamaForCausalLM's tensor names and shapes."""
+    kv = hidden // heads * kv_heads
+    out = {"model.embed_tokens.weight": [vocab, hidden]}
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        out |= {
+            f"{p}.self_attn.q_proj.weight": [hidden, hidden],
+            f"{p}.self_attn.k_proj.weight": [kv, hidden],
+            f"{p}.self_attn.v_proj.weight": [kv, hidden],
+            f"{p}.self_attn.o_proj.weight": [hidden, hidden],
+            f"{p}.mlp.gate_proj.weight": [intermediate, hidden],
+            f"{p}.mlp.up_proj.weight": [intermediate, hidden],
+            f"{p}.mlp.down_proj.weight": [hidden, intermediate],
+            f"{p}.input_layernorm.weight": [hidden],
+            f"{p}.post_attention_layernorm.weight": [hidden],
+        }
+    out |= {"model.norm.weight": [hidden], "lm_head.weight": [vocab, hidden]}
+    return out
+
+
+def make_checkpoint(path: Path, dims: dict, shard_bytes: int) -> int:
+    """Write a random bf16 Llama checkpoint with HF shard naming and index; returns its bytes."""
+    import torch
+    from transformers import LlamaConfig
+
+    import pissa_rs
+
+    path.mkdir(parents=True, exist_ok=True)
+    LlamaConfig(
+        hidden_size=dims["hidden"], intermediate_size=dims["intermediate"], num_hidden_layers=dims["layers"],
+        num_attention_heads=dims["heads"], num_key_value_heads=dims["kv_heads"], vocab_size=dims["vocab"],
+        tie_word_embeddings=False, dtype="bfloat16",
+    ).save_pretrained(path)
+    tensors = shapes(**dims)
+    shards, current, size = [], [], 0
+    for name, shape in tensors.items():
+        n = 2 * int(torch.Size(shape).numel())
+        if current and size + n > shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += n
+    shards.append(current)
+    weight_map, total = {}, 0
+    g = torch.Generator().manual_seed(0)
+    for k, names in enumerate(shards):
+        file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        writer = pissa_rs.ShardWriter(path / file, [(n, "BF16", tensors[n]) for n in names], {"format": "pt"})
+        for n in names:
+            t = (torch.randn(tensors[n], generator=g) * 0.02).to(torch.bfloat16)
+            writer.write(n, pissa_rs.as_numpy_bytes(t))
+            weight_map[n] = file
+            total += t.numel() * 2
+        writer.finalize()
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return total
+
+
+RUNNERS = {
+    "pissa_rs": """
+import pissa_rs
+pissa_rs.decompose_checkpoint(SRC, r=R, niter=NITER, target_modules=TARGETS, out=OUT, progress=False)
+""",
+    "peft": """
+import os, torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(SRC, dtype=torch.bfloat16)
+config = LoraConfig(r=R, lora_alpha=R, lora_dropout=0.0, target_modules=TARGETS,
+                    init_lora_weights=f"pissa_niter_{NITER}", task_type="CAUSAL_LM")
+model = get_peft_model(model, config)
+model.peft_config["default"].init_lora_weights = True
+model.save_pretrained(os.path.join(OUT, "pissa_init"))
+model = model.unload()
+model.save_pretrained(OUT)
+""",
+    "floor": """
+import torch, pissa_rs
+from pissa_rs.factors import principal_factors, scaling, tensor_seed
+ck = pissa_rs.Checkpoint(SRC)
+names = [n for n in ck.names() if any(f".{t}." in n for t in TARGETS)]
+weights = {n: pissa_rs.as_torch(ck.buffer(n)).clone() for n in names}  # in memory, not timed
+del ck
+START()
+for n, w in weights.items():
+    principal_factors(w, R, scaling(R, R), niter=NITER, seed=tensor_seed(0, n))
+""",
+}
+
+HARNESS = """
+import json, sys, time
+import torch, transformers, peft, pissa_rs  # imported before the clock starts, for every method
+SRC, OUT, R, NITER = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+TARGETS = json.loads(sys.argv[5])
+_t = [time.perf_counter()]
+def START():
+    _t[0] = time.perf_counter()
+{body}
+wall = time.perf_counter() - _t[0]
+status = open("/proc/self/status").read()
+peak = next(int(l.split()[1]) for l in status.splitlines() if l.startswith("VmHWM:")) * 1024
+print(json.dumps({{"wall_s": wall, "peak_rss_bytes": peak}}))
+"""
+
+
+def run_method(name: str, src: Path, out: Path, r: int, niter: int) -> dict:
+    code = HARNESS.format(body=RUNNERS[name])
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code, str(src), str(out), str(r), str(niter), json.dumps(PROJECTIONS)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    # wall_s is timed inside the process after the common imports; process_s is the whole process.
+    result["process_s"] = time.perf_counter() - started
+    return result
+
+
+def machine() -> str:
+    import os
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()} {platform.release()}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", type=Path, help="where to build the checkpoint (default: a temporary directory)")
+    ap.add_argument("--layers", type=int, default=22)
+    ap.add_argument("--rank", type=int, default=128)
+    ap.add_argument("--niter", type=int, default=4)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script, not the speed")
+    ap.add_argument("--methods", default="pissa_rs,peft,floor")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args()
+
+    if args.smoke:
+        dims = dict(hidden=128, intermediate=352, heads=4, kv_heads=2, vocab=512, layers=2)
+        rank, shard_bytes = 8, 200_000
+    else:
+        dims = dict(hidden=2048, intermediate=5632, heads=32, kv_heads=4, vocab=32000, layers=args.layers)
+        rank, shard_bytes = args.rank, 1 << 30
+
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        src = Path(tmp) / "tinyllama-shapes"
+        t0 = time.perf_counter()
+        total = make_checkpoint(src, dims, shard_bytes)
+        print(f"checkpoint: {total / 2**30:.2f} GiB in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        results = {}
+        for method in args.methods.split(","):
+            results[method] = run_method(method, src, Path(tmp) / f"out-{method}", rank, args.niter)
+            print(method, results[method], file=sys.stderr)
+
+    report = {"machine": machine(), "dims": dims, "rank": rank, "niter": args.niter, "bytes": total,
+              "results": results}
+    print("| method | wall (s) | peak RSS (GiB) |\n|---|---:|---:|")
+    for method, r in results.items():
+        print(f"| {method} | {r['wall_s']:.1f} | {r['peak_rss_bytes'] / 2**30:.2f} |")
+    if "pissa_rs" in results:
+        ours = results["pissa_rs"]["wall_s"]
+        for other in ("peft", "floor"):
+            if other in results:
+                print(f"pissa_rs / {other} wall: {ours / results[other]['wall_s']:.2f}x")
+    print(f"machine: {report['machine']}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
