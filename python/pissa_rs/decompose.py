@@ -16,7 +16,7 @@ import torch
 from ._pissa_rs import Checkpoint, Pipeline, ShardWriter
 from .factors import principal_factors, scaling, tensor_seed
 from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, lora_a_key, lora_b_key
-from .plan import PLAN_IN_CHILD_ABOVE_BYTES, Plan, _is_model_dir, make_plan, make_plan_in_child
+from .plan import PLAN_IN_CHILD_ABOVE_BYTES, Plan, is_model_dir, make_plan, make_plan_in_child
 from .targets import TargetError
 from .tensors import SAFETENSORS_DTYPES, as_numpy_bytes, as_torch
 
@@ -91,7 +91,7 @@ def _output_names(checkpoint: Checkpoint, path: Path) -> set[str]:
     names |= {ADAPTER_SUBDIR, REPORT_NAME}
     if checkpoint.index_path:
         names.add(Path(checkpoint.index_path).name)
-    if _is_model_dir(path):
+    if is_model_dir(path):
         names |= {e.name for e in root.iterdir() if e.is_file() and not e.name.endswith(WEIGHT_SUFFIXES)}
     return names
 
@@ -252,7 +252,7 @@ def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None
         tmp = out / f".{index.name}.partial"
         shutil.copyfile(index, tmp)  # same tensors, dtypes and shards: the same index
         os.replace(tmp, out / index.name)
-    copied = _copy_small_files(root, out) if _is_model_dir(path) else []
+    copied = _copy_small_files(root, out) if is_model_dir(path) else []
     _atomic_write_text(adapter_dir / ADAPTER_CONFIG, plan.adapter_config_json)
     report = _report(path, out, plan, options, records, copied, total_bytes, time.perf_counter() - started)
     # Written last: a report in OUT means every file before it is complete.

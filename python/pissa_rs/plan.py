@@ -1,17 +1,12 @@
 """What a decomposition will do: the target weights with their ranks, and the
 adapter config. Working it out needs transformers and PEFT (~250 MB resident);
-for large checkpoints it runs in a child process, so the long decomposition
-that follows never holds them.
-
-    python -m pissa_rs.plan   (reads a JSON request on stdin, writes the plan on stdout)
-"""
+for large checkpoints it runs in a forked child process, so the long
+decomposition that follows never holds them."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from dataclasses import asdict, dataclass
+import multiprocessing
+from dataclasses import dataclass
 from pathlib import Path
 
 from ._pissa_rs import Checkpoint
@@ -31,7 +26,7 @@ class Plan:
     adapter_config_json: str  # written to OUT/pissa_init/adapter_config.json
 
 
-def _is_model_dir(path: Path) -> bool:
+def is_model_dir(path: Path) -> bool:
     """A model directory (or its index) has a config.json to trust; a bare
     .safetensors file says nothing about the files beside it."""
     return path.is_dir() or path.name.endswith(".index.json")
@@ -45,7 +40,7 @@ def make_plan(path: Path, options: dict, out: Path) -> Plan:
         checkpoint, r=options["r"], lora_alpha=options["lora_alpha"], target_modules=options["target_modules"],
         exclude_modules=options["exclude_modules"], rank_pattern=options["rank_pattern"],
         alpha_pattern=options["alpha_pattern"], use_rslora=options["use_rslora"],
-        config_dir=root if _is_model_dir(path) and (root / "config.json").is_file() else None,
+        config_dir=root if is_model_dir(path) and (root / "config.json").is_file() else None,
     )
     config = adapter_config(
         r=options["r"], lora_alpha=options["lora_alpha"], target_modules=options["target_modules"],
@@ -58,31 +53,33 @@ def make_plan(path: Path, options: dict, out: Path) -> Plan:
 
 
 def make_plan_in_child(path: Path, options: dict, out: Path) -> Plan:
-    """The same plan, worked out by `python -m pissa_rs.plan`. A TargetError
-    raised there is raised here with the same message."""
-    request = json.dumps({"path": str(path), "options": options, "out": str(out)})
-    proc = subprocess.run([sys.executable, "-m", "pissa_rs.plan"], input=request, capture_output=True, text=True)
+    """The same plan, worked out in a forked child (which already has torch
+    imported, unlike a fresh interpreter). A TargetError or ValueError raised
+    there is raised here with the same message."""
+    context = multiprocessing.get_context("fork")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_plan_and_send, args=(send, path, options, out), daemon=True)
+    child.start()
+    send.close()  # so that receive sees EOF if the child dies without a word
     try:
-        reply = json.loads(proc.stdout.strip().splitlines()[-1])
-    except (IndexError, json.JSONDecodeError):
-        raise RuntimeError(f"planning in a child process failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}") from None
-    if "error" in reply:
-        raise TargetError(reply["error"])
-    plan = reply["plan"]
-    targets = [Target(**{**t, "shape": tuple(t["shape"])}) for t in plan["targets"]]
-    return Plan(targets, plan["task_type"], plan["architecture"], plan["adapter_config_json"])
+        kind, payload = receive.recv()
+    except EOFError:
+        child.join()
+        raise RuntimeError(f"{path}: the planning process died (exit code {child.exitcode})") from None
+    finally:
+        receive.close()
+    child.join()
+    if kind == "error":
+        raise TargetError(payload)
+    return payload
 
 
-def _child_main() -> None:
+def _plan_and_send(send, path: Path, options: dict, out: Path) -> None:
     from ._pissa_rs import PissaError
 
-    request = json.loads(sys.stdin.read())
     try:
-        plan = make_plan(Path(request["path"]), request["options"], Path(request["out"]))
-        print(json.dumps({"plan": asdict(plan)}))
+        send.send(("plan", make_plan(path, options, out)))
     except (PissaError, ValueError) as err:
-        print(json.dumps({"error": str(err)}))
-
-
-if __name__ == "__main__":
-    _child_main()
+        send.send(("error", str(err)))
+    finally:
+        send.close()
