@@ -89,3 +89,10 @@ def test_inspect_lists_tensors(llama, capsys):
     assert proc.returncode == 0
     assert "model.layers.0.self_attn.q_proj.weight" in proc.stdout and "F32" in proc.stdout
     assert "tensors," in proc.stdout.splitlines()[-1]
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(llama, tmp_path, capsys):
+    proc = run_in_process(capsys, "decompose", str(llama), "--rank", "4", "--out", str(tmp_path / "o"), "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "targets:" in proc.stdout and "pass-through tensors" in proc.stdout and "estimated" in proc.stdout
+    assert not (tmp_path / "o").exists()

@@ -292,7 +292,7 @@ def test_bfloat16_adapter(llama, tmp_path):
 def test_planning_in_a_child_process_gives_the_same_plan(llama, tmp_path):
     from dataclasses import asdict
 
-    from pissa_rs.plan import make_plan, make_plan_in_child
+    from pissa_rs.planning import make_plan, make_plan_in_child
 
     options = asdict(pissa_rs.DecomposeOptions(r=8, rank_pattern={"v_proj": 4}).validate())
     out = tmp_path / "o"
@@ -307,3 +307,34 @@ def test_the_decomposing_process_need_not_hold_peft_or_transformers():
 
     code = "import sys, pissa_rs; print(sorted(m for m in ('peft', 'transformers') if m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+def test_plan_shows_what_would_happen_and_writes_nothing(llama, tmp_path):
+    out = tmp_path / "never"
+    p = pissa_rs.plan(llama, r=8, out=out, rank_pattern={"v_proj": 4})
+    assert not out.exists()
+    assert len(p.targets) == 14 and {t.r for t in p.targets} == {8, 4}
+    names = {n for n, *_ in p.passthrough}
+    assert "lm_head.weight" in names and "model.norm.weight" in names
+    assert p.input_bytes == sum(i.nbytes for i in pissa_rs.Checkpoint(llama).tensors)
+    assert p.residual_bytes == sum(f.stat().st_size for f in llama.glob("*.safetensors"))
+    assert p.adapter_bytes == sum(t.r * sum(t.shape) * 4 for t in p.targets)
+    assert p.free_bytes > 0 and p.fits_on_disk and p.estimated_seconds > 0
+    text = p.describe()
+    assert "model.layers.0.self_attn.v_proj.weight" in text and "r=4" in text and "14 targets" in text
+    # The estimate scales with the work.
+    assert pissa_rs.plan(llama, r=16, out=out).estimated_seconds > pissa_rs.plan(llama, r=2, out=out).estimated_seconds
+    with pytest.raises(pissa_rs.TargetError, match="matched no module"):
+        pissa_rs.plan(llama, r=8, target_modules=["nope"])
+
+
+def test_full_disk_is_refused_up_front_with_the_numbers(llama, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(pissa_rs.DiskSpaceError, match=r"needs \d+\.\d KiB and its filesystem has 1000 B free") as info:
+        pissa_rs.decompose_checkpoint(llama, r=4, out=tmp_path / "o", progress=False)
+    assert isinstance(info.value, OSError) and not (tmp_path / "o").exists()
+    assert not pissa_rs.plan(llama, r=4, out=tmp_path / "o").fits_on_disk

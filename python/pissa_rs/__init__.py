@@ -20,7 +20,8 @@ from ._pissa_rs import (
     UnsupportedFormatError,
     WriterError,
 )
-from .decompose import DecomposeOptions, DecomposeResult, decompose_checkpoint
+from .decompose import DecomposeOptions, DecomposeResult, DiskSpaceError, decompose_checkpoint
+from .dry_run import DecompositionPlan, plan
 from .factors import Factors, principal_factors
 from .targets import Target, TargetError, resolve_targets
 from .tensors import as_numpy_bytes, as_torch
@@ -43,11 +44,14 @@ __all__ = [
     "WriterError",
     "DecomposeOptions",
     "DecomposeResult",
+    "DecompositionPlan",
+    "DiskSpaceError",
     "Factors",
     "Target",
     "TargetError",
     "as_numpy_bytes",
     "decompose_checkpoint",
+    "plan",
     "principal_factors",
     "resolve_targets",
     "as_torch",

@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from ._pissa_rs import Checkpoint, PissaError
-from .decompose import ADAPTER_DTYPES, DecomposeOptions, run_decomposition
+from .decompose import ADAPTER_DTYPES, DecomposeOptions, human_bytes, run_decomposition
+from .dry_run import plan_decomposition
 
 
 def _modules(text: str) -> str | list[str]:
@@ -28,14 +29,6 @@ def _pattern(cast):
         return out
 
     return parse
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    raise AssertionError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="dtype of lora_A / lora_B (default %(default)s)")
     dec.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     dec.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    dec.add_argument("--dry-run", action="store_true",
+                     help="print the plan (targets, ranks, pass-through tensors, bytes, free disk, estimated "
+                     "time) and exit without writing anything; exit 1 if the output would not fit")
 
     ins = sub.add_parser("inspect", help="list a checkpoint's tensors, dtypes, shapes, files and sizes")
     ins.add_argument("path")
@@ -90,6 +86,10 @@ def _decompose(args) -> int:
         exclude_modules=args.exclude_modules, rank_pattern=args.rank_pattern, alpha_pattern=args.alpha_pattern,
         use_rslora=args.use_rslora, device=args.device, seed=args.seed, adapter_dtype=args.adapter_dtype,
     ).validate()
+    if args.dry_run:
+        plan = plan_decomposition(Path(args.path), options, args.out)
+        print(plan.describe())
+        return 0 if plan.fits_on_disk else 1
     result = run_decomposition(Path(args.path), options, out=args.out, overwrite=args.overwrite,
                                progress=not args.no_progress)
     totals = result.report["totals"]
@@ -104,9 +104,9 @@ def _inspect(args) -> int:
     ck = Checkpoint(args.path)
     width = max((len(t.name) for t in ck.tensors), default=4)
     for t in ck.tensors:
-        print(f"{t.name:<{width}}  {t.dtype:<8} {str(list(t.shape)):<18} {_human(t.nbytes):>11}  {Path(t.file).name}")
+        print(f"{t.name:<{width}}  {t.dtype:<8} {str(list(t.shape)):<18} {human_bytes(t.nbytes):>11}  {Path(t.file).name}")
     total = sum(t.nbytes for t in ck.tensors)
-    print(f"{len(ck)} tensors, {_human(total)} in {len(ck.files)} file(s)")
+    print(f"{len(ck)} tensors, {human_bytes(total)} in {len(ck.files)} file(s)")
     return 0
 
 

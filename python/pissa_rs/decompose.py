@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from ._pissa_rs import Checkpoint, Pipeline, ShardWriter
+from ._pissa_rs import Checkpoint, PissaError, Pipeline, ShardWriter
 from .factors import principal_factors, scaling, tensor_seed
 from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, lora_a_key, lora_b_key
-from .plan import PLAN_IN_CHILD_ABOVE_BYTES, Plan, is_model_dir, make_plan, make_plan_in_child
+from .planning import PLAN_IN_CHILD_ABOVE_BYTES, Plan, is_model_dir, make_plan, make_plan_in_child
 from .targets import TargetError
 from .tensors import SAFETENSORS_DTYPES, as_numpy_bytes, as_torch
 
@@ -70,6 +70,10 @@ class DecomposeOptions:
         return "pissa" if self.niter == 0 else f"pissa_niter_{self.niter}"
 
 
+class DiskSpaceError(PissaError, OSError):
+    """The output would not fit on its filesystem; checked before any work."""
+
+
 @dataclass
 class DecomposeResult:
     out: Path  # the residual model
@@ -96,7 +100,45 @@ def _output_names(checkpoint: Checkpoint, path: Path) -> set[str]:
     return names
 
 
-def _prepare_out(out: Path, checkpoint: Checkpoint, path: Path, overwrite: bool) -> None:
+def output_bytes(checkpoint: Checkpoint, plan: Plan, adapter_dtype: str) -> tuple[int, int]:
+    """(residual model, adapter) sizes in bytes: the residual has the input's
+    layout exactly; the adapter holds r x in + out x r per target."""
+    residual = sum(os.path.getsize(f) for f in checkpoint.files)
+    itemsize = ADAPTER_DTYPES[adapter_dtype].itemsize
+    adapter = sum(t.r * sum(t.shape) * itemsize for t in plan.targets)
+    return residual, adapter
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def free_bytes(out: Path) -> int:
+    """Free space on the filesystem that will hold `out` (its nearest existing ancestor)."""
+    probe = out.resolve()
+    while not probe.exists():
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
+def _check_space(out: Path, needed: int, overwrite: bool) -> None:
+    reclaimable = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) if overwrite and out.is_dir() else 0
+    available = free_bytes(out) + reclaimable
+    if needed > available:
+        raise DiskSpaceError(
+            f"{out}: the output needs {human_bytes(needed)} and its filesystem has {human_bytes(available)} free; "
+            "free some space or choose another out"
+        )
+
+
+def _prepare_out(out: Path, checkpoint: Checkpoint, path: Path, overwrite: bool, needed: int) -> None:
+    """Refuse an out that is the input, holds foreign files, or lacks room;
+    then empty an earlier output (with overwrite) and create it."""
     root = Path(checkpoint.root).resolve()
     resolved = out.resolve()
     if resolved == root or root.is_relative_to(resolved):
@@ -115,6 +157,8 @@ def _prepare_out(out: Path, checkpoint: Checkpoint, path: Path, overwrite: bool)
                 f"{out}: holds '{foreign[0]}', which a decomposition does not write; refusing to overwrite a "
                 "directory that is not a pissa_rs output"
             )
+    _check_space(out, needed, overwrite)
+    if existing:
         for entry in existing:
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     out.mkdir(parents=True, exist_ok=True)
@@ -185,7 +229,7 @@ def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None
     out = out or default_out(path, options.r)
     planner = make_plan_in_child if sum(i.nbytes for i in checkpoint.tensors) > PLAN_IN_CHILD_ABOVE_BYTES else make_plan
     plan = planner(path, asdict(options), out)
-    _prepare_out(out, checkpoint, path, overwrite)
+    _prepare_out(out, checkpoint, path, overwrite, needed=sum(output_bytes(checkpoint, plan, options.adapter_dtype)))
     adapter_dir = out / ADAPTER_SUBDIR
     adapter_dir.mkdir()
     root = Path(checkpoint.root)
