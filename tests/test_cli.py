@@ -88,7 +88,24 @@ def test_inspect_lists_tensors(llama, capsys):
     proc = run_in_process(capsys, "inspect", str(llama))
     assert proc.returncode == 0
     assert "model.layers.0.self_attn.q_proj.weight" in proc.stdout and "F32" in proc.stdout
-    assert "tensors," in proc.stdout.splitlines()[-1]
+    import re
+
+    assert re.search(r"^\d+ tensors, [\d.]+ KiB in \d+ file\(s\)$", proc.stdout, re.M)
+    assert "architecture: LlamaForCausalLM" in proc.stdout
+    lines = {line.split()[0]: line for line in proc.stdout.splitlines() if line.startswith("  ")}
+    # One layer: 7 projections; all-linear leaves the output head out.
+    assert "   7 modules" in lines["all-linear"] and "lm_head" in lines["all-linear"]
+    assert "1 module" in lines["q_proj"] and "model.layers.0.self_attn.q_proj" in lines["q_proj"]
+    assert "lm_head" in lines
+
+
+def test_inspect_a_bare_file_says_targets_must_be_explicit(tmp_path, capsys):
+    import safetensors.torch
+    import torch
+
+    safetensors.torch.save_file({"w": torch.zeros(2, 2)}, tmp_path / "x.safetensors")
+    proc = run_in_process(capsys, "inspect", str(tmp_path / "x.safetensors"))
+    assert proc.returncode == 0 and "explicit --target-modules" in proc.stdout
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(llama, tmp_path, capsys):

@@ -9,6 +9,8 @@ from pathlib import Path
 from ._pissa_rs import Checkpoint, PissaError
 from .decompose import ADAPTER_DTYPES, DecomposeOptions, human_bytes, run_decomposition
 from .dry_run import plan_decomposition
+from .planning import is_model_dir
+from .targets import target_choices
 
 
 def _modules(text: str) -> str | list[str]:
@@ -75,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="print the plan (targets, ranks, pass-through tensors, bytes, free disk, estimated "
                      "time) and exit without writing anything; exit 1 if the output would not fit")
 
-    ins = sub.add_parser("inspect", help="list a checkpoint's tensors, dtypes, shapes, files and sizes")
+    ins = sub.add_parser("inspect", help="list a checkpoint's tensors, dtypes, shapes, files and sizes, its "
+                         "architecture, and which modules each target_modules choice picks")
     ins.add_argument("path")
     return parser
 
@@ -107,6 +110,17 @@ def _inspect(args) -> int:
         print(f"{t.name:<{width}}  {t.dtype:<8} {str(list(t.shape)):<18} {human_bytes(t.nbytes):>11}  {Path(t.file).name}")
     total = sum(t.nbytes for t in ck.tensors)
     print(f"{len(ck)} tensors, {human_bytes(total)} in {len(ck.files)} file(s)")
+    config = Path(ck.root) / "config.json"
+    if not (is_model_dir(Path(args.path)) and config.is_file()):
+        print("no config.json: give decompose explicit --target-modules (matched against tensor names)")
+        return 0
+    choices = target_choices(config.parent)
+    print(f"\narchitecture: {choices.architecture}")
+    print("target_modules choices:")
+    print(f"  {'all-linear':<14} {len(choices.all_linear):>4} modules"
+          + (f" (all but the output head {choices.output_head})" if choices.output_head else ""))
+    for suffix, names in choices.by_suffix.items():
+        print(f"  {suffix:<14} {len(names):>4} module{'s' if len(names) > 1 else ' '}  e.g. {names[0]}")
     return 0
 
 

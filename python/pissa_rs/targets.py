@@ -147,3 +147,31 @@ def resolve_targets(
             )
         targets.append(Target(module, tensor, tuple(info.shape), info.dtype, fan_in_fan_out, rank, alpha))
     return TargetPlan(targets, task_type, architecture)
+
+
+@dataclass(frozen=True)
+class TargetChoices:
+    """What each common target_modules value would pick in one model."""
+
+    architecture: str
+    all_linear: list[str]  # module names "all-linear" picks
+    by_suffix: dict[str, list[str]]  # linear module suffix ("q_proj") -> module names
+    output_head: str | None  # the head "all-linear" leaves out
+
+
+def target_choices(config_dir: str | Path) -> TargetChoices:
+    """The linear modules of the model config.json describes, grouped the ways
+    target_modules can name them, with PEFT's own "all-linear" expansion."""
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
+    from transformers.pytorch_utils import Conv1D
+
+    model, _ = _meta_model(Path(config_dir))
+    linear = [name for name, m in model.named_modules() if name and isinstance(m, (torch.nn.Linear, Conv1D))]
+    expanded = _maybe_include_all_linear_layers(lora_config_for(8, 8, "all-linear", None, None, None, False), model)
+    all_linear = sorted(expanded.target_modules, key=linear.index)
+    by_suffix: dict[str, list[str]] = {}
+    for name in linear:
+        by_suffix.setdefault(name.rsplit(".", 1)[-1], []).append(name)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_name = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
+    return TargetChoices(type(model).__name__, all_linear, by_suffix, head_name)
