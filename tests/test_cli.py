@@ -113,3 +113,22 @@ def test_dry_run_prints_the_plan_and_writes_nothing(llama, tmp_path, capsys):
     assert proc.returncode == 0, proc.stderr
     assert "targets:" in proc.stdout and "pass-through tensors" in proc.stdout and "estimated" in proc.stdout
     assert not (tmp_path / "o").exists()
+
+
+def test_plot_writes_valid_pngs(llama, tmp_path, capsys):
+    import matplotlib.image
+
+    res = pissa_rs.decompose_checkpoint(llama, r=4, out=tmp_path / "o", progress=False)
+    proc = run_in_process(capsys, "plot", str(res.out), "--to", str(tmp_path / "png"))
+    assert proc.returncode == 0, proc.stderr
+    files = [Path(line) for line in proc.stdout.split()]
+    assert [f.name for f in files] == ["energy_kept.png"]  # no quantization in this report
+    data = files[0].read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    image = matplotlib.image.imread(files[0])
+    assert image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_plot_of_a_missing_report_is_one_line(tmp_path, capsys):
+    proc = run_in_process(capsys, "plot", str(tmp_path))
+    assert proc.returncode == 1 and "pissa_report.json" in proc.stderr

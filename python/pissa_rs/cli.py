@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="list a checkpoint's tensors, dtypes, shapes, files and sizes, its "
                          "architecture, and which modules each target_modules choice picks")
     ins.add_argument("path")
+
+    plot = sub.add_parser("plot", help="PNG plots from OUT/pissa_report.json (needs the 'plot' extra: matplotlib)")
+    plot.add_argument("out", help="a decomposition's output directory (or its pissa_report.json)")
+    plot.add_argument("--to", type=Path, help="directory for the PNGs (default: OUT)")
     return parser
 
 
@@ -124,11 +128,19 @@ def _inspect(args) -> int:
     return 0
 
 
+def _plot(args) -> int:
+    from .plots import plot_report
+
+    for path in plot_report(args.out, args.to):
+        print(path)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"decompose": _decompose, "inspect": _inspect}[args.command](args)
-    except (PissaError, ValueError, OSError) as err:
+        return {"decompose": _decompose, "inspect": _inspect, "plot": _plot}[args.command](args)
+    except (PissaError, ValueError, OSError, ImportError) as err:
         print(f"pissa-rs: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
