@@ -132,3 +132,16 @@ def test_plot_writes_valid_pngs(llama, tmp_path, capsys):
 def test_plot_of_a_missing_report_is_one_line(tmp_path, capsys):
     proc = run_in_process(capsys, "plot", str(tmp_path))
     assert proc.returncode == 1 and "pissa_report.json" in proc.stderr
+
+
+def test_several_ranks_from_the_shell(llama, tmp_path, capsys):
+    proc = run_in_process(capsys, "decompose", str(llama), "--rank", "2,4", "--out", str(tmp_path / "m-r{r}"),
+                          "--no-progress", "--target-modules", "q_proj")
+    assert proc.returncode == 0, proc.stderr
+    assert "r=2:" in proc.stdout and "r=4:" in proc.stdout
+    for r in (2, 4):
+        assert (tmp_path / f"m-r{r}" / "pissa_report.json").exists()
+    proc = run_in_process(capsys, "decompose", str(llama), "--rank", "2,4", "--out", str(tmp_path / "x{r}"),
+                          "--dry-run")
+    assert proc.returncode == 0 and "x2" in proc.stdout and "x4" in proc.stdout
+    assert not (tmp_path / "x2").exists()

@@ -294,11 +294,11 @@ def test_planning_in_a_child_process_gives_the_same_plan(llama, tmp_path):
 
     from pissa_rs.planning import make_plan, make_plan_in_child
 
-    options = asdict(pissa_rs.DecomposeOptions(r=8, rank_pattern={"v_proj": 4}).validate())
-    out = tmp_path / "o"
+    options = [asdict(pissa_rs.DecomposeOptions(r=8, rank_pattern={"v_proj": 4}).validate())]
+    out = [tmp_path / "o"]
     assert make_plan_in_child(llama, options, out) == make_plan(llama, options, out)
     with pytest.raises(pissa_rs.TargetError, match="matched no module"):
-        make_plan_in_child(llama, {**options, "target_modules": ["nope"]}, out)
+        make_plan_in_child(llama, [{**options[0], "target_modules": ["nope"]}], out)
 
 
 def test_the_decomposing_process_need_not_hold_peft_or_transformers():
@@ -338,3 +338,32 @@ def test_full_disk_is_refused_up_front_with_the_numbers(llama, tmp_path, monkeyp
         pissa_rs.decompose_checkpoint(llama, r=4, out=tmp_path / "o", progress=False)
     assert isinstance(info.value, OSError) and not (tmp_path / "o").exists()
     assert not pissa_rs.plan(llama, r=4, out=tmp_path / "o").fits_on_disk
+
+
+def test_several_ranks_in_one_pass(llama, tmp_path):
+    results = pissa_rs.decompose_checkpoint(llama, r=[8, 2, 4], niter=0, out=tmp_path / "m-r{r}", progress=False)
+    assert [r.out.name for r in results] == ["m-r2", "m-r4", "m-r8"]
+    original = logits(AutoModelForCausalLM.from_pretrained(llama))
+    src = pissa_rs.Checkpoint(llama)
+    for res, rank in zip(results, [2, 4, 8]):
+        assert res.report["svd_rank"] == 8 and res.report["options"]["r"] == rank
+        config = LoraConfig.from_pretrained(res.adapter)
+        assert (config.r, config.lora_alpha) == (rank, rank)
+        adapter = safetensors.torch.load_file(res.adapter / "adapter_model.safetensors")
+        assert adapter["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (rank, 64)
+        torch.testing.assert_close(logits(load_pissa(res.out)), original, atol=1e-4, rtol=0)
+        dst = pissa_rs.Checkpoint(res.out)
+        assert bytes(dst.buffer("lm_head.weight")) == bytes(src.buffer("lm_head.weight"))
+    # Exact SVD: a smaller rank from the shared SVD is exactly a direct run at that rank.
+    direct = pissa_rs.decompose_checkpoint(llama, r=4, niter=0, out=tmp_path / "direct", progress=False)
+    assert file_hashes(direct.out)["pissa_init/adapter_model.safetensors"] == \
+        file_hashes(results[1].out)["pissa_init/adapter_model.safetensors"]
+    assert file_hashes(direct.out)["model-00001-of-00004.safetensors"] == \
+        file_hashes(results[1].out)["model-00001-of-00004.safetensors"]
+
+
+def test_several_ranks_need_a_templated_out_and_no_rank_pattern(llama, tmp_path):
+    with pytest.raises(ValueError, match=r"must contain '\{r\}'"):
+        pissa_rs.decompose_checkpoint(llama, r=[2, 4], out=tmp_path / "o", progress=False)
+    with pytest.raises(ValueError, match="rank_pattern cannot be combined"):
+        pissa_rs.decompose_checkpoint(llama, r=[2, 4], rank_pattern={"q_proj": 1}, progress=False)

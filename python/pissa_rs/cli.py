@@ -20,6 +20,11 @@ def _modules(text: str) -> str | list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def _ranks(text: str) -> int | list[int]:
+    parts = [int(p) for p in text.split(",") if p.strip()]
+    return parts[0] if len(parts) == 1 and "," not in text else parts
+
+
 def _pattern(cast):
     def parse(text: str) -> dict:
         out = {}
@@ -50,8 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
         "PeftModel.from_pretrained(model, OUT, subfolder='pissa_init', is_trainable=True).",
     )
     dec.add_argument("path", help="a checkpoint directory (sharded or not) or one .safetensors file")
-    dec.add_argument("--rank", "-r", type=int, default=defaults.r, help="adapter rank r (default %(default)s)")
-    dec.add_argument("--out", "-o", type=Path, help="output directory (default: <name>-pissa-r<rank> beside the input)")
+    dec.add_argument("--rank", "-r", type=_ranks, default=defaults.r,
+                     help="adapter rank r, or several (16,32,64,128): one SVD at the largest, one complete output "
+                     "per rank (default %(default)s)")
+    dec.add_argument("--out", "-o", type=Path,
+                     help="output directory (default: <name>-pissa-r<rank> beside the input); with several ranks "
+                     "it must contain {r}")
     dec.add_argument("--lora-alpha", type=float, help="LoRA alpha; scale s = alpha / r (default: alpha = r, s = 1)")
     dec.add_argument("--niter", type=int, default=defaults.niter,
                      help="subspace iterations of the randomized SVD (PEFT pissa_niter_K); 0 = exact SVD "
@@ -97,13 +106,14 @@ def _decompose(args) -> int:
         plan = plan_decomposition(Path(args.path), options, args.out)
         print(plan.describe())
         return 0 if plan.fits_on_disk else 1
-    result = run_decomposition(Path(args.path), options, out=args.out, overwrite=args.overwrite,
-                               progress=not args.no_progress)
-    totals = result.report["totals"]
-    print(f"decomposed {totals['targets']} weights in {totals['seconds']:.1f} s "
-          f"(mean energy kept {totals['energy_kept_mean']:.3f}, max reconstruction error {totals['max_abs_error']:.2e})")
-    print(f"residual model: {result.out}")
-    print(f"adapter:        {result.adapter}")
+    results = run_decomposition(Path(args.path), options, out=args.out, overwrite=args.overwrite,
+                                progress=not args.no_progress)
+    for result in results if isinstance(results, list) else [results]:
+        totals = result.report["totals"]
+        print(f"r={result.report['options']['r']}: decomposed {totals['targets']} weights in {totals['seconds']:.1f} s "
+              f"(mean energy kept {totals['energy_kept_mean']:.3f}, max cast error {totals['max_abs_error']:.2e})")
+        print(f"  residual model: {result.out}")
+        print(f"  adapter:        {result.adapter}")
     return 0
 
 

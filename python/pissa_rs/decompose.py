@@ -7,14 +7,14 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ._pissa_rs import Checkpoint, PissaError, Pipeline, ShardWriter
-from .factors import principal_factors, scaling, tensor_seed
+from .factors import factors_at_ranks, scaling, tensor_seed
 from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, lora_a_key, lora_b_key
 from .planning import PLAN_IN_CHILD_ABOVE_BYTES, Plan, is_model_dir, make_plan, make_plan_in_child
 from .targets import TargetError
@@ -32,7 +32,7 @@ READ_AHEAD = 2  # targets prefetched ahead of the one torch works on
 class DecomposeOptions:
     """Every choice of a decomposition, validated once; the API and the CLI share it."""
 
-    r: int = 128
+    r: int | list[int] = 128  # several ranks: one SVD at the largest, one output per rank
     lora_alpha: float | None = None  # None: equal to r, as in the PiSSA recipes
     niter: int = 4  # 0: exact SVD (PEFT "pissa"); K > 0: PEFT "pissa_niter_K"
     target_modules: str | list[str] = "all-linear"
@@ -43,13 +43,21 @@ class DecomposeOptions:
     device: str | None = None  # None: cuda if available, else cpu
     seed: int = 0
     adapter_dtype: str = "float32"
+    svd_rank: int | None = None  # set by for_rank: the rank of the SVD shared by all ranks
 
     def validate(self) -> DecomposeOptions:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"r must be a positive integer, got {self.r!r}")
-        if self.lora_alpha is None:
+        ranks = list(self.r) if isinstance(self.r, (list, tuple)) else [self.r]
+        for r in ranks:
+            if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+                raise ValueError(f"r must be a positive integer or a list of them, got {self.r!r}")
+        if not ranks:
+            raise ValueError("r must name at least one rank")
+        self.r = sorted(set(ranks)) if isinstance(self.r, (list, tuple)) else self.r
+        if self.several_ranks and self.rank_pattern:
+            raise ValueError("rank_pattern cannot be combined with several ranks: give one rank per run")
+        if self.lora_alpha is None and not self.several_ranks:
             self.lora_alpha = self.r
-        if not self.lora_alpha > 0:
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
             raise ValueError(f"lora_alpha must be positive, got {self.lora_alpha!r}")
         if isinstance(self.niter, bool) or not isinstance(self.niter, int) or self.niter < 0:
             raise ValueError(f"niter must be an integer >= 0, got {self.niter!r}")
@@ -63,6 +71,19 @@ class DecomposeOptions:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         torch.device(self.device)  # raises on a malformed device string
         return self
+
+    @property
+    def ranks(self) -> list[int]:
+        return list(self.r) if isinstance(self.r, list) else [self.r]
+
+    @property
+    def several_ranks(self) -> bool:
+        return isinstance(self.r, list) and len(self.r) > 1
+
+    def for_rank(self, r: int) -> DecomposeOptions:
+        """The options of one output of a (possibly several-rank) run."""
+        alpha = self.lora_alpha if self.lora_alpha is not None else r
+        return replace(self, r=r, lora_alpha=alpha, svd_rank=max(self.ranks))
 
     @property
     def init_lora_weights(self) -> str:
@@ -191,7 +212,7 @@ def _copy_small_files(src_root: Path, out: Path) -> list[str]:
 
 def decompose_checkpoint(
     path: str | os.PathLike[str],
-    r: int = 128,
+    r: int | list[int] = 128,
     *,
     out: str | os.PathLike[str] | None = None,
     lora_alpha: float | None = None,
@@ -206,8 +227,12 @@ def decompose_checkpoint(
     adapter_dtype: str = "float32",
     overwrite: bool = False,
     progress: bool = True,
-) -> DecomposeResult:
+) -> DecomposeResult | list[DecomposeResult]:
     """PiSSA-decompose every target weight of a safetensors checkpoint, out of core.
+
+    With a list of ranks, each weight is read once and SVD'd once at the largest
+    rank, and one complete output is written per rank (a list of results, by
+    ascending rank); `out` then must contain "{r}".
 
     Writes the residual model to `out` (same names, dtypes and shard split as the
     input), the adapter to `out/pissa_init` and a report to `out/pissa_report.json`.
@@ -222,53 +247,94 @@ def decompose_checkpoint(
     return run_decomposition(Path(path), options, out=Path(out) if out else None, overwrite=overwrite, progress=progress)
 
 
-def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None, overwrite: bool,
-                      progress: bool) -> DecomposeResult:
-    started = time.perf_counter()
-    checkpoint = Checkpoint(path)
-    out = out or default_out(path, options.r)
-    planner = make_plan_in_child if sum(i.nbytes for i in checkpoint.tensors) > PLAN_IN_CHILD_ABOVE_BYTES else make_plan
-    plan = planner(path, asdict(options), out)
-    _prepare_out(out, checkpoint, path, overwrite, needed=sum(output_bytes(checkpoint, plan, options.adapter_dtype)))
-    adapter_dir = out / ADAPTER_SUBDIR
-    adapter_dir.mkdir()
-    root = Path(checkpoint.root)
+@dataclass
+class _Output:
+    """One output directory being written: a rank's residual model and adapter."""
 
+    options: DecomposeOptions  # with this output's r and lora_alpha
+    out: Path
+    plan: Plan
+    shard_writers: dict[str, ShardWriter]  # by input file
+    adapter_writer: ShardWriter
+    records: list[dict] = field(default_factory=list)
+
+    @property
+    def writers(self) -> list[ShardWriter]:
+        return [*self.shard_writers.values(), self.adapter_writer]
+
+
+def _open_output(checkpoint: Checkpoint, path: Path, options: DecomposeOptions, out: Path, plan: Plan,
+                 overwrite: bool) -> _Output:
+    _prepare_out(out, checkpoint, path, overwrite, needed=sum(output_bytes(checkpoint, plan, options.adapter_dtype)))
+    (out / ADAPTER_SUBDIR).mkdir()
+    root = Path(checkpoint.root)
     # One writer per input shard, laid out exactly like it: targets keep their dtype and shape.
-    shard_writers: dict[str, ShardWriter] = {}
     by_file: dict[str, list] = {}
     for info in checkpoint.tensors:
         by_file.setdefault(info.file, []).append(info)
+    shard_writers = {}
     for file, infos in by_file.items():
         rel = os.path.relpath(file, root)
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         shard_writers[file] = ShardWriter(
             out / rel, [(i.name, i.dtype, list(i.shape)) for i in infos], metadata=checkpoint.file_metadata[file]
         )
-    adapter_dtype = ADAPTER_DTYPES[options.adapter_dtype]
-    adapter_specs = []
+    dtype = SAFETENSORS_DTYPES[ADAPTER_DTYPES[options.adapter_dtype]]
+    specs = []
     for t in plan.targets:
         rows, cols = (t.shape[1], t.shape[0]) if t.fan_in_fan_out else t.shape
-        adapter_specs.append((lora_a_key(t.module), SAFETENSORS_DTYPES[adapter_dtype], [t.r, cols]))
-        adapter_specs.append((lora_b_key(t.module), SAFETENSORS_DTYPES[adapter_dtype], [rows, t.r]))
-    adapter_writer = ShardWriter(adapter_dir / ADAPTER_WEIGHTS, adapter_specs, metadata={"format": "pt"})
+        specs += [(lora_a_key(t.module), dtype, [t.r, cols]), (lora_b_key(t.module), dtype, [rows, t.r])]
+    adapter_writer = ShardWriter(out / ADAPTER_SUBDIR / ADAPTER_WEIGHTS, specs, metadata={"format": "pt"})
+    return _Output(options, out, plan, shard_writers, adapter_writer)
 
-    target_names = {t.tensor for t in plan.targets}
-    passthrough = [i for i in checkpoint.tensors if i.name not in target_names]
-    pipeline = Pipeline(checkpoint, [(i.name, shard_writers[i.file], i.name) for i in passthrough])
-    total_bytes = sum(i.nbytes for i in checkpoint.tensors) + sum(
-        int(torch.Size(s[2]).numel()) * adapter_dtype.itemsize for s in adapter_specs
-    )
-    bar = _progress_bar(total_bytes, len(plan.targets), enabled=progress)
-    device = torch.device(options.device)
-    records = []
+
+def output_dirs(path: Path, ranks: list[int], out: Path | None) -> list[Path]:
+    """Where each rank's output goes: `out` for one rank; for several, `out`
+    must hold "{r}" (e.g. "runs/m-r{r}"); by default `<name>-pissa-r<r>`."""
+    if out is None:
+        return [default_out(path, r) for r in ranks]
+    if len(ranks) > 1 and "{r}" not in str(out):
+        raise ValueError(f"{out}: with several ranks, out must contain '{{r}}' (one directory per rank)")
+    return [Path(str(out).replace("{r}", str(r))) for r in ranks]
+
+
+def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None, overwrite: bool,
+                      progress: bool) -> DecomposeResult | list[DecomposeResult]:
+    """Decompose once per target weight, writing one output per rank in options.ranks."""
+    started = time.perf_counter()
+    checkpoint = Checkpoint(path)
+    per_rank = [options.for_rank(r) for r in options.ranks]
+    outs = output_dirs(path, options.ranks, out)
+    planner = make_plan_in_child if sum(i.nbytes for i in checkpoint.tensors) > PLAN_IN_CHILD_ABOVE_BYTES else make_plan
+    plans = planner(path, [asdict(o) for o in per_rank], outs)
+    outputs: list[_Output] = []
     try:
-        for i, target in enumerate(plan.targets):
-            for ahead in plan.targets[i + 1 : i + 1 + READ_AHEAD]:
+        for opts, out_dir, plan in zip(per_rank, outs, plans):
+            outputs.append(_open_output(checkpoint, path, opts, out_dir, plan, overwrite))
+    except BaseException:
+        for output in outputs:
+            for writer in output.writers:
+                writer.abort()
+        raise
+
+    targets = plans[0].targets  # the same tensors at every rank
+    target_names = {t.tensor for t in targets}
+    copies = [(i.name, o.shard_writers[i.file], i.name) for o in outputs
+              for i in checkpoint.tensors if i.name not in target_names]
+    pipeline = Pipeline(checkpoint, copies)
+    adapter_itemsize = ADAPTER_DTYPES[options.adapter_dtype].itemsize
+    total_bytes = sum(
+        sum(i.nbytes for i in checkpoint.tensors) + sum(t.r * sum(t.shape) for t in o.plan.targets) * adapter_itemsize
+        for o in outputs
+    )
+    bar = _progress_bar(total_bytes, len(targets), enabled=progress)
+    device = torch.device(options.device)
+    try:
+        for i, target in enumerate(targets):
+            for ahead in targets[i + 1 : i + 1 + READ_AHEAD]:
                 checkpoint.prefetch(ahead.tensor)
-            records.append(_decompose_one(checkpoint, target, options, device, adapter_dtype, pipeline,
-                                          shard_writers[checkpoint.info(target.tensor).file], adapter_writer))
-            bar.set_postfix_str(f"{i + 1}/{len(plan.targets)} targets", refresh=False)
+            _decompose_one(checkpoint, i, outputs, device, pipeline)
+            bar.set_postfix_str(f"{i + 1}/{len(targets)} targets", refresh=False)
             bar.update(pipeline.bytes_written - bar.n)
         pipeline.close()
         while not pipeline.done:  # pass-through copies may still be running: show them too
@@ -276,32 +342,42 @@ def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None
             time.sleep(0.05)
         pipeline.finish()
         bar.update(pipeline.bytes_written - bar.n)
-        for writer in shard_writers.values():
-            writer.finalize()
-        adapter_writer.finalize()
+        for output in outputs:
+            for writer in output.writers:
+                writer.finalize()
     except BaseException:
         pipeline.cancel()
         try:
             pipeline.finish()
         except Exception:
             pass  # the error being raised is the one to report
-        for writer in [*shard_writers.values(), adapter_writer]:
-            writer.abort()
+        for output in outputs:
+            for writer in output.writers:
+                writer.abort()
         raise
     finally:
         bar.close()
 
+    results = [_finish_output(checkpoint, path, o, total_bytes // len(outputs), started) for o in outputs]
+    return results if options.several_ranks else results[0]
+
+
+def _finish_output(checkpoint: Checkpoint, path: Path, output: _Output, total_bytes: int,
+                   started: float) -> DecomposeResult:
+    """Index, small files, adapter config, then the report: written last, its
+    presence in OUT means every file before it is complete."""
+    out = output.out
     if checkpoint.index_path:
         index = Path(checkpoint.index_path)
         tmp = out / f".{index.name}.partial"
         shutil.copyfile(index, tmp)  # same tensors, dtypes and shards: the same index
         os.replace(tmp, out / index.name)
-    copied = _copy_small_files(root, out) if is_model_dir(path) else []
-    _atomic_write_text(adapter_dir / ADAPTER_CONFIG, plan.adapter_config_json)
-    report = _report(path, out, plan, options, records, copied, total_bytes, time.perf_counter() - started)
-    # Written last: a report in OUT means every file before it is complete.
+    copied = _copy_small_files(Path(checkpoint.root), out) if is_model_dir(path) else []
+    _atomic_write_text(out / ADAPTER_SUBDIR / ADAPTER_CONFIG, output.plan.adapter_config_json)
+    report = _report(path, out, output.plan, output.options, output.records, copied, total_bytes,
+                     time.perf_counter() - started)
     _atomic_write_text(out / REPORT_NAME, json.dumps(report, indent=1))
-    return DecomposeResult(out=out, adapter=adapter_dir, report=report)
+    return DecomposeResult(out=out, adapter=out / ADAPTER_SUBDIR, report=report)
 
 
 def _progress_bar(total_bytes: int, n_targets: int, enabled: bool):
@@ -311,33 +387,42 @@ def _progress_bar(total_bytes: int, n_targets: int, enabled: bool):
                 disable=not enabled, postfix=f"0/{n_targets} targets")
 
 
-def _decompose_one(checkpoint, target, options, device, adapter_dtype, pipeline, residual_writer, adapter_writer):
+def _decompose_one(checkpoint: Checkpoint, index: int, outputs: list[_Output], device, pipeline) -> None:
+    """One target weight: one SVD at the largest rank, factors and residual for
+    every output, all handed to the background writer."""
     t0 = time.perf_counter()
-    weight = as_torch(checkpoint.buffer(target.tensor)).to(device)
-    scale = scaling(target.r, target.lora_alpha, options.use_rslora)
-    factors = principal_factors(
-        weight, target.r, scale, niter=options.niter, seed=tensor_seed(options.seed, target.tensor),
-        adapter_dtype=adapter_dtype, fan_in_fan_out=target.fan_in_fan_out,
+    first = outputs[0].options
+    targets = [o.plan.targets[index] for o in outputs]
+    weight = as_torch(checkpoint.buffer(targets[0].tensor)).to(device)
+    scales = [scaling(t.r, t.lora_alpha, first.use_rslora) for t in targets]
+    all_factors = factors_at_ranks(
+        weight, [(t.r, s) for t, s in zip(targets, scales)], niter=first.niter,
+        seed=tensor_seed(first.seed, targets[0].tensor), adapter_dtype=ADAPTER_DTYPES[first.adapter_dtype],
+        fan_in_fan_out=targets[0].fan_in_fan_out,
     )
     del weight
-    # The adapter first: the residual's write also releases the input's pages.
-    pipeline.submit(adapter_writer, lora_a_key(target.module), as_numpy_bytes(factors.lora_A))
-    pipeline.submit(adapter_writer, lora_b_key(target.module), as_numpy_bytes(factors.lora_B))
-    pipeline.submit(residual_writer, target.tensor, as_numpy_bytes(factors.residual), release=target.tensor)
-    return {
-        "tensor": target.tensor,
-        "module": target.module,
-        "shape": list(target.shape),
-        "dtype": target.dtype,
-        "fan_in_fan_out": target.fan_in_fan_out,
-        "r": target.r,
-        "lora_alpha": target.lora_alpha,
-        "scale": scale,
-        "singular_values": factors.singular_values.cpu().tolist(),
-        "energy_kept": factors.energy_kept,
-        "max_abs_error": factors.max_abs_error,
-        "seconds": time.perf_counter() - t0,
-    }
+    seconds = time.perf_counter() - t0
+    for k, (output, target, scale, factors) in enumerate(zip(outputs, targets, scales, all_factors)):
+        last = k == len(outputs) - 1
+        pipeline.submit(output.adapter_writer, lora_a_key(target.module), as_numpy_bytes(factors.lora_A))
+        pipeline.submit(output.adapter_writer, lora_b_key(target.module), as_numpy_bytes(factors.lora_B))
+        # The last residual's write also releases the input's pages.
+        pipeline.submit(output.shard_writers[checkpoint.info(target.tensor).file], target.tensor,
+                        as_numpy_bytes(factors.residual), release=target.tensor if last else None)
+        output.records.append({
+            "tensor": target.tensor,
+            "module": target.module,
+            "shape": list(target.shape),
+            "dtype": target.dtype,
+            "fan_in_fan_out": target.fan_in_fan_out,
+            "r": target.r,
+            "lora_alpha": target.lora_alpha,
+            "scale": scale,
+            "singular_values": factors.singular_values.cpu().tolist(),
+            "energy_kept": factors.energy_kept,
+            "max_abs_error": factors.max_abs_error,
+            "seconds": seconds,
+        })
 
 
 def _report(path, out, plan: Plan, options, records, copied, total_bytes, seconds) -> dict[str, Any]:
@@ -347,6 +432,7 @@ def _report(path, out, plan: Plan, options, records, copied, total_bytes, second
         "out": str(out.resolve()),
         "architecture": plan.architecture,
         "init_lora_weights": options.init_lora_weights,
+        "svd_rank": options.svd_rank,  # larger than r when several ranks shared one SVD
         "options": opts,
         "totals": {
             "targets": len(records),

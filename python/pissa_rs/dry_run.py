@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ._pissa_rs import Checkpoint
-from .decompose import DecomposeOptions, default_out, free_bytes, human_bytes, output_bytes
+from .decompose import DecomposeOptions, free_bytes, human_bytes, output_bytes, output_dirs
 from .planning import make_plan
 from .targets import Target
 
@@ -18,12 +18,12 @@ from .targets import Target
 @dataclass
 class DecompositionPlan:
     input: Path
-    out: Path
+    outs: list[Path]  # one per rank
     options: DecomposeOptions
-    targets: list[Target]
+    targets: list[Target]  # at the largest rank
     passthrough: list[tuple[str, str, tuple[int, ...], int]]  # name, dtype, shape, bytes
     input_bytes: int
-    residual_bytes: int
+    residual_bytes: int  # all outputs together
     adapter_bytes: int
     free_bytes: int  # on out's filesystem
     estimated_seconds: float  # torch work only, from a throughput probe on the device
@@ -34,7 +34,7 @@ class DecompositionPlan:
 
     def describe(self) -> str:
         lines = [f"input:  {self.input} ({human_bytes(self.input_bytes)})",
-                 f"output: {self.out} (residual {human_bytes(self.residual_bytes)} + adapter "
+                 f"output: {', '.join(map(str, self.outs))} (residual {human_bytes(self.residual_bytes)} + adapter "
                  f"{human_bytes(self.adapter_bytes)}; {human_bytes(self.free_bytes)} free"
                  f"{'' if self.fits_on_disk else ' -- DOES NOT FIT'})",
                  f"method: {self.options.init_lora_weights}, device {self.options.device}, "
@@ -74,7 +74,7 @@ def _device_flops(device: torch.device) -> float:
     return reps * 2 * 1024 * 1024 * 256 / (time.perf_counter() - start)
 
 
-def plan(path: str | os.PathLike[str], r: int = 128, *, out: str | os.PathLike[str] | None = None,
+def plan(path: str | os.PathLike[str], r: int | list[int] = 128, *, out: str | os.PathLike[str] | None = None,
          **options) -> DecompositionPlan:
     """What `decompose_checkpoint(path, r, out=out, **options)` would do, without doing it:
     targets with shapes and ranks, pass-through tensors, bytes in and out, free disk and
@@ -86,16 +86,18 @@ def plan(path: str | os.PathLike[str], r: int = 128, *, out: str | os.PathLike[s
 def plan_decomposition(path: Path, opts: DecomposeOptions, out: Path | None) -> DecompositionPlan:
     """`plan` with options already validated (the CLI's --dry-run)."""
     checkpoint = Checkpoint(path)
-    out = out or default_out(path, opts.r)
-    found = make_plan(path, asdict(opts), out)
+    outs = output_dirs(path, opts.ranks, out)
+    plans = make_plan(path, [asdict(opts.for_rank(r)) for r in opts.ranks], outs)
+    found = plans[-1]  # ranks ascend: the largest, whose SVD all share
     targets = {t.tensor for t in found.targets}
     passthrough = [(i.name, i.dtype, tuple(i.shape), i.nbytes) for i in checkpoint.tensors if i.name not in targets]
-    residual, adapter = output_bytes(checkpoint, found, opts.adapter_dtype)
+    sizes = [output_bytes(checkpoint, p, opts.adapter_dtype) for p in plans]
+    residual, adapter = sum(s[0] for s in sizes), sum(s[1] for s in sizes)
     # The matmul flops alone predicted 40 s for the TinyLlama-shaped benchmark on the
     # 2-core CPU; QRs, rounding and copies made it 72 s: hence the factor.
     seconds = 1.8 * sum(_svd_flops(t, opts.niter) for t in found.targets) / _device_flops(torch.device(opts.device))
     return DecompositionPlan(
-        input=path, out=out, options=opts, targets=found.targets, passthrough=passthrough,
+        input=path, outs=outs, options=opts, targets=found.targets, passthrough=passthrough,
         input_bytes=sum(i.nbytes for i in checkpoint.tensors), residual_bytes=residual, adapter_bytes=adapter,
-        free_bytes=free_bytes(out), estimated_seconds=seconds,
+        free_bytes=free_bytes(outs[0]), estimated_seconds=seconds,
     )

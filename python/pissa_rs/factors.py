@@ -89,6 +89,19 @@ def principal_factors(
     from the factors as stored (cast to `adapter_dtype`), so residual + s*B@A
     reconstructs W up to the residual's own cast, whatever the SVD's error.
     """
+    return factors_at_ranks(weight, [(r, scale)], niter, seed, adapter_dtype, fan_in_fan_out)[0]
+
+
+def factors_at_ranks(
+    weight: torch.Tensor,
+    ranks: list[tuple[int, float]],
+    niter: int = 4,
+    seed: int | None = None,
+    adapter_dtype: torch.dtype = torch.float32,
+    fan_in_fan_out: bool = False,
+) -> list[Factors]:
+    """PiSSA factors at several (rank, scale) pairs from one SVD at the largest
+    rank: the smaller ranks take its leading singular triplets."""
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
     if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -97,33 +110,40 @@ def principal_factors(
     if fan_in_fan_out:
         w = w.T
     rows, cols = w.shape
-    if not 1 <= r <= min(rows, cols):
-        raise ValueError(f"rank {r} is not in [1, min({rows}, {cols})]")
+    q = max(r for r, _ in ranks)
+    for r, _ in ranks:
+        if not 1 <= r <= min(rows, cols):
+            raise ValueError(f"rank {r} is not in [1, min({rows}, {cols})]")
 
     flat = w.reshape(-1)
     total = torch.dot(flat, flat).item()
-
     if niter == 0:
         U, S, Vh = torch.linalg.svd(w, full_matrices=False)
-        U, S, Vh = U[:, :r], S[:r], Vh[:r]
+        U, S, Vh = U[:, :q], S[:q], Vh[:q]
     else:
         with torch.random.fork_rng(devices=[w.device] if w.device.type == "cuda" else []):
             if seed is not None:
                 torch.manual_seed(seed)
-            U, S, V = torch.svd_lowrank(w, q=r, niter=niter)
+            U, S, V = torch.svd_lowrank(w, q=q, niter=niter)
         Vh = V.T
+    return [
+        _factors_from_triplets(weight.dtype, w, U[:, :r], S[:r], Vh[:r], scale, adapter_dtype, fan_in_fan_out, total)
+        for r, scale in ranks
+    ]
+
+
+def _factors_from_triplets(dtype, w, U, S, Vh, scale, adapter_dtype, fan_in_fan_out, total) -> Factors:
     sqrt_s = torch.sqrt(S / scale)
     lora_A = (sqrt_s[:, None] * Vh).to(adapter_dtype)
     lora_B = (U * sqrt_s[None, :]).to(adapter_dtype)
-    del U, Vh
 
     # PEFT's expression, in float32 from the factors as stored.
     delta = (scale * lora_B.to(torch.float32)) @ lora_A.to(torch.float32)
     # Rounded once to the weight's dtype, so residual + delta is within half
     # an ulp of the residual's dtype of W.
-    residual, difference = round_difference(w, delta, weight.dtype)
-    del delta, w, flat
-    if weight.dtype == torch.float32 or residual.numel() == 0:
+    residual, difference = round_difference(w, delta, dtype)
+    del delta
+    if dtype == torch.float32 or residual.numel() == 0:
         max_abs_error = 0.0  # the float32 difference is the residual: no cast
     else:
         # The cast's error |residual - (W - s*B@A)|, in place to hold one temporary.

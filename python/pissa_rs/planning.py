@@ -32,33 +32,37 @@ def is_model_dir(path: Path) -> bool:
     return path.is_dir() or path.name.endswith(".index.json")
 
 
-def make_plan(path: Path, options: dict, out: Path) -> Plan:
-    """Plan in this process. `options` are DecomposeOptions as a dict."""
+def make_plan(path: Path, options: list[dict], outs: list[Path]) -> list[Plan]:
+    """Plan in this process, one Plan per (options, out) pair: the ranks of a
+    several-rank run. `options` are DecomposeOptions as dicts."""
     checkpoint = Checkpoint(path)
     root = Path(checkpoint.root)
-    found = resolve_targets(
-        checkpoint, r=options["r"], lora_alpha=options["lora_alpha"], target_modules=options["target_modules"],
-        exclude_modules=options["exclude_modules"], rank_pattern=options["rank_pattern"],
-        alpha_pattern=options["alpha_pattern"], use_rslora=options["use_rslora"],
-        config_dir=root if is_model_dir(path) and (root / "config.json").is_file() else None,
-    )
-    config = adapter_config(
-        r=options["r"], lora_alpha=options["lora_alpha"], target_modules=options["target_modules"],
-        exclude_modules=options["exclude_modules"], rank_pattern=options["rank_pattern"],
-        alpha_pattern=options["alpha_pattern"], use_rslora=options["use_rslora"],
-        fan_in_fan_out=any(t.fan_in_fan_out for t in found.targets), task_type=found.task_type,
-        base_model_name_or_path=str(out.resolve()),
-    )
-    return Plan(found.targets, found.task_type, found.architecture, adapter_config_json(config))
+    config_dir = root if is_model_dir(path) and (root / "config.json").is_file() else None
+    plans = []
+    for opts, out in zip(options, outs):
+        found = resolve_targets(
+            checkpoint, r=opts["r"], lora_alpha=opts["lora_alpha"], target_modules=opts["target_modules"],
+            exclude_modules=opts["exclude_modules"], rank_pattern=opts["rank_pattern"],
+            alpha_pattern=opts["alpha_pattern"], use_rslora=opts["use_rslora"], config_dir=config_dir,
+        )
+        config = adapter_config(
+            r=opts["r"], lora_alpha=opts["lora_alpha"], target_modules=opts["target_modules"],
+            exclude_modules=opts["exclude_modules"], rank_pattern=opts["rank_pattern"],
+            alpha_pattern=opts["alpha_pattern"], use_rslora=opts["use_rslora"],
+            fan_in_fan_out=any(t.fan_in_fan_out for t in found.targets), task_type=found.task_type,
+            base_model_name_or_path=str(out.resolve()),
+        )
+        plans.append(Plan(found.targets, found.task_type, found.architecture, adapter_config_json(config)))
+    return plans
 
 
-def make_plan_in_child(path: Path, options: dict, out: Path) -> Plan:
+def make_plan_in_child(path: Path, options: list[dict], outs: list[Path]) -> list[Plan]:
     """The same plan, worked out in a forked child (which already has torch
     imported, unlike a fresh interpreter). A TargetError or ValueError raised
     there is raised here with the same message."""
     context = multiprocessing.get_context("fork")
     receive, send = context.Pipe(duplex=False)
-    child = context.Process(target=_plan_and_send, args=(send, path, options, out), daemon=True)
+    child = context.Process(target=_plan_and_send, args=(send, path, options, outs), daemon=True)
     child.start()
     send.close()  # so that receive sees EOF if the child dies without a word
     try:
@@ -74,11 +78,11 @@ def make_plan_in_child(path: Path, options: dict, out: Path) -> Plan:
     return payload
 
 
-def _plan_and_send(send, path: Path, options: dict, out: Path) -> None:
+def _plan_and_send(send, path: Path, options: list[dict], outs: list[Path]) -> None:
     from ._pissa_rs import PissaError
 
     try:
-        send.send(("plan", make_plan(path, options, out)))
+        send.send(("plan", make_plan(path, options, outs)))
     except (PissaError, ValueError) as err:
         send.send(("error", str(err)))
     finally:

@@ -3,6 +3,7 @@ applied to a model built on the meta device from config.json (no weights)."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +50,13 @@ def lora_config_for(r, lora_alpha, target_modules, exclude_modules, rank_pattern
 
 def _meta_model(config_dir: Path):
     """The model as transformers would build it, on the meta device: names and
-    module types, no memory. Returns (model, task_type)."""
+    module types, no memory. Returns (model, task_type). Cached while
+    config.json is unchanged: a several-rank plan builds it once."""
+    return _meta_model_cached(str(config_dir), (Path(config_dir) / "config.json").stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _meta_model_cached(config_dir: str, _mtime_ns: int):
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(config_dir)
