@@ -145,3 +145,19 @@ def test_several_ranks_from_the_shell(llama, tmp_path, capsys):
                           "--dry-run")
     assert proc.returncode == 0 and "x2" in proc.stdout and "x4" in proc.stdout
     assert not (tmp_path / "x2").exists()
+
+
+def test_plot_draws_error_reduction_when_the_report_has_it(tmp_path, capsys):
+    import json
+
+    records = [{"module": f"model.layers.{i}.mlp.{kind}", "r": 8, "energy_kept": 0.1 * i,
+                "error_reduction": 0.05 * i} for i in range(3) for kind in ("up_proj", "down_proj")]
+    records.append({"module": "lm_head", "r": 8, "energy_kept": 0.5, "error_reduction": None})
+    report = {"input": "/x/model", "init_lora_weights": "pissa", "tensors": records}
+    (tmp_path / "pissa_report.json").write_text(json.dumps(report))
+    proc = run_in_process(capsys, "plot", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    names = sorted(Path(line).name for line in proc.stdout.split())
+    assert names == ["energy_kept.png", "error_reduction.png"]
+    for name in names:
+        assert (tmp_path / name).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")

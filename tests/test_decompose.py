@@ -367,3 +367,18 @@ def test_several_ranks_need_a_templated_out_and_no_rank_pattern(llama, tmp_path)
         pissa_rs.decompose_checkpoint(llama, r=[2, 4], out=tmp_path / "o", progress=False)
     with pytest.raises(ValueError, match="rank_pattern cannot be combined"):
         pissa_rs.decompose_checkpoint(llama, r=[2, 4], rank_pattern={"q_proj": 1}, progress=False)
+
+
+def test_peft_converts_a_trained_adapter_to_a_lora_of_the_original_model(llama, llama_out, tmp_path):
+    # What the README promises: train on residual + pissa_init, then PEFT's own
+    # conversion gives a LoRA that works on the ORIGINAL model.
+    model = load_pissa(llama_out.out)
+    with torch.no_grad():  # stand-in for training: move every adapter weight
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn_like(p) * 0.05)
+    tuned = logits(model)
+    model.save_pretrained(tmp_path / "lora", path_initial_model_for_weight_conversion=str(llama_out.adapter))
+    assert LoraConfig.from_pretrained(tmp_path / "lora").r == 16  # 2r
+    converted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama), tmp_path / "lora")
+    torch.testing.assert_close(logits(converted), tuned, atol=1e-4, rtol=0)
