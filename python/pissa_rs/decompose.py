@@ -345,16 +345,21 @@ def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None
         for output in outputs:
             for writer in output.writers:
                 writer.finalize()
-    except BaseException:
+    except BaseException as err:
         pipeline.cancel()
+        first: BaseException = err
         try:
             pipeline.finish()
-        except Exception:
-            pass  # the error being raised is the one to report
+        except PissaError as background:
+            # A submit that failed only echoes an earlier background failure: report that one.
+            if isinstance(err, PissaError):
+                first = background
         for output in outputs:
             for writer in output.writers:
                 writer.abort()
-        raise
+        if first is err:
+            raise
+        raise first from err
     finally:
         bar.close()
 

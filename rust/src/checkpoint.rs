@@ -728,6 +728,58 @@ mod tests {
     }
 
     #[test]
+    fn shard_tensor_missing_from_the_index() {
+        let d = tempfile::tempdir().unwrap();
+        write_shard(d.path(), "a.safetensors", "x");
+        write_shard(d.path(), "b.safetensors", "y");
+        // Listed for a shard that does not hold it: absent from its shard.
+        write_index(d.path(), &[("x", "a.safetensors"), ("y", "a.safetensors")]);
+        let err = Checkpoint::open(d.path()).err().unwrap();
+        assert!(
+            matches!(&err, Error::TensorNotInShard { tensor, .. } if tensor == "y"),
+            "{err:?}"
+        );
+        write_index(d.path(), &[("x", "b.safetensors"), ("y", "b.safetensors")]);
+        let err = Checkpoint::open(d.path()).err().unwrap();
+        assert!(
+            matches!(&err, Error::TensorNotInShard { tensor, .. } if tensor == "x"),
+            "{err:?}"
+        );
+        // b also holds "y", which the index assigns to a: not in the index for b.
+        write_shard(d.path(), "a.safetensors", "y");
+        write_index(d.path(), &[("y", "a.safetensors"), ("z", "b.safetensors")]);
+        std::fs::write(
+            d.path().join("b.safetensors"),
+            with_header(
+                r#"{"y":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"z":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#,
+                2,
+            ),
+        )
+        .unwrap();
+        let err = Checkpoint::open(d.path()).err().unwrap();
+        assert!(
+            matches!(&err, Error::TensorNotInIndex { tensor, .. } if tensor == "y"),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn several_files_without_an_index_and_missing_paths() {
+        let d = tempfile::tempdir().unwrap();
+        write_shard(d.path(), "a.safetensors", "x");
+        write_shard(d.path(), "b.safetensors", "y");
+        assert!(matches!(
+            Checkpoint::open(d.path()),
+            Err(Error::AmbiguousCheckpoint { count: 2, .. })
+        ));
+        let missing = d.path().join("nope");
+        assert!(matches!(
+            Checkpoint::open(&missing),
+            Err(Error::Io { ref path, .. }) if path == &missing
+        ));
+    }
+
+    #[test]
     fn parse_dtype_names() {
         assert_eq!(parse_dtype("BF16"), Some(Dtype::BF16));
         assert_eq!(parse_dtype("F8_E4M3"), Some(Dtype::F8_E4M3));
