@@ -369,16 +369,42 @@ def test_several_ranks_need_a_templated_out_and_no_rank_pattern(llama, tmp_path)
         pissa_rs.decompose_checkpoint(llama, r=[2, 4], rank_pattern={"q_proj": 1}, progress=False)
 
 
-def test_peft_converts_a_trained_adapter_to_a_lora_of_the_original_model(llama, llama_out, tmp_path):
+def test_peft_converts_a_trained_adapter_to_a_lora_of_the_original_model(llama, tmp_path):
     # What the README promises: train on residual + pissa_init, then PEFT's own
-    # conversion gives a LoRA that works on the ORIGINAL model.
-    model = load_pissa(llama_out.out)
+    # conversion gives a LoRA that works on the ORIGINAL model. (PEFT rewrites the
+    # init dir's adapter_config.json while converting: use an output of our own.)
+    res = pissa_rs.decompose_checkpoint(llama, r=8, out=tmp_path / "o", progress=False)
+    model = load_pissa(res.out)
     with torch.no_grad():  # stand-in for training: move every adapter weight
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.add_(torch.randn_like(p) * 0.05)
     tuned = logits(model)
-    model.save_pretrained(tmp_path / "lora", path_initial_model_for_weight_conversion=str(llama_out.adapter))
+    model.save_pretrained(tmp_path / "lora", path_initial_model_for_weight_conversion=str(res.adapter))
     assert LoraConfig.from_pretrained(tmp_path / "lora").r == 16  # 2r
     converted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama), tmp_path / "lora")
     torch.testing.assert_close(logits(converted), tuned, atol=1e-4, rtol=0)
+
+
+def test_a_failure_mid_run_leaves_no_file_under_a_final_name(llama, tmp_path, monkeypatch):
+    import pissa_rs.decompose as driver
+
+    real = driver.factors_at_ranks
+    calls = {"n": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt  # what Ctrl-C does mid-run
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(driver, "factors_at_ranks", failing)
+    out = tmp_path / "o"
+    with pytest.raises(KeyboardInterrupt):
+        pissa_rs.decompose_checkpoint(llama, r=4, out=out, progress=False)
+    left = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    # Only the (empty) adapter directory: no shard, adapter, index, config or report.
+    assert left == ["pissa_init"], left
+    monkeypatch.setattr(driver, "factors_at_ranks", real)
+    res = pissa_rs.decompose_checkpoint(llama, r=4, out=out, overwrite=True, progress=False)
+    assert (res.out / "pissa_report.json").exists()
