@@ -1,0 +1,172 @@
+"""PiSSA -> LoRA after training: the fine-tuned adapter minus the initial one,
+as a rank-2r LoRA for the ORIGINAL model, streamed one module at a time.
+
+    dW = B A - B0 A0 = [B | -B0] [A ; A0]
+
+exactly what PEFT's `save_pretrained(out, path_initial_model_for_weight_conversion=init)`
+writes, without loading any model. With `compact=True` each module's dW is
+re-factored to its true rank (QR of the 2r factors, then an SVD of the small core)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ._pissa_rs import Checkpoint, PissaError, ShardWriter
+from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from .tensors import SAFETENSORS_DTYPES, TORCH_DTYPES, as_numpy_bytes, as_torch
+
+A_KEY = re.compile(r"^(?P<module>.+)\.lora_A(?:\.[^.]+)?\.weight$")
+
+
+class AdapterMismatchError(PissaError, ValueError):
+    """The initial and fine-tuned adapters do not belong together, or the input is not a PiSSA adapter pair."""
+
+
+@dataclass
+class ConversionResult:
+    out: Path
+    ranks: dict[str, int]  # module -> rank of its LoRA (2r, or the kept rank with compact)
+
+
+def _adapter(directory: Path) -> tuple[Checkpoint, dict]:
+    weights, config = directory / ADAPTER_WEIGHTS, directory / ADAPTER_CONFIG
+    for path in (weights, config):
+        if not path.is_file():
+            raise AdapterMismatchError(f"{path}: missing; an adapter directory holds {ADAPTER_WEIGHTS} and {ADAPTER_CONFIG}")
+    return Checkpoint(weights), json.loads(config.read_text())
+
+
+def _modules(ck: Checkpoint, where: Path) -> dict[str, tuple[str, str]]:
+    """module -> (lora_A key, lora_B key)."""
+    out = {}
+    for name in ck.names():
+        match = A_KEY.match(name)
+        if match:
+            b = name.replace(".lora_A", ".lora_B", 1)
+            if b not in ck:
+                raise AdapterMismatchError(f"{where}: module '{match['module']}' has {name} but no {b}")
+            out[match["module"]] = (name, b)
+    if not out:
+        raise AdapterMismatchError(f"{where}: no lora_A / lora_B weights found")
+    return out
+
+
+def _check_pair(init_dir: Path, init_cfg: dict, tuned_dir: Path, tuned_cfg: dict, init_mods, tuned_mods, init, tuned):
+    if str(init_cfg.get("init_lora_weights")).lower() != "true":
+        raise AdapterMismatchError(
+            f"{init_dir / ADAPTER_CONFIG}: init_lora_weights is {init_cfg.get('init_lora_weights')!r}; the initial "
+            "adapter must be saved with init_lora_weights=True (as pissa_rs writes it), or PEFT would re-run the SVD "
+            "on load"
+        )
+    if set(init_mods) != set(tuned_mods):
+        only = sorted(set(init_mods) ^ set(tuned_mods))[0]
+        side = init_dir if only in init_mods else tuned_dir
+        raise AdapterMismatchError(f"module '{only}' is only in {side}: the adapters do not belong together")
+    for module, (a, b) in init_mods.items():
+        ta, tb = tuned_mods[module]
+        for mine, theirs in ((a, ta), (b, tb)):
+            si, st = tuple(init.info(mine).shape), tuple(tuned.info(theirs).shape)
+            if si != st:
+                raise AdapterMismatchError(
+                    f"module '{module}': {mine} is {list(si)} in {init_dir} but {list(st)} in {tuned_dir} "
+                    "(different ranks or shapes): the adapters do not belong together"
+                )
+    for key in ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern"):
+        if init_cfg.get(key) != tuned_cfg.get(key):
+            raise AdapterMismatchError(
+                f"{tuned_dir / ADAPTER_CONFIG}: {key} is {tuned_cfg.get(key)!r} but {init_cfg.get(key)!r} in {init_dir}"
+            )
+
+
+def _compact(a: torch.Tensor, b: torch.Tensor, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """B A re-factored at its numerical rank: QR of B and A^T, SVD of the 2r x 2r core."""
+    qb, rb = torch.linalg.qr(b.double())
+    qa, ra = torch.linalg.qr(a.double().T)
+    u, s, vh = torch.linalg.svd(rb @ ra.T)
+    keep = max(1, int((s > tol * s[0]).sum())) if s.numel() and s[0] > 0 else 1
+    root = torch.sqrt(s[:keep])
+    new_b = (qb @ u[:, :keep]) * root
+    new_a = root[:, None] * (vh[:keep] @ qa.T)
+    return new_a.to(a.dtype), new_b.to(b.dtype)
+
+
+def convert_to_lora(init_dir: str | os.PathLike[str], finetuned_dir: str | os.PathLike[str],
+                    out_dir: str | os.PathLike[str], *, compact: bool = False, tol: float = 1e-6) -> ConversionResult:
+    """Write the LoRA of the original model that equals `finetuned` on the residual model.
+
+    The result matches PEFT's own conversion (same keys, shapes, values and config
+    fields). `compact=True` drops singular values below `tol` x the largest, per module,
+    and records each module's kept rank in rank_pattern (scale folded into the factors).
+    """
+    from peft import LoraConfig
+    from peft.utils.other import get_pattern_key
+
+    init_dir, finetuned_dir, out_dir = Path(init_dir), Path(finetuned_dir), Path(out_dir)
+    init, init_cfg = _adapter(init_dir)
+    tuned, tuned_cfg = _adapter(finetuned_dir)
+    init_mods, tuned_mods = _modules(init, init_dir), _modules(tuned, finetuned_dir)
+    _check_pair(init_dir, init_cfg, finetuned_dir, tuned_cfg, init_mods, tuned_mods, init, tuned)
+
+    config = LoraConfig.from_pretrained(str(finetuned_dir))
+    config.init_lora_weights = True
+    config.inference_mode = True
+    # The fine-tuned adapter's scaling, kept before the config is rewritten below.
+    r, alpha, rslora = config.r, config.lora_alpha, config.use_rslora
+    rank_pattern, alpha_pattern = dict(config.rank_pattern), dict(config.alpha_pattern)
+
+    def delta_factors(module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """[A ; A0] and [B | -B0] for one module, compacted if asked."""
+        a0, b0 = (as_torch(init.buffer(k)) for k in init_mods[module])
+        a, b = (as_torch(tuned.buffer(k)) for k in tuned_mods[module])
+        new_a, new_b = torch.cat([a, a0], dim=0), torch.cat([b, -b0], dim=1)
+        if not compact:
+            return new_a, new_b
+        # Fold the module's scale in, so that rank k with alpha k (s = 1) is exact.
+        name = module.removeprefix("base_model.model.")
+        pr = rank_pattern.get(get_pattern_key(rank_pattern.keys(), name), r)
+        pa = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), name), alpha)
+        return _compact(new_a * (pa / (pr**0.5 if rslora else pr)), new_b, tol)
+
+    # Shapes first (the writer lays the file out up front): 2r each, or with
+    # compact the kept ranks, from a first pass whose factors are dropped.
+    ranks: dict[str, int] = {}
+    specs = []
+    for module, (a_key, b_key) in tuned_mods.items():
+        (a_rows, in_f), (out_f, _) = tuple(tuned.info(a_key).shape), tuple(tuned.info(b_key).shape)
+        dtype = SAFETENSORS_DTYPES[torch.promote_types(TORCH_DTYPES[tuned.info(a_key).dtype],
+                                                       TORCH_DTYPES[init.info(init_mods[module][0]).dtype])]
+        k = delta_factors(module)[0].shape[0] if compact else 2 * a_rows
+        ranks[module.removeprefix("base_model.model.")] = k
+        specs += [(a_key, dtype, [k, in_f]), (b_key, dtype, [out_f, k])]
+
+    if compact:
+        config.r = max(ranks.values())
+        config.lora_alpha = config.r
+        config.use_rslora = False
+        config.rank_pattern = {re.escape(m): k for m, k in ranks.items() if k != config.r}
+        config.alpha_pattern = {re.escape(m): k for m, k in ranks.items() if k != config.r}
+    else:  # PEFT's doubling
+        config.r = 2 * r
+        config.lora_alpha = alpha * (2**0.5 if config.use_rslora else 2)
+        config.rank_pattern = {k: 2 * v for k, v in config.rank_pattern.items()}
+        config.alpha_pattern = {k: 2 * v for k, v in config.alpha_pattern.items()}
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    writer = ShardWriter(out_dir / ADAPTER_WEIGHTS, specs, metadata={"format": "pt"})
+    try:
+        for module, (a_key, b_key) in tuned_mods.items():
+            new_a, new_b = delta_factors(module)
+            writer.write(a_key, as_numpy_bytes(new_a))
+            writer.write(b_key, as_numpy_bytes(new_b))
+        writer.finalize()
+    except BaseException:
+        writer.abort()
+        raise
+    config.save_pretrained(str(out_dir))
+    return ConversionResult(out_dir, ranks)

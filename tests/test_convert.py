@@ -1,0 +1,117 @@
+"""PiSSA -> LoRA conversion: equal to PEFT's own, file for file; compact; bad pairs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from make_tiny_model import save_tiny_model
+from peft import LoraConfig, PeftModel
+from transformers import AutoModelForCausalLM
+
+import pissa_rs
+from pissa_rs.convert import AdapterMismatchError, convert_to_lora
+
+TOKENS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(TOKENS).logits.float()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A decomposition, and its adapter 'fine-tuned' (moved at random), saved by PEFT."""
+    root = tmp_path_factory.mktemp("convert")
+    src = save_tiny_model(root / "m", "llama", layers=2)
+    res = pissa_rs.decompose_checkpoint(src, r=4, lora_alpha=8, rank_pattern={"v_proj": 2}, out=root / "o",
+                                        progress=False)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(res.out), res.out, subfolder="pissa_init",
+                                      is_trainable=True)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(root / "ft")
+    # PEFT's own conversion, on a copy of the init dir (PEFT rewrites its config).
+    shutil.copytree(res.adapter, root / "init_copy")
+    model.save_pretrained(root / "peft_lora", path_initial_model_for_weight_conversion=str(root / "init_copy"))
+    return {"src": src, "res": res, "ft": root / "ft", "peft_lora": root / "peft_lora", "tuned": logits(model)}
+
+
+def test_conversion_equals_peft_file_for_file(trained, tmp_path):
+    result = convert_to_lora(trained["res"].adapter, trained["ft"], tmp_path / "lora")
+    ours = safetensors.torch.load_file(tmp_path / "lora" / "adapter_model.safetensors")
+    theirs = safetensors.torch.load_file(trained["peft_lora"] / "adapter_model.safetensors")
+    assert ours.keys() == theirs.keys()
+    for key in theirs:
+        assert ours[key].shape == theirs[key].shape and ours[key].dtype == theirs[key].dtype, key
+        torch.testing.assert_close(ours[key], theirs[key], atol=0, rtol=0)
+    ours_cfg = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    theirs_cfg = json.loads((trained["peft_lora"] / "adapter_config.json").read_text())
+    for field in ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "init_lora_weights",
+                  "target_modules", "lora_dropout", "fan_in_fan_out", "task_type", "inference_mode"):
+        mine, peft_s = ours_cfg[field], theirs_cfg[field]
+        if isinstance(mine, list):  # PEFT stores sets as lists in no particular order
+            mine, peft_s = sorted(mine), sorted(peft_s)
+        assert mine == peft_s, field
+    assert ours_cfg["r"] == 8 and ours_cfg["rank_pattern"] == {"v_proj": 4}
+    assert set(result.ranks.values()) == {8, 4}
+
+
+def test_converted_lora_on_the_original_model_gives_the_tuned_logits(trained, tmp_path):
+    convert_to_lora(trained["res"].adapter, trained["ft"], tmp_path / "lora")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(trained["src"]), tmp_path / "lora")
+    torch.testing.assert_close(logits(model), trained["tuned"], atol=1e-4, rtol=0)
+
+
+def test_compact_conversion_keeps_the_logits_with_ranks_at_most_2r(trained, tmp_path):
+    result = convert_to_lora(trained["res"].adapter, trained["ft"], tmp_path / "lora", compact=True)
+    assert all(1 <= k <= 8 for k in result.ranks.values())
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(trained["src"]), tmp_path / "lora")
+    torch.testing.assert_close(logits(model), trained["tuned"], atol=1e-4, rtol=0)
+
+
+def test_compact_finds_the_true_rank():
+    from pissa_rs.convert import _compact
+
+    g = torch.Generator().manual_seed(0)
+    b = torch.randn(40, 3, generator=g) @ torch.randn(3, 8, generator=g)  # rank 3 spread over 8 columns
+    a = torch.randn(8, 30, generator=g)
+    new_a, new_b = _compact(a, b, 1e-6)
+    assert new_a.shape == (3, 30) and new_b.shape == (40, 3)
+    torch.testing.assert_close(new_b @ new_a, b @ a, atol=1e-4, rtol=1e-4)
+
+
+def test_mismatched_adapters_are_refused_naming_the_module(trained, tmp_path):
+    other = pissa_rs.decompose_checkpoint(trained["src"], r=2, out=tmp_path / "other", progress=False)
+    with pytest.raises(AdapterMismatchError, match="module '.*'.*different ranks or shapes|r is"):
+        convert_to_lora(other.adapter, trained["ft"], tmp_path / "x")
+    fewer = pissa_rs.decompose_checkpoint(trained["src"], r=4, lora_alpha=8, rank_pattern={"v_proj": 2},
+                                          target_modules=["q_proj", "v_proj"], out=tmp_path / "fewer", progress=False)
+    with pytest.raises(AdapterMismatchError, match="module 'base_model.model.model.layers.0.*' is only in"):
+        convert_to_lora(fewer.adapter, trained["ft"], tmp_path / "y")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_an_init_config_that_still_says_pissa_is_refused(trained, tmp_path):
+    init = tmp_path / "init"
+    shutil.copytree(trained["res"].adapter, init)
+    cfg = json.loads((init / "adapter_config.json").read_text())
+    cfg["init_lora_weights"] = "pissa_niter_4"
+    (init / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AdapterMismatchError, match="init_lora_weights is 'pissa_niter_4'"):
+        convert_to_lora(init, trained["ft"], tmp_path / "x")
+
+
+def test_a_missing_file_is_named(trained, tmp_path):
+    init = tmp_path / "init"
+    shutil.copytree(trained["res"].adapter, init)
+    (init / "adapter_model.safetensors").unlink()
+    with pytest.raises(AdapterMismatchError, match=r"init/adapter_model.safetensors: missing"):
+        convert_to_lora(init, trained["ft"], tmp_path / "x")
