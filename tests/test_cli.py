@@ -161,3 +161,16 @@ def test_plot_draws_error_reduction_when_the_report_has_it(tmp_path, capsys):
     assert names == ["energy_kept.png", "error_reduction.png"]
     for name in names:
         assert (tmp_path / name).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_to_lora_and_merge_from_the_shell(llama, tmp_path, capsys):
+    res = pissa_rs.decompose_checkpoint(llama, r=4, out=tmp_path / "o", progress=False)
+    proc = run_in_process(capsys, "to-lora", str(res.adapter), str(res.adapter), str(tmp_path / "lora"), "--compact")
+    # Converting the initial adapter against itself: a zero update, compacted to rank 1 per module.
+    assert proc.returncode == 0, proc.stderr
+    assert "rank 1" in proc.stdout and "model.layers.0.self_attn.q_proj: 1" in proc.stdout
+    proc = run_in_process(capsys, "merge", str(res.out), str(res.adapter), str(tmp_path / "merged"))
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "merged" / "config.json").exists()
+    proc = run_in_process(capsys, "to-lora", str(tmp_path / "nope"), str(res.adapter), str(tmp_path / "x"))
+    assert proc.returncode == 1 and "nope/adapter_model.safetensors: missing" in proc.stderr

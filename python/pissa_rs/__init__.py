@@ -20,13 +20,18 @@ from ._pissa_rs import (
     UnsupportedFormatError,
     WriterError,
 )
+from .convert import AdapterMismatchError, ConversionResult, convert_to_lora
 from .decompose import DecomposeOptions, DecomposeResult, DiskSpaceError, decompose_checkpoint
 from .dry_run import DecompositionPlan, plan
 from .factors import Factors, principal_factors
+from .merge import merge_adapter
 from .targets import Target, TargetError, resolve_targets
 from .tensors import as_numpy_bytes, as_torch
+from .training import load_for_training
 
 __all__ = [
+    "AdapterMismatchError",
+    "ConversionResult",
     "Checkpoint",
     "CheckpointError",
     "CheckpointIndexError",
@@ -55,4 +60,7 @@ __all__ = [
     "principal_factors",
     "resolve_targets",
     "as_torch",
+    "convert_to_lora",
+    "load_for_training",
+    "merge_adapter",
 ]

@@ -7,8 +7,10 @@ import sys
 from pathlib import Path
 
 from ._pissa_rs import Checkpoint, PissaError
+from .convert import convert_to_lora
 from .decompose import ADAPTER_DTYPES, DecomposeOptions, human_bytes, run_decomposition
 from .dry_run import plan_decomposition
+from .merge import merge_adapter
 from .planning import is_model_dir
 from .targets import target_choices
 
@@ -90,6 +92,22 @@ def build_parser() -> argparse.ArgumentParser:
                          "architecture, and which modules each target_modules choice picks")
     ins.add_argument("path")
 
+    conv = sub.add_parser("to-lora", help="convert a fine-tuned PiSSA adapter to a LoRA of the original model",
+                          description="OUT = fine-tuned minus initial adapter, as a rank-2r LoRA that PEFT loads on "
+                          "the ORIGINAL model (what PEFT's path_initial_model_for_weight_conversion writes).")
+    conv.add_argument("init", type=Path, help="the initial adapter (OUT/pissa_init of the decomposition)")
+    conv.add_argument("finetuned", type=Path, help="the fine-tuned adapter (save_pretrained after training)")
+    conv.add_argument("out", type=Path, help="where to write the LoRA")
+    conv.add_argument("--compact", action="store_true",
+                      help="re-factor each module's update to its numerical rank (a smaller LoRA)")
+    conv.add_argument("--tol", type=float, default=1e-6,
+                      help="with --compact: drop singular values below TOL x |B'| |A'| (default %(default)s)")
+
+    mrg = sub.add_parser("merge", help="merge an adapter into its residual model (a plain model, out of core)")
+    mrg.add_argument("residual", type=Path, help="the residual model (a decomposition's OUT)")
+    mrg.add_argument("adapter", type=Path, help="the adapter to merge (pissa_init or a fine-tuned one)")
+    mrg.add_argument("out", type=Path, help="where to write the merged model")
+
     plot = sub.add_parser("plot", help="PNG plots from OUT/pissa_report.json (needs the 'plot' extra: matplotlib)")
     plot.add_argument("out", help="a decomposition's output directory (or its pissa_report.json)")
     plot.add_argument("--to", type=Path, help="directory for the PNGs (default: OUT)")
@@ -138,6 +156,22 @@ def _inspect(args) -> int:
     return 0
 
 
+def _to_lora(args) -> int:
+    result = convert_to_lora(args.init, args.finetuned, args.out, compact=args.compact, tol=args.tol)
+    ranks = sorted(set(result.ranks.values()))
+    print(f"LoRA for the original model: {result.out} ({len(result.ranks)} modules, rank "
+          f"{ranks[0] if len(ranks) == 1 else f'{ranks[0]}..{ranks[-1]}'})")
+    if args.compact:
+        for module, rank in result.ranks.items():
+            print(f"  {module}: {rank}")
+    return 0
+
+
+def _merge(args) -> int:
+    print(f"merged model: {merge_adapter(args.residual, args.adapter, args.out)}")
+    return 0
+
+
 def _plot(args) -> int:
     from .plots import plot_report
 
@@ -149,7 +183,8 @@ def _plot(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"decompose": _decompose, "inspect": _inspect, "plot": _plot}[args.command](args)
+        return {"decompose": _decompose, "inspect": _inspect, "to-lora": _to_lora, "merge": _merge,
+                "plot": _plot}[args.command](args)
     except (PissaError, ValueError, OSError, ImportError) as err:
         print(f"pissa-rs: error: {err}", file=sys.stderr)
         return 1

@@ -89,7 +89,10 @@ def _compact(a: torch.Tensor, b: torch.Tensor, tol: float) -> tuple[torch.Tensor
     qb, rb = torch.linalg.qr(b.double())
     qa, ra = torch.linalg.qr(a.double().T)
     u, s, vh = torch.linalg.svd(rb @ ra.T)
-    keep = max(1, int((s > tol * s[0]).sum())) if s.numel() and s[0] > 0 else 1
+    # Relative to |B| |A|, not to the largest singular value: an update that
+    # cancels out (fine-tuned == initial) must compact to nothing, not to noise.
+    reference = torch.linalg.matrix_norm(rb) * torch.linalg.matrix_norm(ra)
+    keep = max(1, int((s > tol * reference).sum()))
     root = torch.sqrt(s[:keep])
     new_b = (qb @ u[:, :keep]) * root
     new_a = root[:, None] * (vh[:keep] @ qa.T)
@@ -101,7 +104,7 @@ def convert_to_lora(init_dir: str | os.PathLike[str], finetuned_dir: str | os.Pa
     """Write the LoRA of the original model that equals `finetuned` on the residual model.
 
     The result matches PEFT's own conversion (same keys, shapes, values and config
-    fields). `compact=True` drops singular values below `tol` x the largest, per module,
+    fields). `compact=True` drops singular values below `tol` x |B'| |A'|, per module,
     and records each module's kept rank in rank_pattern (scale folded into the factors).
     """
     from peft import LoraConfig

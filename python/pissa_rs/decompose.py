@@ -185,7 +185,7 @@ def _prepare_out(out: Path, checkpoint: Checkpoint, path: Path, overwrite: bool,
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.partial")
     with open(tmp, "w") as f:
         f.write(text)
@@ -267,18 +267,7 @@ def _open_output(checkpoint: Checkpoint, path: Path, options: DecomposeOptions, 
                  overwrite: bool) -> _Output:
     _prepare_out(out, checkpoint, path, overwrite, needed=sum(output_bytes(checkpoint, plan, options.adapter_dtype)))
     (out / ADAPTER_SUBDIR).mkdir()
-    root = Path(checkpoint.root)
-    # One writer per input shard, laid out exactly like it: targets keep their dtype and shape.
-    by_file: dict[str, list] = {}
-    for info in checkpoint.tensors:
-        by_file.setdefault(info.file, []).append(info)
-    shard_writers = {}
-    for file, infos in by_file.items():
-        rel = os.path.relpath(file, root)
-        (out / rel).parent.mkdir(parents=True, exist_ok=True)
-        shard_writers[file] = ShardWriter(
-            out / rel, [(i.name, i.dtype, list(i.shape)) for i in infos], metadata=checkpoint.file_metadata[file]
-        )
+    shard_writers = writers_like(checkpoint, out)
     dtype = SAFETENSORS_DTYPES[ADAPTER_DTYPES[options.adapter_dtype]]
     specs = []
     for t in plan.targets:
@@ -286,6 +275,50 @@ def _open_output(checkpoint: Checkpoint, path: Path, options: DecomposeOptions, 
         specs += [(lora_a_key(t.module), dtype, [t.r, cols]), (lora_b_key(t.module), dtype, [rows, t.r])]
     adapter_writer = ShardWriter(out / ADAPTER_SUBDIR / ADAPTER_WEIGHTS, specs, metadata={"format": "pt"})
     return _Output(options, out, plan, shard_writers, adapter_writer)
+
+
+def writers_like(checkpoint: Checkpoint, out: Path) -> dict[str, ShardWriter]:
+    """One writer per input shard (keyed by input file), laid out exactly like
+    it in `out`: same names, dtypes, shapes, order and metadata."""
+    root = Path(checkpoint.root)
+    by_file: dict[str, list] = {}
+    for info in checkpoint.tensors:
+        by_file.setdefault(info.file, []).append(info)
+    writers = {}
+    for file, infos in by_file.items():
+        rel = os.path.relpath(file, root)
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        writers[file] = ShardWriter(
+            out / rel, [(i.name, i.dtype, list(i.shape)) for i in infos], metadata=checkpoint.file_metadata[file]
+        )
+    return writers
+
+
+def copy_model_files(checkpoint: Checkpoint, path: Path, out: Path) -> list[str]:
+    """The input's index json (same tensors and shards: the same index) and its
+    small files (config, tokenizer) into `out`. Returns the small files copied."""
+    if checkpoint.index_path:
+        index = Path(checkpoint.index_path)
+        tmp = out / f".{index.name}.partial"
+        shutil.copyfile(index, tmp)
+        os.replace(tmp, out / index.name)
+    return _copy_small_files(Path(checkpoint.root), out) if is_model_dir(path) else []
+
+
+def abandon(pipeline: Pipeline, writers, err: BaseException) -> BaseException:
+    """Stop the background work and remove every temporary file after `err`.
+    Returns the exception to report: a submit that failed only echoes an earlier
+    background failure, and that one is the cause."""
+    pipeline.cancel()
+    first = err
+    try:
+        pipeline.finish()
+    except PissaError as background:
+        if isinstance(err, PissaError):
+            first = background
+    for writer in writers:
+        writer.abort()
+    return first
 
 
 def output_dirs(path: Path, ranks: list[int], out: Path | None) -> list[Path]:
@@ -346,17 +379,7 @@ def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None
             for writer in output.writers:
                 writer.finalize()
     except BaseException as err:
-        pipeline.cancel()
-        first: BaseException = err
-        try:
-            pipeline.finish()
-        except PissaError as background:
-            # A submit that failed only echoes an earlier background failure: report that one.
-            if isinstance(err, PissaError):
-                first = background
-        for output in outputs:
-            for writer in output.writers:
-                writer.abort()
+        first = abandon(pipeline, [w for o in outputs for w in o.writers], err)
         if first is err:
             raise
         raise first from err
@@ -372,16 +395,11 @@ def _finish_output(checkpoint: Checkpoint, path: Path, output: _Output, total_by
     """Index, small files, adapter config, then the report: written last, its
     presence in OUT means every file before it is complete."""
     out = output.out
-    if checkpoint.index_path:
-        index = Path(checkpoint.index_path)
-        tmp = out / f".{index.name}.partial"
-        shutil.copyfile(index, tmp)  # same tensors, dtypes and shards: the same index
-        os.replace(tmp, out / index.name)
-    copied = _copy_small_files(Path(checkpoint.root), out) if is_model_dir(path) else []
-    _atomic_write_text(out / ADAPTER_SUBDIR / ADAPTER_CONFIG, output.plan.adapter_config_json)
+    copied = copy_model_files(checkpoint, path, out)
+    atomic_write_text(out / ADAPTER_SUBDIR / ADAPTER_CONFIG, output.plan.adapter_config_json)
     report = _report(path, out, output.plan, output.options, output.records, copied, total_bytes,
                      time.perf_counter() - started)
-    _atomic_write_text(out / REPORT_NAME, json.dumps(report, indent=1))
+    atomic_write_text(out / REPORT_NAME, json.dumps(report, indent=1))
     return DecomposeResult(out=out, adapter=out / ADAPTER_SUBDIR, report=report)
 
 

@@ -1,0 +1,47 @@
+"""load_for_training and the end-to-end fine-tuning example."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from make_tiny_model import save_tiny_model
+
+import pissa_rs
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "finetune_tiny.py"
+
+
+def test_load_for_training_gives_a_trainable_model_with_float32_adapters(tmp_path):
+    src = save_tiny_model(tmp_path / "m", "llama", layers=1, dtype="bfloat16")
+    res = pissa_rs.decompose_checkpoint(src, r=4, out=tmp_path / "o", progress=False)
+    model = pissa_rs.load_for_training(res.out)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n and p.dtype == torch.float32 for n, p in trainable.items())
+    loss = model(input_ids=torch.randint(0, 256, (2, 8)), labels=torch.randint(0, 256, (2, 8))).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in trainable.values())
+    with pytest.raises(ValueError, match="quantize must be one of"):
+        pissa_rs.load_for_training(res.out, quantize="nf3")
+
+
+def test_load_for_training_refuses_an_adapter_of_another_model(tmp_path):
+    a = pissa_rs.decompose_checkpoint(save_tiny_model(tmp_path / "a", "llama", layers=1), r=4, out=tmp_path / "oa",
+                                      progress=False)
+    wide = save_tiny_model(tmp_path / "b", "llama", layers=1, hidden=96)
+    b = pissa_rs.decompose_checkpoint(wide, r=4, out=tmp_path / "ob", progress=False)
+    (b.adapter / "adapter_model.safetensors").write_bytes((a.adapter / "adapter_model.safetensors").read_bytes())
+    with pytest.raises(pissa_rs.AdapterMismatchError, match=r"ob/pissa_init: module 'model\.layers\.0\.[a-z_.]+' is \d+ -> \d+ in the residual model.*do not belong together"):
+        pissa_rs.load_for_training(b.out)
+
+
+def test_the_finetuning_example_runs_and_the_conversion_is_exact(tmp_path):
+    proc = subprocess.run([sys.executable, str(EXAMPLE), "--workdir", str(tmp_path)], capture_output=True, text=True,
+                          timeout=300, cwd=EXAMPLE.parent)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "training loss:" in proc.stdout and "max |logit difference|" in proc.stdout
+    losses = [float(x) for x in proc.stdout.split("training loss:")[1].splitlines()[0].split("->")]
+    assert losses[-1] < losses[0], losses  # real optimizer steps happened
