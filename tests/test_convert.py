@@ -115,3 +115,24 @@ def test_a_missing_file_is_named(trained, tmp_path):
     (init / "adapter_model.safetensors").unlink()
     with pytest.raises(AdapterMismatchError, match=r"init/adapter_model.safetensors: missing"):
         convert_to_lora(init, trained["ft"], tmp_path / "x")
+
+
+def test_rslora_scaling_is_kept_like_peft(tmp_path):
+    src = save_tiny_model(tmp_path / "m", "llama", layers=1)
+    res = pissa_rs.decompose_checkpoint(src, r=4, lora_alpha=8, use_rslora=True, out=tmp_path / "o", progress=False)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(res.out), res.out, subfolder="pissa_init",
+                                      is_trainable=True)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn_like(p) * 0.05)
+    tuned = logits(model)
+    model.save_pretrained(tmp_path / "ft")
+    shutil.copytree(res.adapter, tmp_path / "init_copy")
+    model.save_pretrained(tmp_path / "peft", path_initial_model_for_weight_conversion=str(tmp_path / "init_copy"))
+    convert_to_lora(res.adapter, tmp_path / "ft", tmp_path / "ours")
+    ours = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    theirs = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert (ours["r"], ours["lora_alpha"], ours["use_rslora"]) == (theirs["r"], theirs["lora_alpha"], True) == (8, 8 * 2**0.5, True)
+    lora = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(src), tmp_path / "ours")
+    torch.testing.assert_close(logits(lora), tuned, atol=1e-4, rtol=0)
