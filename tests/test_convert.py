@@ -14,6 +14,7 @@ from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM
 
 import pissa_rs
+from helpers import move_adapters
 from pissa_rs.convert import AdapterMismatchError, convert_to_lora
 
 TOKENS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
@@ -33,10 +34,7 @@ def trained(tmp_path_factory):
                                         progress=False)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(res.out), res.out, subfolder="pissa_init",
                                       is_trainable=True)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.add_(torch.randn_like(p) * 0.05)
+    move_adapters(model)
     model.save_pretrained(root / "ft")
     # PEFT's own conversion, on a copy of the init dir (PEFT rewrites its config).
     shutil.copytree(res.adapter, root / "init_copy")
@@ -122,10 +120,7 @@ def test_rslora_scaling_is_kept_like_peft(tmp_path):
     res = pissa_rs.decompose_checkpoint(src, r=4, lora_alpha=8, use_rslora=True, out=tmp_path / "o", progress=False)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(res.out), res.out, subfolder="pissa_init",
                                       is_trainable=True)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.add_(torch.randn_like(p) * 0.05)
+    move_adapters(model)
     tuned = logits(model)
     model.save_pretrained(tmp_path / "ft")
     shutil.copytree(res.adapter, tmp_path / "init_copy")

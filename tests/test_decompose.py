@@ -14,6 +14,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 import pissa_rs
+from helpers import move_adapters
 
 torch.manual_seed(0)
 TOKENS = torch.randint(0, 256, (2, 24))
@@ -375,10 +376,7 @@ def test_peft_converts_a_trained_adapter_to_a_lora_of_the_original_model(llama, 
     # init dir's adapter_config.json while converting: use an output of our own.)
     res = pissa_rs.decompose_checkpoint(llama, r=8, out=tmp_path / "o", progress=False)
     model = load_pissa(res.out)
-    with torch.no_grad():  # stand-in for training: move every adapter weight
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.add_(torch.randn_like(p) * 0.05)
+    move_adapters(model)  # stand-in for training
     tuned = logits(model)
     model.save_pretrained(tmp_path / "lora", path_initial_model_for_weight_conversion=str(res.adapter))
     assert LoraConfig.from_pretrained(tmp_path / "lora").r == 16  # 2r
