@@ -28,6 +28,7 @@ from .merge import merge_adapter
 from .targets import Target, TargetError, resolve_targets
 from .tensors import as_numpy_bytes, as_torch
 from .training import load_for_training
+from .verify import VerifyReport, verify
 
 __all__ = [
     "AdapterMismatchError",
@@ -63,4 +64,6 @@ __all__ = [
     "convert_to_lora",
     "load_for_training",
     "merge_adapter",
+    "verify",
+    "VerifyReport",
 ]

@@ -11,6 +11,7 @@ from .convert import convert_to_lora
 from .decompose import ADAPTER_DTYPES, DecomposeOptions, human_bytes, run_decomposition
 from .dry_run import plan_decomposition
 from .merge import merge_adapter
+from .verify import verify
 from .planning import is_model_dir
 from .targets import target_choices
 
@@ -108,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     mrg.add_argument("adapter", type=Path, help="the adapter to merge (pissa_init or a fine-tuned one)")
     mrg.add_argument("out", type=Path, help="where to write the merged model")
 
+    ver = sub.add_parser("verify", help="check a decomposition against its original, out of core; exit 1 on any "
+                         "mismatch, naming the tensors")
+    ver.add_argument("out", type=Path, help="a decomposition's output directory")
+    ver.add_argument("--against", type=Path, required=True, help="the original checkpoint")
+
     plot = sub.add_parser("plot", help="PNG plots from OUT/pissa_report.json (needs the 'plot' extra: matplotlib)")
     plot.add_argument("out", help="a decomposition's output directory (or its pissa_report.json)")
     plot.add_argument("--to", type=Path, help="directory for the PNGs (default: OUT)")
@@ -172,6 +178,15 @@ def _merge(args) -> int:
     return 0
 
 
+def _verify(args) -> int:
+    report = verify(args.out, args.against)
+    for problem in report.problems:
+        print(f"MISMATCH {problem}")
+    print(f"{'ok' if report.ok else 'FAILED'}: {report.checked_targets} targets reconstruct within rounding, "
+          f"{report.checked_passthrough} pass-through tensors checked, {len(report.problems)} problem(s)")
+    return 0 if report.ok else 1
+
+
 def _plot(args) -> int:
     from .plots import plot_report
 
@@ -184,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"decompose": _decompose, "inspect": _inspect, "to-lora": _to_lora, "merge": _merge,
-                "plot": _plot}[args.command](args)
+                "verify": _verify, "plot": _plot}[args.command](args)
     except (PissaError, ValueError, OSError, ImportError) as err:
         print(f"pissa-rs: error: {err}", file=sys.stderr)
         return 1

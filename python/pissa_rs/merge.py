@@ -16,7 +16,7 @@ from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from .tensors import TORCH_DTYPES, as_numpy_bytes, as_torch
 
 
-def _residual_name(residual: Checkpoint, module: str) -> str | None:
+def residual_weight_name(residual: Checkpoint, module: str) -> str | None:
     """The residual's weight for an adapter module ("base_model.model.<module>"):
     the same name, or without the head model's first component."""
     name = module.removeprefix("base_model.model.")
@@ -50,7 +50,7 @@ def merge_adapter(residual_dir: str | os.PathLike[str], adapter_dir: str | os.Pa
         if not match:
             continue
         module = match["module"]
-        tensor = _residual_name(residual, module)
+        tensor = residual_weight_name(residual, module)
         if tensor is None:
             raise AdapterMismatchError(f"{adapter_dir}: module '{module}' has no weight in {residual_dir}")
         name = module.removeprefix("base_model.model.")
