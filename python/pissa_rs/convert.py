@@ -17,16 +17,15 @@ from pathlib import Path
 
 import torch
 
-from ._pissa_rs import Checkpoint, PissaError, ShardWriter
-from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from ._pissa_rs import Checkpoint, ShardWriter
+from .peft_format import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    AdapterMismatchError,
+    adapter_modules,
+    module_scaling,
+)
 from .tensors import SAFETENSORS_DTYPES, TORCH_DTYPES, as_numpy_bytes, as_torch
-
-A_KEY = re.compile(r"^(?P<module>.+)\.lora_A(?:\.[^.]+)?\.weight$")
-
-
-class AdapterMismatchError(PissaError, ValueError):
-    """The initial and fine-tuned adapters do not belong together, or the input is not a PiSSA adapter pair."""
-
 
 @dataclass
 class ConversionResult:
@@ -40,21 +39,6 @@ def _adapter(directory: Path) -> tuple[Checkpoint, dict]:
         if not path.is_file():
             raise AdapterMismatchError(f"{path}: missing; an adapter directory holds {ADAPTER_WEIGHTS} and {ADAPTER_CONFIG}")
     return Checkpoint(weights), json.loads(config.read_text())
-
-
-def _modules(ck: Checkpoint, where: Path) -> dict[str, tuple[str, str]]:
-    """module -> (lora_A key, lora_B key)."""
-    out = {}
-    for name in ck.names():
-        match = A_KEY.match(name)
-        if match:
-            b = name.replace(".lora_A", ".lora_B", 1)
-            if b not in ck:
-                raise AdapterMismatchError(f"{where}: module '{match['module']}' has {name} but no {b}")
-            out[match["module"]] = (name, b)
-    if not out:
-        raise AdapterMismatchError(f"{where}: no lora_A / lora_B weights found")
-    return out
 
 
 def _check_pair(init_dir: Path, init_cfg: dict, tuned_dir: Path, tuned_cfg: dict, init_mods, tuned_mods, init, tuned):
@@ -108,12 +92,11 @@ def convert_to_lora(init_dir: str | os.PathLike[str], finetuned_dir: str | os.Pa
     and records each module's kept rank in rank_pattern (scale folded into the factors).
     """
     from peft import LoraConfig
-    from peft.utils.other import get_pattern_key
 
     init_dir, finetuned_dir, out_dir = Path(init_dir), Path(finetuned_dir), Path(out_dir)
     init, init_cfg = _adapter(init_dir)
     tuned, tuned_cfg = _adapter(finetuned_dir)
-    init_mods, tuned_mods = _modules(init, init_dir), _modules(tuned, finetuned_dir)
+    init_mods, tuned_mods = adapter_modules(init, init_dir), adapter_modules(tuned, finetuned_dir)
     _check_pair(init_dir, init_cfg, finetuned_dir, tuned_cfg, init_mods, tuned_mods, init, tuned)
 
     config = LoraConfig.from_pretrained(str(finetuned_dir))
@@ -131,10 +114,9 @@ def convert_to_lora(init_dir: str | os.PathLike[str], finetuned_dir: str | os.Pa
         if not compact:
             return new_a, new_b
         # Fold the module's scale in, so that rank k with alpha k (s = 1) is exact.
-        name = module.removeprefix("base_model.model.")
-        pr = rank_pattern.get(get_pattern_key(rank_pattern.keys(), name), r)
-        pa = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), name), alpha)
-        return _compact(new_a * (pa / (pr**0.5 if rslora else pr)), new_b, tol)
+        _, _, scale = module_scaling(module.removeprefix("base_model.model."), r, alpha, rank_pattern,
+                                     alpha_pattern, rslora)
+        return _compact(new_a * scale, new_b, tol)
 
     # Shapes first (the writer lays the file out up front): 2r each, or with
     # compact the kept ranks, from a first pass whose factors are dropped.

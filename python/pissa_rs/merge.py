@@ -9,10 +9,9 @@ import os
 from pathlib import Path
 
 from ._pissa_rs import Checkpoint, Pipeline
-from .convert import A_KEY, AdapterMismatchError
 from .decompose import abandon, copy_model_files, writers_like
-from .factors import round_difference, scaling
-from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from .factors import round_difference
+from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterMismatchError, adapter_modules, module_scaling
 from .tensors import TORCH_DTYPES, as_numpy_bytes, as_torch
 
 
@@ -31,8 +30,6 @@ def merge_adapter(residual_dir: str | os.PathLike[str], adapter_dir: str | os.Pa
     """Write residual + adapter as one plain model to `out_dir` (same names, dtypes
     and shards as the residual). Merging an untrained pissa_init gives back the
     original model up to the weights' own rounding."""
-    from peft.utils.other import get_pattern_key
-
     residual_dir, adapter_dir, out = Path(residual_dir), Path(adapter_dir), Path(out_dir)
     for needed in (adapter_dir / ADAPTER_WEIGHTS, adapter_dir / ADAPTER_CONFIG):
         if not needed.is_file():
@@ -45,17 +42,11 @@ def merge_adapter(residual_dir: str | os.PathLike[str], adapter_dir: str | os.Pa
     fan_in_fan_out = config.get("fan_in_fan_out", False)
 
     jobs = []  # (residual tensor, lora_A key, lora_B key, scale)
-    for key in adapter.names():
-        match = A_KEY.match(key)
-        if not match:
-            continue
-        module = match["module"]
+    for module, (key, b_key) in adapter_modules(adapter, adapter_dir / ADAPTER_WEIGHTS).items():
         tensor = residual_weight_name(residual, module)
         if tensor is None:
             raise AdapterMismatchError(f"{adapter_dir}: module '{module}' has no weight in {residual_dir}")
-        name = module.removeprefix("base_model.model.")
-        rank = rank_pattern.get(get_pattern_key(rank_pattern.keys(), name), r)
-        a_shape, b_shape = adapter.info(key).shape, adapter.info(key.replace(".lora_A", ".lora_B", 1)).shape
+        a_shape, b_shape = adapter.info(key).shape, adapter.info(b_key).shape
         w_shape = tuple(residual.info(tensor).shape)
         expected = (b_shape[0], a_shape[1]) if not fan_in_fan_out else (a_shape[1], b_shape[0])
         if w_shape != expected or a_shape[0] != b_shape[1]:
@@ -63,10 +54,9 @@ def merge_adapter(residual_dir: str | os.PathLike[str], adapter_dir: str | os.Pa
                 f"module '{module}': adapter B{list(b_shape)} A{list(a_shape)} does not fit weight '{tensor}' "
                 f"{list(w_shape)} of {residual_dir}"
             )
-        a = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), name), alpha)
-        jobs.append((tensor, key, key.replace(".lora_A", ".lora_B", 1), scaling(rank, a, rslora)))
-    if not jobs:
-        raise AdapterMismatchError(f"{adapter_dir / ADAPTER_WEIGHTS}: no lora_A / lora_B weights")
+        _, _, scale = module_scaling(module.removeprefix("base_model.model."), r, alpha, rank_pattern,
+                                     alpha_pattern, rslora)
+        jobs.append((tensor, key, b_key, scale))
 
     out.mkdir(parents=True, exist_ok=True)
     writers = writers_like(residual, out)

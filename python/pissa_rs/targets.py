@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ._pissa_rs import Checkpoint, PissaError
+from .peft_format import module_scaling
 
 # PEFT and transformers are imported inside the functions that use them: a
 # decomposition can plan in a child process and never hold them (~250 MB).
@@ -92,7 +93,6 @@ def resolve_targets(
 ) -> TargetPlan:
     """The weights to decompose, each with its rank and alpha, as PEFT would pick them."""
     from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
-    from peft.utils.other import get_pattern_key
 
     where = checkpoint.index_path or checkpoint.files[0]
     if target_modules is None:
@@ -144,8 +144,8 @@ def resolve_targets(
                 f"{info.file}: target tensor '{tensor}' is {info.dtype} x {list(info.shape)}; "
                 f"PiSSA needs a 2-D {'/'.join(DECOMPOSABLE_DTYPES)} weight"
             )
-        rank = lora_config.rank_pattern.get(get_pattern_key(lora_config.rank_pattern.keys(), module), r)
-        alpha = lora_config.alpha_pattern.get(get_pattern_key(lora_config.alpha_pattern.keys(), module), lora_alpha)
+        rank, alpha, _ = module_scaling(module, r, lora_alpha, lora_config.rank_pattern, lora_config.alpha_pattern,
+                                        use_rslora)
         limit = min(info.shape)
         if not 1 <= rank <= limit:
             raise TargetError(

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import torch
 
-from .convert import A_KEY, AdapterMismatchError
 from .decompose import ADAPTER_SUBDIR
-from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterMismatchError, adapter_modules
 
 QUANTIZE = (None, "nf4", "fp4", "int8")
 
@@ -23,15 +22,12 @@ def _check_adapter_fits(model, adapter_dir: Path) -> None:
 
     modules = dict(model.named_modules())
     adapter = Checkpoint(adapter_dir / ADAPTER_WEIGHTS)
-    for key in adapter.names():
-        match = A_KEY.match(key)
-        if not match:
-            continue
-        name = match["module"].removeprefix("base_model.model.")
+    for full_name, (a_key, b_key) in adapter_modules(adapter, adapter_dir / ADAPTER_WEIGHTS).items():
+        name = full_name.removeprefix("base_model.model.")
         module = modules.get(name)
         if module is None:
             raise AdapterMismatchError(f"{adapter_dir}: module '{name}' does not exist in the residual model")
-        a, b = adapter.info(key).shape, adapter.info(key.replace(".lora_A", ".lora_B", 1)).shape
+        a, b = adapter.info(a_key).shape, adapter.info(b_key).shape
         if isinstance(module, Conv1D):
             in_f, out_f = module.weight.shape
         else:

@@ -12,11 +12,9 @@ from pathlib import Path
 import torch
 
 from ._pissa_rs import Checkpoint
-from .convert import A_KEY
 from .decompose import ADAPTER_SUBDIR
-from .factors import scaling
 from .merge import residual_weight_name
-from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_modules, module_scaling
 from .tensors import as_torch
 
 
@@ -38,7 +36,6 @@ def verify(out: str | os.PathLike[str], against: str | os.PathLike[str]) -> Veri
     elementwise (two roundings: the residual's and the original's at most).
     """
     from peft import LoraConfig
-    from peft.utils.other import get_pattern_key
 
     out, against = Path(out), Path(against)
     report = VerifyReport()
@@ -59,15 +56,12 @@ def verify(out: str | os.PathLike[str], against: str | os.PathLike[str]) -> Veri
         return report
 
     targets = {}
-    for key in adapter.names():
-        match = A_KEY.match(key)
-        if match:
-            tensor = residual_weight_name(residual, match["module"])
-            if tensor is None:
-                report.problems.append(f"adapter module '{match['module']}': no weight in {out}")
-                continue
-            targets[tensor] = (match["module"].removeprefix("base_model.model."), key,
-                               key.replace(".lora_A", ".lora_B", 1))
+    for module, (a_key, b_key) in adapter_modules(adapter, adapter_dir / ADAPTER_WEIGHTS).items():
+        tensor = residual_weight_name(residual, module)
+        if tensor is None:
+            report.problems.append(f"adapter module '{module}': no weight in {out}")
+            continue
+        targets[tensor] = (module.removeprefix("base_model.model."), a_key, b_key)
 
     for info in original.tensors:
         name = info.name
@@ -77,13 +71,13 @@ def verify(out: str | os.PathLike[str], against: str | os.PathLike[str]) -> Veri
             report.checked_passthrough += 1
         else:
             module, a_key, b_key = targets[name]
-            r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module), config.r)
-            alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module), config.lora_alpha)
+            r, _, scale = module_scaling(module, config.r, config.lora_alpha, config.rank_pattern,
+                                         config.alpha_pattern, config.use_rslora)
             a, b = as_torch(adapter.buffer(a_key)), as_torch(adapter.buffer(b_key))
             if a.shape[0] != r or b.shape[1] != r:
                 report.problems.append(f"{name}: adapter rank {a.shape[0]} but adapter_config says r={r}")
                 continue
-            delta = (scaling(r, alpha, config.use_rslora) * b.float()) @ a.float()
+            delta = (scale * b.float()) @ a.float()
             if raw_config.get("fan_in_fan_out"):
                 delta = delta.T
             w = as_torch(original.buffer(name)).double()
