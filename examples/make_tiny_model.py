@@ -27,16 +27,35 @@ def tiny_config(arch: str = "llama", layers: int = 2, hidden: int = 64, intermed
     raise ValueError(f"unknown arch {arch!r}: llama or gpt2")
 
 
+def spectrum_matrix(rows: int, cols: int, decay: float, scale: float = 1.0,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """A rows x cols matrix with random singular vectors and singular values
+    falling as k**-decay, like trained weights (random init has a flat spectrum);
+    its entries have standard deviation `scale`."""
+    k = min(rows, cols)
+    u, _ = torch.linalg.qr(torch.randn(rows, k, generator=generator))
+    v, _ = torch.linalg.qr(torch.randn(cols, k, generator=generator))
+    s = torch.arange(1, k + 1, dtype=torch.float32) ** -decay
+    m = (u * s) @ v.T
+    return m * (scale / m.std())
+
+
 def save_tiny_model(out: str | Path, arch: str = "llama", layers: int = 2, dtype: str = "float32",
-                    shard_size: str = "200KB", seed: int = 0, hidden: int = 64, intermediate: int = 160) -> Path:
-    """Save a random `arch` model with `layers` layers to `out`; returns `out`."""
+                    shard_size: str = "200KB", seed: int = 0, hidden: int = 64, intermediate: int = 160,
+                    decay: float | None = None) -> Path:
+    """Save a random `arch` model with `layers` layers to `out`; returns `out`.
+    With `decay`, every 2-D weight of the layers gets a power-law spectrum
+    (singular values ~ k**-decay) instead of random init's flat one."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, layers, hidden, intermediate))
     # Random init leaves some weights at exact constants (norms at 1); spread them so
     # that pass-through copies are really tested on varied bytes.
     with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
+        for name, p in model.named_parameters():
+            if decay is not None and p.dim() == 2 and (".layers." in name or ".h." in name):
+                p.copy_(spectrum_matrix(*p.shape, decay=decay, scale=0.05))
+            else:
+                p.add_(torch.randn_like(p) * 0.02)
     model = model.to(getattr(torch, dtype))
     out = Path(out)
     model.save_pretrained(out, max_shard_size=shard_size)
@@ -50,8 +69,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--shard-size", default="200KB")
+    ap.add_argument("--decay", type=float, help="power-law spectrum k**-DECAY for the layers' weights")
     args = ap.parse_args()
-    out = save_tiny_model(args.out, args.arch, args.layers, args.dtype, args.shard_size)
+    out = save_tiny_model(args.out, args.arch, args.layers, args.dtype, args.shard_size, decay=args.decay)
     print(f"saved a random {args.arch} with {args.layers} layers to {out}")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -34,8 +35,18 @@ def test_load_for_training_refuses_an_adapter_of_another_model(tmp_path):
     wide = save_tiny_model(tmp_path / "b", "llama", layers=1, hidden=96)
     b = pissa_rs.decompose_checkpoint(wide, r=4, out=tmp_path / "ob", progress=False)
     (b.adapter / "adapter_model.safetensors").write_bytes((a.adapter / "adapter_model.safetensors").read_bytes())
-    with pytest.raises(pissa_rs.AdapterMismatchError, match=r"ob/pissa_init: module 'model\.layers\.0\.[a-z_.]+' is \d+ -> \d+ in the residual model.*do not belong together"):
+    with pytest.raises(pissa_rs.AdapterMismatchError,
+                       match=r"ob/pissa_init: module 'base_model\.model\.model\.layers\.0\.[a-z_.]+': adapter B\[\d+, 4\] "
+                       r"A\[4, \d+\] does not fit weight .* do not belong together"):
         pissa_rs.load_for_training(b.out)
+    # Right shapes, but a config whose rank is not the adapter's: refused too, naming the module.
+    config_path = a.adapter / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["r"] = 8
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(pissa_rs.AdapterMismatchError, match=r"module '.*' \(model\.layers\.0\..*\.weight\): adapter rank 4 "
+                       r"but adapter_config says r=8"):
+        pissa_rs.load_for_training(a.out)
 
 
 def test_the_finetuning_example_runs_and_the_conversion_is_exact(tmp_path):

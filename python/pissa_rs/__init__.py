@@ -25,6 +25,8 @@ from .decompose import DecomposeOptions, DecomposeResult, DiskSpaceError, decomp
 from .dry_run import DecompositionPlan, plan
 from .factors import Factors, principal_factors
 from .merge import merge_adapter
+from .qerror import measure_quantization_error
+from .quant import QuantError, Quantization
 from .targets import Target, TargetError, resolve_targets
 from .tensors import as_numpy_bytes, as_torch
 from .training import load_for_training
@@ -64,6 +66,9 @@ __all__ = [
     "convert_to_lora",
     "load_for_training",
     "merge_adapter",
+    "measure_quantization_error",
+    "Quantization",
+    "QuantError",
     "verify",
     "VerifyReport",
 ]

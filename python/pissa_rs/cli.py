@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -83,6 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default %(default)s)")
     dec.add_argument("--adapter-dtype", choices=sorted(ADAPTER_DTYPES), default=defaults.adapter_dtype,
                      help="dtype of lora_A / lora_B (default %(default)s)")
+    dec.add_argument("--quantize", choices=["nf4", "fp4", "int8"],
+                     help="QPiSSA: the bitsandbytes quantization training will load the residual with; the report "
+                     "gives each weight's quantization-error reduction against QLoRA")
+    dec.add_argument("--quant-iters", type=int, default=defaults.quant_iters,
+                     help="with --quantize: QPiSSA iterations T; T > 1 stores deq(quant(W - s*B@A)) as the "
+                     "residual (default %(default)s: plain PiSSA residual)")
+    dec.add_argument("--double-quant", action="store_true",
+                     help="with --quantize nf4/fp4: bitsandbytes' double quantization (bnb_4bit_use_double_quant)")
+    dec.add_argument("--compare-loftq", action="store_true",
+                     help="with --quantize: also measure LoftQ's error at the same rank and iterations")
     dec.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     dec.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     dec.add_argument("--dry-run", action="store_true",
@@ -114,6 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("out", type=Path, help="a decomposition's output directory")
     ver.add_argument("--against", type=Path, required=True, help="the original checkpoint")
 
+    qerr = sub.add_parser("qerror", help="the paper's quantization-error reduction of a residual + adapter pair "
+                          "on disk, against quantizing the original (QLoRA), out of core")
+    qerr.add_argument("out", type=Path, help="a decomposition's output directory")
+    qerr.add_argument("--against", type=Path, required=True, help="the original checkpoint")
+    qerr.add_argument("--quantize", choices=["nf4", "fp4", "int8"],
+                      help="the quantization (default: the one OUT's report names, else nf4)")
+    qerr.add_argument("--double-quant", action="store_true", help="4-bit double quantization (default: as OUT's "
+                      "report says)")
+    qerr.add_argument("--json", type=Path, help="also write the per-tensor numbers to this JSON file")
+
     plot = sub.add_parser("plot", help="PNG plots from OUT/pissa_report.json (needs the 'plot' extra: matplotlib)")
     plot.add_argument("out", help="a decomposition's output directory (or its pissa_report.json)")
     plot.add_argument("--to", type=Path, help="directory for the PNGs (default: OUT)")
@@ -125,6 +146,8 @@ def _decompose(args) -> int:
         r=args.rank, lora_alpha=args.lora_alpha, niter=args.niter, target_modules=args.target_modules,
         exclude_modules=args.exclude_modules, rank_pattern=args.rank_pattern, alpha_pattern=args.alpha_pattern,
         use_rslora=args.use_rslora, device=args.device, seed=args.seed, adapter_dtype=args.adapter_dtype,
+        quantize=args.quantize, quant_iters=args.quant_iters, double_quant=args.double_quant,
+        compare_loftq=args.compare_loftq,
     ).validate()
     if args.dry_run:
         plan = plan_decomposition(Path(args.path), options, args.out)
@@ -136,6 +159,10 @@ def _decompose(args) -> int:
         totals = result.report["totals"]
         print(f"r={result.report['options']['r']}: decomposed {totals['targets']} weights in {totals['seconds']:.1f} s "
               f"(mean energy kept {totals['energy_kept_mean']:.3f}, max cast error {totals['max_abs_error']:.2e})")
+        if "error_reduction_mean" in totals:
+            loftq = totals.get("loftq_error_reduction_mean")
+            print(f"  {result.report['options']['quantize']} error vs QLoRA: {totals['error_reduction_mean']:.1%} "
+                  "less (mean over weights)" + (f"; LoftQ: {loftq:.1%} less" if loftq is not None else ""))
         print(f"  residual model: {result.out}")
         print(f"  adapter:        {result.adapter}")
     return 0
@@ -187,6 +214,22 @@ def _verify(args) -> int:
     return 0 if report.ok else 1
 
 
+def _qerror(args) -> int:
+    from .qerror import measure_quantization_error
+
+    result = measure_quantization_error(args.out, args.against, quantize=args.quantize,
+                                        double_quant=args.double_quant or None)
+    width = max(len(t["tensor"]) for t in result["tensors"])
+    for t in result["tensors"]:
+        print(f"{t['tensor']:<{width}}  {t['error_reduction']:7.2%}  (||error||_* {t['quant_error']:.4g}, "
+              f"QLoRA {t['qlora_error']:.4g})")
+    print(f"{result['quantize']}: mean error reduction {result['error_reduction_mean']:.2%} over "
+          f"{len(result['tensors'])} weights")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    return 0
+
+
 def _plot(args) -> int:
     from .plots import plot_report
 
@@ -199,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"decompose": _decompose, "inspect": _inspect, "to-lora": _to_lora, "merge": _merge,
-                "verify": _verify, "plot": _plot}[args.command](args)
+                "verify": _verify, "qerror": _qerror, "plot": _plot}[args.command](args)
     except (PissaError, ValueError, OSError, ImportError) as err:
         print(f"pissa-rs: error: {err}", file=sys.stderr)
         return 1

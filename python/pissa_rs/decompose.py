@@ -16,6 +16,7 @@ import torch
 from ._pissa_rs import Checkpoint, PissaError, Pipeline, ShardWriter
 from .factors import factors_at_ranks, scaling, tensor_seed
 from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, lora_a_key, lora_b_key
+from .quant import QUANT_TYPES, Quantization, loftq_error, qpissa_factors_at_ranks, quantization_error
 from .planning import PLAN_IN_CHILD_ABOVE_BYTES, Plan, is_model_dir, make_plan, make_plan_in_child
 from .targets import TargetError
 from .tensors import SAFETENSORS_DTYPES, as_numpy_bytes, as_torch
@@ -44,6 +45,10 @@ class DecomposeOptions:
     seed: int = 0
     adapter_dtype: str = "float32"
     svd_rank: int | None = None  # set by for_rank: the rank of the SVD shared by all ranks
+    quantize: str | None = None  # QPiSSA: "nf4", "fp4" or "int8", the quantization training will load with
+    quant_iters: int = 1  # 1: plain PiSSA residual; T > 1: residual stored as deq(quant(W - s*B@A))
+    double_quant: bool = False  # 4-bit: bitsandbytes' double quantization of the block absmax
+    compare_loftq: bool = False  # also measure LoftQ's error at the same rank and iterations
 
     def validate(self) -> DecomposeOptions:
         ranks = list(self.r) if isinstance(self.r, (list, tuple)) else [self.r]
@@ -67,6 +72,14 @@ class DecomposeOptions:
             for key, value in pattern.items():
                 if not (isinstance(value, (int, float)) and value > 0):
                     raise ValueError(f"{name}[{key!r}] must be positive, got {value!r}")
+        if self.quantize is not None and self.quantize not in QUANT_TYPES:
+            raise ValueError(f"quantize must be one of {QUANT_TYPES} or None, got {self.quantize!r}")
+        if isinstance(self.quant_iters, bool) or not isinstance(self.quant_iters, int) or self.quant_iters < 1:
+            raise ValueError(f"quant_iters must be an integer >= 1, got {self.quant_iters!r}")
+        if self.quantize is None and (self.quant_iters > 1 or self.compare_loftq or self.double_quant):
+            raise ValueError("quant_iters, double_quant and compare_loftq need quantize ('nf4', 'fp4' or 'int8')")
+        if self.double_quant and self.quantize == "int8":
+            raise ValueError("double_quant applies to 4-bit quantization, not int8")
         if self.device is None:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         torch.device(self.device)  # raises on a malformed device string
@@ -79,6 +92,10 @@ class DecomposeOptions:
     @property
     def several_ranks(self) -> bool:
         return isinstance(self.r, list) and len(self.r) > 1
+
+    @property
+    def quantization(self) -> Quantization | None:
+        return Quantization(self.quantize, double_quant=self.double_quant) if self.quantize else None
 
     def for_rank(self, r: int) -> DecomposeOptions:
         """The options of one output of a (possibly several-rank) run."""
@@ -225,6 +242,10 @@ def decompose_checkpoint(
     device: str | None = None,
     seed: int = 0,
     adapter_dtype: str = "float32",
+    quantize: str | None = None,
+    quant_iters: int = 1,
+    double_quant: bool = False,
+    compare_loftq: bool = False,
     overwrite: bool = False,
     progress: bool = True,
 ) -> DecomposeResult | list[DecomposeResult]:
@@ -238,11 +259,18 @@ def decompose_checkpoint(
     input), the adapter to `out/pissa_init` and a report to `out/pissa_report.json`.
     Load it with `AutoModelForCausalLM.from_pretrained(out)` then
     `PeftModel.from_pretrained(model, out, subfolder="pissa_init", is_trainable=True)`.
+
+    QPiSSA: `quantize` ("nf4", "fp4", "int8") names the quantization training will
+    load the residual with (`load_for_training(out, quantize=...)`). The report then
+    gives, per tensor, the paper's error reduction against quantizing W itself
+    (QLoRA), and LoftQ's with `compare_loftq`. With `quant_iters` T > 1 the stored
+    residual is deq(quant(W - s*B@A)) after T alternations, in W's dtype.
     """
     options = DecomposeOptions(
         r=r, lora_alpha=lora_alpha, niter=niter, target_modules=target_modules, exclude_modules=exclude_modules,
         rank_pattern=dict(rank_pattern or {}), alpha_pattern=dict(alpha_pattern or {}), use_rslora=use_rslora,
-        device=device, seed=seed, adapter_dtype=adapter_dtype,
+        device=device, seed=seed, adapter_dtype=adapter_dtype, quantize=quantize, quant_iters=quant_iters,
+        double_quant=double_quant, compare_loftq=compare_loftq,
     ).validate()
     return run_decomposition(Path(path), options, out=Path(out) if out else None, overwrite=overwrite, progress=progress)
 
@@ -418,13 +446,20 @@ def _decompose_one(checkpoint: Checkpoint, index: int, outputs: list[_Output], d
     targets = [o.plan.targets[index] for o in outputs]
     weight = as_torch(checkpoint.buffer(targets[0].tensor)).to(device)
     scales = [scaling(t.r, t.lora_alpha, first.use_rslora) for t in targets]
-    all_factors = factors_at_ranks(
-        weight, [(t.r, s) for t, s in zip(targets, scales)], niter=first.niter,
-        seed=tensor_seed(first.seed, targets[0].tensor), adapter_dtype=ADAPTER_DTYPES[first.adapter_dtype],
-        fan_in_fan_out=targets[0].fan_in_fan_out,
-    )
-    del weight
+    ranks = [(t.r, s) for t, s in zip(targets, scales)]
+    seed = tensor_seed(first.seed, targets[0].tensor)
+    adapter_dtype, fan_in_fan_out = ADAPTER_DTYPES[first.adapter_dtype], targets[0].fan_in_fan_out
+    quant = first.quantization
+    if quant is None:
+        all_factors = factors_at_ranks(weight, ranks, niter=first.niter, seed=seed, adapter_dtype=adapter_dtype,
+                                       fan_in_fan_out=fan_in_fan_out)
+    else:
+        all_factors = qpissa_factors_at_ranks(weight, ranks, quant, first.quant_iters, niter=first.niter, seed=seed,
+                                              adapter_dtype=adapter_dtype, fan_in_fan_out=fan_in_fan_out)
     seconds = time.perf_counter() - t0
+    measured = [_quant_metrics(weight, f, s, t.r, first, fan_in_fan_out) if quant else {}
+                for f, s, t in zip(all_factors, scales, targets)]
+    del weight
     for k, (output, target, scale, factors) in enumerate(zip(outputs, targets, scales, all_factors)):
         last = k == len(outputs) - 1
         pipeline.submit(output.adapter_writer, lora_a_key(target.module), as_numpy_bytes(factors.lora_A))
@@ -445,7 +480,24 @@ def _decompose_one(checkpoint: Checkpoint, index: int, outputs: list[_Output], d
             "energy_kept": factors.energy_kept,
             "max_abs_error": factors.max_abs_error,
             "seconds": seconds,
+            **measured[k],
         })
+
+
+def _quant_metrics(weight, factors, scale: float, r: int, options: DecomposeOptions, fan_in_fan_out: bool) -> dict:
+    """The paper's quantization-error numbers for one weight and rank."""
+    t0 = time.perf_counter()
+    quant = options.quantization
+    measured = quantization_error(weight, factors.residual, factors.lora_A, factors.lora_B, scale, quant,
+                                  fan_in_fan_out)
+    metrics = {"quant_error": measured.error, "qlora_error": measured.qlora_error,
+               "error_reduction": measured.reduction}
+    if options.compare_loftq:
+        loftq = loftq_error(weight, r, options.quant_iters, quant, fan_in_fan_out)
+        metrics["loftq_error"] = loftq
+        metrics["loftq_error_reduction"] = 1.0 - loftq / measured.qlora_error if measured.qlora_error > 0 else 0.0
+    metrics["quant_metric_seconds"] = time.perf_counter() - t0
+    return metrics
 
 
 def _report(path, out, plan: Plan, options, records, copied, total_bytes, seconds) -> dict[str, Any]:
@@ -464,6 +516,8 @@ def _report(path, out, plan: Plan, options, records, copied, total_bytes, second
             "energy_kept_mean": sum(r["energy_kept"] for r in records) / max(len(records), 1),
             "max_abs_error": max((r["max_abs_error"] for r in records), default=0.0),
             "copied_files": copied,
+            **{f"{key}_mean": sum(r[key] for r in records) / len(records)
+               for key in ("error_reduction", "loftq_error_reduction") if records and key in records[0]},
         },
         "tensors": records,
     }

@@ -3,8 +3,10 @@ adapter_config.json that PEFT's own LoraConfig writes and reads."""
 
 from __future__ import annotations
 
+import json
 import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from ._pissa_rs import Checkpoint, PissaError
@@ -44,6 +46,68 @@ def module_scaling(module: str, r: int, lora_alpha: float, rank_pattern: dict, a
     rank = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), r)
     alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), lora_alpha)
     return rank, alpha, scaling(rank, alpha, use_rslora)
+
+
+def residual_weight_name(residual: Checkpoint, module: str) -> str | None:
+    """The residual's weight for an adapter module ("base_model.model.<module>"):
+    the same name, or without the head model's first component."""
+    name = module.removeprefix("base_model.model.")
+    for candidate in (f"{name}.weight", f"{name.split('.', 1)[-1]}.weight"):
+        if candidate in residual:
+            return candidate
+    return None
+
+
+@dataclass
+class AdapterTarget:
+    """One adapter module and the residual weight it belongs to."""
+
+    tensor: str  # the weight's name in the residual checkpoint
+    module: str  # as the adapter's keys name it: "base_model.model.<module>"
+    a_key: str
+    b_key: str
+    r: int
+    scale: float
+    fan_in_fan_out: bool
+
+    def delta(self, adapter: Checkpoint):
+        """s * B @ A in float32, laid out as the weight is stored."""
+        from .tensors import as_torch
+
+        a, b = as_torch(adapter.buffer(self.a_key)).float(), as_torch(adapter.buffer(self.b_key)).float()
+        delta = (self.scale * b) @ a
+        return delta.T if self.fan_in_fan_out else delta
+
+
+def adapter_targets(adapter_dir: Path, adapter: Checkpoint, residual: Checkpoint, residual_dir: Path | str
+                    ) -> list[AdapterTarget]:
+    """Every module of the adapter in `adapter_dir`, paired with its weight in
+    `residual`, with PEFT's rank and scale. Refuses, naming the module, an adapter
+    whose module has no weight there or whose shapes do not fit it."""
+    config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+    targets = []
+    for module, (a_key, b_key) in adapter_modules(adapter, adapter_dir / ADAPTER_WEIGHTS).items():
+        tensor = residual_weight_name(residual, module)
+        if tensor is None:
+            raise AdapterMismatchError(f"{adapter_dir}: module '{module}' has no weight in {residual_dir}")
+        a_shape, b_shape = adapter.info(a_key).shape, adapter.info(b_key).shape
+        w_shape = tuple(residual.info(tensor).shape)
+        expected = (a_shape[1], b_shape[0]) if fan_in_fan_out else (b_shape[0], a_shape[1])
+        if w_shape != expected or a_shape[0] != b_shape[1]:
+            raise AdapterMismatchError(
+                f"{adapter_dir}: module '{module}': adapter B{list(b_shape)} A{list(a_shape)} does not fit weight "
+                f"'{tensor}' {list(w_shape)} of {residual_dir}; they do not belong together"
+            )
+        r, _, scale = module_scaling(module.removeprefix("base_model.model."), config["r"], config["lora_alpha"],
+                                     config.get("rank_pattern") or {}, config.get("alpha_pattern") or {},
+                                     config.get("use_rslora", False))
+        if a_shape[0] != r:
+            raise AdapterMismatchError(
+                f"{adapter_dir}: module '{module}' ({tensor}): adapter rank {a_shape[0]} but adapter_config says r={r}"
+            )
+        targets.append(AdapterTarget(tensor, module, a_key, b_key, r, scale, fan_in_fan_out))
+    return targets
 
 
 def lora_a_key(module: str) -> str:

@@ -3,40 +3,24 @@ bitsandbytes, as QPiSSA trains it) plus the float32 PiSSA adapter, trainable."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import torch
 
-from .decompose import ADAPTER_SUBDIR
-from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterMismatchError, adapter_modules
+from ._pissa_rs import Checkpoint
+from .decompose import ADAPTER_SUBDIR, REPORT_NAME
+from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterMismatchError, adapter_targets
 
 QUANTIZE = (None, "nf4", "fp4", "int8")
 
 
-def _check_adapter_fits(model, adapter_dir: Path) -> None:
-    """Refuse, naming the module, an adapter whose modules or shapes are not the model's."""
-    from transformers.pytorch_utils import Conv1D
-
-    from ._pissa_rs import Checkpoint
-
-    modules = dict(model.named_modules())
-    adapter = Checkpoint(adapter_dir / ADAPTER_WEIGHTS)
-    for full_name, (a_key, b_key) in adapter_modules(adapter, adapter_dir / ADAPTER_WEIGHTS).items():
-        name = full_name.removeprefix("base_model.model.")
-        module = modules.get(name)
-        if module is None:
-            raise AdapterMismatchError(f"{adapter_dir}: module '{name}' does not exist in the residual model")
-        a, b = adapter.info(a_key).shape, adapter.info(b_key).shape
-        if isinstance(module, Conv1D):
-            in_f, out_f = module.weight.shape
-        else:
-            in_f, out_f = getattr(module, "in_features", None), getattr(module, "out_features", None)
-        if (a[1], b[0]) != (in_f, out_f) or a[0] != b[1]:
-            raise AdapterMismatchError(
-                f"{adapter_dir}: module '{name}' is {in_f} -> {out_f} in the residual model but the adapter has "
-                f"lora_A {list(a)} and lora_B {list(b)}: they do not belong together"
-            )
+def _double_quant(out: Path, quantize: str | None) -> bool:
+    """Double quantization when OUT was decomposed for it (its report says so)."""
+    report = out / REPORT_NAME
+    options = json.loads(report.read_text()).get("options", {}) if report.is_file() else {}
+    return bool(options.get("double_quant")) and options.get("quantize") == quantize
 
 
 def load_for_training(out: str | os.PathLike[str], quantize: str | None = None, device_map=None,
@@ -44,8 +28,12 @@ def load_for_training(out: str | os.PathLike[str], quantize: str | None = None, 
     """A trainable PeftModel from a decomposition's output directory.
 
     quantize: None (the residual in its stored dtype), "nf4" / "fp4" (4-bit, bitsandbytes'
-    defaults as transformers' BitsAndBytesConfig sets them, no double quantization) or
-    "int8"; the adapter stays float32 and the model is prepared for k-bit training.
+    defaults as transformers' BitsAndBytesConfig sets them; double quantization only
+    when the decomposition was made for it) or "int8"; the residual is loaded in its
+    stored dtype, so a QPiSSA residual re-quantizes to exactly the weights the
+    decomposition computed. The adapter stays float32 and the model is prepared
+    for k-bit training. An adapter whose modules, shapes or ranks do not fit the
+    residual is refused before anything is loaded.
     """
     from peft import PeftModel, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -57,14 +45,15 @@ def load_for_training(out: str | os.PathLike[str], quantize: str | None = None, 
     for needed in (adapter_dir / ADAPTER_WEIGHTS, adapter_dir / ADAPTER_CONFIG):
         if not needed.is_file():
             raise AdapterMismatchError(f"{needed}: missing; is {out} a pissa_rs output?")
+    adapter_targets(adapter_dir, Checkpoint(adapter_dir / ADAPTER_WEIGHTS), Checkpoint(out), out)
     kwargs = {}
     if quantize in ("nf4", "fp4"):
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=quantize, bnb_4bit_compute_dtype=compute_dtype)
+            load_in_4bit=True, bnb_4bit_quant_type=quantize, bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_use_double_quant=_double_quant(out, quantize))
     elif quantize == "int8":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-    model = AutoModelForCausalLM.from_pretrained(out, device_map=device_map, **kwargs)
-    _check_adapter_fits(model, adapter_dir)
+    model = AutoModelForCausalLM.from_pretrained(out, device_map=device_map, dtype="auto", **kwargs)
     if quantize:
         model = prepare_model_for_kbit_training(model)
     return PeftModel.from_pretrained(model, out, subfolder=ADAPTER_SUBDIR, is_trainable=True)

@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 
 from ._pissa_rs import Checkpoint
-from .decompose import ADAPTER_SUBDIR
-from .merge import residual_weight_name
-from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_modules, module_scaling
+from .decompose import ADAPTER_SUBDIR, REPORT_NAME
+from .peft_format import ADAPTER_WEIGHTS, AdapterMismatchError, AdapterTarget, adapter_targets
+from .quant import Quantization
 from .tensors import as_torch
 
 
@@ -29,21 +29,31 @@ class VerifyReport:
         return not self.problems
 
 
+def _stored_quantization(out: Path) -> Quantization | None:
+    """The quantization of the residual OUT stores (QPiSSA with quant_iters > 1), from its report."""
+    options = json.loads((out / REPORT_NAME).read_text()).get("options", {})
+    if options.get("quantize") and options.get("quant_iters", 1) > 1:
+        return Quantization(options["quantize"], double_quant=options.get("double_quant", False))
+    return None
+
+
 def verify(out: str | os.PathLike[str], against: str | os.PathLike[str]) -> VerifyReport:
     """Compare a decomposition's OUT with the ORIGINAL checkpoint it came from.
 
     A target passes when |W - (W_res + s*B@A)| <= eps(dtype) * (|W_res| + |W|)
-    elementwise (two roundings: the residual's and the original's at most).
+    elementwise (two roundings: the residual's and the original's at most); a
+    quantized residual (QPiSSA, quant_iters > 1) when the difference is within
+    the quantization's own error bound for W - s*B@A.
     """
-    from peft import LoraConfig
-
     out, against = Path(out), Path(against)
     report = VerifyReport()
+    if not (out / REPORT_NAME).is_file():
+        report.problems.append(f"{REPORT_NAME}: missing in {out}; the decomposition did not finish")
+        return report
+    quant = _stored_quantization(out)
     residual, original = Checkpoint(out), Checkpoint(against)
     adapter_dir = out / ADAPTER_SUBDIR
     adapter = Checkpoint(adapter_dir / ADAPTER_WEIGHTS)
-    config = LoraConfig.from_pretrained(str(adapter_dir))
-    raw_config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
 
     layout = [(t.name, t.dtype, tuple(t.shape)) for t in original.tensors]
     if sorted(layout) != sorted((t.name, t.dtype, tuple(t.shape)) for t in residual.tensors):
@@ -55,42 +65,46 @@ def verify(out: str | os.PathLike[str], against: str | os.PathLike[str]) -> Veri
         report.problems += [f"{name}: in {out} but not in {against}" for name in sorted(extra)]
         return report
 
-    targets = {}
-    for module, (a_key, b_key) in adapter_modules(adapter, adapter_dir / ADAPTER_WEIGHTS).items():
-        tensor = residual_weight_name(residual, module)
-        if tensor is None:
-            report.problems.append(f"adapter module '{module}': no weight in {out}")
-            continue
-        targets[tensor] = (module.removeprefix("base_model.model."), a_key, b_key)
+    try:
+        targets = {t.tensor: t for t in adapter_targets(adapter_dir, adapter, residual, out)}
+    except AdapterMismatchError as err:
+        report.problems.append(str(err))
+        return report
 
     for info in original.tensors:
         name = info.name
-        if name not in targets:
+        target = targets.get(name)
+        if target is None:
             if bytes(original.buffer(name)) != bytes(residual.buffer(name)):
                 report.problems.append(f"{name}: pass-through tensor differs from {against}")
             report.checked_passthrough += 1
         else:
-            module, a_key, b_key = targets[name]
-            r, _, scale = module_scaling(module, config.r, config.lora_alpha, config.rank_pattern,
-                                         config.alpha_pattern, config.use_rslora)
-            a, b = as_torch(adapter.buffer(a_key)), as_torch(adapter.buffer(b_key))
-            if a.shape[0] != r or b.shape[1] != r:
-                report.problems.append(f"{name}: adapter rank {a.shape[0]} but adapter_config says r={r}")
-                continue
-            delta = (scale * b.float()) @ a.float()
-            if raw_config.get("fan_in_fan_out"):
-                delta = delta.T
-            w = as_torch(original.buffer(name)).double()
-            w_res = as_torch(residual.buffer(name)).double()
-            error = (w - (w_res + delta.double())).abs()
-            bound = torch.finfo(as_torch(original.buffer(name)).dtype).eps * (w_res.abs() + w.abs()) + 1e-30
-            if not torch.all(error <= bound):
-                worst = (error - bound).argmax().item()
-                report.problems.append(
-                    f"{name}: residual + s*B@A differs from {against} by {error.flatten()[worst].item():.3g} "
-                    f"(allowed {bound.flatten()[worst].item():.3g})"
-                )
+            problem = _reconstruction_problem(name, target, original, residual, adapter, quant)
+            if problem:
+                report.problems.append(f"{problem} from {against}")
             report.checked_targets += 1
         original.release(name)
         residual.release(name)
     return report
+
+
+def _reconstruction_problem(name: str, target: AdapterTarget, original: Checkpoint, residual: Checkpoint,
+                            adapter: Checkpoint, quant: Quantization | None) -> str | None:
+    stored = as_torch(original.buffer(name))
+    delta = target.delta(adapter)
+    w = stored.double()
+    w_res = as_torch(residual.buffer(name)).double()
+    error = (w - (w_res + delta.double())).abs()
+    bound = torch.finfo(stored.dtype).eps * (w_res.abs() + w.abs()) + 1e-30
+    what = "within rounding"
+    if quant is not None:  # bitsandbytes quantizes the weight laid out out x in
+        oriented = (w - delta.double()).float()
+        oriented = oriented.T if target.fan_in_fan_out else oriented
+        quant_bound = quant.error_bound(oriented)
+        bound = bound + (quant_bound.T if target.fan_in_fan_out else quant_bound).double()
+        what = f"within {quant.kind} quantization error"
+    if torch.all(error <= bound):
+        return None
+    worst = (error - bound).argmax().item()
+    return (f"{name}: residual + s*B@A is not {what}: differs by {error.flatten()[worst].item():.3g} "
+            f"(allowed {bound.flatten()[worst].item():.3g})")

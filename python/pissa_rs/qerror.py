@@ -1,0 +1,57 @@
+"""`pissa-rs qerror`: the paper's quantization-error reduction of any residual +
+adapter pair on disk against its original, one weight at a time (out of core)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._pissa_rs import Checkpoint
+from .decompose import ADAPTER_SUBDIR, REPORT_NAME
+from .peft_format import ADAPTER_WEIGHTS, adapter_targets
+from .quant import Quantization, quantization_error
+from .tensors import as_torch
+
+
+def _reported_quantization(out: Path) -> dict:
+    report = out / REPORT_NAME
+    return json.loads(report.read_text()).get("options", {}) if report.is_file() else {}
+
+
+def measure_quantization_error(out: str | os.PathLike[str], against: str | os.PathLike[str],
+                               quantize: str | None = None, double_quant: bool | None = None,
+                               device: str = "cpu") -> dict[str, Any]:
+    """For every adapter module of OUT: ||W - (deq(quant(W_res)) + s*B@A)||_*, QLoRA's
+    ||W - deq(quant(W))||_* and 1 - their ratio, W from `against`. `quantize` and
+    `double_quant` default to what OUT's report names (else nf4, no double quant)."""
+    out, against = Path(out), Path(against)
+    reported = _reported_quantization(out)
+    kind = quantize or reported.get("quantize") or "nf4"
+    if double_quant is None:
+        double_quant = bool(reported.get("double_quant")) and reported.get("quantize") == kind
+    quant = Quantization(kind, double_quant=double_quant)
+    residual, original = Checkpoint(out), Checkpoint(against)
+    adapter_dir = out / ADAPTER_SUBDIR
+    adapter = Checkpoint(adapter_dir / ADAPTER_WEIGHTS)
+    rows = []
+    for target in adapter_targets(adapter_dir, adapter, residual, out):
+        w = as_torch(original.buffer(target.tensor)).to(device)
+        w_res = as_torch(residual.buffer(target.tensor)).to(device)
+        lora_A = as_torch(adapter.buffer(target.a_key)).to(device)
+        lora_B = as_torch(adapter.buffer(target.b_key)).to(device)
+        with torch.no_grad():
+            measured = quantization_error(w, w_res, lora_A, lora_B, target.scale, quant, target.fan_in_fan_out)
+        rows.append({"tensor": target.tensor, "quant_error": measured.error, "qlora_error": measured.qlora_error,
+                     "error_reduction": measured.reduction})
+        original.release(target.tensor)
+        residual.release(target.tensor)
+    return {
+        "quantize": kind,
+        "double_quant": double_quant,
+        "error_reduction_mean": sum(r["error_reduction"] for r in rows) / max(len(rows), 1),
+        "tensors": rows,
+    }

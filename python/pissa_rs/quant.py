@@ -1,0 +1,173 @@
+"""QPiSSA: the residual quantized as bitsandbytes quantizes it when transformers
+loads a model in 4 or 8 bits, the paper's quantization-error metric, and LoftQ's
+procedure to compare with. Pure torch + bitsandbytes' own kernels, no I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .factors import Factors, factors_at_ranks
+
+QUANT_TYPES = ("nf4", "fp4", "int8")
+# Largest gap between neighbouring code values (as a fraction of the block's absmax):
+# nf4 between -1 and -0.6962; bitsandbytes' fp4 between 0.6667 and 1 (and -).
+_MAX_CODE_GAP = {"nf4": 1 - 0.6961928009986877, "fp4": 1 / 3}
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """One bitsandbytes quantization, with the settings transformers'
+    BitsAndBytesConfig gives it at load time: 4-bit blocks of 64 (Linear4bit's
+    default), double quantization only when asked; int8 is LLM.int8()'s
+    row-wise absmax of the weight cast to float16 (Int8Params)."""
+
+    kind: str  # "nf4", "fp4" or "int8"
+    double_quant: bool = False
+    blocksize: int = 64
+
+    def __post_init__(self):
+        if self.kind not in QUANT_TYPES:
+            raise ValueError(f"quantize must be one of {QUANT_TYPES}, got {self.kind!r}")
+
+    @property
+    def bits(self) -> int:
+        return 8 if self.kind == "int8" else 4
+
+    def roundtrip(self, x: torch.Tensor) -> torch.Tensor:
+        """deq(quant(x)) in x's dtype: the weight a model loaded with this
+        quantization computes with when x (out x in) is stored."""
+        import bitsandbytes.functional as bnbf
+
+        if self.kind == "int8":
+            codes, stats, _ = bnbf.int8_vectorwise_quant(x.contiguous().to(torch.float16))
+            return bnbf.int8_vectorwise_dequant(codes, stats).to(x.dtype)
+        codes, state = bnbf.quantize_4bit(x.contiguous(), blocksize=self.blocksize,
+                                          compress_statistics=self.double_quant, quant_type=self.kind)
+        return bnbf.dequantize_4bit(codes, state).to(x.dtype)
+
+    def project(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """deq(quant(x)) stored in `dtype` so that quantizing it again gives it
+        back exactly: loading the stored residual in 4/8 bits reproduces the
+        weight the decomposition computed (the cast to `dtype` can move a
+        block's absmax, so a second round is sometimes needed). With double
+        quantization there may be no fixed point: the 8-bit absmax codes are
+        offset by their mean, which moves each round; the result then
+        re-quantizes to within that 8-bit error, not exactly."""
+        y = self.roundtrip(x.to(dtype))
+        for _ in range(4):
+            again = self.roundtrip(y)
+            if torch.equal(again, y):
+                return y
+            y = again
+        if self.double_quant:
+            return y
+        raise RuntimeError(f"{self.kind} quantization did not reach a fixed point in {dtype}")
+
+    def error_bound(self, x: torch.Tensor) -> torch.Tensor:
+        """An elementwise bound on |x - deq(quant(x))| (x float32, out x in):
+        half the widest code gap times the block's (or row's) absmax, plus the
+        float16 cast int8 makes. Used to check stored quantized residuals."""
+        if self.kind == "int8":
+            rowmax = x.abs().amax(dim=-1, keepdim=True)
+            return (rowmax / 127 * 0.5 + x.abs() * 2.0**-11) * 1.01 + rowmax * 2.0**-10
+        flat = x.reshape(-1)
+        pad = (-flat.numel()) % self.blocksize
+        blocks = torch.nn.functional.pad(flat.abs(), (0, pad)).view(-1, self.blocksize)
+        absmax = blocks.amax(dim=1, keepdim=True).expand_as(blocks).reshape(-1)[: flat.numel()]
+        # Double quantization stores the absmax itself in 8 bits: allow for its error.
+        slack = 1.05 if self.double_quant else 1.01
+        return (absmax * (_MAX_CODE_GAP[self.kind] / 2) * slack).view_as(x)
+
+
+def nuclear_norm(x: torch.Tensor) -> float:
+    """||x||_*: the sum of x's singular values (float32 SVD, summed in float64)."""
+    return torch.linalg.svdvals(x.to(torch.float32)).double().sum().item()
+
+
+def _oriented(t: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    return t.T if fan_in_fan_out else t
+
+
+def qpissa_factors_at_ranks(
+    weight: torch.Tensor,
+    ranks: list[tuple[int, float]],
+    quant: Quantization,
+    iters: int,
+    niter: int = 4,
+    seed: int | None = None,
+    adapter_dtype: torch.dtype = torch.float32,
+    fan_in_fan_out: bool = False,
+) -> list[Factors]:
+    """QPiSSA with `iters` iterations (DESIGN.md): the first takes W's principal
+    factors; each next one takes those of W - deq(quant(W - s*B@A)). With one
+    iteration the result is plain PiSSA (an unquantized residual, which loading
+    in 4/8 bits quantizes); with more, the residual stored is deq(quant(W - s*B@A))
+    in W's dtype and the adapter is the last A, B. Every rank iterates on its own
+    from the shared first SVD."""
+    if iters < 1:
+        raise ValueError(f"quant_iters must be >= 1, got {iters}")
+    first = factors_at_ranks(weight, ranks, niter, seed, adapter_dtype, fan_in_fan_out)
+    if iters == 1:
+        return first
+    w = _oriented(weight, fan_in_fan_out).to(torch.float32)
+    results = []
+    for (r, scale), factors in zip(ranks, first):
+        lora_A, lora_B = factors.lora_A, factors.lora_B
+        for _ in range(iters - 1):
+            deq = quant.project(w - scale * (lora_B.float() @ lora_A.float()), weight.dtype)
+            again = factors_at_ranks(w - deq.float(), [(r, scale)], niter, seed, adapter_dtype)[0]
+            lora_A, lora_B = again.lora_A, again.lora_B
+        target = w - scale * (lora_B.float() @ lora_A.float())
+        residual = quant.project(target, weight.dtype)
+        max_abs_error = (residual.float() - target).abs().max().item() if residual.numel() else 0.0
+        results.append(Factors(
+            lora_A=lora_A, lora_B=lora_B, residual=_oriented(residual, fan_in_fan_out).contiguous(),
+            singular_values=factors.singular_values, energy_kept=factors.energy_kept, max_abs_error=max_abs_error,
+        ))
+    return results
+
+
+@dataclass
+class QuantError:
+    """The paper's metric for one weight: nuclear norms of the 4/8-bit error."""
+
+    error: float  # ||W - (deq(quant(W_res)) + s*B@A)||_*
+    qlora_error: float  # ||W - deq(quant(W))||_*: quantizing W itself, as QLoRA does
+
+    @property
+    def reduction(self) -> float:
+        """1 - error / qlora_error: the share of QLoRA's error this adapter removes."""
+        return 1.0 - self.error / self.qlora_error if self.qlora_error > 0 else 0.0
+
+
+def quantization_error(weight: torch.Tensor, residual: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                       scale: float, quant: Quantization, fan_in_fan_out: bool = False) -> QuantError:
+    """QPiSSA's error and QLoRA's for one weight, from the tensors as stored
+    (weight and residual in the stored orientation, in their own dtype)."""
+    w_stored = _oriented(weight, fan_in_fan_out)
+    w = w_stored.to(torch.float32)
+    effective = quant.roundtrip(_oriented(residual, fan_in_fan_out)).to(torch.float32)
+    effective += scale * (lora_B.to(torch.float32) @ lora_A.to(torch.float32))
+    error = nuclear_norm(w - effective)
+    del effective
+    qlora_error = nuclear_norm(w - quant.roundtrip(w_stored).to(torch.float32))
+    return QuantError(error=error, qlora_error=qlora_error)
+
+
+def loftq_error(weight: torch.Tensor, r: int, iters: int, quant: Quantization, fan_in_fan_out: bool = False) -> float:
+    """||W - (deq + L@R)||_* after LoftQ's alternation as PEFT's loftq_init runs
+    it: quantize res (float32), exact SVD of W - deq, res = W - L@R, `iters` times.
+    PEFT's own function only runs on CUDA/XPU; this is its procedure, step for step."""
+    w = _oriented(weight, fan_in_fan_out).to(torch.float32)
+    res = w
+    for i in range(iters):
+        deq = quant.roundtrip(res).to(torch.float32)
+        U, S, Vh = torch.linalg.svd(w - deq, full_matrices=False)
+        sqrt_s = S[:r].sqrt()
+        low_rank = (U[:, :r] * sqrt_s) @ (sqrt_s[:, None] * Vh[:r])
+        if i + 1 == iters:
+            break
+        res = w - low_rank
+    return nuclear_norm(w - deq - low_rank)
