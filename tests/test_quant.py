@@ -233,3 +233,19 @@ def test_cli_quantize_flags(tmp_path, capsys):
     report = json.loads((tmp_path / "o" / "pissa_report.json").read_text())
     assert report["options"]["double_quant"] is True
     assert pissa_rs.verify(tmp_path / "o", against=src).ok
+
+
+def test_error_measurement_can_be_skipped_and_the_plan_counts_it(tmp_path):
+    src = save_tiny_model(tmp_path / "m", layers=1, hidden=128, intermediate=256, decay=0.7)
+    plain = pissa_rs.plan(src, r=8)
+    measured = pissa_rs.plan(src, r=8, quantize="nf4", quant_iters=3)
+    assert "QPiSSA for nf4 x3 + error measurement" in measured.describe()
+    assert measured.estimated_seconds > 2 * plain.estimated_seconds
+    res = pissa_rs.decompose_checkpoint(src, r=8, out=tmp_path / "o", quantize="nf4", quant_iters=2,
+                                        measure_error=False, progress=False)
+    assert "error_reduction" not in res.report["tensors"][0]
+    assert "error_reduction_mean" not in res.report["totals"]
+    # Measured afterwards from the files instead.
+    assert pissa_rs.measure_quantization_error(res.out, src)["error_reduction_mean"] > 0
+    with pytest.raises(ValueError, match="compare_loftq needs measure_error"):
+        pissa_rs.plan(src, r=8, quantize="nf4", compare_loftq=True, measure_error=False)

@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --quantize nf4/fp4: bitsandbytes' double quantization (bnb_4bit_use_double_quant)")
     dec.add_argument("--compare-loftq", action="store_true",
                      help="with --quantize: also measure LoftQ's error at the same rank and iterations")
+    dec.add_argument("--no-measure-error", action="store_true",
+                     help="with --quantize: skip the per-weight error measurement (two full SVDs per weight; "
+                     "slow on a CPU for big models); `pissa-rs qerror` can measure it later")
     dec.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     dec.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     dec.add_argument("--dry-run", action="store_true",
@@ -147,7 +150,7 @@ def _decompose(args) -> int:
         exclude_modules=args.exclude_modules, rank_pattern=args.rank_pattern, alpha_pattern=args.alpha_pattern,
         use_rslora=args.use_rslora, device=args.device, seed=args.seed, adapter_dtype=args.adapter_dtype,
         quantize=args.quantize, quant_iters=args.quant_iters, double_quant=args.double_quant,
-        compare_loftq=args.compare_loftq,
+        compare_loftq=args.compare_loftq, measure_error=not args.no_measure_error,
     ).validate()
     if args.dry_run:
         plan = plan_decomposition(Path(args.path), options, args.out)

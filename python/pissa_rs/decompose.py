@@ -49,6 +49,7 @@ class DecomposeOptions:
     quant_iters: int = 1  # 1: plain PiSSA residual; T > 1: residual stored as deq(quant(W - s*B@A))
     double_quant: bool = False  # 4-bit: bitsandbytes' double quantization of the block absmax
     compare_loftq: bool = False  # also measure LoftQ's error at the same rank and iterations
+    measure_error: bool = True  # with quantize: the nuclear-norm error reduction per weight (two full SVDs each)
 
     def validate(self) -> DecomposeOptions:
         ranks = list(self.r) if isinstance(self.r, (list, tuple)) else [self.r]
@@ -78,6 +79,8 @@ class DecomposeOptions:
             raise ValueError(f"quant_iters must be an integer >= 1, got {self.quant_iters!r}")
         if self.quantize is None and (self.quant_iters > 1 or self.compare_loftq or self.double_quant):
             raise ValueError("quant_iters, double_quant and compare_loftq need quantize ('nf4', 'fp4' or 'int8')")
+        if self.compare_loftq and not self.measure_error:
+            raise ValueError("compare_loftq needs measure_error: LoftQ is compared by the same measurement")
         if self.double_quant and self.quantize == "int8":
             raise ValueError("double_quant applies to 4-bit quantization, not int8")
         if self.device is None:
@@ -246,6 +249,7 @@ def decompose_checkpoint(
     quant_iters: int = 1,
     double_quant: bool = False,
     compare_loftq: bool = False,
+    measure_error: bool = True,
     overwrite: bool = False,
     progress: bool = True,
 ) -> DecomposeResult | list[DecomposeResult]:
@@ -263,14 +267,16 @@ def decompose_checkpoint(
     QPiSSA: `quantize` ("nf4", "fp4", "int8") names the quantization training will
     load the residual with (`load_for_training(out, quantize=...)`). The report then
     gives, per tensor, the paper's error reduction against quantizing W itself
-    (QLoRA), and LoftQ's with `compare_loftq`. With `quant_iters` T > 1 the stored
-    residual is deq(quant(W - s*B@A)) after T alternations, in W's dtype.
+    (QLoRA), and LoftQ's with `compare_loftq`; that costs two full SVDs per weight
+    (`measure_error=False` skips it; `pissa-rs qerror` measures it later). With
+    `quant_iters` T > 1 the stored residual is deq(quant(W - s*B@A)) after T
+    alternations, in W's dtype.
     """
     options = DecomposeOptions(
         r=r, lora_alpha=lora_alpha, niter=niter, target_modules=target_modules, exclude_modules=exclude_modules,
         rank_pattern=dict(rank_pattern or {}), alpha_pattern=dict(alpha_pattern or {}), use_rslora=use_rslora,
         device=device, seed=seed, adapter_dtype=adapter_dtype, quantize=quantize, quant_iters=quant_iters,
-        double_quant=double_quant, compare_loftq=compare_loftq,
+        double_quant=double_quant, compare_loftq=compare_loftq, measure_error=measure_error,
     ).validate()
     return run_decomposition(Path(path), options, out=Path(out) if out else None, overwrite=overwrite, progress=progress)
 
@@ -457,7 +463,7 @@ def _decompose_one(checkpoint: Checkpoint, index: int, outputs: list[_Output], d
         all_factors = qpissa_factors_at_ranks(weight, ranks, quant, first.quant_iters, niter=first.niter, seed=seed,
                                               adapter_dtype=adapter_dtype, fan_in_fan_out=fan_in_fan_out)
     seconds = time.perf_counter() - t0
-    measured = [_quant_metrics(weight, f, s, t.r, first, fan_in_fan_out) if quant else {}
+    measured = [_quant_metrics(weight, f, s, t.r, first, fan_in_fan_out) if quant and first.measure_error else {}
                 for f, s, t in zip(all_factors, scales, targets)]
     del weight
     for k, (output, target, scale, factors) in enumerate(zip(outputs, targets, scales, all_factors)):

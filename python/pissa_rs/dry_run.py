@@ -32,12 +32,20 @@ class DecompositionPlan:
     def fits_on_disk(self) -> bool:
         return self.residual_bytes + self.adapter_bytes <= self.free_bytes
 
+    @property
+    def _qpissa(self) -> str:
+        o = self.options
+        if not o.quantize:
+            return ""
+        measured = " + error measurement" + (" and LoftQ" if o.compare_loftq else "") if o.measure_error else ""
+        return f", QPiSSA for {o.quantize}{' (double quant)' if o.double_quant else ''} x{o.quant_iters}{measured}"
+
     def describe(self) -> str:
         lines = [f"input:  {self.input} ({human_bytes(self.input_bytes)})",
                  f"output: {', '.join(map(str, self.outs))} (residual {human_bytes(self.residual_bytes)} + adapter "
                  f"{human_bytes(self.adapter_bytes)}; {human_bytes(self.free_bytes)} free"
                  f"{'' if self.fits_on_disk else ' -- DOES NOT FIT'})",
-                 f"method: {self.options.init_lora_weights}, device {self.options.device}, "
+                 f"method: {self.options.init_lora_weights}{self._qpissa}, device {self.options.device}, "
                  f"estimated {self.estimated_seconds:.1f} s of SVD work",
                  f"{len(self.targets)} targets:"]
         width = max((len(t.tensor) for t in self.targets), default=0)
@@ -57,6 +65,19 @@ def _svd_flops(t: Target, niter: int) -> float:
         k = min(m, n)
         return 2.0 * (4 * m * n * k + 8 * k**3)
     return 2.0 * ((2 * niter + 2) * m * n * t.r + (2 * niter + 1) * (m + n) * t.r**2)
+
+
+def _quant_flops(t: Target, opts: DecomposeOptions) -> tuple[float, float]:
+    """(more SVD flops, full-SVD flops) QPiSSA adds for one weight: its extra
+    iterations, and the error measurement (singular values of two full matrices,
+    T full SVDs more with LoftQ)."""
+    if not opts.quantize:
+        return 0.0, 0.0
+    m, n = t.shape
+    k, big = min(m, n), max(m, n)
+    svdvals = 4.0 * big * k * k - 4.0 / 3.0 * k**3  # Householder bidiagonalization
+    measure = (2 + (3 * opts.quant_iters + 1 if opts.compare_loftq else 0)) * svdvals if opts.measure_error else 0.0
+    return (opts.quant_iters - 1) * _svd_flops(t, opts.niter), measure
 
 
 def _device_flops(device: torch.device) -> float:
@@ -95,7 +116,11 @@ def plan_decomposition(path: Path, opts: DecomposeOptions, out: Path | None) -> 
     residual, adapter = sum(s[0] for s in sizes), sum(s[1] for s in sizes)
     # The matmul flops alone predicted 40 s for the TinyLlama-shaped benchmark on the
     # 2-core CPU; QRs, rounding and copies made it 72 s: hence the factor.
-    seconds = 1.8 * sum(_svd_flops(t, opts.niter) for t in found.targets) / _device_flops(torch.device(opts.device))
+    # Full SVDs (QPiSSA's error measurement) run at a lower rate: 2.5 s for the singular
+    # values of a 5632 x 2048 matrix on that CPU, 2 to 5x what its flops predict.
+    svd = sum(_svd_flops(t, opts.niter) + _quant_flops(t, opts)[0] for t in found.targets)
+    full = sum(_quant_flops(t, opts)[1] for t in found.targets)
+    seconds = (1.8 * svd + 3.5 * full) / _device_flops(torch.device(opts.device))
     return DecompositionPlan(
         input=path, outs=outs, options=opts, targets=found.targets, passthrough=passthrough,
         input_bytes=sum(i.nbytes for i in checkpoint.tensors), residual_bytes=residual, adapter_bytes=adapter,
