@@ -9,7 +9,7 @@ import pytest
 import safetensors.torch
 import torch
 from make_tiny_model import save_tiny_model
-from peft import LoraConfig, PeftModel
+from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 import pissa_rs

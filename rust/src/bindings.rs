@@ -16,6 +16,7 @@ use pyo3::types::PyTuple;
 use crate::checkpoint::{parse_dtype, Checkpoint, Shard, TensorEntry};
 use crate::error::Error;
 use crate::pipeline::{CopyJob, Pipeline, WriteJob};
+use crate::journal::Journal;
 use crate::writer::{ShardWriter, TensorSpec};
 
 create_exception!(
@@ -369,6 +370,28 @@ impl Drop for BorrowedBytes {
 }
 
 /// Writes one safetensors shard whose tensors are all known up front.
+/// An append-only record of the tensors written into temporary shard files,
+/// one JSON line each ({"file", "tensor", "len", "crc32"}), for resuming.
+#[pyclass(frozen, name = "Journal", module = "pissa_rs._pissa_rs")]
+pub struct PyJournal {
+    inner: Arc<Journal>,
+}
+
+#[pymethods]
+impl PyJournal {
+    #[new]
+    fn new(path: PathBuf) -> PyResult<Self> {
+        Ok(PyJournal {
+            inner: Arc::new(Journal::open(&path).map_err(to_py)?),
+        })
+    }
+
+    #[getter]
+    fn path(&self) -> String {
+        path_str(self.inner.path())
+    }
+}
+
 #[pyclass(frozen, name = "ShardWriter", module = "pissa_rs._pissa_rs")]
 pub struct PyShardWriter {
     inner: Arc<ShardWriter>,
@@ -377,13 +400,18 @@ pub struct PyShardWriter {
 #[pymethods]
 impl PyShardWriter {
     /// `tensors`: (name, dtype, shape) for every tensor the file will hold.
+    /// `journal`: record every tensor written (with its CRC-32) there;
+    /// `resume`: reopen an interrupted run's temporary file of this exact
+    /// layout instead of starting over (tensors in it count once `adopt`ed).
     #[new]
-    #[pyo3(signature = (path, tensors, metadata=None))]
+    #[pyo3(signature = (path, tensors, metadata=None, journal=None, resume=false))]
     fn new(
         py: Python<'_>,
         path: PathBuf,
         tensors: Vec<(String, String, Vec<usize>)>,
         metadata: Option<HashMap<String, String>>,
+        journal: Option<PyRef<'_, PyJournal>>,
+        resume: bool,
     ) -> PyResult<Self> {
         let mut specs = Vec::with_capacity(tensors.len());
         for (name, dtype, shape) in tensors {
@@ -396,8 +424,9 @@ impl PyShardWriter {
             };
             specs.push(TensorSpec { name, dtype, shape });
         }
+        let journal = journal.map(|j| j.inner.clone());
         let inner = py
-            .detach(|| ShardWriter::create(&path, &specs, metadata))
+            .detach(|| ShardWriter::open(&path, &specs, metadata, journal, resume))
             .map_err(to_py)?;
         Ok(PyShardWriter {
             inner: Arc::new(inner),
@@ -455,6 +484,17 @@ impl PyShardWriter {
     /// Remove the temporary file; the final name is never touched.
     fn abort(&self) {
         self.inner.abort()
+    }
+
+    /// Stop but keep the temporary file for a later run to resume.
+    fn suspend(&self) {
+        self.inner.suspend()
+    }
+
+    /// Count tensor `name` as written if the temporary file's bytes for it
+    /// have checksum `crc32` (from the journal of an interrupted run).
+    fn adopt(&self, py: Python<'_>, name: &str, crc32: u32) -> PyResult<bool> {
+        py.detach(|| self.inner.adopt(name, crc32)).map_err(to_py)
     }
 
     fn __enter__(slf: Py<Self>) -> Py<Self> {
@@ -593,6 +633,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<TensorInfo>()?;
     m.add_class::<TensorBuffer>()?;
     m.add_class::<PyShardWriter>()?;
+    m.add_class::<PyJournal>()?;
     m.add_class::<PyPipeline>()?;
     Ok(())
 }

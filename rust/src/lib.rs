@@ -4,6 +4,7 @@
 pub mod bindings;
 pub mod checkpoint;
 pub mod error;
+pub mod journal;
 pub mod pipeline;
 pub mod writer;
 

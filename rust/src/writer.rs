@@ -8,13 +8,14 @@ use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::Dtype;
 
 use crate::checkpoint::{Checkpoint, MAX_HEADER_LEN};
 use crate::error::{Error, Result};
+use crate::journal::Journal;
 
 /// What the writer must know of a tensor before any bytes arrive.
 #[derive(Clone, Debug)]
@@ -52,6 +53,8 @@ enum WriterState {
     Open,
     Finalized,
     Aborted,
+    /// Stopped with its temporary file kept, for a later run to resume.
+    Suspended,
 }
 
 /// The header a safetensors file holding `specs` starts with, as the crate
@@ -146,6 +149,7 @@ pub struct ShardWriter {
     order: Vec<String>,
     slots: Mutex<HashMap<String, Slot>>,
     state: Mutex<WriterState>,
+    journal: Option<Arc<Journal>>,
 }
 
 impl ShardWriter {
@@ -155,6 +159,19 @@ impl ShardWriter {
         path: &Path,
         specs: &[TensorSpec],
         metadata: Option<HashMap<String, String>>,
+    ) -> Result<ShardWriter> {
+        Self::open(path, specs, metadata, None, false)
+    }
+
+    /// `create`, recording every tensor written in `journal`; with `resume`,
+    /// an existing temporary file of exactly this layout (same length, same
+    /// header bytes) is reopened as it is, every slot pending until `adopt`ed.
+    pub fn open(
+        path: &Path,
+        specs: &[TensorSpec],
+        metadata: Option<HashMap<String, String>>,
+        journal: Option<Arc<Journal>>,
+        resume: bool,
     ) -> Result<ShardWriter> {
         let (header, ranges) = layout_header(path, specs, metadata)?;
         let file_name = path
@@ -166,14 +183,15 @@ impl ShardWriter {
             })?
             .to_string_lossy();
         let tmp_path = path.with_file_name(format!(".{file_name}.partial"));
+        let total_len = ranges.last().map_or(header.len() as u64, |r| r.2);
+        let reusable = resume && same_layout(&tmp_path, &header, total_len);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
-            .truncate(true)
+            .truncate(!reusable)
             .open(&tmp_path)
             .map_err(|e| Error::io(&tmp_path, "create", e))?;
-        let total_len = ranges.last().map_or(header.len() as u64, |r| r.2);
         let writer = ShardWriter {
             path: path.to_path_buf(),
             tmp_path: tmp_path.clone(),
@@ -199,8 +217,12 @@ impl ShardWriter {
                     .collect(),
             ),
             state: Mutex::new(WriterState::Open),
+            journal,
         };
         // From here on, dropping `writer` removes the temporary file.
+        if reusable {
+            return Ok(writer);
+        }
         writer.reserve()?;
         writer
             .file
@@ -267,6 +289,10 @@ impl ShardWriter {
                 path: self.path.clone(),
                 state: "aborted",
             }),
+            WriterState::Suspended => Err(Error::WriterClosed {
+                path: self.path.clone(),
+                state: "suspended",
+            }),
         }
     }
 
@@ -323,9 +349,53 @@ impl ShardWriter {
         let result = self
             .file
             .write_all_at(bytes, offset)
-            .map_err(|e| Error::io(&self.tmp_path, "write", e));
+            .map_err(|e| Error::io(&self.tmp_path, "write", e))
+            .and_then(|()| self.journal_tensor(name, bytes.len() as u64, || crc32fast::hash(bytes)));
         self.settle(name, result.is_ok());
         result
+    }
+
+    fn journal_tensor(&self, name: &str, len: u64, crc: impl FnOnce() -> u32) -> Result<()> {
+        match &self.journal {
+            Some(journal) => journal.record(&self.path, name, len, crc()),
+            None => Ok(()),
+        }
+    }
+
+    /// Take tensor `name` as already written (by an interrupted run) if the
+    /// temporary file's bytes for it have checksum `crc32`; false otherwise,
+    /// and the slot stays pending.
+    pub fn adopt(&self, name: &str, crc32: u32) -> Result<bool> {
+        self.check_open()?;
+        let (start, end) = {
+            let slots = self.slots.lock().expect("poisoned");
+            let slot = slots.get(name).ok_or_else(|| {
+                self.tensor_err(
+                    name,
+                    "not one of the tensors this shard was laid out for".into(),
+                )
+            })?;
+            if slot.state != SlotState::Pending {
+                return Ok(slot.state == SlotState::Done);
+            }
+            (slot.start, slot.end)
+        };
+        let mut hasher = crc32fast::Hasher::new();
+        let mut buf = vec![0u8; COPY_CHUNK.min((end - start) as usize)];
+        let mut at = start;
+        while at < end {
+            let n = buf.len().min((end - at) as usize);
+            self.file
+                .read_exact_at(&mut buf[..n], at)
+                .map_err(|e| Error::io(&self.tmp_path, "read back", e))?;
+            hasher.update(&buf[..n]);
+            at += n as u64;
+        }
+        let ok = hasher.finalize() == crc32;
+        if ok {
+            self.settle(name, true);
+        }
+        Ok(ok)
     }
 
     /// Copy tensor `source` of `checkpoint` into slot `name`, byte for byte.
@@ -352,16 +422,23 @@ impl ShardWriter {
         let offset = self.claim(name, bytes.len())?;
         let shard = &checkpoint.shards[entry.shard];
         let mut result = Ok(());
+        let mut hasher = crc32fast::Hasher::new();
         for (i, chunk) in bytes.chunks(COPY_CHUNK).enumerate() {
             let at = (i * COPY_CHUNK) as u64;
             result = self
                 .file
                 .write_all_at(chunk, offset + at)
                 .map_err(|e| Error::io(&self.tmp_path, "write", e));
+            if self.journal.is_some() {
+                hasher.update(chunk);
+            }
             shard.release(entry.start + at, entry.start + at + chunk.len() as u64);
             if result.is_err() {
                 break;
             }
+        }
+        if result.is_ok() {
+            result = self.journal_tensor(name, bytes.len() as u64, || hasher.finalize());
         }
         self.settle(name, result.is_ok());
         result
@@ -399,6 +476,15 @@ impl ShardWriter {
         Ok(self.path.clone())
     }
 
+    /// Stop, keeping the temporary file (and what the journal says of it) for
+    /// a later run to resume. The final name is never touched.
+    pub fn suspend(&self) {
+        let mut state = self.state.lock().expect("poisoned");
+        if *state == WriterState::Open {
+            *state = WriterState::Suspended;
+        }
+    }
+
     /// Give up: remove the temporary file. The final name is never touched.
     pub fn abort(&self) {
         let mut state = self.state.lock().expect("poisoned");
@@ -413,6 +499,18 @@ impl Drop for ShardWriter {
     fn drop(&mut self) {
         self.abort();
     }
+}
+
+/// Whether `tmp_path` is a file of `total_len` bytes starting with `header`.
+fn same_layout(tmp_path: &Path, header: &[u8], total_len: u64) -> bool {
+    let Ok(file) = File::open(tmp_path) else {
+        return false;
+    };
+    if file.metadata().map(|m| m.len()).ok() != Some(total_len) {
+        return false;
+    }
+    let mut existing = vec![0u8; header.len()];
+    file.read_exact_at(&mut existing, 0).is_ok() && existing == header
 }
 
 /// fsync the directory holding `path`, so a rename into it survives a crash.
