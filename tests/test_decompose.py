@@ -243,9 +243,18 @@ def test_existing_output_is_refused_unless_overwrite(llama, tmp_path):
     out = tmp_path / "o"
     pissa_rs.decompose_checkpoint(llama, r=4, niter=1, out=out, progress=False)
     first = (out / "pissa_init" / "adapter_model.safetensors").read_bytes()
-    with pytest.raises(pissa_rs.TargetError, match="not empty.*overwrite"):
+    with pytest.raises(pissa_rs.RunMismatchError, match=r"other inputs or options \(option niter=1 \(this run: 4\)\)"
+                       ".*overwrite"):
         pissa_rs.decompose_checkpoint(llama, r=4, out=out, progress=False)
     assert (out / "pissa_init" / "adapter_model.safetensors").read_bytes() == first
+    # The same command again: nothing to do, nothing touched.
+    again = pissa_rs.decompose_checkpoint(llama, r=4, niter=1, out=out, progress=False)
+    assert again.status == "complete" and (out / "pissa_init" / "adapter_model.safetensors").read_bytes() == first
+    # A non-empty directory that is no pissa_rs output at all.
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text("{}")
+    with pytest.raises(pissa_rs.TargetError, match="not empty.*overwrite"):
+        pissa_rs.decompose_checkpoint(llama, r=4, out=tmp_path / "other", progress=False)
     (out / ".model.safetensors.index.json.partial").write_text("left by a crash")
     pissa_rs.decompose_checkpoint(llama, r=4, niter=2, out=out, overwrite=True, progress=False)
     assert (out / "pissa_init" / "adapter_model.safetensors").read_bytes() != first
@@ -400,9 +409,17 @@ def test_a_failure_mid_run_leaves_no_file_under_a_final_name(llama, tmp_path, mo
     out = tmp_path / "o"
     with pytest.raises(KeyboardInterrupt):
         pissa_rs.decompose_checkpoint(llama, r=4, out=out, progress=False)
-    left = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
-    # Only the (empty) adapter directory: no shard, adapter, index, config or report.
-    assert left == ["pissa_init"], left
-    monkeypatch.setattr(driver, "factors_at_ranks", real)
-    res = pissa_rs.decompose_checkpoint(llama, r=4, out=out, overwrite=True, progress=False)
-    assert (res.out / "pissa_report.json").exists()
+    # No shard, adapter, index, config or report under its final name: only the
+    # hidden temporary files and journals a rerun resumes from.
+    finals = [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    assert finals == [], finals
+    assert (out / ".pissa_journal.jsonl").is_file()
+    resumed = []
+    monkeypatch.setattr(driver, "factors_at_ranks", lambda *a, **k: resumed.append(1) or real(*a, **k))
+    res = pissa_rs.decompose_checkpoint(llama, r=4, out=out, progress=False)
+    # The 4 targets done before the interrupt were kept, not recomputed.
+    assert res.status == "resumed" and len(resumed) == len(res.report["tensors"]) - 4
+    assert not list(out.rglob(".*"))  # journals and temporary files gone once complete
+    fresh = pissa_rs.decompose_checkpoint(llama, r=4, out=tmp_path / "fresh", progress=False)
+    for f in sorted(p.relative_to(fresh.out) for p in fresh.out.rglob("*.safetensors")):
+        assert (out / f).read_bytes() == (fresh.out / f).read_bytes(), f

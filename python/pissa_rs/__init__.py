@@ -27,6 +27,7 @@ from .factors import Factors, principal_factors
 from .merge import merge_adapter
 from .qerror import measure_quantization_error
 from .quant import QuantError, Quantization
+from .resume import InputChangedError, OutputLockedError, RunMismatchError
 from .targets import Target, TargetError, resolve_targets
 from .tensors import as_numpy_bytes, as_torch
 from .training import load_for_training
@@ -66,6 +67,9 @@ __all__ = [
     "convert_to_lora",
     "load_for_training",
     "merge_adapter",
+    "InputChangedError",
+    "OutputLockedError",
+    "RunMismatchError",
     "measure_quantization_error",
     "Quantization",
     "QuantError",

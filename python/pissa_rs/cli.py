@@ -160,6 +160,9 @@ def _decompose(args) -> int:
                                 progress=not args.no_progress)
     for result in results if isinstance(results, list) else [results]:
         totals = result.report["totals"]
+        if result.status != "fresh":
+            print(f"{result.out}: " + ("already complete; nothing to do" if result.status == "complete"
+                                       else "resumed the interrupted run"))
         print(f"r={result.report['options']['r']}: decomposed {totals['targets']} weights in {totals['seconds']:.1f} s "
               f"(mean energy kept {totals['energy_kept_mean']:.3f}, max cast error {totals['max_abs_error']:.2e})")
         if "error_reduction_mean" in totals:
@@ -250,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pissa-rs: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("pissa-rs: interrupted; no partial file was left under a final name", file=sys.stderr)
+        print("pissa-rs: interrupted; no incomplete file is under a final name. Run the same command again to "
+              "resume where it stopped.", file=sys.stderr)
         return 130
 
 

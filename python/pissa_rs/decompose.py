@@ -13,11 +13,27 @@ from typing import Any
 
 import torch
 
-from ._pissa_rs import Checkpoint, PissaError, Pipeline, ShardWriter
+from ._pissa_rs import Checkpoint, Journal, PissaError, Pipeline, ShardWriter
 from .factors import factors_at_ranks, scaling, tensor_seed
 from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, lora_a_key, lora_b_key
 from .quant import QUANT_TYPES, Quantization, loftq_error, qpissa_factors_at_ranks, quantization_error
 from .planning import PLAN_IN_CHILD_ABOVE_BYTES, Plan, is_model_dir, make_plan, make_plan_in_child
+from .resume import (
+    CONTROL_FILES,
+    JOURNAL,
+    RECORDS,
+    RUN_FILE,
+    RunMismatchError,
+    check_input_unchanged,
+    fault_point,
+    identity_difference,
+    input_state,
+    lock_output,
+    read_identity,
+    read_journal,
+    read_records,
+    run_identity,
+)
 from .targets import TargetError
 from .tensors import SAFETENSORS_DTYPES, as_numpy_bytes, as_torch
 
@@ -120,6 +136,7 @@ class DecomposeResult:
     out: Path  # the residual model
     adapter: Path  # OUT/pissa_init
     report: dict[str, Any]  # the contents of OUT/pissa_report.json
+    status: str = "fresh"  # "fresh", "resumed" (an interrupted run finished) or "complete" (nothing left to do)
 
 
 def default_out(path: Path, r: int) -> Path:
@@ -133,7 +150,7 @@ def _output_names(checkpoint: Checkpoint, path: Path) -> set[str]:
     """Top-level names a decomposition of this checkpoint writes into OUT."""
     root = Path(checkpoint.root)
     names = {Path(os.path.relpath(f, root)).parts[0] for f in checkpoint.files}
-    names |= {ADAPTER_SUBDIR, REPORT_NAME}
+    names |= {ADAPTER_SUBDIR, REPORT_NAME, *CONTROL_FILES}
     if checkpoint.index_path:
         names.add(Path(checkpoint.index_path).name)
     if is_model_dir(path):
@@ -167,8 +184,10 @@ def free_bytes(out: Path) -> int:
     return shutil.disk_usage(probe).free
 
 
-def _check_space(out: Path, needed: int, overwrite: bool) -> None:
-    reclaimable = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) if overwrite and out.is_dir() else 0
+def _check_space(out: Path, needed: int, reclaim: bool) -> None:
+    """`reclaim`: files already in `out` (an earlier output being replaced, or an
+    interrupted run's preallocated files) count as space."""
+    reclaimable = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) if reclaim and out.is_dir() else 0
     available = free_bytes(out) + reclaimable
     if needed > available:
         raise DiskSpaceError(
@@ -177,32 +196,56 @@ def _check_space(out: Path, needed: int, overwrite: bool) -> None:
         )
 
 
-def _prepare_out(out: Path, checkpoint: Checkpoint, path: Path, overwrite: bool, needed: int) -> None:
-    """Refuse an out that is the input, holds foreign files, or lacks room;
-    then empty an earlier output (with overwrite) and create it."""
+def _prepare_out(out: Path, checkpoint: Checkpoint, path: Path, overwrite: bool, needed: int,
+                 identity: dict[str, Any]) -> tuple[int, str]:
+    """Refuse an out that is the input, holds foreign files or another run's
+    output, or lacks room; lock it. Returns (lock fd, state): "fresh" (emptied,
+    ready), "resume" (an interrupted run of the same inputs and options) or
+    "complete" (that run already finished)."""
     root = Path(checkpoint.root).resolve()
     resolved = out.resolve()
     if resolved == root or root.is_relative_to(resolved):
         raise TargetError(f"{out}: the output would overwrite the input checkpoint {root}; choose another out")
     if out.exists() and not out.is_dir():
         raise TargetError(f"{out}: exists and is not a directory")
-    existing = sorted(out.iterdir()) if out.is_dir() else []
-    if existing:
-        if not overwrite:
-            raise TargetError(f"{out}: exists and is not empty; pass overwrite=True (--overwrite) to replace it")
-        # Replace an earlier output, never delete what pissa_rs did not write.
-        ours = _output_names(checkpoint, path)
-        foreign = [e.name for e in existing if e.name not in ours and not e.name.endswith(".partial")]
-        if foreign:
-            raise TargetError(
-                f"{out}: holds '{foreign[0]}', which a decomposition does not write; refusing to overwrite a "
-                "directory that is not a pissa_rs output"
-            )
-    _check_space(out, needed, overwrite)
-    if existing:
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    fd = lock_output(out)
+    try:
+        old = read_identity(out, REPORT_NAME)
+        if old is not None and not overwrite:
+            difference = identity_difference(old, identity)
+            if difference:
+                raise RunMismatchError(
+                    f"{out}: holds a run of other inputs or options ({difference}); pass overwrite=True "
+                    "(--overwrite) to replace it"
+                )
+            if (out / REPORT_NAME).is_file():
+                return fd, "complete"
+            _check_space(out, needed, reclaim=True)
+            return fd, "resume"
+        existing = sorted(out.iterdir())
+        if existing:
+            if not overwrite:
+                raise TargetError(f"{out}: exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+            # Replace an earlier output, never delete what pissa_rs did not write.
+            ours = _output_names(checkpoint, path)
+            foreign = [e.name for e in existing if e.name not in ours and not e.name.endswith(".partial")]
+            if foreign:
+                raise TargetError(
+                    f"{out}: holds '{foreign[0]}', which a decomposition does not write; refusing to overwrite a "
+                    "directory that is not a pissa_rs output"
+                )
+        _check_space(out, needed, reclaim=overwrite)
         for entry in existing:
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / RUN_FILE, json.dumps(identity, indent=1))
+        return fd, "fresh"
+    except BaseException:
+        os.close(fd)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -288,32 +331,92 @@ class _Output:
     options: DecomposeOptions  # with this output's r and lora_alpha
     out: Path
     plan: Plan
-    shard_writers: dict[str, ShardWriter]  # by input file
-    adapter_writer: ShardWriter
+    status: str  # "fresh", "resumed" or "complete"
+    lock_fd: int
+    shard_writers: dict[str, ShardWriter | None] = field(default_factory=dict)  # by input file; None: finalized
+    adapter_writer: ShardWriter | None = None
+    pending: set[tuple[str, str]] = field(default_factory=set)  # (final path, tensor) still to write
+    earlier_records: dict[str, dict] = field(default_factory=dict)  # from an interrupted run, by tensor
+    records_file: Any = None
     records: list[dict] = field(default_factory=list)
 
     @property
     def writers(self) -> list[ShardWriter]:
-        return [*self.shard_writers.values(), self.adapter_writer]
+        return [w for w in [*self.shard_writers.values(), self.adapter_writer] if w is not None]
+
+    def plan_bytes(self, checkpoint: Checkpoint) -> int:
+        """Bytes this output holds: the residual model and the adapter."""
+        return sum(output_bytes(checkpoint, self.plan, self.options.adapter_dtype))
+
+    def pending_bytes(self) -> int:
+        return sum(end - start for w in self.writers for name, start, end in w.ranges() if (w.path, name) in self.pending)
+
+    def needs(self, writer: ShardWriter | None, tensor: str) -> bool:
+        return writer is not None and (writer.path, tensor) in self.pending
+
+    def record(self, record: dict) -> None:
+        """Keep a target's report record, and journal it for a resumed run."""
+        self.records.append(record)
+        self.records_file.write(json.dumps(record) + "\n")
+        self.records_file.flush()
+
+    def close(self) -> None:
+        if self.records_file is not None:
+            self.records_file.close()
+        os.close(self.lock_fd)
 
 
 def _open_output(checkpoint: Checkpoint, path: Path, options: DecomposeOptions, out: Path, plan: Plan,
-                 overwrite: bool) -> _Output:
-    _prepare_out(out, checkpoint, path, overwrite, needed=sum(output_bytes(checkpoint, plan, options.adapter_dtype)))
-    (out / ADAPTER_SUBDIR).mkdir()
-    shard_writers = writers_like(checkpoint, out)
-    dtype = SAFETENSORS_DTYPES[ADAPTER_DTYPES[options.adapter_dtype]]
-    specs = []
-    for t in plan.targets:
-        rows, cols = (t.shape[1], t.shape[0]) if t.fan_in_fan_out else t.shape
-        specs += [(lora_a_key(t.module), dtype, [t.r, cols]), (lora_b_key(t.module), dtype, [rows, t.r])]
-    adapter_writer = ShardWriter(out / ADAPTER_SUBDIR / ADAPTER_WEIGHTS, specs, metadata={"format": "pt"})
-    return _Output(options, out, plan, shard_writers, adapter_writer)
+                 overwrite: bool, identity: dict[str, Any]) -> _Output:
+    fd, state = _prepare_out(out, checkpoint, path, overwrite,
+                             needed=sum(output_bytes(checkpoint, plan, options.adapter_dtype)), identity=identity)
+    output = _Output(options, out, plan, {"fresh": "fresh", "resume": "resumed"}.get(state, state), fd)
+    if state == "complete":
+        return output
+    try:
+        resume = state == "resume"
+        journal = Journal(out / JOURNAL)
+        (out / ADAPTER_SUBDIR).mkdir(exist_ok=True)
+        output.shard_writers = writers_like(checkpoint, out, journal=journal, resume=resume)
+        dtype = SAFETENSORS_DTYPES[ADAPTER_DTYPES[options.adapter_dtype]]
+        specs = []
+        for t in plan.targets:
+            rows, cols = (t.shape[1], t.shape[0]) if t.fan_in_fan_out else t.shape
+            specs += [(lora_a_key(t.module), dtype, [t.r, cols]), (lora_b_key(t.module), dtype, [rows, t.r])]
+        adapter_path = out / ADAPTER_SUBDIR / ADAPTER_WEIGHTS
+        if not (resume and adapter_path.is_file()):
+            output.adapter_writer = ShardWriter(adapter_path, specs, metadata={"format": "pt"}, journal=journal,
+                                                resume=resume)
+        if resume:
+            _adopt_journaled(output, out)
+            output.earlier_records = read_records(out)
+        output.pending = {(w.path, name) for w in output.writers for name in w.missing()}
+        output.records_file = open(out / RECORDS, "a")
+    except BaseException:
+        for writer in output.writers:
+            writer.suspend()
+        output.close()
+        raise
+    return output
 
 
-def writers_like(checkpoint: Checkpoint, out: Path) -> dict[str, ShardWriter]:
+def _adopt_journaled(output: _Output, out: Path) -> None:
+    """Take back every tensor an interrupted run wrote whose bytes still match
+    the journal's checksum (the last line for a tensor wins)."""
+    writers = {w.path: w for w in output.writers}
+    latest = {(line["file"], line["tensor"]): line["crc32"] for line in read_journal(out)}
+    for (file, tensor), crc in latest.items():
+        writer = writers.get(file)
+        if writer is not None and tensor in set(writer.missing()):
+            writer.adopt(tensor, crc)
+
+
+def writers_like(checkpoint: Checkpoint, out: Path, journal: Journal | None = None,
+                 resume: bool = False) -> dict[str, ShardWriter | None]:
     """One writer per input shard (keyed by input file), laid out exactly like
-    it in `out`: same names, dtypes, shapes, order and metadata."""
+    it in `out`: same names, dtypes, shapes, order and metadata. Resuming, a shard
+    already under its final name is complete (it got there by an atomic rename):
+    its writer is None."""
     root = Path(checkpoint.root)
     by_file: dict[str, list] = {}
     for info in checkpoint.tensors:
@@ -322,8 +425,12 @@ def writers_like(checkpoint: Checkpoint, out: Path) -> dict[str, ShardWriter]:
     for file, infos in by_file.items():
         rel = os.path.relpath(file, root)
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        if resume and (out / rel).is_file():
+            writers[file] = None
+            continue
         writers[file] = ShardWriter(
-            out / rel, [(i.name, i.dtype, list(i.shape)) for i in infos], metadata=checkpoint.file_metadata[file]
+            out / rel, [(i.name, i.dtype, list(i.shape)) for i in infos], metadata=checkpoint.file_metadata[file],
+            journal=journal, resume=resume,
         )
     return writers
 
@@ -339,8 +446,9 @@ def copy_model_files(checkpoint: Checkpoint, path: Path, out: Path) -> list[str]
     return _copy_small_files(Path(checkpoint.root), out) if is_model_dir(path) else []
 
 
-def abandon(pipeline: Pipeline, writers, err: BaseException) -> BaseException:
-    """Stop the background work and remove every temporary file after `err`.
+def abandon(pipeline: Pipeline, writers, err: BaseException, keep: bool = False) -> BaseException:
+    """Stop the background work after `err` and remove every temporary file, or
+    with `keep`, leave them (and their journal) for a later run to resume.
     Returns the exception to report: a submit that failed only echoes an earlier
     background failure, and that one is the cause."""
     pipeline.cancel()
@@ -351,7 +459,7 @@ def abandon(pipeline: Pipeline, writers, err: BaseException) -> BaseException:
         if isinstance(err, PissaError):
             first = background
     for writer in writers:
-        writer.abort()
+        writer.suspend() if keep else writer.abort()
     return first
 
 
@@ -367,9 +475,15 @@ def output_dirs(path: Path, ranks: list[int], out: Path | None) -> list[Path]:
 
 def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None, overwrite: bool,
                       progress: bool) -> DecomposeResult | list[DecomposeResult]:
-    """Decompose once per target weight, writing one output per rank in options.ranks."""
+    """Decompose once per target weight, writing one output per rank in options.ranks.
+
+    An output left by an interrupted run of the same inputs and options is resumed:
+    finished shards are kept, and so is every tensor of an unfinished one whose bytes
+    match the journal's checksum; the rest is recomputed (per-tensor seeds make the
+    result byte-identical to an uninterrupted run)."""
     started = time.perf_counter()
     checkpoint = Checkpoint(path)
+    inputs = input_state(checkpoint)
     per_rank = [options.for_rank(r) for r in options.ranks]
     outs = output_dirs(path, options.ranks, out)
     planner = make_plan_in_child if sum(i.nbytes for i in checkpoint.tensors) > PLAN_IN_CHILD_ABOVE_BYTES else make_plan
@@ -377,64 +491,99 @@ def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None
     outputs: list[_Output] = []
     try:
         for opts, out_dir, plan in zip(per_rank, outs, plans):
-            outputs.append(_open_output(checkpoint, path, opts, out_dir, plan, overwrite))
+            identity = run_identity(path, asdict(opts), inputs)
+            outputs.append(_open_output(checkpoint, path, opts, out_dir, plan, overwrite, identity))
     except BaseException:
         for output in outputs:
             for writer in output.writers:
-                writer.abort()
+                writer.suspend()
+            output.close()
         raise
+    try:
+        _run(checkpoint, path, options, outputs, inputs, progress)
+        results = [_finish_output(checkpoint, path, o, started) for o in outputs]
+    finally:
+        for output in outputs:
+            output.close()
+    return results if options.several_ranks else results[0]
 
-    targets = plans[0].targets  # the same tensors at every rank
+
+def _run(checkpoint: Checkpoint, path: Path, options: DecomposeOptions, outputs: list[_Output],
+         inputs: list[dict], progress: bool) -> None:
+    """Every target through torch, every pass-through tensor copied, then each
+    shard finalized; on any failure or Ctrl-C the temporary files and journals
+    stay for the next run to resume."""
+    active = [o for o in outputs if o.status != "complete"]
+    if not active:
+        return
+    targets = outputs[0].plan.targets  # the same tensors at every rank
     target_names = {t.tensor for t in targets}
-    copies = [(i.name, o.shard_writers[i.file], i.name) for o in outputs
-              for i in checkpoint.tensors if i.name not in target_names]
+    copies = [(i.name, o.shard_writers[i.file], i.name) for o in active
+              for i in checkpoint.tensors if i.name not in target_names and o.needs(o.shard_writers[i.file], i.name)]
     pipeline = Pipeline(checkpoint, copies)
-    adapter_itemsize = ADAPTER_DTYPES[options.adapter_dtype].itemsize
-    total_bytes = sum(
-        sum(i.nbytes for i in checkpoint.tensors) + sum(t.r * sum(t.shape) for t in o.plan.targets) * adapter_itemsize
-        for o in outputs
-    )
-    bar = _progress_bar(total_bytes, len(targets), enabled=progress)
+    bar = _progress_bar(sum(o.plan_bytes(checkpoint) for o in active), len(targets), enabled=progress)
+    bar.update(sum(o.plan_bytes(checkpoint) - o.pending_bytes() for o in active))
+    done_before = bar.n
     device = torch.device(options.device)
     try:
         for i, target in enumerate(targets):
-            for ahead in targets[i + 1 : i + 1 + READ_AHEAD]:
-                checkpoint.prefetch(ahead.tensor)
-            _decompose_one(checkpoint, i, outputs, device, pipeline)
+            if any(_needs_target(o, i, checkpoint) for o in active):
+                for ahead in targets[i + 1 : i + 1 + READ_AHEAD]:
+                    checkpoint.prefetch(ahead.tensor)
+                _decompose_one(checkpoint, i, outputs, device, pipeline)
+                check_input_unchanged(inputs)
+                fault_point("target")
+            else:
+                for o in active:
+                    o.records.append(o.earlier_records[target.tensor])
             bar.set_postfix_str(f"{i + 1}/{len(targets)} targets", refresh=False)
-            bar.update(pipeline.bytes_written - bar.n)
+            bar.update(done_before + pipeline.bytes_written - bar.n)
         pipeline.close()
         while not pipeline.done:  # pass-through copies may still be running: show them too
-            bar.update(pipeline.bytes_written - bar.n)
+            bar.update(done_before + pipeline.bytes_written - bar.n)
             time.sleep(0.05)
         pipeline.finish()
-        bar.update(pipeline.bytes_written - bar.n)
-        for output in outputs:
+        bar.update(done_before + pipeline.bytes_written - bar.n)
+        check_input_unchanged(inputs)
+        for output in active:
             for writer in output.writers:
                 writer.finalize()
+                fault_point("finalize")
     except BaseException as err:
-        first = abandon(pipeline, [w for o in outputs for w in o.writers], err)
+        first = abandon(pipeline, [w for o in active for w in o.writers], err, keep=True)
         if first is err:
             raise
         raise first from err
     finally:
         bar.close()
 
-    results = [_finish_output(checkpoint, path, o, total_bytes // len(outputs), started) for o in outputs]
-    return results if options.several_ranks else results[0]
+
+def _needs_target(output: _Output, index: int, checkpoint: Checkpoint) -> bool:
+    """Whether any part of target `index` is still to be written into `output`
+    (or its report record was lost)."""
+    t = output.plan.targets[index]
+    residual_writer = output.shard_writers[checkpoint.info(t.tensor).file]
+    return (t.tensor not in output.earlier_records or output.needs(residual_writer, t.tensor)
+            or output.needs(output.adapter_writer, lora_a_key(t.module))
+            or output.needs(output.adapter_writer, lora_b_key(t.module)))
 
 
-def _finish_output(checkpoint: Checkpoint, path: Path, output: _Output, total_bytes: int,
-                   started: float) -> DecomposeResult:
+def _finish_output(checkpoint: Checkpoint, path: Path, output: _Output, started: float) -> DecomposeResult:
     """Index, small files, adapter config, then the report: written last, its
-    presence in OUT means every file before it is complete."""
+    presence in OUT means every file before it is complete. The journals go after."""
     out = output.out
+    if output.status == "complete":
+        report = json.loads((out / REPORT_NAME).read_text())
+        return DecomposeResult(out=out, adapter=out / ADAPTER_SUBDIR, report=report, status="complete")
     copied = copy_model_files(checkpoint, path, out)
     atomic_write_text(out / ADAPTER_SUBDIR / ADAPTER_CONFIG, output.plan.adapter_config_json)
-    report = _report(path, out, output.plan, output.options, output.records, copied, total_bytes,
-                     time.perf_counter() - started)
+    report = _report(path, out, output.plan, output.options, output.records, copied,
+                     output.plan_bytes(checkpoint), time.perf_counter() - started)
+    report["run"] = read_identity(out, REPORT_NAME)  # what a rerun compares itself with
     atomic_write_text(out / REPORT_NAME, json.dumps(report, indent=1))
-    return DecomposeResult(out=out, adapter=out / ADAPTER_SUBDIR, report=report)
+    for name in (JOURNAL, RECORDS, RUN_FILE):
+        (out / name).unlink(missing_ok=True)
+    return DecomposeResult(out=out, adapter=out / ADAPTER_SUBDIR, report=report, status=output.status)
 
 
 def _progress_bar(total_bytes: int, n_targets: int, enabled: bool):
@@ -466,14 +615,21 @@ def _decompose_one(checkpoint: Checkpoint, index: int, outputs: list[_Output], d
     measured = [_quant_metrics(weight, f, s, t.r, first, fan_in_fan_out) if quant and first.measure_error else {}
                 for f, s, t in zip(all_factors, scales, targets)]
     del weight
+    last_writer = max((k for k, o in enumerate(outputs) if o.status != "complete"), default=-1)
     for k, (output, target, scale, factors) in enumerate(zip(outputs, targets, scales, all_factors)):
-        last = k == len(outputs) - 1
-        pipeline.submit(output.adapter_writer, lora_a_key(target.module), as_numpy_bytes(factors.lora_A))
-        pipeline.submit(output.adapter_writer, lora_b_key(target.module), as_numpy_bytes(factors.lora_B))
-        # The last residual's write also releases the input's pages.
-        pipeline.submit(output.shard_writers[checkpoint.info(target.tensor).file], target.tensor,
-                        as_numpy_bytes(factors.residual), release=target.tensor if last else None)
-        output.records.append({
+        if output.status == "complete":
+            continue
+        # Parts an interrupted run already wrote are not written again (they are these bytes).
+        if output.needs(output.adapter_writer, lora_a_key(target.module)):
+            pipeline.submit(output.adapter_writer, lora_a_key(target.module), as_numpy_bytes(factors.lora_A))
+        if output.needs(output.adapter_writer, lora_b_key(target.module)):
+            pipeline.submit(output.adapter_writer, lora_b_key(target.module), as_numpy_bytes(factors.lora_B))
+        residual_writer = output.shard_writers[checkpoint.info(target.tensor).file]
+        if output.needs(residual_writer, target.tensor):
+            # The last residual's write also releases the input's pages.
+            pipeline.submit(residual_writer, target.tensor, as_numpy_bytes(factors.residual),
+                            release=target.tensor if k == last_writer else None)
+        output.record({
             "tensor": target.tensor,
             "module": target.module,
             "shape": list(target.shape),

@@ -1,0 +1,152 @@
+"""What a run leaves in OUT so another can resume it or refuse it: the run's
+identity (inputs and options), a lock, and journals of what was written."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from ._pissa_rs import Checkpoint, PissaError
+
+RUN_FILE = ".pissa_run.json"  # the identity of the run that writes (or wrote) OUT
+JOURNAL = ".pissa_journal.jsonl"  # Rust: one line per tensor written, with its CRC-32
+RECORDS = ".pissa_records.jsonl"  # Python: one report record per target decomposed
+CONTROL_FILES = (RUN_FILE, JOURNAL, RECORDS)
+
+
+class OutputLockedError(PissaError, OSError):
+    """Another run is writing to the same output directory."""
+
+
+class RunMismatchError(PissaError, ValueError):
+    """OUT holds a run of other inputs or options."""
+
+
+class InputChangedError(PissaError, OSError):
+    """An input file changed (size or modification time) during or since the run."""
+
+
+def input_state(checkpoint: Checkpoint) -> list[dict[str, Any]]:
+    """Size and mtime of every input file (shards and index): a change means the
+    input is not what was read."""
+    files = list(checkpoint.files) + ([checkpoint.index_path] if checkpoint.index_path else [])
+    state = []
+    for f in files:
+        st = os.stat(f)
+        state.append({"file": str(Path(f).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return state
+
+
+def check_input_unchanged(state: list[dict[str, Any]]) -> None:
+    for entry in state:
+        try:
+            st = os.stat(entry["file"])
+        except OSError as err:
+            raise InputChangedError(f"{entry['file']}: input file disappeared during the run ({err})") from err
+        if (st.st_size, st.st_mtime_ns) != (entry["size"], entry["mtime_ns"]):
+            raise InputChangedError(
+                f"{entry['file']}: input file changed during the run (size {entry['size']} -> {st.st_size}, "
+                "or modified); stopping. Rerun once it is stable."
+            )
+
+
+def run_identity(input_path: Path, options: dict[str, Any], inputs: list[dict[str, Any]]) -> dict[str, Any]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ours = version("pissa-rs")
+    except PackageNotFoundError:  # running from a source tree
+        ours = "dev"
+    return {"pissa_rs": ours, "input": str(input_path.resolve()), "inputs": inputs, "options": options}
+
+
+def read_identity(out: Path, report_name: str) -> dict[str, Any] | None:
+    """The identity of the run that wrote OUT: in RUN_FILE while it runs, in the
+    report's "run" once it finished."""
+    for name, key in ((RUN_FILE, None), (report_name, "run")):
+        try:
+            data = json.loads((out / name).read_text())
+        except (OSError, ValueError):
+            continue
+        data = data.get(key) if key else data
+        if isinstance(data, dict):
+            return data
+    return None
+
+
+def identity_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """What differs between two runs' identities, in words; None if nothing."""
+    if old.get("input") != new["input"]:
+        return f"input {old.get('input')} (this run: {new['input']})"
+    if old.get("inputs") != new["inputs"]:
+        return "the input files changed since (size or modification time)"
+    old_options = old.get("options", {})
+    for key, value in new["options"].items():
+        if old_options.get(key) != value:
+            return f"option {key}={old_options.get(key)!r} (this run: {value!r})"
+    if old.get("pissa_rs") != new["pissa_rs"]:
+        return f"pissa_rs {old.get('pissa_rs')} (this run: {new['pissa_rs']})"
+    return None
+
+
+def lock_output(out: Path) -> int:
+    """An exclusive lock on the directory itself, held until the returned fd is
+    closed (or the process dies): a second run on the same OUT is refused."""
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise OutputLockedError(f"{out}: another pissa_rs run is writing to this directory; wait for it to end "
+                                "or choose another out") from None
+    return fd
+
+
+def read_journal(out: Path) -> list[dict[str, Any]]:
+    """The journal's lines; a line torn by a kill mid-append is ignored."""
+    lines = []
+    try:
+        text = (out / JOURNAL).read_text()
+    except OSError:
+        return lines
+    for line in text.splitlines():
+        try:
+            lines.append(json.loads(line))
+        except ValueError:
+            continue
+    return lines
+
+
+def read_records(out: Path) -> dict[str, dict[str, Any]]:
+    """Report records of targets an earlier run decomposed, by tensor name."""
+    records = {}
+    try:
+        text = (out / RECORDS).read_text()
+    except OSError:
+        return records
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        records[record["tensor"]] = record
+    return records
+
+
+def fault_point(where: str) -> None:
+    """Fault injection for the crash tests: PISSA_RS_KILL_AT="where:N" SIGKILLs
+    this process the Nth time `where` is reached. Unset, it does nothing."""
+    spec = os.environ.get("PISSA_RS_KILL_AT")
+    if not spec or not spec.startswith(where + ":"):
+        return
+    count = _fault_counts.get(where, 0) + 1
+    _fault_counts[where] = count
+    if count == int(spec.rsplit(":", 1)[1]):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_fault_counts: dict[str, int] = {}
