@@ -7,6 +7,8 @@ import fcntl
 import json
 import os
 import signal
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -138,15 +140,18 @@ def read_records(out: Path) -> dict[str, dict[str, Any]]:
 
 
 def fault_point(where: str) -> None:
-    """Fault injection for the crash tests: PISSA_RS_KILL_AT="where:N" SIGKILLs
-    this process the Nth time `where` is reached. Unset, it does nothing."""
-    spec = os.environ.get("PISSA_RS_KILL_AT")
-    if not spec or not spec.startswith(where + ":"):
+    """Fault injection for the crash tests: PISSA_RS_SIGNAL_AT="where:N[:SIG]" sends
+    this process SIG (default KILL; INT, STOP...) the Nth time `where` is reached,
+    after printing the time to stderr. Unset, it does nothing."""
+    spec = os.environ.get("PISSA_RS_SIGNAL_AT", "").split(":")
+    if len(spec) < 2 or spec[0] != where:
         return
     count = _fault_counts.get(where, 0) + 1
     _fault_counts[where] = count
-    if count == int(spec.rsplit(":", 1)[1]):
-        os.kill(os.getpid(), signal.SIGKILL)
+    if count == int(spec[1]):
+        name = spec[2] if len(spec) > 2 else "KILL"
+        print(f"pissa_rs test hook: SIG{name} at {time.time():.3f}", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), getattr(signal, f"SIG{name}"))
 
 
 _fault_counts: dict[str, int] = {}

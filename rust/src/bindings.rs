@@ -15,8 +15,8 @@ use pyo3::types::PyTuple;
 
 use crate::checkpoint::{parse_dtype, Checkpoint, Shard, TensorEntry};
 use crate::error::Error;
-use crate::pipeline::{CopyJob, Pipeline, WriteJob};
 use crate::journal::Journal;
+use crate::pipeline::{CopyJob, Pipeline, WriteJob};
 use crate::writer::{ShardWriter, TensorSpec};
 
 create_exception!(

@@ -350,7 +350,9 @@ impl ShardWriter {
             .file
             .write_all_at(bytes, offset)
             .map_err(|e| Error::io(&self.tmp_path, "write", e))
-            .and_then(|()| self.journal_tensor(name, bytes.len() as u64, || crc32fast::hash(bytes)));
+            .and_then(|()| {
+                self.journal_tensor(name, bytes.len() as u64, || crc32fast::hash(bytes))
+            });
         self.settle(name, result.is_ok());
         result
     }

@@ -1,0 +1,222 @@
+"""Interrupted runs resume byte-identically; SIGKILL, Ctrl-C, a full disk, a second
+run, a changed input or another run's output never lose or mix anything."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from make_tiny_model import save_tiny_model
+
+import pissa_rs
+from pissa_rs.resume import lock_output
+
+CLI = [sys.executable, "-m", "pissa_rs.cli"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rel")
+    return save_tiny_model(root / "m", "llama", layers=3, dtype="bfloat16", shard_size="150KB")
+
+
+@pytest.fixture(scope="module")
+def reference(model, tmp_path_factory):
+    """An uninterrupted run of the command the tests interrupt."""
+    out = tmp_path_factory.mktemp("ref") / "o"
+    assert run_cli(model, out).returncode == 0
+    return out
+
+
+def run_cli(model: Path, out: Path, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, "decompose", str(model), "-r", "4", "-o", str(out), "--no-progress"],
+                          capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=300, **kwargs)
+
+
+def digest(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def same_output(out: Path, reference: Path) -> None:
+    """Every file byte-identical but the report, whose per-tensor numbers must
+    agree apart from timings, and the adapter config, which names its own directory."""
+    mine, theirs = digest(out), digest(reference)
+    assert set(mine) == set(theirs)
+    own = ("pissa_report.json", "pissa_init/adapter_config.json")
+    assert {k: v for k, v in mine.items() if k not in own} == {k: v for k, v in theirs.items() if k not in own}
+
+    def config(path):
+        cfg = json.loads((path / own[1]).read_text())
+        assert cfg.pop("base_model_name_or_path") == str(path.resolve())
+        return cfg
+
+    assert config(out) == config(reference)
+
+    def numbers(path):
+        return [{k: v for k, v in t.items() if k != "seconds"}
+                for t in json.loads((path / "pissa_report.json").read_text())["tensors"]]
+
+    assert numbers(out) == numbers(reference)
+
+
+def final_files_are_complete(out: Path, reference: Path) -> None:
+    """Whatever sits under a final (non-hidden) name is the finished file."""
+    ref = digest(reference)
+    for name, sha in digest(out).items():
+        if not Path(name).name.startswith("."):
+            assert ref.get(name) == sha, f"{name} is under its final name but not complete"
+
+
+@pytest.mark.parametrize("point", ["target:1", "target:7", "finalize:2"])
+def test_sigkill_then_rerun_resumes_byte_identically(model, reference, tmp_path, point):
+    before = digest(model)
+    out = tmp_path / "o"
+    killed = run_cli(model, out, env={"PISSA_RS_SIGNAL_AT": point})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert digest(model) == before  # the input is never written
+    assert not (out / "pissa_report.json").exists()
+    final_files_are_complete(out, reference)
+    resumed = run_cli(model, out)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed the interrupted run" in resumed.stdout
+    same_output(out, reference)
+    assert digest(model) == before
+
+
+def test_ctrl_c_stops_quickly_says_how_to_resume_and_resumes(model, reference, tmp_path):
+    out = tmp_path / "o"
+    interrupted = run_cli(model, out, env={"PISSA_RS_SIGNAL_AT": "target:3:INT"})
+    ended = time.time()
+    assert interrupted.returncode == 130, interrupted.stderr
+    assert "Run the same command again to resume" in interrupted.stderr
+    sent = float(re.search(r"SIGINT at ([\d.]+)", interrupted.stderr).group(1))
+    assert ended - sent < 5  # includes interpreter shutdown
+    final_files_are_complete(out, reference)
+    assert run_cli(model, out).returncode == 0
+    same_output(out, reference)
+
+
+def _limit_file_size(limit: int):
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_a_file_size_limit_is_a_clear_error_naming_the_file_and_the_run_resumes(model, reference, tmp_path):
+    out = tmp_path / "o"
+    failed = run_cli(model, out, preexec_fn=_limit_file_size(100_000))
+    assert failed.returncode == 1
+    assert re.search(r"pissa-rs: error: .*\.safetensors\.partial.*(File too large|EFBIG|errno 27)", failed.stderr), \
+        failed.stderr
+    final_files_are_complete(out, reference)
+    assert run_cli(model, out).returncode == 0
+    same_output(out, reference)
+
+
+def test_a_second_run_on_the_same_out_is_refused(model, reference, tmp_path):
+    out = tmp_path / "o"
+    first = subprocess.Popen([*CLI, "decompose", str(model), "-r", "4", "-o", str(out), "--no-progress"],
+                             env={**os.environ, "PISSA_RS_SIGNAL_AT": "target:2:STOP"},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / ".pissa_journal.jsonl").exists() or _state(first.pid) != "T":
+            assert time.time() < deadline and first.poll() is None
+            time.sleep(0.1)
+        second = run_cli(model, out)
+        assert second.returncode == 1
+        assert "another pissa_rs run is writing to this directory" in second.stderr
+        os.kill(first.pid, signal.SIGCONT)
+        assert first.wait(timeout=120) == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
+    same_output(out, reference)
+
+
+def _state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def test_lock_is_checked_in_process_too(model, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    fd = lock_output(out)
+    try:
+        with pytest.raises(pissa_rs.OutputLockedError, match="another pissa_rs run"):
+            pissa_rs.decompose_checkpoint(model, r=4, out=out, progress=False)
+    finally:
+        os.close(fd)
+
+
+def test_an_out_of_another_input_is_refused_never_mixed(model, tmp_path):
+    other = save_tiny_model(tmp_path / "other", "llama", layers=3, dtype="bfloat16", shard_size="150KB", seed=1)
+    out = tmp_path / "o"
+    pissa_rs.decompose_checkpoint(model, r=4, out=out, progress=False)
+    before = digest(out)
+    with pytest.raises(pissa_rs.RunMismatchError, match=r"other inputs or options \(input .*m \(this run: .*other\)"):
+        pissa_rs.decompose_checkpoint(other, r=4, out=out, progress=False)
+    assert digest(out) == before
+
+
+def test_an_interrupted_out_is_not_resumed_with_other_options(model, tmp_path):
+    out = tmp_path / "o"
+    assert run_cli(model, out, env={"PISSA_RS_SIGNAL_AT": "target:2"}).returncode == -signal.SIGKILL
+    with pytest.raises(pissa_rs.RunMismatchError, match="option r=4 \\(this run: 8\\)"):
+        pissa_rs.decompose_checkpoint(model, r=8, out=out, progress=False)
+    res = pissa_rs.decompose_checkpoint(model, r=8, out=out, overwrite=True, progress=False)
+    assert res.status == "fresh" and pissa_rs.verify(out, against=model).ok
+
+
+def test_an_input_that_changes_during_the_run_stops_it(model, tmp_path, monkeypatch):
+    import shutil
+
+    import pissa_rs.decompose as driver
+
+    src = tmp_path / "m"
+    shutil.copytree(model, src)
+    shard = sorted(src.glob("*.safetensors"))[-1]
+    real, calls = driver.factors_at_ranks, []
+
+    def touching(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.utime(shard, ns=(time.time_ns(), time.time_ns() + 10**9))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(driver, "factors_at_ranks", touching)
+    with pytest.raises(pissa_rs.InputChangedError, match=f"{shard.name}: input file changed during the run"):
+        pissa_rs.decompose_checkpoint(src, r=4, out=tmp_path / "o", progress=False)
+    assert len(calls) == 3
+    # Its journal is no good for the changed input: a rerun says so instead of mixing.
+    monkeypatch.setattr(driver, "factors_at_ranks", real)
+    with pytest.raises(pissa_rs.RunMismatchError, match="input files changed since"):
+        pissa_rs.decompose_checkpoint(src, r=4, out=tmp_path / "o", progress=False)
+
+
+def test_a_tampered_journaled_tensor_is_recomputed_not_trusted(model, reference, tmp_path):
+    out = tmp_path / "o"
+    assert run_cli(model, out, env={"PISSA_RS_SIGNAL_AT": "target:9"}).returncode == -signal.SIGKILL
+    journal = [json.loads(line) for line in (out / ".pissa_journal.jsonl").read_text().splitlines()]
+    entry = next(e for e in journal if e["tensor"].endswith("proj.weight") and "lora" not in e["tensor"])
+    partial = Path(entry["file"]).with_name(f".{Path(entry['file']).name}.partial")
+    assert partial.exists()
+    # Same layout as the finished shard: the tensor starts at the same offset.
+    start = pissa_rs.Checkpoint(reference / Path(entry["file"]).name).info(entry["tensor"]).start
+    data = bytearray(partial.read_bytes())
+    data[start] ^= 0xFF
+    partial.write_bytes(bytes(data))
+    assert run_cli(model, out).returncode == 0
+    same_output(out, reference)
