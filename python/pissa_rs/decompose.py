@@ -139,6 +139,18 @@ class DecomposeResult:
     status: str = "fresh"  # "fresh", "resumed" (an interrupted run finished) or "complete" (nothing left to do)
 
 
+def reported_options(out: Path) -> dict[str, Any]:
+    """The options OUT's report records; {} when it has no report (unfinished or not ours)."""
+    report = out / REPORT_NAME
+    return json.loads(report.read_text()).get("options", {}) if report.is_file() else {}
+
+
+def made_for_double_quant(out: Path, quantize: str | None) -> bool:
+    """Whether OUT was decomposed for `quantize` with double quantization (its report says so)."""
+    options = reported_options(out)
+    return bool(options.get("double_quant")) and options.get("quantize") == quantize
+
+
 def default_out(path: Path, r: int) -> Path:
     """`<name>-pissa-r<r>` beside the input."""
     path = path.resolve()
@@ -404,11 +416,11 @@ def _adopt_journaled(output: _Output, out: Path) -> None:
     """Take back every tensor an interrupted run wrote whose bytes still match
     the journal's checksum (the last line for a tensor wins)."""
     writers = {w.path: w for w in output.writers}
+    missing = {path: set(w.missing()) for path, w in writers.items()}
     latest = {(line["file"], line["tensor"]): line["crc32"] for line in read_journal(out)}
     for (file, tensor), crc in latest.items():
-        writer = writers.get(file)
-        if writer is not None and tensor in set(writer.missing()):
-            writer.adopt(tensor, crc)
+        if tensor in missing.get(file, ()):
+            writers[file].adopt(tensor, crc)
 
 
 def writers_like(checkpoint: Checkpoint, out: Path, journal: Journal | None = None,

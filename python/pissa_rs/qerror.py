@@ -3,7 +3,6 @@ adapter pair on disk against its original, one weight at a time (out of core).""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -11,15 +10,10 @@ from typing import Any
 import torch
 
 from ._pissa_rs import Checkpoint
-from .decompose import ADAPTER_SUBDIR, REPORT_NAME
+from .decompose import ADAPTER_SUBDIR, made_for_double_quant, reported_options
 from .peft_format import ADAPTER_WEIGHTS, adapter_targets
 from .quant import Quantization, quantization_error
 from .tensors import as_torch
-
-
-def _reported_quantization(out: Path) -> dict:
-    report = out / REPORT_NAME
-    return json.loads(report.read_text()).get("options", {}) if report.is_file() else {}
 
 
 def measure_quantization_error(out: str | os.PathLike[str], against: str | os.PathLike[str],
@@ -29,10 +23,9 @@ def measure_quantization_error(out: str | os.PathLike[str], against: str | os.Pa
     ||W - deq(quant(W))||_* and 1 - their ratio, W from `against`. `quantize` and
     `double_quant` default to what OUT's report names (else nf4, no double quant)."""
     out, against = Path(out), Path(against)
-    reported = _reported_quantization(out)
-    kind = quantize or reported.get("quantize") or "nf4"
+    kind = quantize or reported_options(out).get("quantize") or "nf4"
     if double_quant is None:
-        double_quant = bool(reported.get("double_quant")) and reported.get("quantize") == kind
+        double_quant = made_for_double_quant(out, kind)
     quant = Quantization(kind, double_quant=double_quant)
     residual, original = Checkpoint(out), Checkpoint(against)
     adapter_dir = out / ADAPTER_SUBDIR

@@ -108,13 +108,14 @@ def lock_output(out: Path) -> int:
     return fd
 
 
-def read_journal(out: Path) -> list[dict[str, Any]]:
-    """The journal's lines; a line torn by a kill mid-append is ignored."""
-    lines = []
+def _json_lines(path: Path) -> list[dict[str, Any]]:
+    """The lines of a JSON-lines journal; a missing file has none, and a line torn
+    by a kill mid-append is ignored."""
     try:
-        text = (out / JOURNAL).read_text()
+        text = path.read_text()
     except OSError:
-        return lines
+        return []
+    lines = []
     for line in text.splitlines():
         try:
             lines.append(json.loads(line))
@@ -123,20 +124,14 @@ def read_journal(out: Path) -> list[dict[str, Any]]:
     return lines
 
 
+def read_journal(out: Path) -> list[dict[str, Any]]:
+    """What the Rust writers journaled: {"file", "tensor", "len", "crc32"} per tensor."""
+    return _json_lines(out / JOURNAL)
+
+
 def read_records(out: Path) -> dict[str, dict[str, Any]]:
-    """Report records of targets an earlier run decomposed, by tensor name."""
-    records = {}
-    try:
-        text = (out / RECORDS).read_text()
-    except OSError:
-        return records
-    for line in text.splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        records[record["tensor"]] = record
-    return records
+    """Report records of targets an earlier run decomposed, by tensor name (the last wins)."""
+    return {record["tensor"]: record for record in _json_lines(out / RECORDS)}
 
 
 def fault_point(where: str) -> None:

@@ -3,24 +3,16 @@ bitsandbytes, as QPiSSA trains it) plus the float32 PiSSA adapter, trainable."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 
 from ._pissa_rs import Checkpoint
-from .decompose import ADAPTER_SUBDIR, REPORT_NAME
+from .decompose import ADAPTER_SUBDIR, made_for_double_quant
 from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterMismatchError, adapter_targets
 
 QUANTIZE = (None, "nf4", "fp4", "int8")
-
-
-def _double_quant(out: Path, quantize: str | None) -> bool:
-    """Double quantization when OUT was decomposed for it (its report says so)."""
-    report = out / REPORT_NAME
-    options = json.loads(report.read_text()).get("options", {}) if report.is_file() else {}
-    return bool(options.get("double_quant")) and options.get("quantize") == quantize
 
 
 def load_for_training(out: str | os.PathLike[str], quantize: str | None = None, device_map=None,
@@ -50,7 +42,7 @@ def load_for_training(out: str | os.PathLike[str], quantize: str | None = None, 
     if quantize in ("nf4", "fp4"):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=quantize, bnb_4bit_compute_dtype=compute_dtype,
-            bnb_4bit_use_double_quant=_double_quant(out, quantize))
+            bnb_4bit_use_double_quant=made_for_double_quant(out, quantize))
     elif quantize == "int8":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     model = AutoModelForCausalLM.from_pretrained(out, device_map=device_map, dtype="auto", **kwargs)

@@ -4,7 +4,6 @@ byte-identical, and the adapter config fits the adapter."""
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ._pissa_rs import Checkpoint
-from .decompose import ADAPTER_SUBDIR, REPORT_NAME
+from .decompose import ADAPTER_SUBDIR, REPORT_NAME, reported_options
 from .peft_format import ADAPTER_WEIGHTS, AdapterMismatchError, AdapterTarget, adapter_targets
 from .quant import Quantization
 from .tensors import as_torch
@@ -31,7 +30,7 @@ class VerifyReport:
 
 def _stored_quantization(out: Path) -> Quantization | None:
     """The quantization of the residual OUT stores (QPiSSA with quant_iters > 1), from its report."""
-    options = json.loads((out / REPORT_NAME).read_text()).get("options", {})
+    options = reported_options(out)
     if options.get("quantize") and options.get("quant_iters", 1) > 1:
         return Quantization(options["quantize"], double_quant=options.get("double_quant", False))
     return None
