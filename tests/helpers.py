@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from pathlib import Path
@@ -43,3 +44,30 @@ def move_adapters(model, scale: float = 0.05) -> None:
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.add_(torch.randn_like(p) * scale)
+
+
+def digest(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def same_output(out: Path, reference: Path) -> None:
+    """Every file byte-identical but the report, whose per-tensor numbers must
+    agree apart from timings, and the adapter config, which names its own directory."""
+    mine, theirs = digest(out), digest(reference)
+    assert set(mine) == set(theirs)
+    own = ("pissa_report.json", "pissa_init/adapter_config.json")
+    assert {k: v for k, v in mine.items() if k not in own} == {k: v for k, v in theirs.items() if k not in own}
+
+    def config(path):
+        cfg = json.loads((path / own[1]).read_text())
+        assert cfg.pop("base_model_name_or_path") == str(path.resolve())
+        return cfg
+
+    assert config(out) == config(reference)
+
+    def numbers(path):
+        return [{k: v for k, v in t.items() if not k.endswith("seconds")}
+                for t in json.loads((path / "pissa_report.json").read_text())["tensors"]]
+
+    assert numbers(out) == numbers(reference)

@@ -20,3 +20,19 @@ def test_benchmark_smoke(tmp_path):
     for result in report["results"].values():
         assert result["wall_s"] > 0 and result["peak_rss_bytes"] > 0
     assert "| pissa_rs |" in proc.stdout
+
+
+def test_70b_benchmark_smoke(tmp_path):
+    """benches/bench_70b.py at 1/64 of Llama-3-70B's sizes on the CPU: copy baseline, run, report."""
+    out = tmp_path / "bench70.json"
+    proc = subprocess.run([sys.executable, str(BENCH.parent / "bench_70b.py"), "--smoke", "--workdir", str(tmp_path),
+                           "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["dims"]["layers"] == 2 and report["devices"] == ["cpu"]
+    ours = report["pissa_rs"]
+    assert report["copy_s"] > 0 and ours["wall_s"] > 0 and ours["peak_rss_bytes"] > 0 and ours["torch_s"] > 0
+    assert ours["bytes_written"] > report["bytes"]  # the residual model and the adapter
+    assert report["ratio_to_copy"] == ours["wall_s"] / report["copy_s"]
+    assert "| pissa_rs (cpu) |" in proc.stdout
+    assert not list(tmp_path.glob("tmp*"))  # its checkpoint, copy and output are gone

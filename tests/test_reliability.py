@@ -3,7 +3,6 @@ run, a changed input or another run's output never lose or mix anything."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -15,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import digest, same_output
 from make_tiny_model import save_tiny_model
 
 import pissa_rs
@@ -40,33 +40,6 @@ def reference(model, tmp_path_factory):
 def run_cli(model: Path, out: Path, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, "decompose", str(model), "-r", "4", "-o", str(out), "--no-progress"],
                           capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=300, **kwargs)
-
-
-def digest(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def same_output(out: Path, reference: Path) -> None:
-    """Every file byte-identical but the report, whose per-tensor numbers must
-    agree apart from timings, and the adapter config, which names its own directory."""
-    mine, theirs = digest(out), digest(reference)
-    assert set(mine) == set(theirs)
-    own = ("pissa_report.json", "pissa_init/adapter_config.json")
-    assert {k: v for k, v in mine.items() if k not in own} == {k: v for k, v in theirs.items() if k not in own}
-
-    def config(path):
-        cfg = json.loads((path / own[1]).read_text())
-        assert cfg.pop("base_model_name_or_path") == str(path.resolve())
-        return cfg
-
-    assert config(out) == config(reference)
-
-    def numbers(path):
-        return [{k: v for k, v in t.items() if k != "seconds"}
-                for t in json.loads((path / "pissa_report.json").read_text())["tensors"]]
-
-    assert numbers(out) == numbers(reference)
 
 
 def final_files_are_complete(out: Path, reference: Path) -> None:

@@ -78,7 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--alpha-pattern", type=_pattern(float), default={},
                      help="per-module alphas as PEFT's alpha_pattern: NAME=A[,NAME=A...]")
     dec.add_argument("--use-rslora", action="store_true", help="rank-stabilized scale s = alpha / sqrt(r)")
-    dec.add_argument("--device", help="torch device for the SVDs, e.g. cuda:0 (default: cuda if available, else cpu)")
+    dev = dec.add_mutually_exclusive_group()
+    dev.add_argument("--device", help="torch device for the SVDs, e.g. cuda:0 (default: cuda if available, else cpu)")
+    dev.add_argument("--devices", type=lambda v: [d for d in v.split(",") if d],
+                     help="several devices of one type sharing the weights, comma-separated (cuda:0,cuda:1); "
+                     "the output is byte-identical to a one-device run")
     dec.add_argument("--seed", type=int, default=defaults.seed,
                      help="seed of the randomized SVD; each tensor's seed derives from it and the tensor name "
                      "(default %(default)s)")
@@ -148,7 +152,7 @@ def _decompose(args) -> int:
     options = DecomposeOptions(
         r=args.rank, lora_alpha=args.lora_alpha, niter=args.niter, target_modules=args.target_modules,
         exclude_modules=args.exclude_modules, rank_pattern=args.rank_pattern, alpha_pattern=args.alpha_pattern,
-        use_rslora=args.use_rslora, device=args.device, seed=args.seed, adapter_dtype=args.adapter_dtype,
+        use_rslora=args.use_rslora, device=args.device, devices=args.devices, seed=args.seed, adapter_dtype=args.adapter_dtype,
         quantize=args.quantize, quant_iters=args.quant_iters, double_quant=args.double_quant,
         compare_loftq=args.compare_loftq, measure_error=not args.no_measure_error,
     ).validate()

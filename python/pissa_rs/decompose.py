@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ._pissa_rs import Checkpoint, Journal, PissaError, Pipeline, ShardWriter
+from .devices import DeviceRunner, parse_devices
 from .factors import factors_at_ranks, scaling, tensor_seed
 from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, lora_a_key, lora_b_key
 from .quant import QUANT_TYPES, Quantization, loftq_error, qpissa_factors_at_ranks, quantization_error
@@ -42,7 +43,6 @@ REPORT_NAME = "pissa_report.json"
 ADAPTER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Weight files of other formats are never copied as "small files".
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
-READ_AHEAD = 2  # targets prefetched ahead of the one torch works on
 
 
 @dataclass
@@ -58,6 +58,7 @@ class DecomposeOptions:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     use_rslora: bool = False
     device: str | None = None  # None: cuda if available, else cpu
+    devices: list[str] | None = None  # several devices of one type share the targets (same bytes as one)
     seed: int = 0
     adapter_dtype: str = "float32"
     svd_rank: int | None = None  # set by for_rank: the rank of the SVD shared by all ranks
@@ -99,10 +100,28 @@ class DecomposeOptions:
             raise ValueError("compare_loftq needs measure_error: LoftQ is compared by the same measurement")
         if self.double_quant and self.quantize == "int8":
             raise ValueError("double_quant applies to 4-bit quantization, not int8")
-        if self.device is None:
-            self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        torch.device(self.device)  # raises on a malformed device string
+        if self.devices is not None:
+            if self.device is not None:
+                raise ValueError("give device or devices, not both")
+            self.devices = [str(d) for d in parse_devices(list(self.devices))]
+            self.device = self.devices[0]
+        else:
+            if self.device is None:
+                self.device = "cuda" if torch.cuda.is_available() else "cpu"
+            self.device = str(parse_devices([self.device])[0])
         return self
+
+    @property
+    def torch_devices(self) -> list[torch.device]:
+        return [torch.device(d) for d in (self.devices or [self.device])]
+
+    def identity_options(self) -> dict[str, Any]:
+        """The options as a resumed run must match them: which devices (and how
+        many) does not change the bytes, the kind of device (CPU or GPU) does."""
+        options = asdict(self)
+        del options["devices"]
+        options["device"] = torch.device(self.device).type
+        return options
 
     @property
     def ranks(self) -> list[int]:
@@ -298,6 +317,7 @@ def decompose_checkpoint(
     alpha_pattern: dict[str, float] | None = None,
     use_rslora: bool = False,
     device: str | None = None,
+    devices: list[str] | None = None,
     seed: int = 0,
     adapter_dtype: str = "float32",
     quantize: str | None = None,
@@ -330,7 +350,7 @@ def decompose_checkpoint(
     options = DecomposeOptions(
         r=r, lora_alpha=lora_alpha, niter=niter, target_modules=target_modules, exclude_modules=exclude_modules,
         rank_pattern=dict(rank_pattern or {}), alpha_pattern=dict(alpha_pattern or {}), use_rslora=use_rslora,
-        device=device, seed=seed, adapter_dtype=adapter_dtype, quantize=quantize, quant_iters=quant_iters,
+        device=device, devices=list(devices) if devices is not None else None, seed=seed, adapter_dtype=adapter_dtype, quantize=quantize, quant_iters=quant_iters,
         double_quant=double_quant, compare_loftq=compare_loftq, measure_error=measure_error,
     ).validate()
     return run_decomposition(Path(path), options, out=Path(out) if out else None, overwrite=overwrite, progress=progress)
@@ -503,7 +523,7 @@ def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None
     outputs: list[_Output] = []
     try:
         for opts, out_dir, plan in zip(per_rank, outs, plans):
-            identity = run_identity(path, asdict(opts), inputs)
+            identity = run_identity(path, opts.identity_options(), inputs)
             outputs.append(_open_output(checkpoint, path, opts, out_dir, plan, overwrite, identity))
     except BaseException:
         for output in outputs:
@@ -536,13 +556,18 @@ def _run(checkpoint: Checkpoint, path: Path, options: DecomposeOptions, outputs:
     bar = _progress_bar(sum(o.plan_bytes(checkpoint) for o in active), len(targets), enabled=progress)
     bar.update(sum(o.plan_bytes(checkpoint) - o.pending_bytes() for o in active))
     done_before = bar.n
-    device = torch.device(options.device)
+    work = [(i, t.tensor) for i, t in enumerate(targets) if any(_needs_target(o, i, checkpoint) for o in active)]
+    runner = None
     try:
+        runner = DeviceRunner(checkpoint, work, options.torch_devices,
+                              compute=lambda i, weight, to_host: _compute_target(i, weight, outputs, to_host))
+        results = runner.results()
+        computed = {i for i, _ in work}
         for i, target in enumerate(targets):
-            if any(_needs_target(o, i, checkpoint) for o in active):
-                for ahead in targets[i + 1 : i + 1 + READ_AHEAD]:
-                    checkpoint.prefetch(ahead.tensor)
-                _decompose_one(checkpoint, i, outputs, device, pipeline)
+            if i in computed:
+                index, per_output = next(results)
+                assert index == i, (index, i)
+                _write_target(checkpoint, i, outputs, per_output, pipeline)
                 check_input_unchanged(inputs)
                 fault_point("target")
             else:
@@ -550,11 +575,13 @@ def _run(checkpoint: Checkpoint, path: Path, options: DecomposeOptions, outputs:
                     o.records.append(o.earlier_records[target.tensor])
             bar.set_postfix_str(f"{i + 1}/{len(targets)} targets", refresh=False)
             bar.update(done_before + pipeline.bytes_written - bar.n)
+        runner.close()
         pipeline.close()
         while not pipeline.done:  # pass-through copies may still be running: show them too
             bar.update(done_before + pipeline.bytes_written - bar.n)
             time.sleep(0.05)
         pipeline.finish()
+        checkpoint.release_all()  # what page boundaries kept of the input, headers included
         bar.update(done_before + pipeline.bytes_written - bar.n)
         check_input_unchanged(inputs)
         for output in active:
@@ -562,6 +589,8 @@ def _run(checkpoint: Checkpoint, path: Path, options: DecomposeOptions, outputs:
                 writer.finalize()
                 fault_point("finalize")
     except BaseException as err:
+        if runner is not None:
+            runner.close()
         first = abandon(pipeline, [w for o in active for w in o.writers], err, keep=True)
         if first is err:
             raise
@@ -605,13 +634,23 @@ def _progress_bar(total_bytes: int, n_targets: int, enabled: bool):
                 disable=not enabled, postfix=f"0/{n_targets} targets")
 
 
-def _decompose_one(checkpoint: Checkpoint, index: int, outputs: list[_Output], device, pipeline) -> None:
-    """One target weight: one SVD at the largest rank, factors and residual for
-    every output, all handed to the background writer."""
+@dataclass
+class _Computed:
+    """One target's result for one output, on the host."""
+
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    residual: torch.Tensor
+    record: dict[str, Any]
+
+
+def _compute_target(index: int, weight: torch.Tensor, outputs: list[_Output], to_host) -> list[_Computed | None]:
+    """One target weight (on its device, in its stored dtype): one SVD at the
+    largest rank, factors, residual and report record for every output still
+    being written (None for a complete one). Runs on a device's worker thread."""
     t0 = time.perf_counter()
     first = outputs[0].options
     targets = [o.plan.targets[index] for o in outputs]
-    weight = as_torch(checkpoint.buffer(targets[0].tensor)).to(device)
     scales = [scaling(t.r, t.lora_alpha, first.use_rslora) for t in targets]
     ranks = [(t.r, s) for t, s in zip(targets, scales)]
     seed = tensor_seed(first.seed, targets[0].tensor)
@@ -624,24 +663,14 @@ def _decompose_one(checkpoint: Checkpoint, index: int, outputs: list[_Output], d
         all_factors = qpissa_factors_at_ranks(weight, ranks, quant, first.quant_iters, niter=first.niter, seed=seed,
                                               adapter_dtype=adapter_dtype, fan_in_fan_out=fan_in_fan_out)
     seconds = time.perf_counter() - t0
-    measured = [_quant_metrics(weight, f, s, t.r, first, fan_in_fan_out) if quant and first.measure_error else {}
-                for f, s, t in zip(all_factors, scales, targets)]
-    del weight
-    last_writer = max((k for k, o in enumerate(outputs) if o.status != "complete"), default=-1)
-    for k, (output, target, scale, factors) in enumerate(zip(outputs, targets, scales, all_factors)):
+    computed: list[_Computed | None] = []
+    for output, target, scale, factors in zip(outputs, targets, scales, all_factors):
         if output.status == "complete":
+            computed.append(None)
             continue
-        # Parts an interrupted run already wrote are not written again (they are these bytes).
-        if output.needs(output.adapter_writer, lora_a_key(target.module)):
-            pipeline.submit(output.adapter_writer, lora_a_key(target.module), as_numpy_bytes(factors.lora_A))
-        if output.needs(output.adapter_writer, lora_b_key(target.module)):
-            pipeline.submit(output.adapter_writer, lora_b_key(target.module), as_numpy_bytes(factors.lora_B))
-        residual_writer = output.shard_writers[checkpoint.info(target.tensor).file]
-        if output.needs(residual_writer, target.tensor):
-            # The last residual's write also releases the input's pages.
-            pipeline.submit(residual_writer, target.tensor, as_numpy_bytes(factors.residual),
-                            release=target.tensor if k == last_writer else None)
-        output.record({
+        measured = (_quant_metrics(weight, factors, scale, target.r, first, fan_in_fan_out)
+                    if quant and first.measure_error else {})
+        record = {
             "tensor": target.tensor,
             "module": target.module,
             "shape": list(target.shape),
@@ -654,8 +683,31 @@ def _decompose_one(checkpoint: Checkpoint, index: int, outputs: list[_Output], d
             "energy_kept": factors.energy_kept,
             "max_abs_error": factors.max_abs_error,
             "seconds": seconds,
-            **measured[k],
-        })
+            **measured,
+        }
+        computed.append(_Computed(to_host(factors.lora_A), to_host(factors.lora_B), to_host(factors.residual), record))
+    return computed
+
+
+def _write_target(checkpoint: Checkpoint, index: int, outputs: list[_Output], computed: list[_Computed | None],
+                  pipeline: Pipeline) -> None:
+    """Hand one target's results to the background writer and record them."""
+    last_writer = max((k for k, c in enumerate(computed) if c is not None), default=-1)
+    for k, (output, result) in enumerate(zip(outputs, computed)):
+        if result is None:
+            continue
+        target = output.plan.targets[index]
+        # Parts an interrupted run already wrote are not written again (they are these bytes).
+        if output.needs(output.adapter_writer, lora_a_key(target.module)):
+            pipeline.submit(output.adapter_writer, lora_a_key(target.module), as_numpy_bytes(result.lora_A))
+        if output.needs(output.adapter_writer, lora_b_key(target.module)):
+            pipeline.submit(output.adapter_writer, lora_b_key(target.module), as_numpy_bytes(result.lora_B))
+        residual_writer = output.shard_writers[checkpoint.info(target.tensor).file]
+        if output.needs(residual_writer, target.tensor):
+            # The last residual's write also releases the input's pages.
+            pipeline.submit(residual_writer, target.tensor, as_numpy_bytes(result.residual),
+                            release=target.tensor if k == last_writer else None)
+        output.record(result.record)
 
 
 def _quant_metrics(weight, factors, scale: float, r: int, options: DecomposeOptions, fan_in_fan_out: bool) -> dict:

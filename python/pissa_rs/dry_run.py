@@ -45,7 +45,7 @@ class DecompositionPlan:
                  f"output: {', '.join(map(str, self.outs))} (residual {human_bytes(self.residual_bytes)} + adapter "
                  f"{human_bytes(self.adapter_bytes)}; {human_bytes(self.free_bytes)} free"
                  f"{'' if self.fits_on_disk else ' -- DOES NOT FIT'})",
-                 f"method: {self.options.init_lora_weights}{self._qpissa}, device {self.options.device}, "
+                 f"method: {self.options.init_lora_weights}{self._qpissa}, device {','.join(map(str, self.options.torch_devices))}, "
                  f"estimated {self.estimated_seconds:.1f} s of SVD work",
                  f"{len(self.targets)} targets:"]
         width = max((len(t.tensor) for t in self.targets), default=0)
@@ -120,7 +120,8 @@ def plan_decomposition(path: Path, opts: DecomposeOptions, out: Path | None) -> 
     # values of a 5632 x 2048 matrix on that CPU, 2 to 5x what its flops predict.
     svd = sum(_svd_flops(t, opts.niter) + _quant_flops(t, opts)[0] for t in found.targets)
     full = sum(_quant_flops(t, opts)[1] for t in found.targets)
-    seconds = (1.8 * svd + 3.5 * full) / _device_flops(torch.device(opts.device))
+    # Several devices of one kind share the weights: the work divides between them.
+    seconds = (1.8 * svd + 3.5 * full) / _device_flops(torch.device(opts.device)) / len(opts.torch_devices)
     return DecompositionPlan(
         input=path, outs=outs, options=opts, targets=found.targets, passthrough=passthrough,
         input_bytes=sum(i.nbytes for i in checkpoint.tensors), residual_bytes=residual, adapter_bytes=adapter,

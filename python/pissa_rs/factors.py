@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +61,17 @@ def round_difference(w: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype) -
         tie = (gap != 0) & ((other.to(torch.float32) - h).abs() == gap.abs())
         rounded[idx] = torch.where(tie & (low * gap > 0), other, r)
     return rounded, high
+
+
+_GENERATOR_LOCKS: dict[tuple[str, int | None], threading.Lock] = {}
+_LOCKS_LOCK = threading.Lock()
+
+
+def _generator_lock(device: torch.device) -> threading.Lock:
+    """One lock per random generator: the CPU's, and each GPU's."""
+    key = (device.type, device.index if device.type == "cuda" else None)
+    with _LOCKS_LOCK:
+        return _GENERATOR_LOCKS.setdefault(key, threading.Lock())
 
 
 @dataclass
@@ -121,9 +133,12 @@ def factors_at_ranks(
         U, S, Vh = torch.linalg.svd(w, full_matrices=False)
         U, S, Vh = U[:, :q], S[:q], Vh[:q]
     else:
-        with torch.random.fork_rng(devices=[w.device] if w.device.type == "cuda" else []):
-            if seed is not None:
-                torch.manual_seed(seed)
+        # svd_lowrank draws from the device's global generator (it takes none):
+        # seeding and drawing must not interleave with another thread's.
+        cuda = w.device.type == "cuda"
+        with _generator_lock(w.device), torch.random.fork_rng(devices=[w.device] if cuda else []):
+            if seed is not None:  # this device's generator only: other devices' threads draw from theirs
+                (torch.cuda.default_generators[w.device.index] if cuda else torch.default_generator).manual_seed(seed)
             U, S, V = torch.svd_lowrank(w, q=q, niter=niter)
         Vh = V.T
     return [

@@ -308,6 +308,28 @@ impl PyCheckpoint {
         self.inner.shards[e.shard].release(e.start, e.end);
         Ok(())
     }
+    /// Read a tensor's bytes into `dest` (a writable C-contiguous buffer of
+    /// exactly its size, e.g. a pinned host tensor's numpy view) with the GIL
+    /// released; the pages are never mapped here and leave the cache after.
+    fn read_into(&self, py: Python<'_>, name: &str, dest: &Bound<'_, PyAny>) -> PyResult<()> {
+        let mut borrowed = BorrowedBytes::get_writable(dest)?;
+        let nbytes = borrowed.view.len as usize;
+        let slice = borrowed.as_mut_slice();
+        if slice.len() != nbytes {
+            return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                "read_into '{name}': the destination buffer is read-only"
+            )));
+        }
+        py.detach(|| self.inner.read_into(name, slice))
+            .map_err(to_py)
+    }
+    /// Drop every page of every shard from this process and the page cache:
+    /// for when the run is done with the input.
+    fn release_all(&self) {
+        for shard in &self.inner.shards {
+            shard.release_all();
+        }
+    }
     /// Start reading a tensor's pages in the background (read-ahead).
     fn prefetch(&self, name: &str) -> PyResult<()> {
         let e = self.inner.get(name).map_err(to_py)?;
@@ -339,11 +361,18 @@ struct BorrowedBytes {
 
 impl BorrowedBytes {
     fn get(obj: &Bound<'_, PyAny>) -> PyResult<Self> {
+        Self::get_with(obj, ffi::PyBUF_C_CONTIGUOUS)
+    }
+
+    /// A buffer to write into: the exporter refuses read-only ones.
+    fn get_writable(obj: &Bound<'_, PyAny>) -> PyResult<Self> {
+        Self::get_with(obj, ffi::PyBUF_C_CONTIGUOUS | ffi::PyBUF_WRITABLE)
+    }
+
+    fn get_with(obj: &Bound<'_, PyAny>, flags: std::os::raw::c_int) -> PyResult<Self> {
         let mut view: Box<MaybeUninit<ffi::Py_buffer>> = Box::new(MaybeUninit::zeroed());
         // SAFETY: `view` is a valid, writable Py_buffer slot.
-        let rc = unsafe {
-            ffi::PyObject_GetBuffer(obj.as_ptr(), view.as_mut_ptr(), ffi::PyBUF_C_CONTIGUOUS)
-        };
+        let rc = unsafe { ffi::PyObject_GetBuffer(obj.as_ptr(), view.as_mut_ptr(), flags) };
         if rc != 0 {
             return Err(PyErr::fetch(obj.py()));
         }
@@ -359,6 +388,16 @@ impl BorrowedBytes {
         // SAFETY: the exporter guarantees `len` readable bytes at `buf`
         // until the buffer is released, which happens in Drop.
         unsafe { std::slice::from_raw_parts(self.view.buf as *const u8, self.view.len as usize) }
+    }
+
+    /// Only for buffers from `get_writable`.
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        if self.view.len == 0 || self.view.readonly != 0 {
+            return &mut [];
+        }
+        // SAFETY: as above, and the exporter granted write access
+        // (PyBUF_WRITABLE); `&mut self` makes this the only slice.
+        unsafe { std::slice::from_raw_parts_mut(self.view.buf as *mut u8, self.view.len as usize) }
     }
 }
 
@@ -611,8 +650,16 @@ impl PyPipeline {
     }
 }
 
+/// (bytes of the file at `path` now in the page cache, its size).
+#[pyfunction]
+fn cached_bytes(py: Python<'_>, path: PathBuf) -> PyResult<(u64, u64)> {
+    py.detach(|| crate::pagecache::cached_bytes(&path))
+        .map_err(to_py)
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
+    m.add_function(wrap_pyfunction!(cached_bytes, m)?)?;
     m.add("PissaError", py.get_type::<PissaError>())?;
     m.add("PissaIOError", py.get_type::<PissaIOError>())?;
     m.add("CheckpointError", py.get_type::<CheckpointError>())?;

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
@@ -14,6 +15,7 @@ use safetensors::{Dtype, SafeTensorError, SafeTensors};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::pagecache;
 
 /// The safetensors crate's limit on header size.
 pub const MAX_HEADER_LEN: u64 = 100_000_000;
@@ -36,6 +38,7 @@ pub struct Shard {
     pub data_start: u64,
     pub metadata: Option<HashMap<String, String>>,
     map: Mmap,
+    file: File,
 }
 
 impl Shard {
@@ -43,11 +46,10 @@ impl Shard {
         &self.map
     }
 
-    /// Drop the pages of `[start, end)` from this process's resident set;
-    /// they are re-read from the file if touched again.
+    /// Done with `[start, end)`: drop its pages from this process's resident
+    /// set and from the page cache; they are re-read from the file if needed.
     pub fn release(&self, start: u64, end: u64) {
-        // Round inward to whole pages: madvise needs an aligned start, and
-        // partial pages may hold a neighbour's bytes still in use.
+        // Whole pages only: partial pages may hold a neighbour's bytes still in use.
         let page = 4096u64;
         let s = start.div_ceil(page) * page;
         let e = end / page * page;
@@ -61,7 +63,32 @@ impl Shard {
                     (e - s) as usize,
                 );
             }
+            // Unmapped first: the cache does not drop pages still mapped.
+            pagecache::drop_cached(&self.file, s, e);
         }
+    }
+
+    /// Read `[start, start + dst.len())` into `dst` (pread: no page faults
+    /// here), then release the range (a neighbour's access may have mapped
+    /// some of its pages by fault-around; mapped pages stay cached).
+    pub fn read_into(&self, start: u64, dst: &mut [u8]) -> Result<()> {
+        self.file
+            .read_exact_at(dst, start)
+            .map_err(|e| Error::io(&self.path, "read", e))?;
+        self.release(start, start + dst.len() as u64);
+        Ok(())
+    }
+
+    /// Release the whole file, header and partial pages at tensor boundaries
+    /// included: for when no tensor of it will be read again.
+    pub fn release_all(&self) {
+        // SAFETY: as in `release`, over the whole read-only mapping.
+        unsafe {
+            let _ = self
+                .map
+                .unchecked_advise(memmap2::UncheckedAdvice::DontNeed);
+        }
+        pagecache::drop_all_cached(&self.file);
     }
 }
 
@@ -333,6 +360,24 @@ impl Checkpoint {
             })
     }
 
+    /// Read tensor `name` into `dst` (exactly its size) without mapping it,
+    /// and drop its pages from the cache: the staging path of the GPU pipeline.
+    pub fn read_into(&self, name: &str, dst: &mut [u8]) -> Result<()> {
+        let entry = self.get(name)?;
+        if dst.len() as u64 != entry.nbytes() {
+            return Err(Error::io(
+                &self.shards[entry.shard].path,
+                "read",
+                std::io::Error::other(format!(
+                    "tensor '{name}' is {} bytes, the buffer {}",
+                    entry.nbytes(),
+                    dst.len()
+                )),
+            ));
+        }
+        self.shards[entry.shard].read_into(entry.start, dst)
+    }
+
     /// The bytes of one tensor, straight from the mapping.
     pub fn bytes(&self, entry: &TensorEntry) -> &[u8] {
         &self.shards[entry.shard].bytes()[entry.start as usize..entry.end as usize]
@@ -383,6 +428,7 @@ fn open_shard(path: &Path, file_name: String) -> Result<(Shard, Metadata)> {
             data_start: 8 + header_len as u64,
             metadata: metadata_map,
             map,
+            file,
         },
         metadata,
     ))

@@ -5,6 +5,7 @@ pub mod bindings;
 pub mod checkpoint;
 pub mod error;
 pub mod journal;
+pub mod pagecache;
 pub mod pipeline;
 pub mod writer;
 

@@ -16,6 +16,7 @@ use safetensors::Dtype;
 use crate::checkpoint::{Checkpoint, MAX_HEADER_LEN};
 use crate::error::{Error, Result};
 use crate::journal::Journal;
+use crate::pagecache::{self, WriteBehind};
 
 /// What the writer must know of a tensor before any bytes arrive.
 #[derive(Clone, Debug)]
@@ -150,6 +151,7 @@ pub struct ShardWriter {
     slots: Mutex<HashMap<String, Slot>>,
     state: Mutex<WriterState>,
     journal: Option<Arc<Journal>>,
+    write_behind: WriteBehind,
 }
 
 impl ShardWriter {
@@ -218,6 +220,7 @@ impl ShardWriter {
             ),
             state: Mutex::new(WriterState::Open),
             journal,
+            write_behind: WriteBehind::default(),
         };
         // From here on, dropping `writer` removes the temporary file.
         if reusable {
@@ -351,6 +354,10 @@ impl ShardWriter {
             .write_all_at(bytes, offset)
             .map_err(|e| Error::io(&self.tmp_path, "write", e))
             .and_then(|()| {
+                self.write_behind
+                    .written(&self.file, &self.tmp_path, offset, bytes.len() as u64)
+            })
+            .and_then(|()| {
                 self.journal_tensor(name, bytes.len() as u64, || crc32fast::hash(bytes))
             });
         self.settle(name, result.is_ok());
@@ -393,6 +400,7 @@ impl ShardWriter {
             hasher.update(&buf[..n]);
             at += n as u64;
         }
+        pagecache::drop_cached(&self.file, start, end);
         let ok = hasher.finalize() == crc32;
         if ok {
             self.settle(name, true);
@@ -430,7 +438,15 @@ impl ShardWriter {
             result = self
                 .file
                 .write_all_at(chunk, offset + at)
-                .map_err(|e| Error::io(&self.tmp_path, "write", e));
+                .map_err(|e| Error::io(&self.tmp_path, "write", e))
+                .and_then(|()| {
+                    self.write_behind.written(
+                        &self.file,
+                        &self.tmp_path,
+                        offset + at,
+                        chunk.len() as u64,
+                    )
+                });
             if self.journal.is_some() {
                 hasher.update(chunk);
             }
@@ -471,6 +487,8 @@ impl ShardWriter {
         self.file
             .sync_all()
             .map_err(|e| Error::io(&self.tmp_path, "fsync", e))?;
+        // On disk now: its cached pages only push other data out of memory.
+        pagecache::drop_all_cached(&self.file);
         std::fs::rename(&self.tmp_path, &self.path)
             .map_err(|e| Error::io(&self.path, "rename into place", e))?;
         *self.state.lock().expect("poisoned") = WriterState::Finalized;

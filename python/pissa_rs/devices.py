@@ -1,0 +1,283 @@
+"""The per-target torch work on one or more devices, overlapped with the I/O.
+
+A reader thread has Rust read each weight (pread, GIL released, pages dropped
+from the cache after) into a few reused host buffers, page-locked when the
+devices are GPUs. One worker thread per device takes the next staged weight;
+on a GPU it uploads the one after on a side CUDA stream while the current one
+computes, upcasts on the GPU, and copies results back into page-locked memory.
+Results come back to the caller in target order, so what is written and
+reported does not depend on which device did what, and per-tensor seeds make
+the bytes the same too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+
+from ._pissa_rs import Checkpoint
+from .tensors import TORCH_DTYPES
+
+POLL_SECONDS = 0.1  # how often a blocked thread looks whether the run stopped
+BUFFERS_PER_DEVICE = 2  # the weight a device works on (or uploads) and the next one
+
+
+def parse_devices(devices: list[str]) -> list[torch.device]:
+    """Validate a device list: all of one type (CPU and GPU kernels round
+    differently, so mixing them would make the output depend on scheduling),
+    each one present on this machine."""
+    if not devices:
+        raise ValueError("devices must name at least one device, e.g. ['cuda:0']")
+    parsed = []
+    for name in devices:
+        try:
+            device = torch.device(name)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"device {name!r}: not a torch device ({err})") from None
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device {name!r}: only cpu and cuda devices are supported")
+        if device.type == "cuda":
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if count == 0:
+                raise ValueError(f"device {name!r}: this machine has no CUDA device")
+            if device.index is None:
+                device = torch.device("cuda", torch.cuda.current_device())
+            if device.index >= count:
+                raise ValueError(f"device {name!r}: this machine has {count} CUDA device(s)")
+        parsed.append(device)
+    kinds = {d.type for d in parsed}
+    if len(kinds) > 1:
+        raise ValueError(f"devices {devices}: all must be of one type (cpu or cuda), not a mix")
+    return parsed
+
+
+class Stopped(Exception):
+    """The run stopped (an error elsewhere, or Ctrl-C) while this thread waited."""
+
+
+class HostBuffers:
+    """Up to `count` reused uint8 host buffers of `nbytes` each, made on first
+    use; page-locked for GPU work, which makes host-device copies asynchronous
+    and avoids the driver's own bounce buffer. Reuse keeps host memory flat: a
+    page-locked allocation is slow and is never returned to the cache here."""
+
+    def __init__(self, count: int, nbytes: int, pin: bool, stop: threading.Event):
+        self._count, self._nbytes, self._pin, self._stop = count, nbytes, pin, stop
+        self._made = 0
+        self._free: queue.Queue[torch.Tensor] = queue.Queue()
+        self._lock = threading.Lock()
+
+    def acquire(self) -> torch.Tensor:
+        with self._lock:
+            if self._free.empty() and self._made < self._count:
+                self._made += 1
+                return torch.empty(self._nbytes, dtype=torch.uint8, pin_memory=self._pin)
+        while not self._stop.is_set():
+            try:
+                return self._free.get(timeout=POLL_SECONDS)
+            except queue.Empty:
+                continue
+        raise Stopped
+
+    def release(self, buffer: torch.Tensor) -> None:
+        self._free.put(buffer)
+
+    @property
+    def made(self) -> int:
+        return self._made
+
+
+@dataclass
+class _Staged:
+    """A weight's bytes in a host buffer."""
+
+    index: int
+    tensor: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    buffer: torch.Tensor  # the whole pooled buffer
+    data: torch.Tensor  # its first nbytes
+
+
+@dataclass
+class _Uploaded:
+    """A weight on its device; on a GPU, `ready` fires when the copy is done."""
+
+    staged: _Staged
+    raw: torch.Tensor  # uint8 bytes on the device
+    ready: Any = None  # torch.cuda.Event
+
+
+_END = object()
+
+# compute(index, weight on the device in its stored dtype, to_host) -> result.
+# `to_host(t)` gives a host tensor that holds t's values once compute returned.
+Compute = Callable[[int, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]], Any]
+
+
+class DeviceRunner:
+    """Runs `compute` for each (index, tensor) of `work` on `devices`; iterate
+    `results()` to get (index, result) in the order of `work`. Always `close()`
+    (or use it as a context manager): it stops and joins the threads."""
+
+    def __init__(self, checkpoint: Checkpoint, work: list[tuple[int, str]], devices: list[torch.device],
+                 compute: Compute):
+        self._checkpoint, self._work, self._devices, self._compute = checkpoint, work, devices, compute
+        self._stop = threading.Event()
+        self._cond = threading.Condition()
+        self._results: dict[int, Any] = {}
+        self._consumed: set[int] = set()
+        self._error: BaseException | None = None
+        self._staged: queue.Queue[Any] = queue.Queue()
+        largest = max((checkpoint.info(name).nbytes for _, name in work), default=0)
+        pin = devices[0].type == "cuda"
+        self.buffers = HostBuffers(BUFFERS_PER_DEVICE * len(devices), largest, pin, self._stop)
+        self._threads = [threading.Thread(target=self._guard, args=(self._read,), name="pissa-reader", daemon=True)]
+        self._threads += [threading.Thread(target=self._guard, args=(self._device_worker, d), daemon=True,
+                                           name=f"pissa-{d}-{k}") for k, d in enumerate(devices)]
+        for thread in self._threads:
+            thread.start()
+
+    def __enter__(self) -> DeviceRunner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop and wait for the threads (a device busy with one weight finishes it first)."""
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join()
+
+    def results(self) -> Iterator[tuple[int, Any]]:
+        for index, _ in self._work:
+            with self._cond:
+                while index not in self._results and self._error is None:
+                    self._cond.wait(POLL_SECONDS)
+                if index not in self._results:  # what finished before a failure is still handed over
+                    raise self._error
+                result = self._results.pop(index)
+            yield index, result
+            with self._cond:  # the caller is done with it: its worker may hand over the next
+                self._consumed.add(index)
+                self._cond.notify_all()
+
+    # -- threads ----------------------------------------------------------
+
+    def _guard(self, body, *args) -> None:
+        try:
+            body(*args)
+        except Stopped:
+            pass
+        except BaseException as err:  # handed to the caller, raised from results()
+            with self._cond:
+                if self._error is None:
+                    self._error = err
+                self._cond.notify_all()
+            self._stop.set()
+
+    def _read(self) -> None:
+        """Stage each weight's bytes, in order, as buffers come free."""
+        for index, name in self._work:
+            info = self._checkpoint.info(name)
+            if info.dtype not in TORCH_DTYPES:
+                raise TypeError(f"tensor '{name}' of {info.file}: dtype {info.dtype} has no torch equivalent")
+            buffer = self.buffers.acquire()
+            data = buffer[: info.nbytes]
+            self._checkpoint.read_into(name, data.numpy())
+            self._staged.put(_Staged(index, name, TORCH_DTYPES[info.dtype], tuple(info.shape), buffer, data))
+        for _ in self._devices:
+            self._staged.put(_END)
+
+    def _next_staged(self, block: bool) -> Any:
+        while not self._stop.is_set():
+            try:
+                return self._staged.get(timeout=POLL_SECONDS) if block else self._staged.get_nowait()
+            except queue.Empty:
+                if not block:
+                    return None
+        raise Stopped
+
+    def _device_worker(self, device: torch.device) -> None:
+        cuda = device.type == "cuda"
+        side = torch.cuda.Stream(device) if cuda else None
+        context = torch.cuda.device(device) if cuda else contextlib.nullcontext()
+        pending: _Uploaded | None = None
+        ended = False
+        previous: int | None = None
+        with context:
+            while True:
+                if pending is None:
+                    item = _END if ended else self._next_staged(block=True)
+                    if item is _END:
+                        return
+                    pending = self._upload(item, device, side)
+                ahead = None
+                if cuda and not ended:
+                    # The next weight's copy runs on the side stream during this compute.
+                    item = self._next_staged(block=False)
+                    if item is _END:
+                        ended = True
+                    elif item is not None:
+                        ahead = self._upload(item, device, side)
+                result = self._run_one(pending, device)
+                self._hand_over(pending.staged.index, result, previous)
+                previous, pending = pending.staged.index, ahead
+
+    def _upload(self, staged: _Staged, device: torch.device, side) -> _Uploaded:
+        if side is None:
+            return _Uploaded(staged, staged.data)  # CPU: compute reads the host buffer itself
+        with torch.cuda.stream(side):
+            raw = staged.data.to(device, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(side)
+        return _Uploaded(staged, raw, ready)
+
+    def _run_one(self, uploaded: _Uploaded, device: torch.device) -> Any:
+        staged = uploaded.staged
+        if uploaded.ready is not None:
+            stream = torch.cuda.current_stream(device)
+            stream.wait_event(uploaded.ready)
+            uploaded.raw.record_stream(stream)  # allocated on the side stream, freed after use on this one
+            uploaded.ready.synchronize()  # issued during the previous compute: done by now
+            self.buffers.release(staged.buffer)
+        weight = uploaded.raw.view(staged.dtype).reshape(staged.shape)
+        result = self._compute(staged.index, weight, _host_copier(device))
+        if uploaded.ready is not None:
+            torch.cuda.current_stream(device).synchronize()  # the copies back have landed
+        else:
+            del weight, uploaded
+            self.buffers.release(staged.buffer)
+        return result
+
+    def _hand_over(self, index: int, result: Any, previous: int | None) -> None:
+        """Give `result` to the caller once it took this worker's previous one:
+        a device is at most one result ahead of the writer."""
+        with self._cond:
+            while previous is not None and previous not in self._consumed:
+                if self._stop.is_set():
+                    raise Stopped
+                self._cond.wait(POLL_SECONDS)
+            self._results[index] = result
+            self._cond.notify_all()
+
+
+def _host_copier(device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    if device.type != "cuda":
+        return lambda t: t.detach().contiguous()
+
+    def to_host(t: torch.Tensor) -> torch.Tensor:
+        # Page-locked (torch's caching host allocator reuses the blocks), asynchronous.
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t.detach(), non_blocking=True)
+        return host
+
+    return to_host
