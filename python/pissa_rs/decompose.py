@@ -36,7 +36,7 @@ from .resume import (
     run_identity,
 )
 from .targets import TargetError
-from .tensors import SAFETENSORS_DTYPES, as_numpy_bytes, as_torch
+from .tensors import SAFETENSORS_DTYPES, as_numpy_bytes
 
 ADAPTER_SUBDIR = "pissa_init"
 REPORT_NAME = "pissa_report.json"
