@@ -45,8 +45,9 @@ def parse_devices(devices: list[str]) -> list[torch.device]:
             count = torch.cuda.device_count() if torch.cuda.is_available() else 0
             if count == 0:
                 raise ValueError(f"device {name!r}: this machine has no CUDA device")
-            if device.index is None:
-                device = torch.device("cuda", torch.cuda.current_device())
+            if device.index is None:  # "cuda": the current device, without initializing CUDA before the
+                # planning child is forked
+                device = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_initialized() else 0)
             if device.index >= count:
                 raise ValueError(f"device {name!r}: this machine has {count} CUDA device(s)")
         parsed.append(device)
