@@ -24,14 +24,13 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_decompose import PROJECTIONS, machine, make_checkpoint, shapes  # noqa: E402
+from bench_decompose import PROJECTIONS, machine, make_checkpoint, run_script, shapes  # noqa: E402
 
 LLAMA3_70B = dict(hidden=8192, intermediate=28672, heads=64, kv_heads=8, vocab=128256)
 SHARD_BYTES = 5 * 10**9
@@ -95,14 +94,8 @@ print(json.dumps({"wall_s": wall, "peak_rss_bytes": peak, "peak_gpu_bytes": gpu,
 
 
 def run_pissa(src: Path, out: Path, r: int, niter: int, devices: list[str]) -> dict:
-    started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", DECOMPOSE, str(src), str(out), str(r), str(niter), ",".join(devices),
-                           json.dumps(PROJECTIONS)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"pissa_rs failed:\n{proc.stderr[-3000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["process_s"] = time.perf_counter() - started
-    return result
+    return run_script("pissa_rs", DECOMPOSE, [str(src), str(out), str(r), str(niter), ",".join(devices),
+                                              json.dumps(PROJECTIONS)])
 
 
 def main() -> None:

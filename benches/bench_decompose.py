@@ -135,18 +135,23 @@ print(json.dumps({{"wall_s": wall, "peak_rss_bytes": peak}}))
 """
 
 
-def run_method(name: str, src: Path, out: Path, r: int, niter: int) -> dict:
-    imports, body = RUNNERS[name]
-    code = HARNESS.format(imports=imports, body=body)
+def run_script(name: str, code: str, args: list[str]) -> dict:
+    """Run `code` in its own Python process; its last stdout line is a JSON result.
+    Adds process_s, the whole process's wall time (imports included)."""
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code, str(src), str(out), str(r), str(niter), json.dumps(PROJECTIONS)],
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    # wall_s is timed inside the process after its imports; process_s is the whole process.
     result["process_s"] = time.perf_counter() - started
     return result
+
+
+def run_method(name: str, src: Path, out: Path, r: int, niter: int) -> dict:
+    """wall_s is timed inside the process after its imports."""
+    imports, body = RUNNERS[name]
+    return run_script(name, HARNESS.format(imports=imports, body=body),
+                      [str(src), str(out), str(r), str(niter), json.dumps(PROJECTIONS)])
 
 
 def machine() -> str:
