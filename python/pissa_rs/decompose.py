@@ -692,8 +692,7 @@ def _compute_target(index: int, weight: torch.Tensor, outputs: list[_Output], to
 def _write_target(checkpoint: Checkpoint, index: int, outputs: list[_Output], computed: list[_Computed | None],
                   pipeline: Pipeline) -> None:
     """Hand one target's results to the background writer and record them."""
-    last_writer = max((k for k, c in enumerate(computed) if c is not None), default=-1)
-    for k, (output, result) in enumerate(zip(outputs, computed)):
+    for output, result in zip(outputs, computed):
         if result is None:
             continue
         target = output.plan.targets[index]
@@ -704,9 +703,7 @@ def _write_target(checkpoint: Checkpoint, index: int, outputs: list[_Output], co
             pipeline.submit(output.adapter_writer, lora_b_key(target.module), as_numpy_bytes(result.lora_B))
         residual_writer = output.shard_writers[checkpoint.info(target.tensor).file]
         if output.needs(residual_writer, target.tensor):
-            # The last residual's write also releases the input's pages.
-            pipeline.submit(residual_writer, target.tensor, as_numpy_bytes(result.residual),
-                            release=target.tensor if k == last_writer else None)
+            pipeline.submit(residual_writer, target.tensor, as_numpy_bytes(result.residual))
         output.record(result.record)
 
 

@@ -49,11 +49,7 @@ impl Shard {
     /// Done with `[start, end)`: drop its pages from this process's resident
     /// set and from the page cache; they are re-read from the file if needed.
     pub fn release(&self, start: u64, end: u64) {
-        // Whole pages only: partial pages may hold a neighbour's bytes still in use.
-        let page = 4096u64;
-        let s = start.div_ceil(page) * page;
-        let e = end / page * page;
-        if e > s {
+        if let Some((s, e)) = pagecache::whole_pages(start, end) {
             // SAFETY: the range lies inside the mapping; for a read-only
             // file mapping DONTNEED only drops clean pages, re-read on demand.
             unsafe {

@@ -18,7 +18,7 @@ pub const WRITE_BEHIND_BYTES: u64 = 256 << 20;
 
 /// `[start, end)` rounded inward to whole pages: partial pages at either end
 /// may hold a neighbour's bytes still in use.
-fn whole_pages(start: u64, end: u64) -> Option<(u64, u64)> {
+pub fn whole_pages(start: u64, end: u64) -> Option<(u64, u64)> {
     let s = start.div_ceil(PAGE) * PAGE;
     let e = end / PAGE * PAGE;
     (e > s).then_some((s, e))
