@@ -339,6 +339,9 @@ def decompose_checkpoint(
     Load it with `AutoModelForCausalLM.from_pretrained(out)` then
     `PeftModel.from_pretrained(model, out, subfolder="pissa_init", is_trainable=True)`.
 
+    `devices=["cuda:0", "cuda:1"]` spreads the weights over several devices of one
+    kind; the output is byte-identical to a one-device run.
+
     QPiSSA: `quantize` ("nf4", "fp4", "int8") names the quantization training will
     load the residual with (`load_for_training(out, quantize=...)`). The report then
     gives, per tensor, the paper's error reduction against quantizing W itself
@@ -350,8 +353,9 @@ def decompose_checkpoint(
     options = DecomposeOptions(
         r=r, lora_alpha=lora_alpha, niter=niter, target_modules=target_modules, exclude_modules=exclude_modules,
         rank_pattern=dict(rank_pattern or {}), alpha_pattern=dict(alpha_pattern or {}), use_rslora=use_rslora,
-        device=device, devices=list(devices) if devices is not None else None, seed=seed, adapter_dtype=adapter_dtype, quantize=quantize, quant_iters=quant_iters,
-        double_quant=double_quant, compare_loftq=compare_loftq, measure_error=measure_error,
+        device=device, devices=list(devices) if devices is not None else None, seed=seed,
+        adapter_dtype=adapter_dtype, quantize=quantize, quant_iters=quant_iters, double_quant=double_quant,
+        compare_loftq=compare_loftq, measure_error=measure_error,
     ).validate()
     return run_decomposition(Path(path), options, out=Path(out) if out else None, overwrite=overwrite, progress=progress)
 
