@@ -68,7 +68,10 @@ def test_sigkill_then_rerun_resumes_byte_identically(model, reference, tmp_path,
 
 def test_ctrl_c_stops_quickly_says_how_to_resume_and_resumes(model, reference, tmp_path):
     out = tmp_path / "o"
-    interrupted = run_cli(model, out, env={"PISSA_RS_SIGNAL_AT": "target:3:INT"})
+    # SIGINT as a terminal's Ctrl-C finds it: a test run started in the background
+    # (`cmd &` in a script) inherits SIGINT ignored, and Python then keeps it ignored.
+    interrupted = run_cli(model, out, env={"PISSA_RS_SIGNAL_AT": "target:3:INT"},
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     ended = time.time()
     assert interrupted.returncode == 130, interrupted.stderr
     assert "Run the same command again to resume" in interrupted.stderr
