@@ -98,7 +98,6 @@ class _Staged:
     """A weight's bytes in a host buffer."""
 
     index: int
-    tensor: str
     dtype: torch.dtype
     shape: tuple[int, ...]
     buffer: torch.Tensor  # the whole pooled buffer
@@ -194,7 +193,7 @@ class DeviceRunner:
             buffer = self.buffers.acquire()
             data = buffer[: info.nbytes]
             self._checkpoint.read_into(name, data.numpy())
-            self._staged.put(_Staged(index, name, TORCH_DTYPES[info.dtype], tuple(info.shape), buffer, data))
+            self._staged.put(_Staged(index, TORCH_DTYPES[info.dtype], tuple(info.shape), buffer, data))
         for _ in self._devices:
             self._staged.put(_END)
 
@@ -254,8 +253,7 @@ class DeviceRunner:
         result = self._compute(staged.index, weight, _host_copier(device))
         if uploaded.ready is not None:
             torch.cuda.current_stream(device).synchronize()  # the copies back have landed
-        else:
-            del weight, uploaded
+        else:  # the weight was the host buffer itself
             self.buffers.release(staged.buffer)
         return result
 

@@ -307,16 +307,18 @@ impl ShardWriter {
         }
     }
 
+    fn unknown(&self, tensor: &str) -> Error {
+        self.tensor_err(
+            tensor,
+            "not one of the tensors this shard was laid out for".into(),
+        )
+    }
+
     /// Claim `name`'s slot for writing `len` bytes: returns its offset.
     fn claim(&self, name: &str, len: usize) -> Result<u64> {
         self.check_open()?;
         let mut slots = self.slots.lock().expect("poisoned");
-        let slot = slots.get_mut(name).ok_or_else(|| {
-            self.tensor_err(
-                name,
-                "not one of the tensors this shard was laid out for".into(),
-            )
-        })?;
+        let slot = slots.get_mut(name).ok_or_else(|| self.unknown(name))?;
         if slot.state != SlotState::Pending {
             return Err(self.tensor_err(name, "written twice".into()));
         }
@@ -378,12 +380,7 @@ impl ShardWriter {
         self.check_open()?;
         let (start, end) = {
             let slots = self.slots.lock().expect("poisoned");
-            let slot = slots.get(name).ok_or_else(|| {
-                self.tensor_err(
-                    name,
-                    "not one of the tensors this shard was laid out for".into(),
-                )
-            })?;
+            let slot = slots.get(name).ok_or_else(|| self.unknown(name))?;
             if slot.state != SlotState::Pending {
                 return Ok(slot.state == SlotState::Done);
             }
