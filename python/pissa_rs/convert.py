@@ -26,6 +26,7 @@ from .peft_format import (
     module_scaling,
 )
 from .tensors import SAFETENSORS_DTYPES, TORCH_DTYPES, as_numpy_bytes, as_torch
+from .noise import quiet_library_noise
 
 @dataclass
 class ConversionResult:
@@ -91,7 +92,8 @@ def convert_to_lora(init_dir: str | os.PathLike[str], finetuned_dir: str | os.Pa
     fields). `compact=True` drops singular values below `tol` x |B'| |A'|, per module,
     and records each module's kept rank in rank_pattern (scale folded into the factors).
     """
-    from peft import LoraConfig
+    with quiet_library_noise():
+        from peft import LoraConfig
 
     init_dir, finetuned_dir, out_dir = Path(init_dir), Path(finetuned_dir), Path(out_dir)
     init, init_cfg = _adapter(init_dir)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ._pissa_rs import Checkpoint, Journal, PissaError, Pipeline, ShardWriter
+from .bnb_format import StoredQuantized
 from .devices import DeviceRunner, parse_devices
 from .factors import factors_at_ranks, scaling, tensor_seed
 from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, lora_a_key, lora_b_key
@@ -36,7 +37,7 @@ from .resume import (
     run_identity,
 )
 from .targets import TargetError
-from .tensors import SAFETENSORS_DTYPES, as_numpy_bytes
+from .tensors import SAFETENSORS_DTYPES, TORCH_DTYPES, as_numpy_bytes
 
 ADAPTER_SUBDIR = "pissa_init"
 REPORT_NAME = "pissa_report.json"
@@ -67,6 +68,7 @@ class DecomposeOptions:
     double_quant: bool = False  # 4-bit: bitsandbytes' double quantization of the block absmax
     compare_loftq: bool = False  # also measure LoftQ's error at the same rank and iterations
     measure_error: bool = True  # with quantize: the nuclear-norm error reduction per weight (two full SVDs each)
+    save_quantized: bool = False  # with quantize: the residual stored in bitsandbytes' serialized format
 
     def validate(self) -> DecomposeOptions:
         ranks = list(self.r) if isinstance(self.r, (list, tuple)) else [self.r]
@@ -98,6 +100,8 @@ class DecomposeOptions:
             raise ValueError("quant_iters, double_quant and compare_loftq need quantize ('nf4', 'fp4' or 'int8')")
         if self.compare_loftq and not self.measure_error:
             raise ValueError("compare_loftq needs measure_error: LoftQ is compared by the same measurement")
+        if self.save_quantized and self.quantize is None:
+            raise ValueError("save_quantized needs quantize ('nf4', 'fp4' or 'int8'): the format to store")
         if self.double_quant and self.quantize == "int8":
             raise ValueError("double_quant applies to 4-bit quantization, not int8")
         if self.devices is not None:
@@ -135,6 +139,11 @@ class DecomposeOptions:
     def quantization(self) -> Quantization | None:
         return Quantization(self.quantize, double_quant=self.double_quant) if self.quantize else None
 
+    @property
+    def stored_quantization(self) -> Quantization | None:
+        """The quantization the residual is stored in (save_quantized), else None."""
+        return self.quantization if self.save_quantized else None
+
     def for_rank(self, r: int) -> DecomposeOptions:
         """The options of one output of a (possibly several-rank) run."""
         alpha = self.lora_alpha if self.lora_alpha is not None else r
@@ -164,6 +173,20 @@ def reported_options(out: Path) -> dict[str, Any]:
     return json.loads(report.read_text()).get("options", {}) if report.is_file() else {}
 
 
+def stored_quantized(out: Path) -> tuple[Quantization | None, dict[str, StoredQuantized]]:
+    """For an OUT written with save_quantized: the quantization its residual is
+    stored in and, by original tensor name, every weight stored that way; else (None, {})."""
+    report = out / REPORT_NAME
+    if not report.is_file():
+        return None, {}
+    data = json.loads(report.read_text())
+    options = data.get("options", {})
+    if not options.get("save_quantized"):
+        return None, {}
+    quant = Quantization(options["quantize"], double_quant=options.get("double_quant", False))
+    return quant, {name: StoredQuantized.from_record(name, r) for name, r in data.get("stored_quantized", {}).items()}
+
+
 def made_for_double_quant(out: Path, quantize: str | None) -> bool:
     """Whether OUT was decomposed for `quantize` with double quantization (its report says so)."""
     options = reported_options(out)
@@ -189,13 +212,24 @@ def _output_names(checkpoint: Checkpoint, path: Path) -> set[str]:
     return names
 
 
-def output_bytes(checkpoint: Checkpoint, plan: Plan, adapter_dtype: str) -> tuple[int, int]:
+def output_bytes(checkpoint: Checkpoint, plan: Plan, options: DecomposeOptions) -> tuple[int, int]:
     """(residual model, adapter) sizes in bytes: the residual has the input's
-    layout exactly; the adapter holds r x in + out x r per target."""
+    layout (less what is stored pre-quantized, plus its quantized form); the
+    adapter holds r x in + out x r per target."""
     residual = sum(os.path.getsize(f) for f in checkpoint.files)
+    for tensor, parts in plan.stored_parts(options.stored_quantization).items():
+        residual += sum(_nbytes(dtype, shape) for _, dtype, shape in parts) - checkpoint.info(tensor).nbytes
+    adapter_dtype = options.adapter_dtype
     itemsize = ADAPTER_DTYPES[adapter_dtype].itemsize
     adapter = sum(t.r * sum(t.shape) * itemsize for t in plan.targets)
     return residual, adapter
+
+
+def _nbytes(dtype: str, shape: list[int]) -> int:
+    n = TORCH_DTYPES[dtype].itemsize
+    for d in shape:
+        n *= d
+    return n
 
 
 def human_bytes(n: float) -> str:
@@ -325,6 +359,7 @@ def decompose_checkpoint(
     double_quant: bool = False,
     compare_loftq: bool = False,
     measure_error: bool = True,
+    save_quantized: bool = False,
     overwrite: bool = False,
     progress: bool = True,
 ) -> DecomposeResult | list[DecomposeResult]:
@@ -348,14 +383,17 @@ def decompose_checkpoint(
     (QLoRA), and LoftQ's with `compare_loftq`; that costs two full SVDs per weight
     (`measure_error=False` skips it; `pissa-rs qerror` measures it later). With
     `quant_iters` T > 1 the stored residual is deq(quant(W - s*B@A)) after T
-    alternations, in W's dtype.
+    alternations, in W's dtype. `save_quantized=True` stores the residual already
+    quantized, in the serialized bitsandbytes format transformers loads with no
+    quantization at load time (`quantization_config` in config.json): every weight
+    transformers would quantize, the targets' residuals and the others alike.
     """
     options = DecomposeOptions(
         r=r, lora_alpha=lora_alpha, niter=niter, target_modules=target_modules, exclude_modules=exclude_modules,
         rank_pattern=dict(rank_pattern or {}), alpha_pattern=dict(alpha_pattern or {}), use_rslora=use_rslora,
         device=device, devices=list(devices) if devices is not None else None, seed=seed,
         adapter_dtype=adapter_dtype, quantize=quantize, quant_iters=quant_iters, double_quant=double_quant,
-        compare_loftq=compare_loftq, measure_error=measure_error,
+        compare_loftq=compare_loftq, measure_error=measure_error, save_quantized=save_quantized,
     ).validate()
     return run_decomposition(Path(path), options, out=Path(out) if out else None, overwrite=overwrite, progress=progress)
 
@@ -382,7 +420,7 @@ class _Output:
 
     def plan_bytes(self, checkpoint: Checkpoint) -> int:
         """Bytes this output holds: the residual model and the adapter."""
-        return sum(output_bytes(checkpoint, self.plan, self.options.adapter_dtype))
+        return sum(output_bytes(checkpoint, self.plan, self.options))
 
     def pending_bytes(self) -> int:
         return sum(end - start for w in self.writers for name, start, end in w.ranges() if (w.path, name) in self.pending)
@@ -405,7 +443,7 @@ class _Output:
 def _open_output(checkpoint: Checkpoint, path: Path, options: DecomposeOptions, out: Path, plan: Plan,
                  overwrite: bool, identity: dict[str, Any]) -> _Output:
     fd, state = _prepare_out(out, checkpoint, path, overwrite,
-                             needed=sum(output_bytes(checkpoint, plan, options.adapter_dtype)), identity=identity)
+                             needed=sum(output_bytes(checkpoint, plan, options)), identity=identity)
     output = _Output(options, out, plan, {"fresh": "fresh", "resume": "resumed"}.get(state, state), fd)
     if state == "complete":
         return output
@@ -413,7 +451,8 @@ def _open_output(checkpoint: Checkpoint, path: Path, options: DecomposeOptions, 
         resume = state == "resume"
         journal = Journal(out / JOURNAL)
         (out / ADAPTER_SUBDIR).mkdir(exist_ok=True)
-        output.shard_writers = writers_like(checkpoint, out, journal=journal, resume=resume)
+        output.shard_writers = writers_like(checkpoint, out, journal=journal, resume=resume,
+                                            stored_as=plan.stored_parts(options.stored_quantization))
         dtype = SAFETENSORS_DTYPES[ADAPTER_DTYPES[options.adapter_dtype]]
         specs = []
         for t in plan.targets:
@@ -448,11 +487,14 @@ def _adopt_journaled(output: _Output, out: Path) -> None:
 
 
 def writers_like(checkpoint: Checkpoint, out: Path, journal: Journal | None = None,
-                 resume: bool = False) -> dict[str, ShardWriter | None]:
+                 resume: bool = False, stored_as: dict[str, list[tuple[str, str, list[int]]]] | None = None
+                 ) -> dict[str, ShardWriter | None]:
     """One writer per input shard (keyed by input file), laid out exactly like
-    it in `out`: same names, dtypes, shapes, order and metadata. Resuming, a shard
-    already under its final name is complete (it got there by an atomic rename):
-    its writer is None."""
+    it in `out`: same names, dtypes, shapes, order and metadata, but for the
+    tensors `stored_as` maps to the tensors they are stored as instead. Resuming,
+    a shard already under its final name is complete (it got there by an atomic
+    rename): its writer is None."""
+    stored_as = stored_as or {}
     root = Path(checkpoint.root)
     by_file: dict[str, list] = {}
     for info in checkpoint.tensors:
@@ -464,8 +506,9 @@ def writers_like(checkpoint: Checkpoint, out: Path, journal: Journal | None = No
         if resume and (out / rel).is_file():
             writers[file] = None
             continue
+        specs = [spec for i in infos for spec in stored_as.get(i.name, [(i.name, i.dtype, list(i.shape))])]
         writers[file] = ShardWriter(
-            out / rel, [(i.name, i.dtype, list(i.shape)) for i in infos], metadata=checkpoint.file_metadata[file],
+            out / rel, specs, metadata=checkpoint.file_metadata[file],
             journal=journal, resume=resume,
         )
     return writers
@@ -554,17 +597,28 @@ def _run(checkpoint: Checkpoint, path: Path, options: DecomposeOptions, outputs:
         return
     targets = outputs[0].plan.targets  # the same tensors at every rank
     target_names = {t.tensor for t in targets}
-    copies = [(i.name, o.shard_writers[i.file], i.name) for o in active
-              for i in checkpoint.tensors if i.name not in target_names and o.needs(o.shard_writers[i.file], i.name)]
+    # save_quantized: weights that are not targets but are stored quantized (work after the targets)
+    quant = options.stored_quantization
+    stored = {w.tensor: w for w in outputs[0].plan.stored_quantized} if quant else {}
+    quantize_only = [w for w in stored.values() if w.tensor not in target_names]
+    copies = [(i.name, o.shard_writers[i.file], i.name) for o in active for i in checkpoint.tensors
+              if i.name not in target_names and i.name not in stored and o.needs(o.shard_writers[i.file], i.name)]
     pipeline = Pipeline(checkpoint, copies)
     bar = _progress_bar(sum(o.plan_bytes(checkpoint) for o in active), len(targets), enabled=progress)
     bar.update(sum(o.plan_bytes(checkpoint) - o.pending_bytes() for o in active))
     done_before = bar.n
     work = [(i, t.tensor) for i, t in enumerate(targets) if any(_needs_target(o, i, checkpoint) for o in active)]
+    work += [(len(targets) + k, w.tensor) for k, w in enumerate(quantize_only)
+             if any(_needs_parts(o, checkpoint, w.tensor, w.parts(quant)) for o in active)]
+
+    def compute(i, weight, to_host):
+        if i < len(targets):
+            return _compute_target(i, weight, outputs, to_host)
+        return [(name, to_host(t)) for name, t in quantize_only[i - len(targets)].serialize(weight, quant)]
+
     runner = None
     try:
-        runner = DeviceRunner(checkpoint, work, options.torch_devices,
-                              compute=lambda i, weight, to_host: _compute_target(i, weight, outputs, to_host))
+        runner = DeviceRunner(checkpoint, work, options.torch_devices, compute=compute)
         results = runner.results()
         computed = {i for i, _ in work}
         for i, target in enumerate(targets):
@@ -578,6 +632,12 @@ def _run(checkpoint: Checkpoint, path: Path, options: DecomposeOptions, outputs:
                 for o in active:
                     o.records.append(o.earlier_records[target.tensor])
             bar.set_postfix_str(f"{i + 1}/{len(targets)} targets", refresh=False)
+            bar.update(done_before + pipeline.bytes_written - bar.n)
+        for index, parts in results:  # the weights only quantized
+            file = checkpoint.info(quantize_only[index - len(targets)].tensor).file
+            for o in active:
+                _submit_parts(o, o.shard_writers[file], parts, pipeline)
+            check_input_unchanged(inputs)
             bar.update(done_before + pipeline.bytes_written - bar.n)
         runner.close()
         pipeline.close()
@@ -607,10 +667,24 @@ def _needs_target(output: _Output, index: int, checkpoint: Checkpoint) -> bool:
     """Whether any part of target `index` is still to be written into `output`
     (or its report record was lost)."""
     t = output.plan.targets[index]
-    residual_writer = output.shard_writers[checkpoint.info(t.tensor).file]
-    return (t.tensor not in output.earlier_records or output.needs(residual_writer, t.tensor)
+    parts = output.plan.stored_parts(output.options.stored_quantization).get(t.tensor, [(t.tensor, None, None)])
+    return (t.tensor not in output.earlier_records or _needs_parts(output, checkpoint, t.tensor, parts)
             or output.needs(output.adapter_writer, lora_a_key(t.module))
             or output.needs(output.adapter_writer, lora_b_key(t.module)))
+
+
+def _needs_parts(output: _Output, checkpoint: Checkpoint, tensor: str, parts: list[tuple]) -> bool:
+    """Whether any tensor the input `tensor` is stored as is still to be written into `output`."""
+    writer = output.shard_writers[checkpoint.info(tensor).file]
+    return any(output.needs(writer, name) for name, *_ in parts)
+
+
+def _submit_parts(output: _Output, writer: ShardWriter | None, parts: list[tuple[str, torch.Tensor]],
+                  pipeline: Pipeline) -> None:
+    # Parts an interrupted run already wrote are not written again (they are these bytes).
+    for name, tensor in parts:
+        if output.needs(writer, name):
+            pipeline.submit(writer, name, as_numpy_bytes(tensor))
 
 
 def _finish_output(checkpoint: Checkpoint, path: Path, output: _Output, started: float) -> DecomposeResult:
@@ -621,6 +695,8 @@ def _finish_output(checkpoint: Checkpoint, path: Path, output: _Output, started:
         report = json.loads((out / REPORT_NAME).read_text())
         return DecomposeResult(out=out, adapter=out / ADAPTER_SUBDIR, report=report, status="complete")
     copied = copy_model_files(checkpoint, path, out)
+    if output.options.save_quantized:
+        _describe_quantized_storage(checkpoint, out, output)
     atomic_write_text(out / ADAPTER_SUBDIR / ADAPTER_CONFIG, output.plan.adapter_config_json)
     report = _report(path, out, output.plan, output.options, output.records, copied,
                      output.plan_bytes(checkpoint), time.perf_counter() - started)
@@ -629,6 +705,41 @@ def _finish_output(checkpoint: Checkpoint, path: Path, output: _Output, started:
     for name in (JOURNAL, RECORDS, RUN_FILE):
         (out / name).unlink(missing_ok=True)
     return DecomposeResult(out=out, adapter=out / ADAPTER_SUBDIR, report=report, status=output.status)
+
+
+def _describe_quantized_storage(checkpoint: Checkpoint, out: Path, output: _Output) -> None:
+    """A pre-quantized residual: its index names the tensors as stored, and
+    config.json carries the quantization_config transformers loads it with."""
+    write_index_like(checkpoint, out, output.plan.stored_parts(output.options.stored_quantization))
+    set_quantization_config(out, output.plan.quantization_config)
+
+
+def write_index_like(checkpoint: Checkpoint, out: Path, stored_as: dict[str, list[tuple[str, str, list[int]]]]
+                     ) -> None:
+    """OUT's index json (if the checkpoint has one): the input's, with the tensors
+    `stored_as` maps stored as those (see writers_like)."""
+    if not checkpoint.index_path:
+        return
+    index_path = Path(checkpoint.index_path)
+    index = json.loads(index_path.read_text())
+    root = Path(checkpoint.root)
+    weight_map, total = {}, 0
+    for info in checkpoint.tensors:
+        for name, dtype, shape in stored_as.get(info.name, [(info.name, info.dtype, list(info.shape))]):
+            weight_map[name] = os.path.relpath(info.file, root)
+            total += _nbytes(dtype, shape)
+    index["weight_map"] = dict(sorted(weight_map.items()))
+    index.setdefault("metadata", {})["total_size"] = total
+    atomic_write_text(out / index_path.name, json.dumps(index, indent=2) + "\n")
+
+
+def set_quantization_config(out: Path, quantization_config: dict[str, Any] | None) -> None:
+    """config.json in OUT with this quantization_config (None: without one)."""
+    config = json.loads((out / "config.json").read_text())
+    config.pop("quantization_config", None)
+    if quantization_config is not None:
+        config["quantization_config"] = quantization_config
+    atomic_write_text(out / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _progress_bar(total_bytes: int, n_targets: int, enabled: bool):
@@ -644,7 +755,7 @@ class _Computed:
 
     lora_A: torch.Tensor
     lora_B: torch.Tensor
-    residual: torch.Tensor
+    residual_parts: list[tuple[str, torch.Tensor]]  # the residual, or its pre-quantized form (save_quantized)
     record: dict[str, Any]
 
 
@@ -660,6 +771,7 @@ def _compute_target(index: int, weight: torch.Tensor, outputs: list[_Output], to
     seed = tensor_seed(first.seed, targets[0].tensor)
     adapter_dtype, fan_in_fan_out = ADAPTER_DTYPES[first.adapter_dtype], targets[0].fan_in_fan_out
     quant = first.quantization
+    stored = next((w for w in outputs[0].plan.stored_quantized if w.tensor == targets[0].tensor), None)
     if quant is None:
         all_factors = factors_at_ranks(weight, ranks, niter=first.niter, seed=seed, adapter_dtype=adapter_dtype,
                                        fan_in_fan_out=fan_in_fan_out)
@@ -689,7 +801,11 @@ def _compute_target(index: int, weight: torch.Tensor, outputs: list[_Output], to
             "seconds": seconds,
             **measured,
         }
-        computed.append(_Computed(to_host(factors.lora_A), to_host(factors.lora_B), to_host(factors.residual), record))
+        if first.save_quantized and stored is not None:
+            parts = [(name, to_host(t)) for name, t in stored.serialize(factors.residual, quant)]
+        else:
+            parts = [(target.tensor, to_host(factors.residual))]
+        computed.append(_Computed(to_host(factors.lora_A), to_host(factors.lora_B), parts, record))
     return computed
 
 
@@ -705,9 +821,8 @@ def _write_target(checkpoint: Checkpoint, index: int, outputs: list[_Output], co
             pipeline.submit(output.adapter_writer, lora_a_key(target.module), as_numpy_bytes(result.lora_A))
         if output.needs(output.adapter_writer, lora_b_key(target.module)):
             pipeline.submit(output.adapter_writer, lora_b_key(target.module), as_numpy_bytes(result.lora_B))
-        residual_writer = output.shard_writers[checkpoint.info(target.tensor).file]
-        if output.needs(residual_writer, target.tensor):
-            pipeline.submit(residual_writer, target.tensor, as_numpy_bytes(result.residual))
+        _submit_parts(output, output.shard_writers[checkpoint.info(target.tensor).file], result.residual_parts,
+                      pipeline)
         output.record(result.record)
 
 
@@ -736,6 +851,9 @@ def _report(path, out, plan: Plan, options, records, copied, total_bytes, second
         "init_lora_weights": options.init_lora_weights,
         "svd_rank": options.svd_rank,  # larger than r when several ranks shared one SVD
         "options": opts,
+        **({"quantizer": options.quantization.choice(options.device).as_record()} if options.quantize else {}),
+        **({"stored_quantized": {w.tensor: w.as_record() for w in plan.stored_quantized}}
+           if options.save_quantized else {}),
         "totals": {
             "targets": len(records),
             "bytes_written": total_bytes,

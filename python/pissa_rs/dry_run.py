@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,6 +27,7 @@ class DecompositionPlan:
     adapter_bytes: int
     free_bytes: int  # on out's filesystem
     estimated_seconds: float  # torch work only, from a throughput probe on the device
+    stored_quantized: list[str] = field(default_factory=list)  # save_quantized: weights stored pre-quantized
 
     @property
     def fits_on_disk(self) -> bool:
@@ -52,6 +53,9 @@ class DecompositionPlan:
         for t in self.targets:
             lines.append(f"  {t.tensor:<{width}}  {t.dtype:<5} {str(list(t.shape)):<14} r={t.r} alpha={t.lora_alpha:g}"
                          f"{' (Conv1D)' if t.fan_in_fan_out else ''}")
+        if self.stored_quantized:
+            lines.append(f"{len(self.stored_quantized)} weights stored pre-quantized as {self.options.quantize} "
+                         "(bitsandbytes' serialized format; the targets' residuals among them)")
         lines.append(f"{len(self.passthrough)} pass-through tensors "
                      f"({human_bytes(sum(p[3] for p in self.passthrough))}, copied byte for byte):")
         lines += [f"  {name}  {dtype} {list(shape)}" for name, dtype, shape, _ in self.passthrough]
@@ -111,8 +115,10 @@ def plan_decomposition(path: Path, opts: DecomposeOptions, out: Path | None) -> 
     plans = make_plan(path, [asdict(opts.for_rank(r)) for r in opts.ranks], outs)
     found = plans[-1]  # ranks ascend: the largest, whose SVD all share
     targets = {t.tensor for t in found.targets}
-    passthrough = [(i.name, i.dtype, tuple(i.shape), i.nbytes) for i in checkpoint.tensors if i.name not in targets]
-    sizes = [output_bytes(checkpoint, p, opts.adapter_dtype) for p in plans]
+    stored = [w.tensor for w in found.stored_quantized]
+    passthrough = [(i.name, i.dtype, tuple(i.shape), i.nbytes) for i in checkpoint.tensors
+                   if i.name not in targets and i.name not in stored]
+    sizes = [output_bytes(checkpoint, p, opts) for p in plans]
     residual, adapter = sum(s[0] for s in sizes), sum(s[1] for s in sizes)
     # The matmul flops alone predicted 40 s for the TinyLlama-shaped benchmark on the
     # 2-core CPU; QRs, rounding and copies made it 72 s: hence the factor.
@@ -125,5 +131,5 @@ def plan_decomposition(path: Path, opts: DecomposeOptions, out: Path | None) -> 
     return DecompositionPlan(
         input=path, outs=outs, options=opts, targets=found.targets, passthrough=passthrough,
         input_bytes=sum(i.nbytes for i in checkpoint.tensors), residual_bytes=residual, adapter_bytes=adapter,
-        free_bytes=free_bytes(outs[0]), estimated_seconds=seconds,
+        free_bytes=free_bytes(outs[0]), estimated_seconds=seconds, stored_quantized=stored,
     )

@@ -8,36 +8,57 @@ import os
 from pathlib import Path
 
 from ._pissa_rs import Checkpoint, Pipeline
-from .decompose import abandon, copy_model_files, writers_like
+from .bnb_format import read_weight
+from .decompose import (
+    abandon,
+    copy_model_files,
+    is_model_dir,
+    set_quantization_config,
+    stored_quantized,
+    write_index_like,
+    writers_like,
+)
 from .factors import round_difference
 from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterMismatchError, adapter_targets
-from .tensors import TORCH_DTYPES, as_numpy_bytes, as_torch
+from .tensors import TORCH_DTYPES, as_numpy_bytes
 
 
 def merge_adapter(residual_dir: str | os.PathLike[str], adapter_dir: str | os.PathLike[str],
                   out_dir: str | os.PathLike[str]) -> Path:
     """Write residual + adapter as one plain model to `out_dir` (same names, dtypes
     and shards as the residual). Merging an untrained pissa_init gives back the
-    original model up to the weights' own rounding."""
+    original model up to the weights' own rounding. A residual stored pre-quantized
+    (save_quantized) is dequantized: the merged model has the original's layout and
+    dtypes, and no quantization_config."""
     residual_dir, adapter_dir, out = Path(residual_dir), Path(adapter_dir), Path(out_dir)
     for needed in (adapter_dir / ADAPTER_WEIGHTS, adapter_dir / ADAPTER_CONFIG):
         if not needed.is_file():
             raise AdapterMismatchError(f"{needed}: missing")
     residual = Checkpoint(residual_dir)
     adapter = Checkpoint(adapter_dir / ADAPTER_WEIGHTS)
-    jobs = adapter_targets(adapter_dir, adapter, residual, residual_dir)
+    storage, stored = stored_quantized(residual_dir)
+    jobs = adapter_targets(adapter_dir, adapter, residual, residual_dir, {n: w.shape for n, w in stored.items()})
+    # A pre-quantized weight's tensors become the one dense weight again.
+    dense_as = {name: [] for w in stored.values() for name, *_ in w.parts(storage)}
+    dense_as.update({n: [(n, w.dtype, list(w.shape))] for n, w in stored.items()})
+    dtypes = {n: w.dtype for n, w in stored.items()}
 
     out.mkdir(parents=True, exist_ok=True)
-    writers = writers_like(residual, out)
+    writers = writers_like(residual, out, stored_as=dense_as)
     merged = {job.tensor for job in jobs}
-    pipeline = Pipeline(residual, [(i.name, writers[i.file], i.name) for i in residual.tensors if i.name not in merged])
+    pipeline = Pipeline(residual, [(i.name, writers[i.file], i.name) for i in residual.tensors
+                                   if i.name not in merged and i.name not in dense_as])
     try:
         for job in jobs:
             tensor = job.tensor
-            w = as_torch(residual.buffer(tensor))
+            w = read_weight(residual, tensor, storage, stored)
             # W_res + s*B@A, rounded once to the weight's dtype.
-            merged_w, _ = round_difference(w.float(), -job.delta(adapter), TORCH_DTYPES[residual.info(tensor).dtype])
+            dtype = TORCH_DTYPES[dtypes.get(tensor) or residual.info(tensor).dtype]
+            merged_w, _ = round_difference(w.float(), -job.delta(adapter), dtype)
             pipeline.submit(writers[residual.info(tensor).file], tensor, as_numpy_bytes(merged_w), release=tensor)
+        for tensor in stored.keys() - merged:  # quantized, not adapted: dequantized
+            w = read_weight(residual, tensor, storage, stored)
+            pipeline.submit(writers[residual.info(tensor).file], tensor, as_numpy_bytes(w))
         pipeline.finish()
         for writer in writers.values():
             writer.finalize()
@@ -47,4 +68,8 @@ def merge_adapter(residual_dir: str | os.PathLike[str], adapter_dir: str | os.Pa
             raise
         raise first from err
     copy_model_files(residual, residual_dir, out)
+    if storage is not None:
+        write_index_like(residual, out, dense_as)
+        if is_model_dir(residual_dir):
+            set_quantization_config(out, None)
     return out

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ._pissa_rs import Checkpoint, PissaError
 from .factors import scaling
+from .noise import quiet_library_noise
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -41,7 +42,8 @@ def module_scaling(module: str, r: int, lora_alpha: float, rank_pattern: dict, a
                    use_rslora: bool) -> tuple[int, float, float]:
     """PEFT's rank, alpha and scale s for one module (its name in the model), rank_pattern
     and alpha_pattern applied as PEFT's LoRA layers apply them."""
-    from peft.utils.other import get_pattern_key
+    with quiet_library_noise():
+        from peft.utils.other import get_pattern_key
 
     rank = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), r)
     alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), lora_alpha)
@@ -79,11 +81,12 @@ class AdapterTarget:
         return delta.T if self.fan_in_fan_out else delta
 
 
-def adapter_targets(adapter_dir: Path, adapter: Checkpoint, residual: Checkpoint, residual_dir: Path | str
-                    ) -> list[AdapterTarget]:
+def adapter_targets(adapter_dir: Path, adapter: Checkpoint, residual: Checkpoint, residual_dir: Path | str,
+                    shapes: dict[str, tuple[int, ...]] | None = None) -> list[AdapterTarget]:
     """Every module of the adapter in `adapter_dir`, paired with its weight in
     `residual`, with PEFT's rank and scale. Refuses, naming the module, an adapter
-    whose module has no weight there or whose shapes do not fit it."""
+    whose module has no weight there or whose shapes do not fit it. `shapes`: the
+    weight shapes where the residual stores a weight in another form (pre-quantized)."""
     config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
     targets = []
@@ -92,7 +95,7 @@ def adapter_targets(adapter_dir: Path, adapter: Checkpoint, residual: Checkpoint
         if tensor is None:
             raise AdapterMismatchError(f"{adapter_dir}: module '{module}' has no weight in {residual_dir}")
         a_shape, b_shape = adapter.info(a_key).shape, adapter.info(b_key).shape
-        w_shape = tuple(residual.info(tensor).shape)
+        w_shape = tuple((shapes or {}).get(tensor) or residual.info(tensor).shape)
         expected = (a_shape[1], b_shape[0]) if fan_in_fan_out else (b_shape[0], a_shape[1])
         if w_shape != expected or a_shape[0] != b_shape[1]:
             raise AdapterMismatchError(
@@ -135,7 +138,8 @@ def adapter_config(
     """The config of an initialised PiSSA adapter, as PEFT expects to load it:
     init_lora_weights=True (the SVD is already done) and no dropout (dropping
     principal components at random would defeat PiSSA)."""
-    from peft import LoraConfig
+    with quiet_library_noise():
+        from peft import LoraConfig
 
     return LoraConfig(
         r=r,

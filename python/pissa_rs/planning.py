@@ -6,12 +6,15 @@ decomposition that follows never holds them."""
 from __future__ import annotations
 
 import multiprocessing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ._pissa_rs import Checkpoint
+from .bnb_format import StoredQuantized, quantization_config
 from .peft_format import adapter_config, adapter_config_json
-from .targets import Target, TargetError, resolve_targets
+from .quant import Quantization
+from .targets import Target, TargetError, bnb_quantized_weights, resolve_targets
 
 # Checkpoints bigger than this plan in a child process: a few seconds of start-up
 # against minutes of work, and a few hundred MB less peak memory.
@@ -24,6 +27,14 @@ class Plan:
     task_type: str | None
     architecture: str | None
     adapter_config_json: str  # written to OUT/pissa_init/adapter_config.json
+    # save_quantized: every weight transformers' bitsandbytes loading quantizes, stored
+    # pre-quantized, and the quantization_config config.json gets
+    stored_quantized: list[StoredQuantized] = field(default_factory=list)
+    quantization_config: dict[str, Any] | None = None
+
+    def stored_parts(self, quant: Quantization | None) -> dict[str, list[tuple[str, str, list[int]]]]:
+        """Original tensor name -> the (name, dtype, shape) of the tensors it is stored as, where not itself."""
+        return {w.tensor: w.parts(quant) for w in self.stored_quantized} if quant else {}
 
 
 def is_model_dir(path: Path) -> bool:
@@ -39,6 +50,13 @@ def make_plan(path: Path, options: list[dict], outs: list[Path]) -> list[Plan]:
     root = Path(checkpoint.root)
     config_dir = root if is_model_dir(path) and (root / "config.json").is_file() else None
     plans = []
+    stored, quant_config = [], None
+    if options and options[0].get("save_quantized"):
+        if config_dir is None:
+            raise TargetError(f"{path}: save_quantized needs the model's config.json (a model directory), to know "
+                              "which weights transformers quantizes and to record the quantization there")
+        quant = Quantization(options[0]["quantize"], double_quant=options[0]["double_quant"])
+        stored, quant_config = bnb_quantized_weights(checkpoint, config_dir), quantization_config(quant)
     for opts, out in zip(options, outs):
         found = resolve_targets(
             checkpoint, r=opts["r"], lora_alpha=opts["lora_alpha"], target_modules=opts["target_modules"],
@@ -52,7 +70,8 @@ def make_plan(path: Path, options: list[dict], outs: list[Path]) -> list[Plan]:
             fan_in_fan_out=any(t.fan_in_fan_out for t in found.targets), task_type=found.task_type,
             base_model_name_or_path=str(out.resolve()),
         )
-        plans.append(Plan(found.targets, found.task_type, found.architecture, adapter_config_json(config)))
+        plans.append(Plan(found.targets, found.task_type, found.architecture, adapter_config_json(config), stored,
+                          quant_config))
     return plans
 
 

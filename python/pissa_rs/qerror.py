@@ -10,7 +10,8 @@ from typing import Any
 import torch
 
 from ._pissa_rs import Checkpoint
-from .decompose import ADAPTER_SUBDIR, made_for_double_quant, reported_options
+from .bnb_format import read_weight
+from .decompose import ADAPTER_SUBDIR, made_for_double_quant, reported_options, stored_quantized
 from .peft_format import ADAPTER_WEIGHTS, adapter_targets
 from .quant import Quantization, quantization_error
 from .tensors import as_torch
@@ -27,17 +28,25 @@ def measure_quantization_error(out: str | os.PathLike[str], against: str | os.Pa
     if double_quant is None:
         double_quant = made_for_double_quant(out, kind)
     quant = Quantization(kind, double_quant=double_quant)
+    storage, stored = stored_quantized(out)
+    if storage is not None and storage != quant:
+        raise ValueError(f"{out}: its residual is stored quantized as {storage.kind}"
+                         f"{' with double quantization' if storage.double_quant else ''}; it cannot be measured "
+                         f"as {quant.kind}{' with double quantization' if quant.double_quant else ''}")
     residual, original = Checkpoint(out), Checkpoint(against)
     adapter_dir = out / ADAPTER_SUBDIR
     adapter = Checkpoint(adapter_dir / ADAPTER_WEIGHTS)
     rows = []
-    for target in adapter_targets(adapter_dir, adapter, residual, out):
+    shapes = {name: w.shape for name, w in stored.items()}
+    for target in adapter_targets(adapter_dir, adapter, residual, out, shapes):
         w = as_torch(original.buffer(target.tensor)).to(device)
-        w_res = as_torch(residual.buffer(target.tensor)).to(device)
+        # A residual stored quantized is measured as stored: what the model computes with.
+        w_res = read_weight(residual, target.tensor, storage, stored).to(device)
         lora_A = as_torch(adapter.buffer(target.a_key)).to(device)
         lora_B = as_torch(adapter.buffer(target.b_key)).to(device)
         with torch.no_grad():
-            measured = quantization_error(w, w_res, lora_A, lora_B, target.scale, quant, target.fan_in_fan_out)
+            measured = quantization_error(w, w_res, lora_A, lora_B, target.scale, quant, target.fan_in_fan_out,
+                                          residual_is_dequantized=target.tensor in stored)
         rows.append({"tensor": target.tensor, "quant_error": measured.error, "qlora_error": measured.qlora_error,
                      "error_reduction": measured.reduction})
         original.release(target.tensor)

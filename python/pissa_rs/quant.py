@@ -1,19 +1,39 @@
-"""QPiSSA: the residual quantized as bitsandbytes quantizes it when transformers
-loads a model in 4 or 8 bits, the paper's quantization-error metric, and LoftQ's
-procedure to compare with. Pure torch + bitsandbytes' own kernels, no I/O."""
+"""QPiSSA: quantization-aware residuals, the paper's error metric, and LoftQ's
+procedure to compare with, for the 4/8-bit formats bitsandbytes loads a model
+in. bitsandbytes' own kernels are used where they agree with our pure-torch
+reference (bnb_reference.py), checked once per process and device; where they
+do not, the reference is used, and the log and the report say so. No I/O."""
 
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
 
 import torch
 
+from . import bnb_reference as ref
 from .factors import Factors, factors_at_ranks
+from .noise import quiet_library_noise
+
+log = logging.getLogger("pissa_rs")
 
 QUANT_TYPES = ("nf4", "fp4", "int8")
 # Largest gap between neighbouring code values (as a fraction of the block's absmax):
 # nf4 between -1 and -0.6962; bitsandbytes' fp4 between 0.6667 and 1 (and -).
 _MAX_CODE_GAP = {"nf4": 1 - 0.6961928009986877, "fp4": 1 / 3}
+BITSANDBYTES, REFERENCE = "bitsandbytes", "reference"
+
+
+@dataclass(frozen=True)
+class QuantizerChoice:
+    """Which implementation quantizes on one kind of device, and why."""
+
+    backend: str  # "bitsandbytes" or "reference"
+    reason: str  # one line: what the check found
+
+    def as_record(self) -> dict:
+        return {"backend": self.backend, "reason": self.reason}
 
 
 @dataclass(frozen=True)
@@ -35,14 +55,40 @@ class Quantization:
     def bits(self) -> int:
         return 8 if self.kind == "int8" else 4
 
+    def choice(self, device: torch.device | str = "cpu") -> QuantizerChoice:
+        """bitsandbytes on `device` if it agrees with the reference there, else the reference."""
+        return choose_quantizer(self, torch.device(device).type)
+
+    def quantize_4bit(self, x: torch.Tensor) -> ref.Quantized4bit:
+        """x (out x in, its own dtype) in bitsandbytes' 4-bit format."""
+        if self.choice(x.device).backend == REFERENCE:
+            return ref.quantize_4bit(x.contiguous(), self.kind, self.blocksize, self.double_quant)
+        return _bnb_quantize_4bit(self, x)
+
+    def quantize_int8(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (out x in) as LLM.int8() rows: (int8 codes, float32 row absmax)."""
+        if self.choice(x.device).backend == REFERENCE:
+            return ref.int8_rows_quantize(x)
+        import bitsandbytes.functional as bnbf
+
+        codes, stats, _ = bnbf.int8_vectorwise_quant(x.contiguous().to(torch.float16))
+        return codes, stats
+
     def roundtrip(self, x: torch.Tensor) -> torch.Tensor:
         """deq(quant(x)) in x's dtype: the weight a model loaded with this
         quantization computes with when x (out x in) is stored."""
+        reference = self.choice(x.device).backend == REFERENCE
+        if self.kind == "int8":
+            codes, stats = self.quantize_int8(x)
+            if reference:
+                return ref.int8_rows_dequantize(codes, stats).to(x.dtype)
+            import bitsandbytes.functional as bnbf
+
+            return bnbf.int8_vectorwise_dequant(codes, stats).to(x.dtype)
+        if reference:
+            return ref.dequantize_4bit(self.quantize_4bit(x)).to(x.dtype)
         import bitsandbytes.functional as bnbf
 
-        if self.kind == "int8":
-            codes, stats, _ = bnbf.int8_vectorwise_quant(x.contiguous().to(torch.float16))
-            return bnbf.int8_vectorwise_dequant(codes, stats).to(x.dtype)
         codes, state = bnbf.quantize_4bit(x.contiguous(), blocksize=self.blocksize,
                                           compress_statistics=self.double_quant, quant_type=self.kind)
         return bnbf.dequantize_4bit(codes, state).to(x.dtype)
@@ -79,6 +125,80 @@ class Quantization:
         # Double quantization stores the absmax itself in 8 bits: allow for its error.
         slack = 1.05 if self.double_quant else 1.01
         return (absmax * (_MAX_CODE_GAP[self.kind] / 2) * slack).view_as(x)
+
+
+def _bnb_quantize_4bit(quant: Quantization, x: torch.Tensor) -> ref.Quantized4bit:
+    import bitsandbytes.functional as bnbf
+
+    packed, state = bnbf.quantize_4bit(x.contiguous(), blocksize=quant.blocksize,
+                                       compress_statistics=quant.double_quant, quant_type=quant.kind)
+    result = ref.Quantized4bit(packed, state.absmax, quant.kind, quant.blocksize, tuple(x.shape), x.dtype)
+    if quant.double_quant:
+        result.nested_absmax, result.nested_offset = state.state2.absmax, state.offset.item()
+    return result
+
+
+def _probe(device: torch.device) -> list[torch.Tensor]:
+    """Check inputs, in every weight dtype: 200 x 96 puts 64-element blocks across
+    rows (kernels that assume otherwise fail here) and gives 300 blocks, more than
+    one 256-block of double quantization; magnitudes span six decades."""
+    g = torch.Generator().manual_seed(20261123)
+    x = torch.randn(200, 96, generator=g) * torch.logspace(-3, 3, 200).unsqueeze(1)
+    x[7] = 0  # an all-zero row and block
+    return [x.to(dtype).to(device) for dtype in (torch.float32, torch.bfloat16, torch.float16)]
+
+
+def _disagreement(quant: Quantization, device: torch.device) -> str | None:
+    """Where bitsandbytes' result differs from the reference on the probe, or None."""
+    import bitsandbytes.functional as bnbf
+
+    for x in _probe(device):
+        where = f"{x.dtype} {tuple(x.shape)}"
+        if quant.kind == "int8":
+            codes, stats, _ = bnbf.int8_vectorwise_quant(x.to(torch.float16))
+            ref_codes, ref_stats = ref.int8_rows_quantize(x)
+            if not (torch.equal(codes, ref_codes) and torch.equal(stats, ref_stats)):
+                return f"int8_vectorwise_quant differs on {where}"
+            if not torch.equal(bnbf.int8_vectorwise_dequant(codes, stats), ref.int8_rows_dequantize(codes, stats)):
+                return f"int8_vectorwise_dequant differs on {where}"
+            continue
+        mine = ref.quantize_4bit(x, quant.kind, quant.blocksize, quant.double_quant)
+        theirs = _bnb_quantize_4bit(quant, x)
+        same = torch.equal(mine.packed, theirs.packed) and torch.equal(mine.absmax, theirs.absmax)
+        if quant.double_quant:
+            same = same and torch.equal(mine.nested_absmax, theirs.nested_absmax)
+            same = same and mine.nested_offset == theirs.nested_offset
+        if not same:
+            return f"quantize_4bit differs on {where}"
+        packed, state = bnbf.quantize_4bit(x, blocksize=quant.blocksize, compress_statistics=quant.double_quant,
+                                           quant_type=quant.kind)
+        if not torch.equal(bnbf.dequantize_4bit(packed, state), ref.dequantize_4bit(mine)):
+            return f"dequantize_4bit differs on {where}"
+    return None
+
+
+@functools.cache
+def choose_quantizer(quant: Quantization, device_type: str) -> QuantizerChoice:
+    """Once per process, quantization and device type: bitsandbytes if installed
+    and bit-identical to the reference on the probe, else the reference (said
+    once in the log; the decomposition's report records it)."""
+    device = torch.device(device_type)
+    try:
+        with quiet_library_noise():
+            import bitsandbytes
+    except ImportError:
+        return QuantizerChoice(REFERENCE, "bitsandbytes is not installed")
+    version = getattr(bitsandbytes, "__version__", "?")
+    try:
+        problem = _disagreement(quant, device)
+    except Exception as err:  # a kernel missing for this device or dtype
+        problem = f"failed: {type(err).__name__}: {err}"
+    if problem is None:
+        return QuantizerChoice(BITSANDBYTES, f"bitsandbytes {version} on {device_type} agrees with the reference")
+    reason = (f"bitsandbytes {version} on {device_type}: {quant.kind}{' double-quant' if quant.double_quant else ''} "
+              f"{problem}; using pissa_rs' reference quantizer instead")
+    log.warning("pissa_rs: %s", reason)
+    return QuantizerChoice(REFERENCE, reason)
 
 
 def nuclear_norm(x: torch.Tensor) -> float:
@@ -143,12 +263,16 @@ class QuantError:
 
 
 def quantization_error(weight: torch.Tensor, residual: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                       scale: float, quant: Quantization, fan_in_fan_out: bool = False) -> QuantError:
+                       scale: float, quant: Quantization, fan_in_fan_out: bool = False,
+                       residual_is_dequantized: bool = False) -> QuantError:
     """QPiSSA's error and QLoRA's for one weight, from the tensors as stored
-    (weight and residual in the stored orientation, in their own dtype)."""
+    (weight and residual in the stored orientation, in their own dtype).
+    `residual_is_dequantized`: the residual already is deq(quant(.)) (read from a
+    pre-quantized output), so it is not quantized again."""
     w_stored = _oriented(weight, fan_in_fan_out)
     w = w_stored.to(torch.float32)
-    effective = quant.roundtrip(_oriented(residual, fan_in_fan_out)).to(torch.float32)
+    oriented = _oriented(residual, fan_in_fan_out)
+    effective = (oriented if residual_is_dequantized else quant.roundtrip(oriented)).to(torch.float32)
     effective += scale * (lora_B.to(torch.float32) @ lora_A.to(torch.float32))
     error = nuclear_norm(w - effective)
     del effective

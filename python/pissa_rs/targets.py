@@ -10,7 +10,9 @@ from pathlib import Path
 import torch
 
 from ._pissa_rs import Checkpoint, PissaError
+from .bnb_format import StoredQuantized
 from .peft_format import module_scaling
+from .noise import quiet_library_noise
 
 # PEFT and transformers are imported inside the functions that use them: a
 # decomposition can plan in a child process and never hold them (~250 MB).
@@ -41,7 +43,8 @@ class TargetPlan:
 
 
 def lora_config_for(r, lora_alpha, target_modules, exclude_modules, rank_pattern, alpha_pattern, use_rslora):
-    from peft import LoraConfig
+    with quiet_library_noise():
+        from peft import LoraConfig
 
     return LoraConfig(
         r=r, lora_alpha=lora_alpha, target_modules=target_modules, exclude_modules=exclude_modules,
@@ -58,7 +61,8 @@ def _meta_model(config_dir: Path):
 
 @functools.lru_cache(maxsize=4)
 def _meta_model_cached(config_dir: str, _mtime_ns: int):
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    with quiet_library_noise():
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(config_dir)
     with torch.device("meta"):
@@ -92,7 +96,8 @@ def resolve_targets(
     config_dir: str | Path | None = None,
 ) -> TargetPlan:
     """The weights to decompose, each with its rank and alpha, as PEFT would pick them."""
-    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
+    with quiet_library_noise():
+        from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
 
     where = checkpoint.index_path or checkpoint.files[0]
     if target_modules is None:
@@ -105,7 +110,8 @@ def resolve_targets(
     found: list[tuple[str, str, bool]] = []  # (module, tensor, fan_in_fan_out)
     task_type = architecture = None
     if config_path is not None and config_path.is_file():
-        from transformers.pytorch_utils import Conv1D
+        with quiet_library_noise():
+            from transformers.pytorch_utils import Conv1D
 
         model, task_type = _meta_model(config_path.parent)
         architecture = type(model).__name__
@@ -156,6 +162,34 @@ def resolve_targets(
     return TargetPlan(targets, task_type, architecture)
 
 
+def bnb_quantized_weights(checkpoint: Checkpoint, config_dir: str | Path) -> list[StoredQuantized]:
+    """The weights transformers quantizes when it loads this model with a
+    BitsAndBytesConfig: every nn.Linear / Conv1D but the modules its quantizer keeps
+    (output head, tied weights, the model's _keep_in_fp32_modules), decided by
+    transformers' own functions on the meta-device model."""
+    with quiet_library_noise():
+        from transformers.pytorch_utils import Conv1D
+        from transformers.quantizers.base import HfQuantizer
+        from transformers.quantizers.quantizers_utils import should_convert_module
+
+    model, _ = _meta_model(Path(config_dir))
+    keep = HfQuantizer.get_modules_to_not_convert(model, None, getattr(model, "_keep_in_fp32_modules", None))
+    prefix = getattr(model, "base_model_prefix", "")
+    found = []
+    for name, module in model.named_modules():
+        if not (isinstance(module, Conv1D) or type(module) is torch.nn.Linear) or not should_convert_module(name, keep):
+            continue
+        tensor = _tensor_for_module(checkpoint, name, prefix)
+        if tensor is None:
+            continue  # not in this checkpoint: transformers has nothing to quantize there either
+        info = checkpoint.info(tensor)
+        if len(info.shape) != 2 or info.dtype not in DECOMPOSABLE_DTYPES:
+            raise TargetError(f"{info.file}: tensor '{tensor}' is {info.dtype} x {list(info.shape)}; bitsandbytes "
+                              f"quantizes 2-D {'/'.join(DECOMPOSABLE_DTYPES)} weights")
+        found.append(StoredQuantized(tensor, tuple(info.shape), info.dtype, isinstance(module, Conv1D)))
+    return found
+
+
 @dataclass(frozen=True)
 class TargetChoices:
     """What each common target_modules value would pick in one model."""
@@ -169,8 +203,9 @@ class TargetChoices:
 def target_choices(config_dir: str | Path) -> TargetChoices:
     """The linear modules of the model config.json describes, grouped the ways
     target_modules can name them, with PEFT's own "all-linear" expansion."""
-    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
-    from transformers.pytorch_utils import Conv1D
+    with quiet_library_noise():
+        from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
+        from transformers.pytorch_utils import Conv1D
 
     model, _ = _meta_model(Path(config_dir))
     linear = [name for name, m in model.named_modules() if name and isinstance(m, (torch.nn.Linear, Conv1D))]

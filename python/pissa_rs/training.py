@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 
 from ._pissa_rs import Checkpoint
-from .decompose import ADAPTER_SUBDIR, made_for_double_quant
+from .decompose import ADAPTER_SUBDIR, made_for_double_quant, stored_quantized
 from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterMismatchError, adapter_targets
+from .noise import quiet_library_noise
 
 QUANTIZE = (None, "nf4", "fp4", "int8")
 
@@ -23,12 +24,15 @@ def load_for_training(out: str | os.PathLike[str], quantize: str | None = None, 
     defaults as transformers' BitsAndBytesConfig sets them; double quantization only
     when the decomposition was made for it) or "int8"; the residual is loaded in its
     stored dtype, so a QPiSSA residual re-quantizes to exactly the weights the
-    decomposition computed. The adapter stays float32 and the model is prepared
+    decomposition computed. An output written with save_quantized is loaded as
+    stored (no quantization at load time); `quantize` may then be omitted, and must
+    name the stored format if given. The adapter stays float32 and the model is prepared
     for k-bit training. An adapter whose modules, shapes or ranks do not fit the
     residual is refused before anything is loaded.
     """
-    from peft import PeftModel, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    with quiet_library_noise():
+        from peft import PeftModel, prepare_model_for_kbit_training
+        from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
@@ -37,9 +41,21 @@ def load_for_training(out: str | os.PathLike[str], quantize: str | None = None, 
     for needed in (adapter_dir / ADAPTER_WEIGHTS, adapter_dir / ADAPTER_CONFIG):
         if not needed.is_file():
             raise AdapterMismatchError(f"{needed}: missing; is {out} a pissa_rs output?")
-    adapter_targets(adapter_dir, Checkpoint(adapter_dir / ADAPTER_WEIGHTS), Checkpoint(out), out)
+    storage, stored = stored_quantized(out)
+    if storage is not None:
+        if quantize not in (None, storage.kind):
+            raise ValueError(f"{out}: its residual is stored quantized as {storage.kind}; it cannot be loaded as "
+                             f"{quantize} (decompose again without save_quantized for that)")
+        quantize = storage.kind
+    shapes = {name: w.shape for name, w in stored.items()}
+    adapter_targets(adapter_dir, Checkpoint(adapter_dir / ADAPTER_WEIGHTS), Checkpoint(out), out, shapes)
     kwargs = {}
-    if quantize in ("nf4", "fp4"):
+    if storage is not None:  # as stored, with our compute dtype
+        config = AutoConfig.from_pretrained(out)
+        if storage.kind != "int8":
+            config.quantization_config["bnb_4bit_compute_dtype"] = str(compute_dtype).removeprefix("torch.")
+        kwargs["config"] = config
+    elif quantize in ("nf4", "fp4"):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=quantize, bnb_4bit_compute_dtype=compute_dtype,
             bnb_4bit_use_double_quant=made_for_double_quant(out, quantize))

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from ._pissa_rs import Checkpoint
-from .decompose import ADAPTER_SUBDIR, REPORT_NAME, reported_options
+from .bnb_format import StoredQuantized, read_weight
+from .decompose import ADAPTER_SUBDIR, REPORT_NAME, reported_options, stored_quantized
 from .peft_format import ADAPTER_WEIGHTS, AdapterMismatchError, AdapterTarget, adapter_targets
 from .quant import Quantization
 from .tensors import as_torch
@@ -50,11 +51,15 @@ def verify(out: str | os.PathLike[str], against: str | os.PathLike[str]) -> Veri
         report.problems.append(f"{REPORT_NAME}: missing in {out}; the decomposition did not finish")
         return report
     quant = _stored_quantization(out)
+    storage_quant, stored = stored_quantized(out)  # save_quantized: weights stored in bitsandbytes' format
+    quant = storage_quant or quant
     residual, original = Checkpoint(out), Checkpoint(against)
     adapter_dir = out / ADAPTER_SUBDIR
     adapter = Checkpoint(adapter_dir / ADAPTER_WEIGHTS)
 
-    layout = [(t.name, t.dtype, tuple(t.shape)) for t in original.tensors]
+    layout = [(name, dtype, tuple(shape)) for t in original.tensors
+              for name, dtype, shape in (stored[t.name].parts(quant) if t.name in stored
+                                         else [(t.name, t.dtype, t.shape)])]
     if sorted(layout) != sorted((t.name, t.dtype, tuple(t.shape)) for t in residual.tensors):
         mine = {t.name: (t.dtype, tuple(t.shape)) for t in residual.tensors}
         for name, dtype, shape in layout:
@@ -65,7 +70,8 @@ def verify(out: str | os.PathLike[str], against: str | os.PathLike[str]) -> Veri
         return report
 
     try:
-        targets = {t.tensor: t for t in adapter_targets(adapter_dir, adapter, residual, out)}
+        shapes = {name: w.shape for name, w in stored.items()}
+        targets = {t.tensor: t for t in adapter_targets(adapter_dir, adapter, residual, out, shapes)}
     except AdapterMismatchError as err:
         report.problems.append(str(err))
         return report
@@ -73,12 +79,17 @@ def verify(out: str | os.PathLike[str], against: str | os.PathLike[str]) -> Veri
     for info in original.tensors:
         name = info.name
         target = targets.get(name)
-        if target is None:
+        if target is None and name in stored:
+            problem = _quantized_problem(name, stored[name], original, residual, quant)
+            if problem:
+                report.problems.append(f"{problem} from {against}")
+            report.checked_passthrough += 1
+        elif target is None:
             if bytes(original.buffer(name)) != bytes(residual.buffer(name)):
                 report.problems.append(f"{name}: pass-through tensor differs from {against}")
             report.checked_passthrough += 1
         else:
-            problem = _reconstruction_problem(name, target, original, residual, adapter, quant)
+            problem = _reconstruction_problem(name, target, original, residual, adapter, quant, stored)
             if problem:
                 report.problems.append(f"{problem} from {against}")
             report.checked_targets += 1
@@ -87,12 +98,29 @@ def verify(out: str | os.PathLike[str], against: str | os.PathLike[str]) -> Veri
     return report
 
 
+def _quantized_problem(name: str, weight: StoredQuantized, original: Checkpoint, residual: Checkpoint,
+                       quant: Quantization) -> str | None:
+    """A weight that is no target, stored pre-quantized: within the quantization's bound of the original."""
+    w = as_torch(original.buffer(name)).float()
+    deq = read_weight(residual, name, quant, {name: weight}).float()
+    oriented = w.T if weight.fan_in_fan_out else w
+    bound = quant.error_bound(oriented)
+    bound = (bound.T if weight.fan_in_fan_out else bound) + torch.finfo(deq.dtype).eps * w.abs()
+    error = (w - deq).abs()
+    if torch.all(error <= bound):
+        return None
+    worst = (error - bound).argmax().item()
+    return (f"{name}: stored {quant.kind} weight is not within its quantization error: differs by "
+            f"{error.flatten()[worst].item():.3g} (allowed {bound.flatten()[worst].item():.3g})")
+
+
 def _reconstruction_problem(name: str, target: AdapterTarget, original: Checkpoint, residual: Checkpoint,
-                            adapter: Checkpoint, quant: Quantization | None) -> str | None:
+                            adapter: Checkpoint, quant: Quantization | None,
+                            stored_as: dict[str, StoredQuantized]) -> str | None:
     stored = as_torch(original.buffer(name))
     delta = target.delta(adapter)
     w = stored.double()
-    w_res = as_torch(residual.buffer(name)).double()
+    w_res = read_weight(residual, name, quant, stored_as).double()
     error = (w - (w_res + delta.double())).abs()
     bound = torch.finfo(stored.dtype).eps * (w_res.abs() + w.abs()) + 1e-30
     what = "within rounding"
