@@ -139,12 +139,13 @@ def _bnb_quantize_4bit(quant: Quantization, x: torch.Tensor) -> ref.Quantized4bi
 
 
 def _probe(device: torch.device) -> list[torch.Tensor]:
-    """Check inputs, in every weight dtype: 200 x 96 puts 64-element blocks across
-    rows (kernels that assume otherwise fail here) and gives 300 blocks, more than
-    one 256-block of double quantization; magnitudes span six decades."""
+    """Check inputs, in every weight dtype: 4000 x 96 puts 64-element blocks across
+    rows (kernels that assume otherwise fail here) and gives 6000 block absmaxes for
+    double quantization to round (a kernel that misses the nearest 8-bit code on 1 in
+    a few hundred shows); magnitudes span six decades; one row is all zero."""
     g = torch.Generator().manual_seed(20261123)
-    x = torch.randn(200, 96, generator=g) * torch.logspace(-3, 3, 200).unsqueeze(1)
-    x[7] = 0  # an all-zero row and block
+    x = torch.randn(4000, 96, generator=g) * torch.logspace(-3, 3, 4000).unsqueeze(1)
+    x[7] = 0
     return [x.to(dtype).to(device) for dtype in (torch.float32, torch.bfloat16, torch.float16)]
 
 
