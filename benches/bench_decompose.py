@@ -11,6 +11,10 @@ each in its own process so that peak RSS (VmHWM, file-backed pages included) is 
              save the adapter, unload, save the residual
 - floor:     the same torch work (pissa_rs.principal_factors) on tensors already in
              memory, no I/O; loading them is not timed
+- nf4:       pissa_rs for QPiSSA training in nf4 (quantize="nf4", no error measurement):
+             the bf16 residual, which training quantizes at every load
+- nf4_saved: the same with save_quantized=True: the residual written in nf4
+             (--methods pissa_rs,nf4,nf4_saved compares bytes written and wall time)
 
 --smoke runs the same at a tiny scale (CI uses it to keep the script working; its
 timings mean nothing).
@@ -107,6 +111,14 @@ model.save_pretrained(os.path.join(OUT, "pissa_init"))
 model = model.unload()
 model.save_pretrained(OUT)
 """),
+    "nf4": ("import torch, pissa_rs", """
+pissa_rs.decompose_checkpoint(SRC, r=R, niter=NITER, target_modules=TARGETS, out=OUT, progress=False,
+                              quantize="nf4", measure_error=False)
+"""),
+    "nf4_saved": ("import torch, pissa_rs", """
+pissa_rs.decompose_checkpoint(SRC, r=R, niter=NITER, target_modules=TARGETS, out=OUT, progress=False,
+                              quantize="nf4", measure_error=False, save_quantized=True)
+"""),
     "floor": ("import torch, pissa_rs", """
 from pissa_rs.factors import principal_factors, scaling, tensor_seed
 ck = pissa_rs.Checkpoint(SRC)
@@ -150,8 +162,10 @@ def run_script(name: str, code: str, args: list[str]) -> dict:
 def run_method(name: str, src: Path, out: Path, r: int, niter: int) -> dict:
     """wall_s is timed inside the process after its imports."""
     imports, body = RUNNERS[name]
-    return run_script(name, HARNESS.format(imports=imports, body=body),
-                      [str(src), str(out), str(r), str(niter), json.dumps(PROJECTIONS)])
+    result = run_script(name, HARNESS.format(imports=imports, body=body),
+                        [str(src), str(out), str(r), str(niter), json.dumps(PROJECTIONS)])
+    result["bytes_written"] = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.is_dir() else 0
+    return result
 
 
 def machine() -> str:
@@ -199,14 +213,18 @@ def main() -> None:
 
     report = {"machine": machine(), "dims": dims, "rank": rank, "niter": args.niter, "bytes": total,
               "results": results}
-    print("| method | wall (s) | peak RSS (GiB) |\n|---|---:|---:|")
+    print("| method | wall (s) | peak RSS (GiB) | written (GiB) |\n|---|---:|---:|---:|")
     for method, r in results.items():
-        print(f"| {method} | {r['wall_s']:.1f} | {r['peak_rss_bytes'] / 2**30:.2f} |")
+        print(f"| {method} | {r['wall_s']:.1f} | {r['peak_rss_bytes'] / 2**30:.2f} | {r['bytes_written'] / 2**30:.2f} |")
     if "pissa_rs" in results:
         ours = results["pissa_rs"]["wall_s"]
         for other in ("peft", "floor"):
             if other in results:
                 print(f"pissa_rs / {other} wall: {ours / results[other]['wall_s']:.2f}x")
+    if {"nf4", "nf4_saved"} <= results.keys():
+        dense, saved = results["nf4"], results["nf4_saved"]
+        print(f"save_quantized: {saved['bytes_written'] / dense['bytes_written']:.2f}x the bytes, "
+              f"{saved['wall_s'] / dense['wall_s']:.2f}x the wall time of the bf16 residual")
     print(f"machine: {report['machine']}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))

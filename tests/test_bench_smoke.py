@@ -12,11 +12,13 @@ BENCH = Path(__file__).parent.parent / "benches" / "bench_decompose.py"
 
 def test_benchmark_smoke(tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, str(BENCH), "--smoke", "--workdir", str(tmp_path), "--json", str(out)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, str(BENCH), "--smoke", "--workdir", str(tmp_path), "--json", str(out),
+                           "--methods", "pissa_rs,peft,floor,nf4,nf4_saved"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
-    assert set(report["results"]) == {"pissa_rs", "peft", "floor"}
+    assert set(report["results"]) == {"pissa_rs", "peft", "floor", "nf4", "nf4_saved"}
+    assert report["results"]["nf4_saved"]["bytes_written"] < 0.6 * report["results"]["nf4"]["bytes_written"]
+    assert "save_quantized:" in proc.stdout
     for result in report["results"].values():
         assert result["wall_s"] > 0 and result["peak_rss_bytes"] > 0
     assert "| pissa_rs |" in proc.stdout

@@ -140,3 +140,19 @@ def test_without_bitsandbytes_the_reference_is_used(fresh_choice, monkeypatch):
     assert choice == quant_module.QuantizerChoice(REFERENCE, "bitsandbytes is not installed")
     x = weights(5, 130, torch.float16, 1.0, 1)
     assert torch.equal(Quantization("fp4").roundtrip(x), ref.dequantize_4bit(ref.quantize_4bit(x, "fp4")))
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_chunked_quantization_equals_one_pass(monkeypatch, kind, double_quant):
+    """Weights are quantized a few blocks at a time: the chunk boundaries change nothing."""
+    x = weights(37, 192, torch.bfloat16, 1.0, 5).reshape(-1)[:-3]  # ends in a partial block of odd length
+    whole = ref.quantize_4bit(x, kind, double_quant=double_quant)
+    monkeypatch.setattr(ref, "CHUNK_ELEMENTS", 3 * 128)
+    chunked = ref.quantize_4bit(x, kind, double_quant=double_quant)
+    assert torch.equal(chunked.packed, whole.packed) and torch.equal(chunked.absmax, whole.absmax)
+    assert torch.equal(ref.dequantize_4bit(chunked), ref.dequantize_4bit(whole))
+    monkeypatch.setattr(ref, "CHUNK_ELEMENTS", 1 << 22)
+    assert torch.equal(ref.dequantize_4bit(chunked), ref.dequantize_4bit(whole))
+    packed, state = bnbf.quantize_4bit(x, blocksize=64, quant_type=kind)
+    assert torch.equal(whole.packed, packed)

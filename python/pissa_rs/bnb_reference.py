@@ -86,11 +86,14 @@ def _blockwise_scaled(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor,
 
 
 def _nearest_code(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest code value (a tie goes to the lower value), as int64."""
+    """Index of the nearest code value (a tie goes to the lower value), as uint8."""
     order = torch.argsort(code)
     ordered = code[order]
     midpoints = (ordered[:-1] + ordered[1:]) / 2
-    return order[torch.bucketize(scaled, midpoints, out_int32=True).long()]
+    rank = torch.bucketize(scaled, midpoints, out_int32=True)
+    if torch.equal(order, torch.arange(len(code), device=order.device)):  # nf4, dynamic: sorted already
+        return rank.to(torch.uint8)
+    return order.to(torch.uint8)[rank]
 
 
 def _blockwise_dequant(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
@@ -119,13 +122,27 @@ class Quantized4bit:
     nested_offset: float | None = None  # double quantization: the mean subtracted before quantizing
 
 
+# Weights are quantized this many elements at a time (whole blocks: the same result), so
+# that the float32 temporaries stay small next to the weight itself.
+CHUNK_ELEMENTS = 1 << 22
+
+
 def quantize_4bit(x: torch.Tensor, kind: str, blocksize: int = 64, double_quant: bool = False) -> Quantized4bit:
     """bitsandbytes.functional.quantize_4bit(x, blocksize, compress_statistics=double_quant, quant_type=kind)."""
-    scaled, absmax = _blockwise_scaled(x.reshape(-1).float(), blocksize)
-    if scaled.numel() % 2:
-        scaled = torch.nn.functional.pad(scaled, (0, 1))
-    q = _nearest_code(scaled, code_table(kind, x.device)).to(torch.uint8)
-    packed = ((q[::2] << 4) | q[1::2]).unsqueeze(1)
+    flat = x.reshape(-1)
+    code = code_table(kind, x.device)
+    step = CHUNK_ELEMENTS // (2 * blocksize) * 2 * blocksize  # whole blocks, an even count
+    packed_parts, absmax_parts = [], []
+    for start in range(0, max(flat.numel(), 1), step):
+        scaled, absmax = _blockwise_scaled(flat[start:start + step].float(), blocksize)
+        if scaled.numel() % 2:
+            scaled = torch.nn.functional.pad(scaled, (0, 1))
+        q = _nearest_code(scaled, code)
+        del scaled
+        packed_parts.append((q[::2] << 4) | q[1::2])
+        absmax_parts.append(absmax)
+    packed = torch.cat(packed_parts).unsqueeze(1)
+    absmax = torch.cat(absmax_parts)
     result = Quantized4bit(packed, absmax, kind, blocksize, tuple(x.shape), x.dtype)
     if double_quant:
         offset = absmax.mean()
@@ -150,11 +167,19 @@ def dequantize_4bit(q: Quantized4bit) -> torch.Tensor:
     for d in q.shape:
         n *= d
     flat = q.packed.reshape(-1)
-    codes = torch.empty(flat.numel() * 2, dtype=torch.long, device=flat.device)
-    codes[::2] = (flat >> 4).long()
-    codes[1::2] = (flat & 0xF).long()
-    values = code_table(q.kind, flat.device)[codes[:n]]
-    return _blockwise_dequant(values, block_absmax(q), q.blocksize).reshape(q.shape).to(q.dtype)
+    code = code_table(q.kind, flat.device)
+    absmax = block_absmax(q)
+    out = torch.empty(n, dtype=q.dtype, device=flat.device)
+    step = CHUNK_ELEMENTS // (2 * q.blocksize) * 2 * q.blocksize  # whole blocks, an even count
+    for start in range(0, n, step):
+        count = min(step, n - start)
+        chunk = flat[start // 2:(start + count + 1) // 2]
+        values = torch.empty(chunk.numel() * 2, dtype=torch.float32, device=flat.device)
+        values[::2] = code[(chunk >> 4).long()]
+        values[1::2] = code[(chunk & 0xF).long()]
+        first = start // q.blocksize
+        out[start:start + count] = _blockwise_dequant(values[:count], absmax[first:], q.blocksize)
+    return out.reshape(q.shape)
 
 
 def int8_rows_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
