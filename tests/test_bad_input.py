@@ -143,14 +143,20 @@ def test_index_path_escaping_the_directory(tmp_path, escape):
     assert err.tensor == "y"
 
 
-def test_symlink_leading_out_of_the_directory(tmp_path):
+def test_a_symlinked_shard_is_followed_wherever_it_points(tmp_path):
+    """The Hugging Face cache keeps each snapshot file as a link to ../../blobs/<hash>:
+    a file inside the directory that is a link is a file to read. Names stay checked."""
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     safetensors.torch.save_file({"x": torch.zeros(2)}, ckpt / "a.safetensors")
-    safetensors.torch.save_file({"y": torch.zeros(2)}, tmp_path / "secret.safetensors")
-    os.symlink(tmp_path / "secret.safetensors", ckpt / "b.safetensors")
+    safetensors.torch.save_file({"y": torch.ones(2)}, tmp_path / "blob")
+    os.symlink("../blob", ckpt / "b.safetensors")
     write_index(ckpt, {"x": "a.safetensors", "y": "b.safetensors"})
-    open_fails(ckpt, pissa_rs.UnsafePathError, "b.safetensors", "'y'")
+    ck = pissa_rs.Checkpoint(ckpt)
+    assert sorted(ck.names()) == ["x", "y"]
+    assert pissa_rs.as_torch(ck.buffer("y")).tolist() == [1.0, 1.0]
+    write_index(ckpt, {"x": "a.safetensors", "y": "../blob"})  # the same file, named from outside: refused
+    open_fails(ckpt, pissa_rs.UnsafePathError, "../blob", "'y'", "escapes")
 
 
 def test_symlink_inside_the_directory_is_fine(tmp_path):

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import pissa_rs.quant as quant_module
 from pissa_rs import bnb_reference as ref
-from pissa_rs.quant import BITSANDBYTES, REFERENCE, Quantization, choose_quantizer
+from pissa_rs.quant import BITSANDBYTES, REFERENCE, Quantization, choose_quantizer, forget_choices
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
@@ -112,9 +112,9 @@ def test_bitsandbytes_on_cuda_agrees_with_the_reference(kind):
 
 @pytest.fixture
 def fresh_choice():
-    choose_quantizer.cache_clear()
+    forget_choices()
     yield
-    choose_quantizer.cache_clear()
+    forget_choices()
 
 
 def test_a_wrong_kernel_is_found_said_once_and_replaced_by_the_reference(fresh_choice, monkeypatch, caplog):

@@ -9,8 +9,9 @@ from pathlib import Path
 
 from ._pissa_rs import Checkpoint, PissaError
 from .convert import convert_to_lora
-from .decompose import ADAPTER_DTYPES, DecomposeOptions, human_bytes, run_decomposition
+from .decompose import ADAPTER_DTYPES, DecomposeOptions, human_bytes, resolve_source, run_decomposition
 from .dry_run import plan_decomposition
+from .hub import resolve_model
 from .merge import merge_adapter
 from .verify import verify
 from .planning import is_model_dir
@@ -58,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
         "PEFT format) and OUT/pissa_report.json. Load with AutoModelForCausalLM.from_pretrained(OUT) then "
         "PeftModel.from_pretrained(model, OUT, subfolder='pissa_init', is_trainable=True).",
     )
-    dec.add_argument("path", help="a checkpoint directory (sharded or not) or one .safetensors file")
+    dec.add_argument("path", help="a checkpoint directory (sharded or not), one .safetensors file, or a Hugging Face "
+                     "model ID (org/name), fetched through the Hugging Face cache")
+    dec.add_argument("--revision", help="with a model ID: branch, tag or commit (default: main)")
     dec.add_argument("--rank", "-r", type=_ranks, default=defaults.r,
                      help="adapter rank r, or several (16,32,64,128): one SVD at the largest, one complete output "
                      "per rank (default %(default)s)")
@@ -112,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ins = sub.add_parser("inspect", help="list a checkpoint's tensors, dtypes, shapes, files and sizes, its "
                          "architecture, and which modules each target_modules choice picks")
-    ins.add_argument("path")
+    ins.add_argument("path", help="a checkpoint directory, .safetensors file or Hugging Face model ID")
+    ins.add_argument("--revision", help="with a model ID: branch, tag or commit")
 
     conv = sub.add_parser("to-lora", help="convert a fine-tuned PiSSA adapter to a LoRA of the original model",
                           description="OUT = fine-tuned minus initial adapter, as a rank-2r LoRA that PEFT loads on "
@@ -126,19 +130,22 @@ def build_parser() -> argparse.ArgumentParser:
                       help="with --compact: drop singular values below TOL x |B'| |A'| (default %(default)s)")
 
     mrg = sub.add_parser("merge", help="merge an adapter into its residual model (a plain model, out of core)")
-    mrg.add_argument("residual", type=Path, help="the residual model (a decomposition's OUT)")
+    mrg.add_argument("residual", type=Path, help="the residual model (a decomposition's OUT, or a model ID)")
+    mrg.add_argument("--revision", help="with a model ID: branch, tag or commit")
     mrg.add_argument("adapter", type=Path, help="the adapter to merge (pissa_init or a fine-tuned one)")
     mrg.add_argument("out", type=Path, help="where to write the merged model")
 
     ver = sub.add_parser("verify", help="check a decomposition against its original, out of core; exit 1 on any "
                          "mismatch, naming the tensors")
     ver.add_argument("out", type=Path, help="a decomposition's output directory")
-    ver.add_argument("--against", type=Path, required=True, help="the original checkpoint")
+    ver.add_argument("--against", type=Path, required=True, help="the original checkpoint (a path or model ID)")
+    ver.add_argument("--revision", help="with a model ID for --against: branch, tag or commit")
 
     qerr = sub.add_parser("qerror", help="the paper's quantization-error reduction of a residual + adapter pair "
                           "on disk, against quantizing the original (QLoRA), out of core")
     qerr.add_argument("out", type=Path, help="a decomposition's output directory")
-    qerr.add_argument("--against", type=Path, required=True, help="the original checkpoint")
+    qerr.add_argument("--against", type=Path, required=True, help="the original checkpoint (a path or model ID)")
+    qerr.add_argument("--revision", help="with a model ID for --against: branch, tag or commit")
     qerr.add_argument("--quantize", choices=["nf4", "fp4", "int8"],
                       help="the quantization (default: the one OUT's report names, else nf4)")
     qerr.add_argument("--double-quant", action="store_true", help="4-bit double quantization (default: as OUT's "
@@ -160,11 +167,12 @@ def _decompose(args) -> int:
         compare_loftq=args.compare_loftq, measure_error=not args.no_measure_error,
         save_quantized=args.save_quantized,
     ).validate()
+    source, out = resolve_source(args.path, args.revision, args.out, options.ranks)
     if args.dry_run:
-        plan = plan_decomposition(Path(args.path), options, args.out)
+        plan = plan_decomposition(source, options, out)
         print(plan.describe())
         return 0 if plan.fits_on_disk else 1
-    results = run_decomposition(Path(args.path), options, out=args.out, overwrite=args.overwrite,
+    results = run_decomposition(source, options, out=out, overwrite=args.overwrite,
                                 progress=not args.no_progress)
     for result in results if isinstance(results, list) else [results]:
         totals = result.report["totals"]
@@ -187,14 +195,15 @@ def _decompose(args) -> int:
 
 
 def _inspect(args) -> int:
-    ck = Checkpoint(args.path)
+    source = resolve_model(args.path, args.revision)
+    ck = Checkpoint(source)
     width = max((len(t.name) for t in ck.tensors), default=4)
     for t in ck.tensors:
         print(f"{t.name:<{width}}  {t.dtype:<8} {str(list(t.shape)):<18} {human_bytes(t.nbytes):>11}  {Path(t.file).name}")
     total = sum(t.nbytes for t in ck.tensors)
     print(f"{len(ck)} tensors, {human_bytes(total)} in {len(ck.files)} file(s)")
     config = Path(ck.root) / "config.json"
-    if not (is_model_dir(Path(args.path)) and config.is_file()):
+    if not (is_model_dir(source) and config.is_file()):
         print("no config.json: give decompose explicit --target-modules (matched against tensor names)")
         return 0
     choices = target_choices(config.parent)
@@ -219,12 +228,12 @@ def _to_lora(args) -> int:
 
 
 def _merge(args) -> int:
-    print(f"merged model: {merge_adapter(args.residual, args.adapter, args.out)}")
+    print(f"merged model: {merge_adapter(args.residual, args.adapter, args.out, revision=args.revision)}")
     return 0
 
 
 def _verify(args) -> int:
-    report = verify(args.out, args.against)
+    report = verify(args.out, args.against, revision=args.revision)
     for problem in report.problems:
         print(f"MISMATCH {problem}")
     print(f"{'ok' if report.ok else 'FAILED'}: {report.checked_targets} targets reconstruct within rounding, "
@@ -236,7 +245,7 @@ def _qerror(args) -> int:
     from .qerror import measure_quantization_error
 
     result = measure_quantization_error(args.out, args.against, quantize=args.quantize,
-                                        double_quant=args.double_quant or None)
+                                        double_quant=args.double_quant or None, revision=args.revision)
     width = max(len(t["tensor"]) for t in result["tensors"])
     for t in result["tensors"]:
         print(f"{t['tensor']:<{width}}  {t['error_reduction']:7.2%}  (||error||_* {t['quant_error']:.4g}, "

@@ -16,9 +16,17 @@ import torch
 from ._pissa_rs import Checkpoint, Journal, PissaError, Pipeline, ShardWriter
 from .bnb_format import StoredQuantized
 from .devices import DeviceRunner, parse_devices
+from .hub import is_local, model_name, resolve_model
 from .factors import factors_at_ranks, scaling, tensor_seed
 from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, lora_a_key, lora_b_key
-from .quant import QUANT_TYPES, Quantization, loftq_error, qpissa_factors_at_ranks, quantization_error
+from .quant import (
+    QUANT_TYPES,
+    Quantization,
+    loftq_error,
+    qpissa_factors_at_ranks,
+    quantization_error,
+    remember_choice,
+)
 from .planning import PLAN_IN_CHILD_ABOVE_BYTES, Plan, is_model_dir, make_plan, make_plan_in_child
 from .resume import (
     CONTROL_FILES,
@@ -193,6 +201,18 @@ def made_for_double_quant(out: Path, quantize: str | None) -> bool:
     return bool(options.get("double_quant")) and options.get("quantize") == quantize
 
 
+def resolve_source(path: str | os.PathLike[str], revision: str | None, out: Path | None, ranks: list[int]
+                   ) -> tuple[Path, Path | None]:
+    """The checkpoint to read (a local path as it is, or a Hub model ID's snapshot in
+    the Hugging Face cache) and the output directory: for an ID, by default
+    `./<name>-pissa-r<r>` in the current directory."""
+    source = resolve_model(path, revision)
+    if out is None and not is_local(path):
+        name = model_name(path)
+        out = Path.cwd() / (f"{name}-pissa-r{ranks[0]}" if len(ranks) == 1 else f"{name}-pissa-r{{r}}")
+    return source, out
+
+
 def default_out(path: Path, r: int) -> Path:
     """`<name>-pissa-r<r>` beside the input."""
     path = path.resolve()
@@ -360,10 +380,16 @@ def decompose_checkpoint(
     compare_loftq: bool = False,
     measure_error: bool = True,
     save_quantized: bool = False,
+    revision: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> DecomposeResult | list[DecomposeResult]:
     """PiSSA-decompose every target weight of a safetensors checkpoint, out of core.
+
+    `path`: a checkpoint directory (sharded or not, symlinked files included, as in the
+    Hugging Face cache), one .safetensors file, or a Hub model ID (`org/name`, at
+    `revision`) fetched through huggingface_hub's cache; the output of an ID goes by
+    default to `./<name>-pissa-r<r>`.
 
     With a list of ranks, each weight is read once and SVD'd once at the largest
     rank, and one complete output is written per rank (a list of results, by
@@ -395,7 +421,8 @@ def decompose_checkpoint(
         adapter_dtype=adapter_dtype, quantize=quantize, quant_iters=quant_iters, double_quant=double_quant,
         compare_loftq=compare_loftq, measure_error=measure_error, save_quantized=save_quantized,
     ).validate()
-    return run_decomposition(Path(path), options, out=Path(out) if out else None, overwrite=overwrite, progress=progress)
+    source, out = resolve_source(path, revision, Path(out) if out else None, options.ranks)
+    return run_decomposition(source, options, out=out, overwrite=overwrite, progress=progress)
 
 
 @dataclass
@@ -567,6 +594,8 @@ def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None
     outs = output_dirs(path, options.ranks, out)
     planner = make_plan_in_child if sum(i.nbytes for i in checkpoint.tensors) > PLAN_IN_CHILD_ABOVE_BYTES else make_plan
     plans = planner(path, [asdict(o) for o in per_rank], outs)
+    if options.quantization is not None:
+        remember_choice(options.quantization, torch.device(options.device).type, plans[0].quantizer)
     outputs: list[_Output] = []
     try:
         for opts, out_dir, plan in zip(per_rank, outs, plans):

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ._pissa_rs import Checkpoint
-from .decompose import DecomposeOptions, free_bytes, human_bytes, output_bytes, output_dirs
+from .decompose import DecomposeOptions, free_bytes, human_bytes, output_bytes, output_dirs, resolve_source
 from .planning import make_plan
 from .targets import Target
 
@@ -100,12 +100,13 @@ def _device_flops(device: torch.device) -> float:
 
 
 def plan(path: str | os.PathLike[str], r: int | list[int] = 128, *, out: str | os.PathLike[str] | None = None,
-         **options) -> DecompositionPlan:
+         revision: str | None = None, **options) -> DecompositionPlan:
     """What `decompose_checkpoint(path, r, out=out, **options)` would do, without doing it:
     targets with shapes and ranks, pass-through tensors, bytes in and out, free disk and
     an estimate of the SVD time on the chosen device. Target mistakes raise here."""
     opts = DecomposeOptions(r=r, **options).validate()
-    return plan_decomposition(Path(path), opts, Path(out) if out else None)
+    source, out = resolve_source(path, revision, Path(out) if out else None, opts.ranks)
+    return plan_decomposition(source, opts, out)
 
 
 def plan_decomposition(path: Path, opts: DecomposeOptions, out: Path | None) -> DecompositionPlan:

@@ -19,18 +19,20 @@ from .decompose import (
     writers_like,
 )
 from .factors import round_difference
+from .hub import resolve_model
 from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterMismatchError, adapter_targets
 from .tensors import TORCH_DTYPES, as_numpy_bytes
 
 
 def merge_adapter(residual_dir: str | os.PathLike[str], adapter_dir: str | os.PathLike[str],
-                  out_dir: str | os.PathLike[str]) -> Path:
+                  out_dir: str | os.PathLike[str], revision: str | None = None) -> Path:
     """Write residual + adapter as one plain model to `out_dir` (same names, dtypes
     and shards as the residual). Merging an untrained pissa_init gives back the
     original model up to the weights' own rounding. A residual stored pre-quantized
     (save_quantized) is dequantized: the merged model has the original's layout and
     dtypes, and no quantization_config."""
-    residual_dir, adapter_dir, out = Path(residual_dir), Path(adapter_dir), Path(out_dir)
+    # The residual model may be a Hub model ID (a published decomposition) at `revision`.
+    residual_dir, adapter_dir, out = resolve_model(residual_dir, revision), Path(adapter_dir), Path(out_dir)
     for needed in (adapter_dir / ADAPTER_WEIGHTS, adapter_dir / ADAPTER_CONFIG):
         if not needed.is_file():
             raise AdapterMismatchError(f"{needed}: missing")

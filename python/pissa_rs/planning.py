@@ -13,7 +13,7 @@ from typing import Any
 from ._pissa_rs import Checkpoint
 from .bnb_format import StoredQuantized, quantization_config
 from .peft_format import adapter_config, adapter_config_json
-from .quant import Quantization
+from .quant import Quantization, QuantizerChoice
 from .targets import Target, TargetError, bnb_quantized_weights, resolve_targets
 
 # Checkpoints bigger than this plan in a child process: a few seconds of start-up
@@ -31,6 +31,9 @@ class Plan:
     # pre-quantized, and the quantization_config config.json gets
     stored_quantized: list[StoredQuantized] = field(default_factory=list)
     quantization_config: dict[str, Any] | None = None
+    # QPiSSA: bitsandbytes or the reference on this device type, checked here (where
+    # transformers and PEFT import bitsandbytes anyway) so the decomposing process need not
+    quantizer: QuantizerChoice | None = None
 
     def stored_parts(self, quant: Quantization | None) -> dict[str, list[tuple[str, str, list[int]]]]:
         """Original tensor name -> the (name, dtype, shape) of the tensors it is stored as, where not itself."""
@@ -50,7 +53,10 @@ def make_plan(path: Path, options: list[dict], outs: list[Path]) -> list[Plan]:
     root = Path(checkpoint.root)
     config_dir = root if is_model_dir(path) and (root / "config.json").is_file() else None
     plans = []
-    stored, quant_config = [], None
+    stored, quant_config, quantizer = [], None, None
+    if options and options[0].get("quantize"):
+        quant = Quantization(options[0]["quantize"], double_quant=options[0]["double_quant"])
+        quantizer = quant.choice(options[0]["device"])
     if options and options[0].get("save_quantized"):
         if config_dir is None:
             raise TargetError(f"{path}: save_quantized needs the model's config.json (a model directory), to know "
@@ -71,7 +77,7 @@ def make_plan(path: Path, options: list[dict], outs: list[Path]) -> list[Plan]:
             base_model_name_or_path=str(out.resolve()),
         )
         plans.append(Plan(found.targets, found.task_type, found.architecture, adapter_config_json(config), stored,
-                          quant_config))
+                          quant_config, quantizer))
     return plans
 
 

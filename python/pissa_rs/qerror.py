@@ -11,6 +11,7 @@ import torch
 
 from ._pissa_rs import Checkpoint
 from .bnb_format import read_weight
+from .hub import resolve_model
 from .decompose import ADAPTER_SUBDIR, made_for_double_quant, reported_options, stored_quantized
 from .peft_format import ADAPTER_WEIGHTS, adapter_targets
 from .quant import Quantization, quantization_error
@@ -19,11 +20,11 @@ from .tensors import as_torch
 
 def measure_quantization_error(out: str | os.PathLike[str], against: str | os.PathLike[str],
                                quantize: str | None = None, double_quant: bool | None = None,
-                               device: str = "cpu") -> dict[str, Any]:
+                               device: str = "cpu", revision: str | None = None) -> dict[str, Any]:
     """For every adapter module of OUT: ||W - (deq(quant(W_res)) + s*B@A)||_*, QLoRA's
     ||W - deq(quant(W))||_* and 1 - their ratio, W from `against`. `quantize` and
     `double_quant` default to what OUT's report names (else nf4, no double quant)."""
-    out, against = Path(out), Path(against)
+    out, against = Path(out), resolve_model(against, revision)  # against: a path or a Hub model ID
     kind = quantize or reported_options(out).get("quantize") or "nf4"
     if double_quant is None:
         double_quant = made_for_double_quant(out, kind)

@@ -6,7 +6,6 @@ do not, the reference is used, and the log and the report say so. No I/O."""
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass
 
@@ -178,11 +177,30 @@ def _disagreement(quant: Quantization, device: torch.device) -> str | None:
     return None
 
 
-@functools.cache
+_CHOICES: dict[tuple[Quantization, str], QuantizerChoice] = {}
+
+
+def remember_choice(quant: Quantization, device_type: str, choice: QuantizerChoice) -> None:
+    """Take a choice made in another process (the planning child, which imports
+    bitsandbytes anyway): a process that then uses the reference never imports it."""
+    _CHOICES[(quant, device_type)] = choice
+
+
+def forget_choices() -> None:
+    _CHOICES.clear()
+
+
 def choose_quantizer(quant: Quantization, device_type: str) -> QuantizerChoice:
     """Once per process, quantization and device type: bitsandbytes if installed
     and bit-identical to the reference on the probe, else the reference (said
     once in the log; the decomposition's report records it)."""
+    key = (quant, device_type)
+    if key not in _CHOICES:
+        _CHOICES[key] = _check(quant, device_type)
+    return _CHOICES[key]
+
+
+def _check(quant: Quantization, device_type: str) -> QuantizerChoice:
     device = torch.device(device_type)
     try:
         with quiet_library_noise():

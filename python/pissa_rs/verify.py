@@ -12,6 +12,7 @@ import torch
 
 from ._pissa_rs import Checkpoint
 from .bnb_format import StoredQuantized, read_weight
+from .hub import resolve_model
 from .decompose import ADAPTER_SUBDIR, REPORT_NAME, reported_options, stored_quantized
 from .peft_format import ADAPTER_WEIGHTS, AdapterMismatchError, AdapterTarget, adapter_targets
 from .quant import Quantization
@@ -37,15 +38,16 @@ def _stored_quantization(out: Path) -> Quantization | None:
     return None
 
 
-def verify(out: str | os.PathLike[str], against: str | os.PathLike[str]) -> VerifyReport:
-    """Compare a decomposition's OUT with the ORIGINAL checkpoint it came from.
+def verify(out: str | os.PathLike[str], against: str | os.PathLike[str], revision: str | None = None) -> VerifyReport:
+    """Compare a decomposition's OUT with the ORIGINAL checkpoint it came from
+    (a path, or a Hub model ID at `revision`).
 
     A target passes when |W - (W_res + s*B@A)| <= eps(dtype) * (|W_res| + |W|)
     elementwise (two roundings: the residual's and the original's at most); a
     quantized residual (QPiSSA, quant_iters > 1) when the difference is within
     the quantization's own error bound for W - s*B@A.
     """
-    out, against = Path(out), Path(against)
+    out, against = Path(out), resolve_model(against, revision)
     report = VerifyReport()
     if not (out / REPORT_NAME).is_file():
         report.problems.append(f"{REPORT_NAME}: missing in {out}; the decomposition did not finish")

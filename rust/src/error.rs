@@ -84,8 +84,8 @@ pub enum Error {
         tensor: String,
     },
 
-    /// An index entry resolves outside the checkpoint directory (`..`,
-    /// an absolute path, or a symlink leading out).
+    /// An index entry names a path outside the checkpoint directory (`..`, an
+    /// absolute path, an empty name). A file inside it that is a symlink is followed.
     #[error("{index}: shard path '{shard}' for tensor '{tensor}' escapes the checkpoint directory {root}")]
     PathEscapes {
         index: PathBuf,

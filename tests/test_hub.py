@@ -1,0 +1,149 @@
+"""Models where users keep them: Hugging Face cache snapshots (symlinked files) and
+Hub model IDs, resolved offline from a cache laid out as huggingface_hub lays it out."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from make_tiny_model import save_tiny_model
+
+import pissa_rs
+from pissa_rs.cli import main
+from pissa_rs.hub import HubError, resolve_model
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def cache_model(model_dir: Path, cache: Path, repo: str, commit: str = COMMIT, extra: dict | None = None) -> Path:
+    """Put a model into a huggingface_hub cache: blobs by hash, a snapshot of links
+    ../../blobs/<hash>, refs/main naming the commit. Returns the snapshot directory."""
+    storage = cache / f"models--{repo.replace('/', '--')}"
+    snapshot = storage / "snapshots" / commit
+    (storage / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True)
+    files = {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file()} | (extra or {})
+    for name, data in files.items():
+        blob = hashlib.sha256(data).hexdigest()
+        (storage / "blobs" / blob).write_bytes(data)
+        os.symlink(f"../../blobs/{blob}", snapshot / name)
+    (storage / "refs").mkdir(exist_ok=True)
+    (storage / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hub")
+    model = save_tiny_model(root / "m", "llama", layers=2, shard_size="150KB")
+    cache = root / "cache"
+    snapshot = cache_model(model, cache, "org/tiny", extra={"pytorch_model.bin": b"PK\x03\x04 a pickle duplicate"})
+    cache_model(save_tiny_model(root / "b", "gpt2", layers=1), cache, "org/only-bin")
+    bin_only = cache / "models--org--only-bin" / "snapshots" / COMMIT
+    for f in bin_only.glob("*.safetensors*"):
+        f.unlink()
+    os.symlink("../../blobs/x", bin_only / "pytorch_model.bin")
+    return model, cache, snapshot
+
+
+@pytest.fixture
+def offline(tiny, monkeypatch, tmp_path):
+    import huggingface_hub.constants as constants
+
+    _, cache, _ = tiny
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    return cache
+
+
+def test_a_cache_snapshot_directory_is_a_checkpoint(tiny, tmp_path):
+    model, _, snapshot = tiny
+    assert all((snapshot / n).is_symlink() for n in os.listdir(snapshot))
+    res = pissa_rs.decompose_checkpoint(snapshot, r=4, out=tmp_path / "o", progress=False)
+    assert pissa_rs.verify(res.out, against=model).ok
+    assert not any(p.is_symlink() for p in res.out.rglob("*"))  # the output holds files, not links
+    assert json.loads((res.out / "config.json").read_text()) == json.loads((model / "config.json").read_text())
+    assert not (res.out / "pytorch_model.bin").exists()
+
+
+def test_a_model_id_resolves_offline_from_the_cache(tiny, offline, tmp_path):
+    model, _, snapshot = tiny
+    assert resolve_model("org/tiny") == snapshot
+    assert resolve_model("org/tiny", revision=COMMIT) == snapshot
+    res = pissa_rs.decompose_checkpoint("org/tiny", r=4, progress=False)
+    assert res.out == tmp_path / "tiny-pissa-r4"  # ./<name>-pissa-r<r> in the current directory
+    assert pissa_rs.verify(res.out, against="org/tiny").ok
+    assert pissa_rs.measure_quantization_error(res.out, "org/tiny")["tensors"]
+    several = pissa_rs.decompose_checkpoint("org/tiny", r=[2, 3], progress=False, niter=0)
+    assert [r.out for r in several] == [tmp_path / "tiny-pissa-r2", tmp_path / "tiny-pissa-r3"]
+    assert pissa_rs.plan("org/tiny", r=4).targets
+    merged = pissa_rs.merge_adapter(res.out, res.adapter, tmp_path / "merged")
+    assert pissa_rs.Checkpoint(merged).names()
+
+
+def test_a_local_path_wins_over_an_id(tiny, offline, tmp_path):
+    model, _, _ = tiny
+    shutil.copytree(model, tmp_path / "org" / "tiny")
+    assert resolve_model("org/tiny") == Path("org/tiny")
+    with pytest.raises(ValueError, match="revision applies to Hub model IDs"):
+        resolve_model("org/tiny", revision="main")
+
+
+def test_ids_that_give_no_checkpoint_say_which_repo_and_revision(tiny, offline):
+    with pytest.raises(HubError, match="org/tiny@v9.*cannot get the model"):
+        resolve_model("org/tiny", revision="v9")
+    with pytest.raises(HubError, match="org/missing"):
+        resolve_model("org/missing")
+    with pytest.raises(HubError, match="org/only-bin: has no safetensors"):
+        resolve_model("org/only-bin")
+    with pytest.raises(FileNotFoundError, match="not a Hugging Face model ID"):
+        resolve_model("no/such/path/x")
+
+
+def test_only_what_a_decomposition_reads_is_asked_for(tiny, monkeypatch, tmp_path):
+    """Online, huggingface_hub downloads what the patterns allow: the index and small
+    files first, then exactly the shards the index names; never .bin/.pth/ONNX."""
+    import fnmatch
+
+    import huggingface_hub
+
+    _, _, snapshot = tiny
+    repo_files = [*os.listdir(snapshot), "model.onnx", "pytorch_model-00001-of-00002.bin", "consolidated.pth",
+                  "original/params.json"]
+    asked = []
+
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None, **kwargs):
+        asked.append(allow_patterns)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    assert resolve_model("org/tiny", revision="main") == snapshot
+    fetched = {f for f in repo_files if any(fnmatch.fnmatch(f, p) for patterns in asked for p in patterns)}
+    index = json.loads((snapshot / "model.safetensors.index.json").read_text())
+    assert set(asked[1]) == set(index["weight_map"].values())
+    assert fetched == {f for f in os.listdir(snapshot) if f != "pytorch_model.bin"}
+
+
+def test_the_cli_takes_ids_offline(tiny, tmp_path):
+    model, cache, _ = tiny
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "pissa_rs.cli", *args], capture_output=True, text=True,
+                              env=env, cwd=tmp_path, timeout=300)
+
+    dry = cli("decompose", "org/tiny", "--rank", "4", "--dry-run")
+    assert dry.returncode == 0 and f"output: {tmp_path / 'tiny-pissa-r4'}" in dry.stdout, dry.stderr
+    run = cli("decompose", "org/tiny", "--rank", "4", "--revision", COMMIT, "--no-progress")
+    assert run.returncode == 0, run.stderr
+    assert cli("verify", "tiny-pissa-r4", "--against", "org/tiny").returncode == 0
+    assert "architecture: LlamaForCausalLM" in cli("inspect", "org/tiny").stdout
+    bad = cli("decompose", "org/tiny", "--rank", "4", "--revision", "nope")
+    assert bad.returncode == 1 and "org/tiny@nope" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
