@@ -185,6 +185,10 @@ def _decompose(args) -> int:
             loftq = totals.get("loftq_error_reduction_mean")
             print(f"  {result.report['options']['quantize']} error vs QLoRA: {totals['error_reduction_mean']:.1%} "
                   "less (mean over weights)" + (f"; LoftQ: {loftq:.1%} less" if loftq is not None else ""))
+        for item in result.report.get("left_out", []):
+            print(f"  left out: {item['name']}: {item['why']}")
+        if result.report.get("rank_limited"):
+            print(f"  rank below r (the weight is smaller): {', '.join(result.report['rank_limited'])}")
         if "quantizer" in result.report:
             print(f"  quantizer: {result.report['quantizer']['reason']}")
         stored = result.report.get("stored_quantized")

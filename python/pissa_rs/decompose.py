@@ -880,6 +880,9 @@ def _report(path, out, plan: Plan, options, records, copied, total_bytes, second
         "init_lora_weights": options.init_lora_weights,
         "svd_rank": options.svd_rank,  # larger than r when several ranks shared one SVD
         "options": opts,
+        # what target_modules picked (PEFT's expansion included) that was not decomposed, and why
+        "left_out": [{"name": name, "why": why} for name, why in plan.left_out],
+        "rank_limited": list(plan.rank_limited),  # decomposed at their smaller dimension, below r
         **({"quantizer": options.quantization.choice(options.device).as_record()} if options.quantize else {}),
         **({"stored_quantized": {w.tensor: w.as_record() for w in plan.stored_quantized}}
            if options.save_quantized else {}),

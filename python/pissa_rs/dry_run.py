@@ -28,6 +28,8 @@ class DecompositionPlan:
     free_bytes: int  # on out's filesystem
     estimated_seconds: float  # torch work only, from a throughput probe on the device
     stored_quantized: list[str] = field(default_factory=list)  # save_quantized: weights stored pre-quantized
+    left_out: list[tuple[str, str]] = field(default_factory=list)  # picked but not decomposed, and why
+    rank_limited: list[str] = field(default_factory=list)  # modules at their smaller dimension, below r
 
     @property
     def fits_on_disk(self) -> bool:
@@ -53,6 +55,10 @@ class DecompositionPlan:
         for t in self.targets:
             lines.append(f"  {t.tensor:<{width}}  {t.dtype:<5} {str(list(t.shape)):<14} r={t.r} alpha={t.lora_alpha:g}"
                          f"{' (Conv1D)' if t.fan_in_fan_out else ''}")
+        for t in self.targets:
+            if t.module in self.rank_limited:
+                lines.append(f"  rank {t.r} for {t.module}: its smaller dimension is below r")
+        lines += [f"left out: {name}: {why}" for name, why in self.left_out]
         if self.stored_quantized:
             lines.append(f"{len(self.stored_quantized)} weights stored pre-quantized as {self.options.quantize} "
                          "(bitsandbytes' serialized format; the targets' residuals among them)")
@@ -133,4 +139,5 @@ def plan_decomposition(path: Path, opts: DecomposeOptions, out: Path | None) -> 
         input=path, outs=outs, options=opts, targets=found.targets, passthrough=passthrough,
         input_bytes=sum(i.nbytes for i in checkpoint.tensors), residual_bytes=residual, adapter_bytes=adapter,
         free_bytes=free_bytes(outs[0]), estimated_seconds=seconds, stored_quantized=stored,
+        left_out=found.left_out, rank_limited=found.rank_limited,
     )

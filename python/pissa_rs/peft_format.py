@@ -89,9 +89,14 @@ def adapter_targets(adapter_dir: Path, adapter: Checkpoint, residual: Checkpoint
     weight shapes where the residual stores a weight in another form (pre-quantized)."""
     config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+    # A decomposition's report knows each module's tensor (names on disk can differ from the model's).
+    report = Path(residual_dir) / "pissa_report.json"
+    recorded = ({t["module"]: t["tensor"] for t in json.loads(report.read_text()).get("tensors", [])}
+                if report.is_file() else {})
     targets = []
     for module, (a_key, b_key) in adapter_modules(adapter, adapter_dir / ADAPTER_WEIGHTS).items():
-        tensor = residual_weight_name(residual, module)
+        tensor = recorded.get(module.removeprefix("base_model.model."))
+        tensor = tensor if tensor in residual else residual_weight_name(residual, module)
         if tensor is None:
             raise AdapterMismatchError(f"{adapter_dir}: module '{module}' has no weight in {residual_dir}")
         a_shape, b_shape = adapter.info(a_key).shape, adapter.info(b_key).shape

@@ -12,6 +12,7 @@ from typing import Any
 
 from ._pissa_rs import Checkpoint
 from .bnb_format import StoredQuantized, quantization_config
+from .noise import quiet_library_noise
 from .peft_format import adapter_config, adapter_config_json
 from .quant import Quantization, QuantizerChoice
 from .targets import Target, TargetError, bnb_quantized_weights, resolve_targets
@@ -34,6 +35,8 @@ class Plan:
     # QPiSSA: bitsandbytes or the reference on this device type, checked here (where
     # transformers and PEFT import bitsandbytes anyway) so the decomposing process need not
     quantizer: QuantizerChoice | None = None
+    left_out: list[tuple[str, str]] = field(default_factory=list)  # (module or parameter, why not decomposed)
+    rank_limited: list[str] = field(default_factory=list)  # modules decomposed at their smaller dimension < r
 
     def stored_parts(self, quant: Quantization | None) -> dict[str, list[tuple[str, str, list[int]]]]:
         """Original tensor name -> the (name, dtype, shape) of the tensors it is stored as, where not itself."""
@@ -70,15 +73,33 @@ def make_plan(path: Path, options: list[dict], outs: list[Path]) -> list[Plan]:
             alpha_pattern=opts["alpha_pattern"], use_rslora=opts["use_rslora"], config_dir=config_dir,
         )
         config = adapter_config(
-            r=opts["r"], lora_alpha=opts["lora_alpha"], target_modules=opts["target_modules"],
-            exclude_modules=opts["exclude_modules"], rank_pattern=opts["rank_pattern"],
+            r=opts["r"], lora_alpha=opts["lora_alpha"], **concrete_targets(found, opts),
             alpha_pattern=opts["alpha_pattern"], use_rslora=opts["use_rslora"],
             fan_in_fan_out=any(t.fan_in_fan_out for t in found.targets), task_type=found.task_type,
             base_model_name_or_path=str(out.resolve()),
         )
         plans.append(Plan(found.targets, found.task_type, found.architecture, adapter_config_json(config), stored,
-                          quant_config, quantizer))
+                          quant_config, quantizer, found.left_out, found.rank_limited))
     return plans
+
+
+def concrete_targets(found, opts: dict) -> dict:
+    """target_modules, exclude_modules and rank_pattern for adapter_config.json, as PEFT's
+    own save_pretrained writes them after get_peft_model: the modules decomposed, not the
+    expression that picked them (PEFT would expand "all-linear" again on load, maybe to
+    more), condensed to the shortest suffixes that pick exactly them (PEFT's own
+    _find_minimal_target_modules); a weight smaller than r gets its rank in rank_pattern."""
+    rank_pattern = {t.module: t.r for t in found.targets if t.module in found.rank_limited}
+    rank_pattern.update(opts["rank_pattern"] or {})  # ours first: PEFT takes the first pattern that matches
+    if found.architecture is None:  # a bare file: no model to expand against, the user's own words
+        return {"target_modules": opts["target_modules"], "exclude_modules": opts["exclude_modules"],
+                "rank_pattern": rank_pattern}
+    with quiet_library_noise():
+        from peft.tuners.tuners_utils import _find_minimal_target_modules
+
+    modules = sorted(t.module for t in found.targets)
+    return {"target_modules": sorted(_find_minimal_target_modules(modules, found.other_modules)),
+            "exclude_modules": None, "rank_pattern": rank_pattern}
 
 
 def make_plan_in_child(path: Path, options: list[dict], outs: list[Path]) -> list[Plan]:

@@ -3,8 +3,7 @@ applied to a model built on the meta device from config.json (no weights)."""
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -12,6 +11,7 @@ import torch
 from ._pissa_rs import Checkpoint, PissaError
 from .bnb_format import StoredQuantized
 from .peft_format import module_scaling
+from .mapping import meta_model, model_mapping
 from .noise import quiet_library_noise
 
 # PEFT and transformers are imported inside the functions that use them: a
@@ -40,6 +40,9 @@ class TargetPlan:
     targets: list[Target]
     task_type: str | None  # "CAUSAL_LM" when the model is a causal LM
     architecture: str | None
+    left_out: list[tuple[str, str]] = field(default_factory=list)  # (module or parameter, why not decomposed)
+    rank_limited: list[str] = field(default_factory=list)  # modules whose smaller dimension is below r
+    other_modules: list[str] = field(default_factory=list)  # every module of the model that is no target
 
 
 def lora_config_for(r, lora_alpha, target_modules, exclude_modules, rank_pattern, alpha_pattern, use_rslora):
@@ -52,35 +55,27 @@ def lora_config_for(r, lora_alpha, target_modules, exclude_modules, rank_pattern
     )
 
 
-def _meta_model(config_dir: Path):
-    """The model as transformers would build it, on the meta device: names and
-    module types, no memory. Returns (model, task_type). Cached while
-    config.json is unchanged: a several-rank plan builds it once."""
-    return _meta_model_cached(str(config_dir), (Path(config_dir) / "config.json").stat().st_mtime_ns)
+def _names_modules(target_modules) -> bool:
+    """Whether target_modules names modules itself (a list or regex), rather than "all-linear"."""
+    return not (isinstance(target_modules, str) and target_modules.lower() == "all-linear")
 
 
-@functools.lru_cache(maxsize=4)
-def _meta_model_cached(config_dir: str, _mtime_ns: int):
+def _peft_target_parameters(lora_config, model) -> list[str]:
+    """The parameters PEFT's own expansion of this config targets through target_parameters
+    (fused MoE experts, routers that are not Linear layers), by full name."""
+    import copy
+
     with quiet_library_noise():
-        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+        from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
 
-    config = AutoConfig.from_pretrained(config_dir)
-    with torch.device("meta"):
-        try:
-            return AutoModelForCausalLM.from_config(config), "CAUSAL_LM"
-        except ValueError:
-            return AutoModel.from_config(config), None
-
-
-def _tensor_for_module(checkpoint: Checkpoint, module: str, prefix: str) -> str | None:
-    """The checkpoint name of a module's weight; checkpoints saved from the
-    base model lack the head model's prefix ("transformer." for GPT-2)."""
-    candidates = [f"{module}.weight"]
-    if prefix and module.startswith(prefix + "."):
-        candidates.append(f"{module[len(prefix) + 1:]}.weight")
-    elif prefix:
-        candidates.append(f"{prefix}.{module}.weight")
-    return next((c for c in candidates if c in checkpoint), None)
+    config = copy.deepcopy(lora_config)
+    try:
+        convert_peft_config_for_transformers(config, model, None)
+    except ValueError:
+        return []
+    wanted = set(getattr(config, "target_parameters", None) or [])
+    return [name for name, _ in model.named_parameters()
+            if any(name == w or name.endswith("." + w) for w in wanted)]
 
 
 def resolve_targets(
@@ -95,7 +90,9 @@ def resolve_targets(
     use_rslora: bool = False,
     config_dir: str | Path | None = None,
 ) -> TargetPlan:
-    """The weights to decompose, each with its rank and alpha, as PEFT would pick them."""
+    """The weights to decompose, each with its rank and alpha, as PEFT would pick them
+    on the model config.json names; what PEFT would pick but cannot be decomposed here
+    (or is not in the checkpoint) is listed in `left_out`, never dropped in silence."""
     with quiet_library_noise():
         from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
 
@@ -105,32 +102,46 @@ def resolve_targets(
     if isinstance(target_modules, (list, tuple, set)):
         target_modules = sorted(target_modules)
     lora_config = lora_config_for(r, lora_alpha, target_modules, exclude_modules, rank_pattern, alpha_pattern, use_rslora)
+    as_given = lora_config_for(r, lora_alpha, target_modules, exclude_modules, rank_pattern, alpha_pattern, use_rslora)
     config_path = Path(config_dir) / "config.json" if config_dir else None
+    named = _names_modules(target_modules)
 
     found: list[tuple[str, str, bool]] = []  # (module, tensor, fan_in_fan_out)
+    left_out: list[tuple[str, str]] = []  # (module or parameter, why)
     task_type = architecture = None
+    other_modules: list[str] = []
     if config_path is not None and config_path.is_file():
         with quiet_library_noise():
             from transformers.pytorch_utils import Conv1D
 
-        model, task_type = _meta_model(config_path.parent)
-        architecture = type(model).__name__
+        model, mapping = model_mapping(checkpoint, config_path.parent)
+        task_type, architecture = mapping.task_type, mapping.architecture
         lora_config = _maybe_include_all_linear_layers(lora_config, model)
-        prefix = getattr(model, "base_model_prefix", "")
         for name, module in model.named_modules():
             if not name or not check_target_module_exists(lora_config, name):
+                if name:
+                    other_modules.append(name)
                 continue
             if not isinstance(module, (torch.nn.Linear, Conv1D)):
-                raise TargetError(
-                    f"{where}: target module '{name}' is a {type(module).__name__}, not a Linear or Conv1D layer; "
-                    "PiSSA decomposes linear weights only"
-                )
-            tensor = _tensor_for_module(checkpoint, name, prefix)
+                if not hasattr(module, "weight") or isinstance(module, torch.nn.ModuleList):
+                    other_modules.append(name)
+                    continue  # a container whose name matches (e.g. "mlp"): PEFT skips it too
+                left_out.append((name, f"a {type(module).__name__}, not a Linear or Conv1D layer"))
+                other_modules.append(name)
+                continue
+            tensor = mapping.module_weight(name)
             if tensor is None:
-                raise TargetError(f"{where}: target module '{name}' has no weight tensor '{name}.weight' in the checkpoint")
+                if named:
+                    raise TargetError(f"{where}: target module '{name}' has no weight tensor in the checkpoint "
+                                      f"(its parameter {name}.weight is not among the checkpoint's tensors)")
+                left_out.append((name, "its weight is not in the checkpoint (saved from another model class?)"))
+                other_modules.append(name)
+                continue
             found.append((name, tensor, isinstance(module, Conv1D)))
+        left_out += [(p, "a parameter PEFT targets through target_parameters (MoE experts, routers); "
+                         "not decomposed yet") for p in _peft_target_parameters(as_given, model)]
     else:
-        if isinstance(target_modules, str) and target_modules.lower() == "all-linear":
+        if not named:
             raise TargetError(
                 f"{where}: target_modules='all-linear' needs the model's config.json to tell linear layers "
                 "from others; pass explicit target_modules (e.g. ['q_proj', 'v_proj']) or config_dir"
@@ -140,9 +151,11 @@ def resolve_targets(
                 found.append((info.name[: -len(".weight")], info.name, False))
 
     if not found:
-        raise TargetError(f"{where}: target_modules={target_modules!r} matched no module")
+        raise TargetError(f"{where}: target_modules={target_modules!r} matched no module"
+                          + (f" with a weight to decompose (left out: {left_out[0][0]}: {left_out[0][1]})"
+                             if left_out else ""))
 
-    targets = []
+    targets, rank_limited = [], []
     for module, tensor, fan_in_fan_out in found:
         info = checkpoint.info(tensor)
         if len(info.shape) != 2 or info.dtype not in DECOMPOSABLE_DTYPES:
@@ -153,13 +166,13 @@ def resolve_targets(
         rank, alpha, _ = module_scaling(module, r, lora_alpha, lora_config.rank_pattern, lora_config.alpha_pattern,
                                         use_rslora)
         limit = min(info.shape)
-        if not 1 <= rank <= limit:
-            raise TargetError(
-                f"{info.file}: tensor '{tensor}' of shape {list(info.shape)} cannot take rank {rank}: "
-                f"r must be in [1, {limit}]"
-            )
+        if rank > limit:  # a weight smaller than r: its whole spectrum, at rank = its smaller dimension
+            rank_limited.append(module)
+            rank = limit
+        if rank < 1:
+            raise TargetError(f"{info.file}: tensor '{tensor}' of shape {list(info.shape)} cannot take rank {rank}")
         targets.append(Target(module, tensor, tuple(info.shape), info.dtype, fan_in_fan_out, rank, alpha))
-    return TargetPlan(targets, task_type, architecture)
+    return TargetPlan(targets, task_type, architecture, left_out, rank_limited, other_modules)
 
 
 def bnb_quantized_weights(checkpoint: Checkpoint, config_dir: str | Path) -> list[StoredQuantized]:
@@ -172,14 +185,13 @@ def bnb_quantized_weights(checkpoint: Checkpoint, config_dir: str | Path) -> lis
         from transformers.quantizers.base import HfQuantizer
         from transformers.quantizers.quantizers_utils import should_convert_module
 
-    model, _ = _meta_model(Path(config_dir))
+    model, mapping = model_mapping(checkpoint, config_dir)
     keep = HfQuantizer.get_modules_to_not_convert(model, None, getattr(model, "_keep_in_fp32_modules", None))
-    prefix = getattr(model, "base_model_prefix", "")
     found = []
     for name, module in model.named_modules():
         if not (isinstance(module, Conv1D) or type(module) is torch.nn.Linear) or not should_convert_module(name, keep):
             continue
-        tensor = _tensor_for_module(checkpoint, name, prefix)
+        tensor = mapping.module_weight(name)
         if tensor is None:
             continue  # not in this checkpoint: transformers has nothing to quantize there either
         info = checkpoint.info(tensor)
@@ -207,7 +219,7 @@ def target_choices(config_dir: str | Path) -> TargetChoices:
         from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
         from transformers.pytorch_utils import Conv1D
 
-    model, _ = _meta_model(Path(config_dir))
+    model, _ = meta_model(config_dir)
     linear = [name for name, m in model.named_modules() if name and isinstance(m, (torch.nn.Linear, Conv1D))]
     expanded = _maybe_include_all_linear_layers(lora_config_for(8, 8, "all-linear", None, None, None, False), model)
     all_linear = sorted(expanded.target_modules, key=linear.index)
