@@ -182,3 +182,27 @@ def test_a_weight_smaller_than_r_gets_its_own_rank(tmp_path):
                                       subfolder="pissa_init")
     assert model.base_model.model.model.layers[0].self_attn.k_proj.lora_A["default"].weight.shape == (16, 64)
     assert pissa_rs.verify(res.out, against=tmp_path / "src").ok
+
+
+def test_a_model_with_a_head_saved_under_its_base_models_config(tmp_path):
+    """The other way round: a BertForMaskedLM checkpoint ("bert." prefix, "cls." head) whose
+    config names BertModel. transformers drops the prefix at load; so does the mapping, and
+    the head's tensors pass through untouched."""
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=96, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=96, architectures=["BertModel"])
+    transformers.BertForMaskedLM(config).save_pretrained(tmp_path / "src")
+    saved = json.loads((tmp_path / "src" / "config.json").read_text())
+    (tmp_path / "src" / "config.json").write_text(json.dumps({**saved, "architectures": ["BertModel"]}))
+    res = pissa_rs.decompose_checkpoint(tmp_path / "src", r=R, niter=0, out=tmp_path / "o", progress=False)
+    assert all(t["tensor"].startswith("bert.") and not t["module"].startswith("bert.") for t in res.report["tensors"])
+    assert len(res.report["tensors"]) == 6 and pissa_rs.verify(res.out, against=tmp_path / "src").ok
+    # BertForMaskedLM has no pooler: BertModel's pooler.dense is named, not silently skipped.
+    assert [item["name"] for item in res.report["left_out"]] == ["pooler.dense"]
+    ids = torch.randint(0, 90, (1, 8), generator=torch.Generator().manual_seed(0))
+    expected = outputs(transformers.BertModel.from_pretrained(tmp_path / "src").eval(), ids)
+    loaded = PeftModel.from_pretrained(transformers.BertModel.from_pretrained(res.out).eval(), res.out,
+                                       subfolder="pissa_init")
+    assert torch.allclose(outputs(loaded, ids), expected, atol=1e-4)

@@ -77,7 +77,8 @@ def test_output_layout(llama, llama_out):
 
     config = LoraConfig.from_pretrained(out / "pissa_init")
     assert (config.r, config.lora_alpha, config.init_lora_weights, config.lora_dropout) == (8, 8, True, 0.0)
-    assert config.target_modules == "all-linear" and config.task_type == "CAUSAL_LM"
+    assert config.task_type == "CAUSAL_LM"
+    assert config.target_modules == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert config.base_model_name_or_path == str(out.resolve())
 
 
@@ -168,7 +169,9 @@ def test_exact_mode_matches_peft_pissa(llama, tmp_path):
     # PEFT expanded "all-linear" in place into the modules it adapted: the same as ours.
     assert config.target_modules == {t["module"] for t in res.report["tensors"]} and compared == 14
     loaded = LoraConfig.from_pretrained(res.adapter)
-    assert (loaded.r, loaded.lora_alpha, loaded.target_modules) == (8, 16, "all-linear")
+    # Ours holds the modules decomposed, condensed to suffixes that pick exactly them (PEFT's own condensing).
+    assert (loaded.r, loaded.lora_alpha) == (8, 16)
+    assert loaded.target_modules == {m.rsplit(".", 1)[-1] for m in config.target_modules}
     assert res.report["init_lora_weights"] == "pissa"
 
 

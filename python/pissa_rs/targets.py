@@ -123,12 +123,10 @@ def resolve_targets(
                     other_modules.append(name)
                 continue
             if not isinstance(module, (torch.nn.Linear, Conv1D)):
-                if not hasattr(module, "weight") or isinstance(module, torch.nn.ModuleList):
-                    other_modules.append(name)
-                    continue  # a container whose name matches (e.g. "mlp"): PEFT skips it too
-                left_out.append((name, f"a {type(module).__name__}, not a Linear or Conv1D layer"))
-                other_modules.append(name)
-                continue
+                raise TargetError(
+                    f"{where}: target module '{name}' is a {type(module).__name__}, not a Linear or Conv1D layer; "
+                    "PiSSA decomposes linear weights only"
+                )
             tensor = mapping.module_weight(name)
             if tensor is None:
                 if named:
@@ -155,7 +153,7 @@ def resolve_targets(
                           + (f" with a weight to decompose (left out: {left_out[0][0]}: {left_out[0][1]})"
                              if left_out else ""))
 
-    targets, rank_limited = [], []
+    targets, rank_limited, refused = [], [], None
     for module, tensor, fan_in_fan_out in found:
         info = checkpoint.info(tensor)
         if len(info.shape) != 2 or info.dtype not in DECOMPOSABLE_DTYPES:
@@ -166,12 +164,15 @@ def resolve_targets(
         rank, alpha, _ = module_scaling(module, r, lora_alpha, lora_config.rank_pattern, lora_config.alpha_pattern,
                                         use_rslora)
         limit = min(info.shape)
+        if not 1 <= rank <= limit:
+            refused = refused or (f"{info.file}: tensor '{tensor}' of shape {list(info.shape)} cannot take rank {rank}: "
+                                  f"r must be in [1, {limit}]")
         if rank > limit:  # a weight smaller than r: its whole spectrum, at rank = its smaller dimension
             rank_limited.append(module)
             rank = limit
-        if rank < 1:
-            raise TargetError(f"{info.file}: tensor '{tensor}' of shape {list(info.shape)} cannot take rank {rank}")
         targets.append(Target(module, tensor, tuple(info.shape), info.dtype, fan_in_fan_out, rank, alpha))
+    if refused and (len(rank_limited) == len(targets) or any(t.r < 1 for t in targets)):
+        raise TargetError(f"{refused}; no target can take that rank")  # a mistake, not a few small weights
     return TargetPlan(targets, task_type, architecture, left_out, rank_limited, other_modules)
 
 
