@@ -57,6 +57,10 @@ FAMILIES = {
     "llava-language": (transformers.LlavaForConditionalGeneration, llava_config, LANGUAGE),
     "mixtral": (transformers.MixtralForCausalLM,
                 lambda: transformers.MixtralConfig(**text(num_local_experts=4, num_experts_per_tok=2)), "all-linear"),
+    "qwen2-moe": (transformers.Qwen2MoeForCausalLM,  # shared_expert_gate is 1 x hidden: rank 1, not r
+                  lambda: transformers.Qwen2MoeConfig(**text(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                                                             shared_expert_intermediate_size=96)),
+                  "all-linear"),
     "qwen3-moe": (transformers.Qwen3MoeForCausalLM,
                   lambda: transformers.Qwen3MoeConfig(**text(num_experts=4, num_experts_per_tok=2,
                                                              moe_intermediate_size=48, head_dim=16)),
@@ -100,6 +104,8 @@ def test_family_as_transformers_saves_it(family, tmp_path, caplog):
     adapter = load_file(res.adapter / "adapter_model.safetensors")
     ours = {k.removeprefix("base_model.model.").removesuffix(".lora_A.weight") for k in adapter if ".lora_A." in k}
     assert ours and {t["module"] for t in res.report["tensors"]} == ours
+    if family == "qwen2-moe":
+        assert sorted(res.report["rank_limited"]) == [f"model.layers.{i}.mlp.shared_expert_gate" for i in range(2)]
 
     # PEFT's own expansion of the same target_modules on the real model: the same Linear layers.
     original = cls.from_pretrained(src, dtype=torch.float32).eval()

@@ -96,7 +96,7 @@ def adapter_targets(adapter_dir: Path, adapter: Checkpoint, residual: Checkpoint
     targets = []
     for module, (a_key, b_key) in adapter_modules(adapter, adapter_dir / ADAPTER_WEIGHTS).items():
         tensor = recorded.get(module.removeprefix("base_model.model."))
-        tensor = tensor if tensor in residual else residual_weight_name(residual, module)
+        tensor = tensor if tensor is not None and tensor in residual else residual_weight_name(residual, module)
         if tensor is None:
             raise AdapterMismatchError(f"{adapter_dir}: module '{module}' has no weight in {residual_dir}")
         a_shape, b_shape = adapter.info(a_key).shape, adapter.info(b_key).shape
@@ -164,7 +164,13 @@ def adapter_config(
 
 
 def adapter_config_json(config) -> str:
-    """adapter_config.json's text, as PEFT's own serializer writes it."""
+    """adapter_config.json's text, as PEFT's own serializer writes it (indent 2, sorted
+    keys), but with its sets (target_modules) sorted: PEFT writes them in set order,
+    which changes from process to process, and the same run must give the same bytes."""
     with tempfile.TemporaryDirectory() as tmp:
         config.save_pretrained(tmp)
-        return (Path(tmp) / ADAPTER_CONFIG).read_text()
+        data = json.loads((Path(tmp) / ADAPTER_CONFIG).read_text())
+    for key, value in data.items():
+        if isinstance(getattr(config, key, None), set):
+            data[key] = sorted(value)
+    return json.dumps(data, indent=2, sort_keys=True)
