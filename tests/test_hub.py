@@ -99,9 +99,9 @@ def test_a_local_path_wins_over_an_id(tiny, offline, tmp_path):
 def test_ids_that_give_no_checkpoint_say_which_repo_and_revision(tiny, offline):
     with pytest.raises(HubError, match="org/tiny@v9.*cannot get the model"):
         resolve_model("org/tiny", revision="v9")
-    with pytest.raises(HubError, match="org/missing"):
+    with pytest.raises(HubError, match="org/missing@main"):
         resolve_model("org/missing")
-    with pytest.raises(HubError, match="org/only-bin: has no safetensors"):
+    with pytest.raises(HubError, match="org/only-bin@main: has no safetensors"):
         resolve_model("org/only-bin")
     with pytest.raises(FileNotFoundError, match="not a Hugging Face model ID"):
         resolve_model("no/such/path/x")

@@ -51,7 +51,7 @@ def resolve_model(path: str | os.PathLike[str], revision: str | None = None) -> 
         raise FileNotFoundError(f"{text}: no such file or directory, and not a Hugging Face model ID")
     from huggingface_hub import snapshot_download
 
-    where = f"{text}{'@' + revision if revision else ''}"
+    where = f"{text}@{revision or 'main'}"
     try:
         folder = Path(snapshot_download(text, revision=revision, allow_patterns=[INDEX, *SMALL_FILES]))
         if (folder / INDEX).is_file():

@@ -71,7 +71,7 @@ def _peft_target_parameters(lora_config, model) -> list[str]:
     config = copy.deepcopy(lora_config)
     try:
         convert_peft_config_for_transformers(config, model, None)
-    except ValueError:
+    except ValueError:  # PEFT refuses half of a fused pair: nothing PEFT could target to list here
         return []
     wanted = set(getattr(config, "target_parameters", None) or [])
     return [name for name, _ in model.named_parameters()
