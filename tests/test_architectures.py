@@ -212,3 +212,11 @@ def test_a_model_with_a_head_saved_under_its_base_models_config(tmp_path):
     loaded = PeftModel.from_pretrained(transformers.BertModel.from_pretrained(res.out).eval(), res.out,
                                        subfolder="pissa_init")
     assert torch.allclose(outputs(loaded, ids), expected, atol=1e-4)
+
+
+def test_load_for_training_builds_the_class_config_json_names(tmp_path):
+    save("bert-base", tmp_path / "src")
+    res = pissa_rs.decompose_checkpoint(tmp_path / "src", r=R, out=tmp_path / "o", progress=False)
+    model = pissa_rs.load_for_training(res.out, compute_dtype=torch.float32)
+    assert type(model.get_base_model()).__name__ == "BertModel"
+    assert lora_modules(model) == {t["module"] for t in res.report["tensors"]}

@@ -21,7 +21,7 @@ from ._pissa_rs import Checkpoint
 from .noise import quiet_library_noise
 
 
-def _model_class(config):
+def model_class_for(config):
     """The class config.json names, if transformers has it; else None."""
     import transformers
 
@@ -59,7 +59,7 @@ def _meta_model_cached(config_dir: str, _mtime_ns: int):
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(config_dir)
-    cls = _model_class(config)
+    cls = model_class_for(config)
     with torch.device("meta"):
         if cls is not None:
             model = cls._from_config(config)

@@ -10,6 +10,7 @@ import torch
 
 from ._pissa_rs import Checkpoint
 from .decompose import ADAPTER_SUBDIR, made_for_double_quant, stored_quantized
+from .mapping import model_class_for
 from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterMismatchError, adapter_targets
 from .noise import quiet_library_noise
 
@@ -61,7 +62,9 @@ def load_for_training(out: str | os.PathLike[str], quantize: str | None = None, 
             bnb_4bit_use_double_quant=made_for_double_quant(out, quantize))
     elif quantize == "int8":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-    model = AutoModelForCausalLM.from_pretrained(out, device_map=device_map, dtype="auto", **kwargs)
+    # The class config.json names (a BertModel, a LLaVA...), as decomposition built it.
+    model_class = model_class_for(AutoConfig.from_pretrained(out)) or AutoModelForCausalLM
+    model = model_class.from_pretrained(out, device_map=device_map, dtype="auto", **kwargs)
     if quantize:
         model = prepare_model_for_kbit_training(model)
     return PeftModel.from_pretrained(model, out, subfolder=ADAPTER_SUBDIR, is_trainable=True)
