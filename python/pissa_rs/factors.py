@@ -129,6 +129,7 @@ def factors_at_ranks(
 
     flat = w.reshape(-1)
     total = torch.dot(flat, flat).item()
+    del flat
     if niter == 0:
         U, S, Vh = torch.linalg.svd(w, full_matrices=False)
         U, S, Vh = U[:, :q], S[:q], Vh[:q]
@@ -141,29 +142,42 @@ def factors_at_ranks(
                 (torch.cuda.default_generators[w.device.index] if cuda else torch.default_generator).manual_seed(seed)
             U, S, V = torch.svd_lowrank(w, q=q, niter=niter)
         Vh = V.T
+    # The float32 copy is not needed past the SVD: the residual upcasts the weight a block at a time.
+    del w
+    oriented = weight.T if fan_in_fan_out else weight
     return [
-        _factors_from_triplets(weight.dtype, w, U[:, :r], S[:r], Vh[:r], scale, adapter_dtype, fan_in_fan_out, total)
+        _factors_from_triplets(oriented, U[:, :r], S[:r], Vh[:r], scale, adapter_dtype, fan_in_fan_out, total)
         for r, scale in ranks
     ]
 
 
-def _factors_from_triplets(dtype, w, U, S, Vh, scale, adapter_dtype, fan_in_fan_out, total) -> Factors:
+# Rows of the residual computed at a time (about 16 MiB of float32 each): a weight costs
+# its float32 delta and its residual, not several float32 copies of itself.
+BLOCK_ELEMENTS = 1 << 22
+
+
+def _factors_from_triplets(oriented, U, S, Vh, scale, adapter_dtype, fan_in_fan_out, total) -> Factors:
+    """`oriented`: the weight (out x in, a view of the stored tensor) in its own dtype."""
+    dtype = oriented.dtype
     sqrt_s = torch.sqrt(S / scale)
     lora_A = (sqrt_s[:, None] * Vh).to(adapter_dtype)
     lora_B = (U * sqrt_s[None, :]).to(adapter_dtype)
 
-    # PEFT's expression, in float32 from the factors as stored.
+    # PEFT's expression, in float32 from the factors as stored, as one product (row blocks
+    # of a product need not round as the whole product does).
     delta = (scale * lora_B.to(torch.float32)) @ lora_A.to(torch.float32)
-    # Rounded once to the weight's dtype, so residual + delta is within half
-    # an ulp of the residual's dtype of W.
-    residual, difference = round_difference(w, delta, dtype)
+    # Rounded once to the weight's dtype, so residual + delta is within half an ulp of the
+    # residual's dtype of W; a block of rows at a time.
+    residual = torch.empty(delta.shape, dtype=dtype, device=delta.device)
+    max_abs_error = 0.0  # float32: the difference is the residual, no cast
+    step = max(1, BLOCK_ELEMENTS // max(delta.shape[1], 1))
+    for start in range(0, delta.shape[0], step):
+        rows = slice(start, start + step)
+        block, difference = round_difference(oriented[rows].to(torch.float32), delta[rows], dtype)
+        residual[rows] = block
+        if dtype != torch.float32 and block.numel():  # the cast's error |residual - (W - s*B@A)|
+            max_abs_error = max(max_abs_error, block.to(torch.float32).sub_(difference).abs_().max().item())
     del delta
-    if dtype == torch.float32 or residual.numel() == 0:
-        max_abs_error = 0.0  # the float32 difference is the residual: no cast
-    else:
-        # The cast's error |residual - (W - s*B@A)|, in place to hold one temporary.
-        max_abs_error = residual.to(torch.float32).sub_(difference).abs_().max().item()
-    del difference
     energy_kept = (S.double().square().sum().item() / total) if total > 0 else 1.0
     if fan_in_fan_out:
         residual = residual.T
