@@ -1,6 +1,7 @@
 """Benchmark: pissa_rs vs PEFT's in-memory way vs the compute floor, on TinyLlama-1.1B shapes.
 
-    python benches/bench_decompose.py [--workdir DIR] [--layers 22] [--smoke] [--json OUT.json]
+    python benches/bench_decompose.py [--workdir DIR] [--layers 22] [--shapes tinyllama|llama3-8b]
+                                      [--smoke] [--json OUT.json]
 
 Builds a synthetic checkpoint with TinyLlama-1.1B shapes (hidden 2048, intermediate
 5632, 22 layers, 32 heads, 4 kv heads, vocab 32000, bf16, 1 GiB shards), then runs,
@@ -15,6 +16,9 @@ each in its own process so that peak RSS (VmHWM, file-backed pages included) is 
              the bf16 residual, which training quantizes at every load
 - nf4_saved: the same with save_quantized=True: the residual written in nf4
              (--methods pissa_rs,nf4,nf4_saved compares bytes written and wall time)
+
+--shapes llama3-8b uses Llama-3-8B's shapes instead (hidden 4096, intermediate 14336,
+32 heads, 8 kv heads, vocab 128256): with --layers 1 and 4, peak RSS per weight size.
 
 --smoke runs the same at a tiny scale (CI uses it to keep the script working; its
 timings mean nothing).
@@ -190,6 +194,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=128)
     ap.add_argument("--niter", type=int, default=4)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script, not the speed")
+    ap.add_argument("--shapes", choices=["tinyllama", "llama3-8b"], default="tinyllama")
     ap.add_argument("--methods", default="pissa_rs,peft,floor")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
@@ -199,6 +204,8 @@ def main() -> None:
         rank, shard_bytes = 8, 200_000
     else:
         dims = dict(hidden=2048, intermediate=5632, heads=32, kv_heads=4, vocab=32000, layers=args.layers)
+        if args.shapes == "llama3-8b":
+            dims = dict(hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=128256, layers=args.layers)
         rank, shard_bytes = args.rank, 1 << 30
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
