@@ -18,7 +18,8 @@ each in its own process so that peak RSS (VmHWM, file-backed pages included) is 
              (--methods pissa_rs,nf4,nf4_saved compares bytes written and wall time)
 
 --shapes llama3-8b uses Llama-3-8B's shapes instead (hidden 4096, intermediate 14336,
-32 heads, 8 kv heads, vocab 128256): with --layers 1 and 4, peak RSS per weight size.
+32 heads, 8 kv heads, vocab 128256): with --layers 1 and 4, peak RSS per weight size;
+--shapes llama3-70b (hidden 8192, intermediate 28672, 64 heads, 8 kv heads) the same at 70B's.
 
 --smoke runs the same at a tiny scale (CI uses it to keep the script working; its
 timings mean nothing).
@@ -194,7 +195,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=128)
     ap.add_argument("--niter", type=int, default=4)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script, not the speed")
-    ap.add_argument("--shapes", choices=["tinyllama", "llama3-8b"], default="tinyllama")
+    ap.add_argument("--shapes", choices=["tinyllama", "llama3-8b", "llama3-70b"], default="tinyllama")
     ap.add_argument("--methods", default="pissa_rs,peft,floor")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
@@ -206,6 +207,8 @@ def main() -> None:
         dims = dict(hidden=2048, intermediate=5632, heads=32, kv_heads=4, vocab=32000, layers=args.layers)
         if args.shapes == "llama3-8b":
             dims = dict(hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=128256, layers=args.layers)
+        elif args.shapes == "llama3-70b":
+            dims = dict(hidden=8192, intermediate=28672, heads=64, kv_heads=8, vocab=128256, layers=args.layers)
         rank, shard_bytes = args.rank, 1 << 30
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
