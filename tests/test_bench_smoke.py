@@ -38,3 +38,21 @@ def test_70b_benchmark_smoke(tmp_path):
     assert report["ratio_to_copy"] == ours["wall_s"] / report["copy_s"]
     assert "| pissa_rs (cpu) |" in proc.stdout
     assert not list(tmp_path.glob("tmp*"))  # its checkpoint, copy and output are gone
+
+
+def test_gpu_node_summary(tmp_path):
+    """gpu/summary.py (the end of gpu/node.sh) reads the 70B benchmark's JSON and pytest's junit XML."""
+    bench = subprocess.run([sys.executable, str(BENCH.parent / "bench_70b.py"), "--smoke", "--workdir", str(tmp_path),
+                            "--json", str(tmp_path / "bench70.json")], capture_output=True, text=True, timeout=600)
+    assert bench.returncode == 0, bench.stderr[-2000:]
+    (tmp_path / "tests.xml").write_text(
+        '<testsuites><testsuite name="pytest" tests="3" failures="1" errors="0" skipped="1">'
+        '<testcase classname="tests.test_x" name="test_ok"/><testcase classname="tests.test_x" name="test_bad">'
+        '<failure message="boom"/></testcase><testcase classname="tests.test_x" name="test_skip"><skipped/></testcase>'
+        '</testsuite></testsuites>')
+    proc = subprocess.run([sys.executable, str(BENCH.parent.parent / "gpu" / "summary.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "tests: FAIL: 1 passed, 1 failed, 0 errors, 1 skipped" in proc.stdout
+    assert "failed: tests.test_x::test_bad" in proc.stdout
+    assert "ratio to copy" in proc.stdout and "peak host RSS" in proc.stdout
