@@ -197,3 +197,16 @@ def test_cli_dry_run_and_an_interrupted_run_resumes_byte_identically(model, tmp_
     assert again.returncode == 0 and "resumed" in again.stdout, again.stderr
     same_output(tmp_path / "o", tmp_path / "ref")
     assert "kernels-community" not in again.stderr  # a library's noise is not shown as ours
+
+
+def test_several_ranks_and_several_devices(model, tmp_path):
+    """One read, one output per rank, each stored quantized; two CPU workers give the bytes of one."""
+    many = pissa_rs.decompose_checkpoint(model, r=[4, 8], out=str(tmp_path / "r{r}"), quantize="nf4", quant_iters=2,
+                                         save_quantized=True, progress=False)
+    assert [len(r.report["stored_quantized"]) for r in many] == [14, 14]
+    assert all(pissa_rs.verify(r.out, against=model).ok for r in many)
+    two = pissa_rs.decompose_checkpoint(model, r=8, out=tmp_path / "two", quantize="nf4", quant_iters=2,
+                                        save_quantized=True, progress=False, devices=["cpu", "cpu"])
+    one = pissa_rs.decompose_checkpoint(model, r=8, out=tmp_path / "one", quantize="nf4", quant_iters=2,
+                                        save_quantized=True, progress=False)
+    same_output(two.out, one.out)
