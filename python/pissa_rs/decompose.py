@@ -594,7 +594,7 @@ def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None
     outs = output_dirs(path, options.ranks, out)
     planner = make_plan_in_child if sum(i.nbytes for i in checkpoint.tensors) > PLAN_IN_CHILD_ABOVE_BYTES else make_plan
     plans = planner(path, [asdict(o) for o in per_rank], outs)
-    if options.quantization is not None:
+    if options.quantization is not None and plans[0].quantizer is not None:
         remember_choice(options.quantization, torch.device(options.device).type, plans[0].quantizer)
     outputs: list[_Output] = []
     try:

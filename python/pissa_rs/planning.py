@@ -57,7 +57,8 @@ def make_plan(path: Path, options: list[dict], outs: list[Path]) -> list[Plan]:
     config_dir = root if is_model_dir(path) and (root / "config.json").is_file() else None
     plans = []
     stored, quant_config, quantizer = [], None, None
-    if options and options[0].get("quantize"):
+    if options and options[0].get("quantize") and options[0]["device"].startswith("cpu"):
+        # (A GPU's check runs in the decomposing process: a forked child must not start CUDA.)
         quant = Quantization(options[0]["quantize"], double_quant=options[0]["double_quant"])
         quantizer = quant.choice(options[0]["device"])
     if options and options[0].get("save_quantized"):
