@@ -147,3 +147,46 @@ def test_the_cli_takes_ids_offline(tiny, tmp_path):
     assert "architecture: LlamaForCausalLM" in cli("inspect", "org/tiny").stdout
     bad = cli("decompose", "org/tiny", "--rank", "4", "--revision", "nope")
     assert bad.returncode == 1 and "org/tiny@nope" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_a_dry_run_of_an_uncached_id_reads_only_headers(tiny, offline, monkeypatch, tmp_path):
+    """Only the small files and the index are in the cache: the plan comes from the shards'
+    headers (huggingface_hub's get_safetensors_metadata, range requests; faked here from the
+    real files), nothing is downloaded, and it is the plan of the whole model."""
+    import struct
+
+    import huggingface_hub
+    from huggingface_hub.utils._safetensors import SafetensorsFileMetadata, SafetensorsRepoMetadata, TensorInfo
+
+    model, cache, _ = tiny
+    small = tmp_path / "small"
+    small.mkdir()
+    for f in model.iterdir():
+        if not f.name.endswith(".safetensors"):
+            shutil.copy(f, small / f.name)
+    cache_model(small, cache, "org/headers-only")
+
+    def headers(repo_id, revision=None, **kwargs):
+        assert repo_id == "org/headers-only"
+        files = {}
+        for f in sorted(model.glob("*.safetensors")):
+            raw = f.read_bytes()
+            header = json.loads(raw[8:8 + struct.unpack("<Q", raw[:8])[0]])
+            meta = header.pop("__metadata__", {})
+            files[f.name] = SafetensorsFileMetadata(metadata=meta, tensors={
+                k: TensorInfo(dtype=v["dtype"], shape=v["shape"], data_offsets=tuple(v["data_offsets"]))
+                for k, v in header.items()})
+        index = json.loads((model / "model.safetensors.index.json").read_text())
+        return SafetensorsRepoMetadata(metadata=index.get("metadata"), sharded=True, weight_map=index["weight_map"],
+                                       files_metadata=files)
+
+    monkeypatch.setattr(huggingface_hub, "get_safetensors_metadata", headers)
+    planned = pissa_rs.plan("org/headers-only", r=4)
+    full = pissa_rs.plan(model, r=4)
+    assert [t.tensor for t in planned.targets] == [t.tensor for t in full.targets]
+    assert (planned.input_bytes, planned.residual_bytes) == (full.input_bytes, full.residual_bytes)
+    assert str(planned.input) == "org/headers-only" and planned.outs == [tmp_path / "headers-only-pissa-r4"]
+    snapshot = cache / "models--org--headers-only" / "snapshots" / COMMIT
+    assert not list(snapshot.glob("*.safetensors"))  # nothing was downloaded
+    with pytest.raises(HubError, match="org/headers-only@main"):  # a real run needs the weights
+        pissa_rs.decompose_checkpoint("org/headers-only", r=4, progress=False)

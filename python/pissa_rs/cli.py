@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from ._pissa_rs import Checkpoint, PissaError
@@ -167,9 +168,9 @@ def _decompose(args) -> int:
         compare_loftq=args.compare_loftq, measure_error=not args.no_measure_error,
         save_quantized=args.save_quantized,
     ).validate()
-    source, out = resolve_source(args.path, args.revision, args.out, options.ranks)
+    source, out = resolve_source(args.path, args.revision, args.out, options.ranks, headers_only=args.dry_run)
     if args.dry_run:
-        plan = plan_decomposition(source, options, out)
+        plan = replace(plan_decomposition(source, options, out), input=Path(args.path))
         print(plan.describe())
         return 0 if plan.fits_on_disk else 1
     results = run_decomposition(source, options, out=out, overwrite=args.overwrite,

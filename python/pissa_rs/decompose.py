@@ -201,12 +201,13 @@ def made_for_double_quant(out: Path, quantize: str | None) -> bool:
     return bool(options.get("double_quant")) and options.get("quantize") == quantize
 
 
-def resolve_source(path: str | os.PathLike[str], revision: str | None, out: Path | None, ranks: list[int]
-                   ) -> tuple[Path, Path | None]:
+def resolve_source(path: str | os.PathLike[str], revision: str | None, out: Path | None, ranks: list[int],
+                   headers_only: bool = False) -> tuple[Path, Path | None]:
     """The checkpoint to read (a local path as it is, or a Hub model ID's snapshot in
-    the Hugging Face cache) and the output directory: for an ID, by default
-    `./<name>-pissa-r<r>` in the current directory."""
-    source = resolve_model(path, revision)
+    the Hugging Face cache; with `headers_only`, for a dry run, stand-ins holding only
+    the shards' headers when the weights are not cached) and the output directory: for
+    an ID, by default `./<name>-pissa-r<r>` in the current directory."""
+    source = resolve_model(path, revision, headers_only=headers_only)
     if out is None and not is_local(path):
         name = model_name(path)
         out = Path.cwd() / (f"{name}-pissa-r{ranks[0]}" if len(ranks) == 1 else f"{name}-pissa-r{{r}}")

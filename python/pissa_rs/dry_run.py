@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -111,8 +111,8 @@ def plan(path: str | os.PathLike[str], r: int | list[int] = 128, *, out: str | o
     targets with shapes and ranks, pass-through tensors, bytes in and out, free disk and
     an estimate of the SVD time on the chosen device. Target mistakes raise here."""
     opts = DecomposeOptions(r=r, **options).validate()
-    source, out = resolve_source(path, revision, Path(out) if out else None, opts.ranks)
-    return plan_decomposition(source, opts, out)
+    source, out = resolve_source(path, revision, Path(out) if out else None, opts.ranks, headers_only=True)
+    return replace(plan_decomposition(source, opts, out), input=Path(path))
 
 
 def plan_decomposition(path: Path, opts: DecomposeOptions, out: Path | None) -> DecompositionPlan:

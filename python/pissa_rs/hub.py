@@ -4,8 +4,12 @@ downloads), fetching only the files a decomposition reads."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
+import struct
+import tempfile
 from pathlib import Path
 
 # What a decomposition reads besides the weights (copied into the output as they are).
@@ -35,13 +39,15 @@ def _looks_like_repo_id(text: str) -> bool:
     return True
 
 
-def resolve_model(path: str | os.PathLike[str], revision: str | None = None) -> Path:
+def resolve_model(path: str | os.PathLike[str], revision: str | None = None, headers_only: bool = False) -> Path:
     """A local file or directory as it is (a path that exists always wins); else a
     Hub model ID (`org/name`), resolved to its snapshot directory in the Hugging Face
     cache: from the cache when offline (HF_HUB_OFFLINE=1) or when the Hub cannot be
     reached, otherwise downloading what is missing. Only the safetensors shards (those
     the index names, or model.safetensors), the index and the small files a
-    decomposition copies are fetched; never .bin/.pth/ONNX duplicates."""
+    decomposition copies are fetched; never .bin/.pth/ONNX duplicates. `headers_only`
+    (a dry run): shards not in the cache are not downloaded; their headers are read
+    from the Hub (HTTP range requests) into sparse stand-ins (see header_only_shards)."""
     if is_local(path):
         if revision is not None:
             raise ValueError(f"{path}: revision applies to Hub model IDs, and this is a local path")
@@ -59,6 +65,8 @@ def resolve_model(path: str | os.PathLike[str], revision: str | None = None) -> 
             weights = shards
         else:
             weights = ["model.safetensors"]
+        if headers_only and not all((folder / w).is_file() for w in weights):
+            return header_only_shards(text, revision, folder)
         if weights:
             folder = Path(snapshot_download(text, revision=revision, allow_patterns=weights))
     except Exception as err:  # huggingface_hub's own errors: not found, gated, offline and not cached
@@ -67,6 +75,32 @@ def resolve_model(path: str | os.PathLike[str], revision: str | None = None) -> 
     if not any(folder.glob("*.safetensors")):
         raise HubError(f"{where}: has no safetensors weights (model.safetensors or {INDEX}); pissa_rs reads "
                        "safetensors only (convert .bin checkpoints with transformers' save_pretrained)")
+    return folder
+
+
+def header_only_shards(repo_id: str, revision: str | None, small_files: Path) -> Path:
+    """A temporary directory standing for a model whose weights are not downloaded: its
+    small files and index (real), and each shard as a sparse file holding the real
+    header and no data, at the real size. Enough to plan a run (names, dtypes, shapes,
+    bytes), never to run one. Removed when the process exits."""
+    from huggingface_hub import get_safetensors_metadata
+
+    metadata = get_safetensors_metadata(repo_id, revision=revision)
+    folder = Path(tempfile.mkdtemp(prefix="pissa-rs-headers-"))
+    atexit.register(shutil.rmtree, folder, True)
+    for entry in small_files.iterdir():
+        if entry.is_file():
+            shutil.copyfile(entry, folder / entry.name)
+    for name, shard in metadata.files_metadata.items():
+        header: dict = {"__metadata__": shard.metadata} if shard.metadata else {}
+        header.update({t: {"dtype": i.dtype, "shape": list(i.shape), "data_offsets": list(i.data_offsets)}
+                       for t, i in shard.tensors.items()})
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # safetensors aligns the data to 8 bytes
+        data = max((i.data_offsets[1] for i in shard.tensors.values()), default=0)
+        with open(folder / name, "wb") as f:
+            f.write(struct.pack("<Q", len(encoded)) + encoded)
+            f.truncate(8 + len(encoded) + data)  # a hole: no disk space, no download
     return folder
 
 
