@@ -202,8 +202,8 @@ def test_several_gpus_give_the_bytes_of_one(model, tmp_path):
 
 
 def test_seeded_svds_in_concurrent_threads_match_sequential_ones():
-    """svd_lowrank draws from the global generator: without a lock, threads
-    seeding and drawing at once would get each other's random matrices."""
+    """Each SVD draws its start from a generator of its own (torch.svd_lowrank's global
+    one, seeded and drawn by threads at once, once gave threads each other's matrices)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from pissa_rs.factors import factors_at_ranks

@@ -1,17 +1,18 @@
 """The PiSSA math of DESIGN.md, in pure torch: no I/O, so it is easy to test.
 
 Matches PEFT's LoraLayer.pissa_init: "pissa" (exact SVD) when niter == 0,
-"pissa_niter_K" (torch.svd_lowrank with K subspace iterations) otherwise.
+"pissa_niter_K" (torch.svd_lowrank's K subspace iterations, svd.py) otherwise.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-import threading
 from dataclasses import dataclass
 
 import torch
+
+from .svd import randomized_svd
 
 
 def scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
@@ -61,17 +62,6 @@ def round_difference(w: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype) -
         tie = (gap != 0) & ((other.to(torch.float32) - h).abs() == gap.abs())
         rounded[idx] = torch.where(tie & (low * gap > 0), other, r)
     return rounded, high
-
-
-_GENERATOR_LOCKS: dict[tuple[str, int | None], threading.Lock] = {}
-_LOCKS_LOCK = threading.Lock()
-
-
-def _generator_lock(device: torch.device) -> threading.Lock:
-    """One lock per random generator: the CPU's, and each GPU's."""
-    key = (device.type, device.index if device.type == "cuda" else None)
-    with _LOCKS_LOCK:
-        return _GENERATOR_LOCKS.setdefault(key, threading.Lock())
 
 
 @dataclass
@@ -134,13 +124,9 @@ def factors_at_ranks(
         U, S, Vh = torch.linalg.svd(w, full_matrices=False)
         U, S, Vh = U[:, :q], S[:q], Vh[:q]
     else:
-        # svd_lowrank draws from the device's global generator (it takes none):
-        # seeding and drawing must not interleave with another thread's.
-        cuda = w.device.type == "cuda"
-        with _generator_lock(w.device), torch.random.fork_rng(devices=[w.device] if cuda else []):
-            if seed is not None:  # this device's generator only: other devices' threads draw from theirs
-                (torch.cuda.default_generators[w.device.index] if cuda else torch.default_generator).manual_seed(seed)
-            U, S, V = torch.svd_lowrank(w, q=q, niter=niter)
+        # svd_lowrank's math from a start drawn on the CPU by a generator of its own: the same
+        # on every device, and safe in concurrent threads (no global generator involved).
+        U, S, V = randomized_svd(w, q, niter, seed)
         Vh = V.T
     # The float32 copy is not needed past the SVD: the residual upcasts the weight a block at a time.
     del w
