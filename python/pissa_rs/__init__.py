@@ -24,6 +24,7 @@ from .convert import AdapterMismatchError, ConversionResult, convert_to_lora
 from .decompose import DecomposeOptions, DecomposeResult, DiskSpaceError, decompose_checkpoint
 from .dry_run import DecompositionPlan, plan
 from .factors import Factors, principal_factors
+from .hub import HubError
 from .merge import merge_adapter
 from .qerror import measure_quantization_error
 from .quant import QuantError, Quantization
@@ -56,6 +57,7 @@ __all__ = [
     "DecompositionPlan",
     "DiskSpaceError",
     "Factors",
+    "HubError",
     "Target",
     "TargetError",
     "as_numpy_bytes",
