@@ -61,8 +61,7 @@ def resolve_model(path: str | os.PathLike[str], revision: str | None = None, hea
     try:
         folder = Path(snapshot_download(text, revision=revision, allow_patterns=[INDEX, *SMALL_FILES]))
         if (folder / INDEX).is_file():
-            shards = sorted(set(json.loads((folder / INDEX).read_text()).get("weight_map", {}).values()))
-            weights = shards
+            weights = sorted(set(json.loads((folder / INDEX).read_text()).get("weight_map", {}).values()))
         else:
             weights = ["model.safetensors"]
         if headers_only and not all((folder / w).is_file() for w in weights):

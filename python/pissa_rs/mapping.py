@@ -11,7 +11,6 @@ experts) are kept apart: they are not one weight to decompose.
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,19 +78,11 @@ class CheckpointMapping:
     task_type: str | None
     tensor_of: dict[str, str] = field(default_factory=dict)  # parameter -> the one tensor holding it
     merged: dict[str, list[str]] = field(default_factory=dict)  # parameter -> tensors merged into it at load
-    unmatched: list[str] = field(default_factory=list)  # checkpoint tensors that are no parameter of the model
 
     def module_weight(self, module: str) -> str | None:
         """The checkpoint tensor of `module`'s weight, or None when the checkpoint lacks it
         (or holds it only merged with others)."""
         return self.tensor_of.get(f"{module}.weight")
-
-    def module_of(self, tensor: str) -> str | None:
-        """The module whose weight the checkpoint tensor is, if it is one."""
-        for param, name in self.tensor_of.items():
-            if name == tensor and param.endswith(".weight"):
-                return param[: -len(".weight")]
-        return None
 
 
 def checkpoint_mapping(model, checkpoint: Checkpoint) -> CheckpointMapping:
@@ -110,10 +101,8 @@ def checkpoint_mapping(model, checkpoint: Checkpoint) -> CheckpointMapping:
         param, merged_by = rename_source_key(name, renamings, converters, prefix, params)
         if merged_by is not None:
             mapping.merged.setdefault(param, []).append(name)
-        elif param in params:
+        elif param in params:  # otherwise no parameter of this model (a head it lacks): passed through
             mapping.tensor_of[param] = name
-        else:
-            mapping.unmatched.append(name)
     return mapping
 
 
@@ -121,9 +110,3 @@ def model_mapping(checkpoint: Checkpoint, config_dir: str | Path):
     """(meta model, its CheckpointMapping) for a checkpoint with a config.json."""
     model, _ = meta_model(config_dir)
     return model, checkpoint_mapping(model, checkpoint)
-
-
-def config_architecture(config_dir: str | Path) -> str | None:
-    """architectures[0] of config.json, as written there."""
-    names = json.loads((Path(config_dir) / "config.json").read_text()).get("architectures") or []
-    return names[0] if names else None

@@ -39,7 +39,7 @@ def merge_adapter(residual_dir: str | os.PathLike[str], adapter_dir: str | os.Pa
     residual = Checkpoint(residual_dir)
     adapter = Checkpoint(adapter_dir / ADAPTER_WEIGHTS)
     storage, stored = stored_quantized(residual_dir)
-    jobs = adapter_targets(adapter_dir, adapter, residual, residual_dir, {n: w.shape for n, w in stored.items()})
+    jobs = adapter_targets(adapter_dir, adapter, residual, residual_dir)
     # A pre-quantized weight's tensors become the one dense weight again.
     dense_as = {name: [] for w in stored.values() for name, *_ in w.parts(storage)}
     dense_as.update({n: [(n, w.dtype, list(w.shape))] for n, w in stored.items()})

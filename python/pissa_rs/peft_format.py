@@ -81,18 +81,19 @@ class AdapterTarget:
         return delta.T if self.fan_in_fan_out else delta
 
 
-def adapter_targets(adapter_dir: Path, adapter: Checkpoint, residual: Checkpoint, residual_dir: Path | str,
-                    shapes: dict[str, tuple[int, ...]] | None = None) -> list[AdapterTarget]:
+def adapter_targets(adapter_dir: Path, adapter: Checkpoint, residual: Checkpoint, residual_dir: Path | str
+                    ) -> list[AdapterTarget]:
     """Every module of the adapter in `adapter_dir`, paired with its weight in
     `residual`, with PEFT's rank and scale. Refuses, naming the module, an adapter
-    whose module has no weight there or whose shapes do not fit it. `shapes`: the
-    weight shapes where the residual stores a weight in another form (pre-quantized)."""
+    whose module has no weight there or whose shapes do not fit it."""
     config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
-    # A decomposition's report knows each module's tensor (names on disk can differ from the model's).
-    report = Path(residual_dir) / "pissa_report.json"
-    recorded = ({t["module"]: t["tensor"] for t in json.loads(report.read_text()).get("tensors", [])}
-                if report.is_file() else {})
+    # A decomposition's report knows each module's tensor (names on disk can differ from the
+    # model's), and the shape of every weight stored pre-quantized (save_quantized).
+    report_path = Path(residual_dir) / "pissa_report.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    recorded = {t["module"]: t["tensor"] for t in report.get("tensors", [])}
+    shapes = {name: tuple(w["shape"]) for name, w in report.get("stored_quantized", {}).items()}
     targets = []
     for module, (a_key, b_key) in adapter_modules(adapter, adapter_dir / ADAPTER_WEIGHTS).items():
         tensor = recorded.get(module.removeprefix("base_model.model."))
@@ -100,7 +101,7 @@ def adapter_targets(adapter_dir: Path, adapter: Checkpoint, residual: Checkpoint
         if tensor is None:
             raise AdapterMismatchError(f"{adapter_dir}: module '{module}' has no weight in {residual_dir}")
         a_shape, b_shape = adapter.info(a_key).shape, adapter.info(b_key).shape
-        w_shape = tuple((shapes or {}).get(tensor) or residual.info(tensor).shape)
+        w_shape = shapes.get(tensor) or tuple(residual.info(tensor).shape)
         expected = (a_shape[1], b_shape[0]) if fan_in_fan_out else (b_shape[0], a_shape[1])
         if w_shape != expected or a_shape[0] != b_shape[1]:
             raise AdapterMismatchError(

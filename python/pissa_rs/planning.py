@@ -57,15 +57,15 @@ def make_plan(path: Path, options: list[dict], outs: list[Path]) -> list[Plan]:
     config_dir = root if is_model_dir(path) and (root / "config.json").is_file() else None
     plans = []
     stored, quant_config, quantizer = [], None, None
-    if options and options[0].get("quantize") and options[0]["device"].startswith("cpu"):
+    first = options[0] if options else {}
+    quant = Quantization(first["quantize"], double_quant=first["double_quant"]) if first.get("quantize") else None
+    if quant is not None and first["device"].startswith("cpu"):
         # (A GPU's check runs in the decomposing process: a forked child must not start CUDA.)
-        quant = Quantization(options[0]["quantize"], double_quant=options[0]["double_quant"])
-        quantizer = quant.choice(options[0]["device"])
-    if options and options[0].get("save_quantized"):
+        quantizer = quant.choice(first["device"])
+    if first.get("save_quantized"):
         if config_dir is None:
             raise TargetError(f"{path}: save_quantized needs the model's config.json (a model directory), to know "
                               "which weights transformers quantizes and to record the quantization there")
-        quant = Quantization(options[0]["quantize"], double_quant=options[0]["double_quant"])
         stored, quant_config = bnb_quantized_weights(checkpoint, config_dir), quantization_config(quant)
     for opts, out in zip(options, outs):
         found = resolve_targets(

@@ -38,8 +38,7 @@ def measure_quantization_error(out: str | os.PathLike[str], against: str | os.Pa
     adapter_dir = out / ADAPTER_SUBDIR
     adapter = Checkpoint(adapter_dir / ADAPTER_WEIGHTS)
     rows = []
-    shapes = {name: w.shape for name, w in stored.items()}
-    for target in adapter_targets(adapter_dir, adapter, residual, out, shapes):
+    for target in adapter_targets(adapter_dir, adapter, residual, out):
         w = as_torch(original.buffer(target.tensor)).to(device)
         # A residual stored quantized is measured as stored: what the model computes with.
         w_res = read_weight(residual, target.tensor, storage, stored).to(device)

@@ -62,7 +62,7 @@ class Quantization:
         """x (out x in, its own dtype) in bitsandbytes' 4-bit format."""
         if self.choice(x.device).backend == REFERENCE:
             return ref.quantize_4bit(x.contiguous(), self.kind, self.blocksize, self.double_quant)
-        return _bnb_quantize_4bit(self, x)
+        return _bnb_quantize_4bit(self, x)[0]
 
     def quantize_int8(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (out x in) as LLM.int8() rows: (int8 codes, float32 row absmax)."""
@@ -88,9 +88,8 @@ class Quantization:
             return ref.dequantize_4bit(self.quantize_4bit(x)).to(x.dtype)
         import bitsandbytes.functional as bnbf
 
-        codes, state = bnbf.quantize_4bit(x.contiguous(), blocksize=self.blocksize,
-                                          compress_statistics=self.double_quant, quant_type=self.kind)
-        return bnbf.dequantize_4bit(codes, state).to(x.dtype)
+        quantized, state = _bnb_quantize_4bit(self, x)
+        return bnbf.dequantize_4bit(quantized.packed, state).to(x.dtype)
 
     def project(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """deq(quant(x)) stored in `dtype` so that quantizing it again gives it
@@ -126,7 +125,8 @@ class Quantization:
         return (absmax * (_MAX_CODE_GAP[self.kind] / 2) * slack).view_as(x)
 
 
-def _bnb_quantize_4bit(quant: Quantization, x: torch.Tensor) -> ref.Quantized4bit:
+def _bnb_quantize_4bit(quant: Quantization, x: torch.Tensor):
+    """bitsandbytes' quantize_4bit of x: (the result as a Quantized4bit, bitsandbytes' own QuantState)."""
     import bitsandbytes.functional as bnbf
 
     packed, state = bnbf.quantize_4bit(x.contiguous(), blocksize=quant.blocksize,
@@ -134,7 +134,7 @@ def _bnb_quantize_4bit(quant: Quantization, x: torch.Tensor) -> ref.Quantized4bi
     result = ref.Quantized4bit(packed, state.absmax, quant.kind, quant.blocksize, tuple(x.shape), x.dtype)
     if quant.double_quant:
         result.nested_absmax, result.nested_offset = state.state2.absmax, state.offset.item()
-    return result
+    return result, state
 
 
 def _probe(device: torch.device) -> list[torch.Tensor]:
@@ -163,16 +163,14 @@ def _disagreement(quant: Quantization, device: torch.device) -> str | None:
                 return f"int8_vectorwise_dequant differs on {where}"
             continue
         mine = ref.quantize_4bit(x, quant.kind, quant.blocksize, quant.double_quant)
-        theirs = _bnb_quantize_4bit(quant, x)
+        theirs, state = _bnb_quantize_4bit(quant, x)
         same = torch.equal(mine.packed, theirs.packed) and torch.equal(mine.absmax, theirs.absmax)
         if quant.double_quant:
             same = same and torch.equal(mine.nested_absmax, theirs.nested_absmax)
             same = same and mine.nested_offset == theirs.nested_offset
         if not same:
             return f"quantize_4bit differs on {where}"
-        packed, state = bnbf.quantize_4bit(x, blocksize=quant.blocksize, compress_statistics=quant.double_quant,
-                                           quant_type=quant.kind)
-        if not torch.equal(bnbf.dequantize_4bit(packed, state), ref.dequantize_4bit(mine)):
+        if not torch.equal(bnbf.dequantize_4bit(theirs.packed, state), ref.dequantize_4bit(mine)):
             return f"dequantize_4bit differs on {where}"
     return None
 

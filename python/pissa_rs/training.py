@@ -42,17 +42,16 @@ def load_for_training(out: str | os.PathLike[str], quantize: str | None = None, 
     for needed in (adapter_dir / ADAPTER_WEIGHTS, adapter_dir / ADAPTER_CONFIG):
         if not needed.is_file():
             raise AdapterMismatchError(f"{needed}: missing; is {out} a pissa_rs output?")
-    storage, stored = stored_quantized(out)
+    storage, _ = stored_quantized(out)
     if storage is not None:
         if quantize not in (None, storage.kind):
             raise ValueError(f"{out}: its residual is stored quantized as {storage.kind}; it cannot be loaded as "
                              f"{quantize} (decompose again without save_quantized for that)")
         quantize = storage.kind
-    shapes = {name: w.shape for name, w in stored.items()}
-    adapter_targets(adapter_dir, Checkpoint(adapter_dir / ADAPTER_WEIGHTS), Checkpoint(out), out, shapes)
+    adapter_targets(adapter_dir, Checkpoint(adapter_dir / ADAPTER_WEIGHTS), Checkpoint(out), out)
+    config = AutoConfig.from_pretrained(out)
     kwargs = {}
     if storage is not None:  # as stored, with our compute dtype
-        config = AutoConfig.from_pretrained(out)
         if storage.kind != "int8":
             config.quantization_config["bnb_4bit_compute_dtype"] = str(compute_dtype).removeprefix("torch.")
         kwargs["config"] = config
@@ -63,7 +62,7 @@ def load_for_training(out: str | os.PathLike[str], quantize: str | None = None, 
     elif quantize == "int8":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     # The class config.json names (a BertModel, a LLaVA...), as decomposition built it.
-    model_class = model_class_for(AutoConfig.from_pretrained(out)) or AutoModelForCausalLM
+    model_class = model_class_for(config) or AutoModelForCausalLM
     model = model_class.from_pretrained(out, device_map=device_map, dtype="auto", **kwargs)
     if quantize:
         model = prepare_model_for_kbit_training(model)

@@ -52,9 +52,8 @@ def verify(out: str | os.PathLike[str], against: str | os.PathLike[str], revisio
     if not (out / REPORT_NAME).is_file():
         report.problems.append(f"{REPORT_NAME}: missing in {out}; the decomposition did not finish")
         return report
-    quant = _stored_quantization(out)
     storage_quant, stored = stored_quantized(out)  # save_quantized: weights stored in bitsandbytes' format
-    quant = storage_quant or quant
+    quant = storage_quant or _stored_quantization(out)
     residual, original = Checkpoint(out), Checkpoint(against)
     adapter_dir = out / ADAPTER_SUBDIR
     adapter = Checkpoint(adapter_dir / ADAPTER_WEIGHTS)
@@ -72,8 +71,7 @@ def verify(out: str | os.PathLike[str], against: str | os.PathLike[str], revisio
         return report
 
     try:
-        shapes = {name: w.shape for name, w in stored.items()}
-        targets = {t.tensor: t for t in adapter_targets(adapter_dir, adapter, residual, out, shapes)}
+        targets = {t.tensor: t for t in adapter_targets(adapter_dir, adapter, residual, out)}
     except AdapterMismatchError as err:
         report.problems.append(str(err))
         return report
