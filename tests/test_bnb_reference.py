@@ -156,3 +156,24 @@ def test_chunked_quantization_equals_one_pass(monkeypatch, kind, double_quant):
     assert torch.equal(ref.dequantize_4bit(chunked), ref.dequantize_4bit(whole))
     packed, state = bnbf.quantize_4bit(x, blocksize=64, quant_type=kind)
     assert torch.equal(whole.packed, packed)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp4", "int8"])
+def test_the_bitsandbytes_path_where_bitsandbytes_is_right(fresh_choice, kind):
+    """Whichever the check chose on this CPU, the bitsandbytes path itself (the one CPUs whose
+    kernels agree take) gives the reference's codes and values where its kernels are right."""
+    from pissa_rs.quant import QuantizerChoice, remember_choice
+
+    quant = Quantization(kind)
+    remember_choice(quant, "cpu", QuantizerChoice(BITSANDBYTES, "forced by the test"))
+    x = weights(24, 192, torch.bfloat16, 1.0, 11)
+    if kind == "int8":
+        assert all(torch.equal(a, b) for a, b in zip(quant.quantize_int8(x), ref.int8_rows_quantize(x)))
+        expected = ref.int8_rows_dequantize(*ref.int8_rows_quantize(x)).to(x.dtype)
+    else:
+        theirs, mine = quant.quantize_4bit(x), ref.quantize_4bit(x, kind)
+        assert torch.equal(theirs.packed, mine.packed) and torch.equal(theirs.absmax, mine.absmax)
+        expected = ref.dequantize_4bit(mine)
+    assert torch.equal(quant.roundtrip(x), expected)
+    stored = quant.project(x, torch.bfloat16)
+    assert torch.equal(quant.roundtrip(stored), stored)
