@@ -175,7 +175,10 @@ def test_an_input_that_changes_during_the_run_stops_it(model, tmp_path, monkeypa
     monkeypatch.setattr(driver, "factors_at_ranks", touching)
     with pytest.raises(pissa_rs.InputChangedError, match=f"{shard.name}: input file changed during the run"):
         pissa_rs.decompose_checkpoint(src, r=4, out=tmp_path / "o", progress=False)
-    assert len(calls) == 3
+    # The run stops at the first check after the change: the 3rd target, or the 4th if the device
+    # worker had already started it (a worker computes its next weight before handing the last
+    # one over: one result ahead of the writer, devices.py). Never later.
+    assert len(calls) in (3, 4), calls
     # Its journal is no good for the changed input: a rerun says so instead of mixing.
     monkeypatch.setattr(driver, "factors_at_ranks", real)
     with pytest.raises(pissa_rs.RunMismatchError, match="input files changed since"):
