@@ -18,7 +18,8 @@ from .bnb_format import StoredQuantized
 from .devices import DeviceRunner, parse_devices
 from .hub import is_local, model_name, resolve_model
 from .factors import factors_at_ranks, scaling, tensor_seed
-from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, lora_a_key, lora_b_key
+from .mapping import Piece
+from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_shapes, lora_a_key, lora_b_key
 from .quant import (
     QUANT_TYPES,
     Quantization,
@@ -63,6 +64,10 @@ class DecomposeOptions:
     niter: int = 4  # 0: exact SVD (PEFT "pissa"); K > 0: PEFT "pissa_niter_K"
     target_modules: str | list[str] = "all-linear"
     exclude_modules: str | list[str] | None = None
+    # PEFT's target_parameters (MoE experts, routers), on top of what PEFT's own
+    # expansion of target_modules adds on MoE models; exclude_parameters leaves some out
+    target_parameters: list[str] | None = None
+    exclude_parameters: list[str] | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     use_rslora: bool = False
@@ -86,6 +91,13 @@ class DecomposeOptions:
         if not ranks:
             raise ValueError("r must name at least one rank")
         self.r = sorted(set(ranks)) if isinstance(self.r, (list, tuple)) else self.r
+        for name in ("target_parameters", "exclude_parameters"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = [value]
+            if value is not None and not all(isinstance(v, str) and v for v in value):
+                raise ValueError(f"{name} must be a list of parameter names or suffixes, got {value!r}")
+            setattr(self, name, sorted(set(value)) if value else None)
         if self.several_ranks and self.rank_pattern:
             raise ValueError("rank_pattern cannot be combined with several ranks: give one rank per run")
         if self.lora_alpha is None and not self.several_ranks:
@@ -368,6 +380,8 @@ def decompose_checkpoint(
     niter: int = 4,
     target_modules: str | list[str] = "all-linear",
     exclude_modules: str | list[str] | None = None,
+    target_parameters: list[str] | None = None,
+    exclude_parameters: list[str] | None = None,
     rank_pattern: dict[str, int] | None = None,
     alpha_pattern: dict[str, float] | None = None,
     use_rslora: bool = False,
@@ -401,6 +415,15 @@ def decompose_checkpoint(
     Load it with `AutoModelForCausalLM.from_pretrained(out)` then
     `PeftModel.from_pretrained(model, out, subfolder="pissa_init", is_trainable=True)`.
 
+    Mixtures of experts: where PEFT's own expansion of target_modules adapts the
+    experts (transformers 5 fuses them into 3-D parameters PEFT wraps through
+    target_parameters; on Mixtral- and Qwen2-MoE-style models "all-linear" does),
+    each expert gets its own PiSSA split, written in PEFT's ParamWrapper layout, and
+    its residual goes back to the checkpoint's own per-expert (or fused) tensors.
+    `target_parameters` adds parameters by name or suffix (e.g. ["mlp.experts.gate_up_proj",
+    "mlp.experts.down_proj"] where "all-linear" leaves them, as on GPT-OSS);
+    `exclude_parameters=["mlp.gate.weight"]` keeps the routers frozen.
+
     `devices=["cuda:0", "cuda:1"]` spreads the weights over several devices of one
     kind; the output is byte-identical to a one-device run.
 
@@ -417,6 +440,8 @@ def decompose_checkpoint(
     """
     options = DecomposeOptions(
         r=r, lora_alpha=lora_alpha, niter=niter, target_modules=target_modules, exclude_modules=exclude_modules,
+        target_parameters=list(target_parameters) if target_parameters else None,
+        exclude_parameters=list(exclude_parameters) if exclude_parameters else None,
         rank_pattern=dict(rank_pattern or {}), alpha_pattern=dict(alpha_pattern or {}), use_rslora=use_rslora,
         device=device, devices=list(devices) if devices is not None else None, seed=seed,
         adapter_dtype=adapter_dtype, quantize=quantize, quant_iters=quant_iters, double_quant=double_quant,
@@ -424,6 +449,22 @@ def decompose_checkpoint(
     ).validate()
     source, out = resolve_source(path, revision, Path(out) if out else None, options.ranks)
     return run_decomposition(source, options, out=out, overwrite=overwrite, progress=progress)
+
+
+@dataclass
+class _Assembly:
+    """A tensor made of several experts' results (a layer's lora_A / lora_B over all its
+    experts; a residual tensor holding all of a layer's experts): kept on the host until
+    every part arrived, then written whole. Bounded by one layer's experts."""
+
+    data: torch.Tensor
+    missing: int  # parts still to come
+
+    def put(self, fill) -> bool:
+        """Fill one part (fill(data)); True when the tensor is complete."""
+        fill(self.data)
+        self.missing -= 1
+        return self.missing == 0
 
 
 @dataclass
@@ -441,6 +482,8 @@ class _Output:
     earlier_records: dict[str, dict] = field(default_factory=dict)  # from an interrupted run, by tensor
     records_file: Any = None
     records: list[dict] = field(default_factory=list)
+    # tensors written only once every expert in them is done: (writer path, name) -> _Assembly
+    assembling: dict[tuple[str, str], _Assembly] = field(default_factory=dict)
 
     @property
     def writers(self) -> list[ShardWriter]:
@@ -482,10 +525,7 @@ def _open_output(checkpoint: Checkpoint, path: Path, options: DecomposeOptions, 
         output.shard_writers = writers_like(checkpoint, out, journal=journal, resume=resume,
                                             stored_as=plan.stored_parts(options.stored_quantization))
         dtype = SAFETENSORS_DTYPES[ADAPTER_DTYPES[options.adapter_dtype]]
-        specs = []
-        for t in plan.targets:
-            rows, cols = (t.shape[1], t.shape[0]) if t.fan_in_fan_out else t.shape
-            specs += [(lora_a_key(t.module), dtype, [t.r, cols]), (lora_b_key(t.module), dtype, [rows, t.r])]
+        specs = [(key, dtype, list(shape)) for key, shape in adapter_shapes(plan.targets)]
         adapter_path = out / ADAPTER_SUBDIR / ADAPTER_WEIGHTS
         if not (resume and adapter_path.is_file()):
             output.adapter_writer = ShardWriter(adapter_path, specs, metadata={"format": "pt"}, journal=journal,
@@ -626,7 +666,8 @@ def _run(checkpoint: Checkpoint, path: Path, options: DecomposeOptions, outputs:
     if not active:
         return
     targets = outputs[0].plan.targets  # the same tensors at every rank
-    target_names = {t.tensor for t in targets}
+    reads = [t.weight_read(checkpoint) for t in targets]
+    target_names = {p.tensor for read in reads for p in read.pieces}
     # save_quantized: weights that are not targets but are stored quantized (work after the targets)
     quant = options.stored_quantization
     stored = {w.tensor: w for w in outputs[0].plan.stored_quantized} if quant else {}
@@ -637,7 +678,10 @@ def _run(checkpoint: Checkpoint, path: Path, options: DecomposeOptions, outputs:
     bar = _progress_bar(sum(o.plan_bytes(checkpoint) for o in active), len(targets), enabled=progress)
     bar.update(sum(o.plan_bytes(checkpoint) - o.pending_bytes() for o in active))
     done_before = bar.n
-    work = [(i, t.tensor) for i, t in enumerate(targets) if any(_needs_target(o, i, checkpoint) for o in active)]
+    work = [(i, t.tensor if t.read is None else t.read) for i, t in enumerate(targets)
+            if any(_needs_target(o, i, checkpoint) for o in active)]
+    for o in active:
+        _start_assemblies(o, checkpoint, {i for i, _ in work})
     work += [(len(targets) + k, w.tensor) for k, w in enumerate(quantize_only)
              if any(_needs_parts(o, checkpoint, w.tensor, w.parts(quant)) for o in active)]
 
@@ -697,10 +741,39 @@ def _needs_target(output: _Output, index: int, checkpoint: Checkpoint) -> bool:
     """Whether any part of target `index` is still to be written into `output`
     (or its report record was lost)."""
     t = output.plan.targets[index]
-    parts = output.plan.stored_parts(output.options.stored_quantization).get(t.tensor, [(t.tensor, None, None)])
-    return (t.tensor not in output.earlier_records or _needs_parts(output, checkpoint, t.tensor, parts)
+    if t.read is not None:  # an expert: its bytes are pieces of other tensors
+        needed = any(output.needs(output.shard_writers[checkpoint.info(p.tensor).file], p.tensor)
+                     for p in t.read.pieces)
+    else:
+        parts = output.plan.stored_parts(output.options.stored_quantization).get(t.tensor, [(t.tensor, None, None)])
+        needed = _needs_parts(output, checkpoint, t.tensor, parts)
+    return (t.tensor not in output.earlier_records or needed
             or output.needs(output.adapter_writer, lora_a_key(t.module))
             or output.needs(output.adapter_writer, lora_b_key(t.module)))
+
+
+def _start_assemblies(output: _Output, checkpoint: Checkpoint, computed: set[int]) -> None:
+    """The tensors of `output` that several computed targets fill: each layer's adapter
+    over its experts, and residual tensors that hold several experts. Only those still to
+    be written; every target that fills one is computed (_needs_target sees to it)."""
+    adapter_dtype = ADAPTER_DTYPES[output.options.adapter_dtype]
+    shapes = dict(adapter_shapes(output.plan.targets))
+    for i, t in enumerate(output.plan.targets):
+        if i not in computed or output.status == "complete":
+            continue
+        if t.num_experts > 1:
+            for key in (lora_a_key(t.module), lora_b_key(t.module)):
+                if output.needs(output.adapter_writer, key):
+                    slot = output.assembling.setdefault(
+                        (output.adapter_writer.path, key), _Assembly(torch.empty(shapes[key], dtype=adapter_dtype), 0))
+                    slot.missing += 1
+        for piece in t.read.pieces if t.read is not None else ():
+            info = checkpoint.info(piece.tensor)
+            writer = output.shard_writers[info.file]
+            if (piece.start, piece.end) != (0, info.nbytes) and output.needs(writer, piece.tensor):
+                slot = output.assembling.setdefault((writer.path, piece.tensor),
+                                                    _Assembly(torch.empty(info.nbytes, dtype=torch.uint8), 0))
+                slot.missing += 1
 
 
 def _needs_parts(output: _Output, checkpoint: Checkpoint, tensor: str, parts: list[tuple]) -> bool:
@@ -787,6 +860,7 @@ class _Computed:
     lora_B: torch.Tensor
     residual_parts: list[tuple[str, torch.Tensor]]  # the residual, or its pre-quantized form (save_quantized)
     record: dict[str, Any]
+    pieces: list[tuple[Piece, torch.Tensor]] = field(default_factory=list)  # an expert's residual: its bytes per piece
 
 
 def _compute_target(index: int, weight: torch.Tensor, outputs: list[_Output], to_host) -> list[_Computed | None]:
@@ -800,7 +874,9 @@ def _compute_target(index: int, weight: torch.Tensor, outputs: list[_Output], to
     ranks = [(t.r, s) for t, s in zip(targets, scales)]
     seed = tensor_seed(first.seed, targets[0].tensor)
     adapter_dtype, fan_in_fan_out = ADAPTER_DTYPES[first.adapter_dtype], targets[0].fan_in_fan_out
-    quant = first.quantization
+    # Parameters PEFT wraps (experts, routers) stay unquantized when transformers loads
+    # with bitsandbytes: plain PiSSA for them, whatever the quantization.
+    quant = first.quantization if targets[0].quantized else None
     stored = next((w for w in outputs[0].plan.stored_quantized if w.tensor == targets[0].tensor), None)
     if quant is None:
         all_factors = factors_at_ranks(weight, ranks, niter=first.niter, seed=seed, adapter_dtype=adapter_dtype,
@@ -829,13 +905,20 @@ def _compute_target(index: int, weight: torch.Tensor, outputs: list[_Output], to
             "energy_kept": factors.energy_kept,
             "max_abs_error": factors.max_abs_error,
             "seconds": seconds,
+            **target.as_record(),
             **measured,
         }
-        if first.save_quantized and stored is not None:
+        pieces = []
+        if target.read is not None:  # its bytes go back where they came from
+            parts, flat, offset = [], to_host(factors.residual).reshape(-1).view(torch.uint8), 0
+            for piece in target.read.pieces:
+                pieces.append((piece, flat[offset: offset + piece.end - piece.start]))
+                offset += piece.end - piece.start
+        elif first.save_quantized and stored is not None:
             parts = [(name, to_host(t)) for name, t in stored.serialize(factors.residual, quant)]
         else:
             parts = [(target.tensor, to_host(factors.residual))]
-        computed.append(_Computed(to_host(factors.lora_A), to_host(factors.lora_B), parts, record))
+        computed.append(_Computed(to_host(factors.lora_A), to_host(factors.lora_B), parts, record, pieces))
     return computed
 
 
@@ -846,14 +929,40 @@ def _write_target(checkpoint: Checkpoint, index: int, outputs: list[_Output], co
         if result is None:
             continue
         target = output.plan.targets[index]
-        # Parts an interrupted run already wrote are not written again (they are these bytes).
-        if output.needs(output.adapter_writer, lora_a_key(target.module)):
-            pipeline.submit(output.adapter_writer, lora_a_key(target.module), as_numpy_bytes(result.lora_A))
-        if output.needs(output.adapter_writer, lora_b_key(target.module)):
-            pipeline.submit(output.adapter_writer, lora_b_key(target.module), as_numpy_bytes(result.lora_B))
-        _submit_parts(output, output.shard_writers[checkpoint.info(target.tensor).file], result.residual_parts,
-                      pipeline)
+        a_key, b_key = lora_a_key(target.module), lora_b_key(target.module)
+        if target.num_experts > 1:  # PEFT's ParamWrapper layout: expert e's rows of A, every E-th column of B
+            r, e, experts = target.r, target.expert, target.num_experts
+            _assemble(output, output.adapter_writer, a_key, pipeline,
+                      lambda a: a[e * r: (e + 1) * r].copy_(result.lora_A))
+            _assemble(output, output.adapter_writer, b_key, pipeline,
+                      lambda b: b.view(b.shape[0], r, experts)[:, :, e].copy_(result.lora_B))
+        else:
+            # Parts an interrupted run already wrote are not written again (they are these bytes).
+            if output.needs(output.adapter_writer, a_key):
+                pipeline.submit(output.adapter_writer, a_key, as_numpy_bytes(result.lora_A))
+            if output.needs(output.adapter_writer, b_key):
+                pipeline.submit(output.adapter_writer, b_key, as_numpy_bytes(result.lora_B))
+        for piece, data in result.pieces:
+            info = checkpoint.info(piece.tensor)
+            writer = output.shard_writers[info.file]
+            if (piece.start, piece.end) == (0, info.nbytes):
+                _submit_parts(output, writer, [(piece.tensor, data)], pipeline)
+            else:
+                _assemble(output, writer, piece.tensor, pipeline,
+                          lambda whole: whole[piece.start: piece.end].copy_(data))
+        if result.residual_parts:
+            _submit_parts(output, output.shard_writers[checkpoint.info(target.tensor).file], result.residual_parts,
+                          pipeline)
         output.record(result.record)
+
+
+def _assemble(output: _Output, writer: ShardWriter | None, name: str, pipeline: Pipeline, fill) -> None:
+    """One part of a tensor several targets fill; written once complete. Nothing to
+    do for a tensor an interrupted run already wrote."""
+    slot = output.assembling.get((writer.path, name)) if writer is not None else None
+    if slot is not None and slot.put(fill):
+        del output.assembling[(writer.path, name)]
+        pipeline.submit(writer, name, as_numpy_bytes(slot.data))
 
 
 def _quant_metrics(weight, factors, scale: float, r: int, options: DecomposeOptions, fan_in_fan_out: bool) -> dict:

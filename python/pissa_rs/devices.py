@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ._pissa_rs import Checkpoint
+from .mapping import WeightRead
 from .tensors import TORCH_DTYPES
 
 POLL_SECONDS = 0.1  # how often a blocked thread looks whether the run stopped
@@ -121,11 +122,11 @@ Compute = Callable[[int, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]], 
 
 
 class DeviceRunner:
-    """Runs `compute` for each (index, tensor) of `work` on `devices`; iterate
+    """Runs `compute` for each (index, tensor name or WeightRead) of `work` on `devices`; iterate
     `results()` to get (index, result) in the order of `work`. Always `close()`
     (or use it as a context manager): it stops and joins the threads."""
 
-    def __init__(self, checkpoint: Checkpoint, work: list[tuple[int, str]], devices: list[torch.device],
+    def __init__(self, checkpoint: Checkpoint, work: list[tuple[int, str | WeightRead]], devices: list[torch.device],
                  compute: Compute):
         self._checkpoint, self._work, self._devices, self._compute = checkpoint, work, devices, compute
         self._stop = threading.Event()
@@ -134,7 +135,7 @@ class DeviceRunner:
         self._consumed: set[int] = set()
         self._error: BaseException | None = None
         self._staged: queue.Queue[Any] = queue.Queue()
-        largest = max((checkpoint.info(name).nbytes for _, name in work), default=0)
+        largest = max((self._nbytes(item) for _, item in work), default=0)
         pin = devices[0].type == "cuda"
         self.buffers = HostBuffers(BUFFERS_PER_DEVICE * len(devices), largest, pin, self._stop)
         self._threads = [threading.Thread(target=self._guard, args=(self._read,), name="pissa-reader", daemon=True)]
@@ -184,16 +185,28 @@ class DeviceRunner:
                 self._cond.notify_all()
             self._stop.set()
 
+    def _nbytes(self, item: str | WeightRead) -> int:
+        return self._checkpoint.info(item).nbytes if isinstance(item, str) else item.nbytes
+
     def _read(self) -> None:
         """Stage each weight's bytes, in order, as buffers come free."""
-        for index, name in self._work:
-            info = self._checkpoint.info(name)
-            if info.dtype not in TORCH_DTYPES:
-                raise TypeError(f"tensor '{name}' of {info.file}: dtype {info.dtype} has no torch equivalent")
+        for index, item in self._work:
+            read = item if isinstance(item, WeightRead) else None
+            info = self._checkpoint.info(item if read is None else read.pieces[0].tensor)
+            dtype, shape = (info.dtype, tuple(info.shape)) if read is None else (read.dtype, read.shape)
+            if dtype not in TORCH_DTYPES:
+                raise TypeError(f"tensor '{info.name}' of {info.file}: dtype {dtype} has no torch equivalent")
             buffer = self.buffers.acquire()
-            data = buffer[: info.nbytes]
-            self._checkpoint.read_into(name, data.numpy())
-            self._staged.put(_Staged(index, TORCH_DTYPES[info.dtype], tuple(info.shape), buffer, data))
+            data = buffer[: self._nbytes(item)]
+            if read is None:
+                self._checkpoint.read_into(item, data.numpy())
+            else:  # an expert's matrix: its pieces, one after the other
+                offset = 0
+                for piece in read.pieces:
+                    size = piece.end - piece.start
+                    self._checkpoint.read_range_into(piece.tensor, piece.start, data[offset: offset + size].numpy())
+                    offset += size
+            self._staged.put(_Staged(index, TORCH_DTYPES[dtype], shape, buffer, data))
         for _ in self._devices:
             self._staged.put(_END)
 

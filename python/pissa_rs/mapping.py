@@ -11,6 +11,7 @@ experts) are kept apart: they are not one weight to decompose.
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,6 +71,34 @@ def _meta_model_cached(config_dir: str, _mtime_ns: int):
     return model, _task_type(model)
 
 
+@dataclass(frozen=True)
+class Piece:
+    """Bytes [start, end) of checkpoint tensor `tensor`."""
+
+    tensor: str
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class WeightRead:
+    """One matrix to decompose, as bytes of the checkpoint: its pieces, in order,
+    are its row-major bytes (rows of several tensors stacked, or one expert's
+    slice of a tensor that holds all of a layer's experts)."""
+
+    pieces: tuple[Piece, ...]
+    dtype: str  # safetensors dtype name
+    shape: tuple[int, int]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.end - p.start for p in self.pieces)
+
+
+class ExpertLayoutError(ValueError):
+    """Expert tensors that do not make up the parameter transformers would build from them."""
+
+
 @dataclass
 class CheckpointMapping:
     """Which checkpoint tensor holds which model parameter."""
@@ -78,6 +107,8 @@ class CheckpointMapping:
     task_type: str | None
     tensor_of: dict[str, str] = field(default_factory=dict)  # parameter -> the one tensor holding it
     merged: dict[str, list[str]] = field(default_factory=dict)  # parameter -> tensors merged into it at load
+    # parameter -> (the converter merging them, {tensor: its source pattern})
+    merged_by: dict[str, tuple[object, dict[str, str]]] = field(default_factory=dict)
 
     def module_weight(self, module: str) -> str | None:
         """The checkpoint tensor of `module`'s weight, or None when the checkpoint lacks it
@@ -101,6 +132,8 @@ def checkpoint_mapping(model, checkpoint: Checkpoint) -> CheckpointMapping:
         param, merged_by = rename_source_key(name, renamings, converters, prefix, params)
         if merged_by is not None:
             mapping.merged.setdefault(param, []).append(name)
+            converter = next(c for c in converters if merged_by in c.source_patterns)
+            mapping.merged_by.setdefault(param, (converter, {}))[1][name] = merged_by
         elif param in params:  # otherwise no parameter of this model (a head it lacks): passed through
             mapping.tensor_of[param] = name
     return mapping
@@ -110,3 +143,70 @@ def model_mapping(checkpoint: Checkpoint, config_dir: str | Path):
     """(meta model, its CheckpointMapping) for a checkpoint with a config.json."""
     model, _ = meta_model(config_dir)
     return model, checkpoint_mapping(model, checkpoint)
+
+
+def expert_reads(mapping: CheckpointMapping, checkpoint: Checkpoint, param: str, shape: tuple[int, ...]
+                 ) -> list[WeightRead]:
+    """Each expert's matrix of a model parameter (shape [E, d1, d2]; [d1, d2] for a
+    2-D one: a single matrix), as the checkpoint stores it, laid out as the matrix
+    sits in the parameter: parameter[e] == the bytes of reads[e].
+
+    The parameter is either one tensor (stored fused already: expert e is its e-th
+    slice) or merged at load by transformers' conversion from per-expert tensors:
+    MergeModulelist stacks the experts (by the number in their name), and a
+    Concatenate(dim=1) after it stacks each expert's tensors in the order of the
+    converter's source patterns (w1 before w3, gate_proj before up_proj), rows on
+    rows. Other conversions are refused rather than guessed."""
+    experts = shape[0] if len(shape) == 3 else 1
+    matrix = tuple(shape[-2:])
+    where = checkpoint.index_path or checkpoint.files[0]
+    single = mapping.tensor_of.get(param)
+    if single is not None:
+        info = checkpoint.info(single)
+        if tuple(info.shape) != tuple(shape):
+            raise ExpertLayoutError(f"{info.file}: tensor '{single}' is {list(info.shape)}, but the model's parameter "
+                                    f"{param} is {list(shape)}")
+        step = info.nbytes // experts
+        return [WeightRead((Piece(single, e * step, (e + 1) * step),), info.dtype, matrix) for e in range(experts)]
+    if param not in mapping.merged_by or len(shape) != 3:
+        raise ExpertLayoutError(f"{where}: no tensor of the checkpoint holds parameter {param}")
+    converter, patterns = mapping.merged_by[param]
+    ops = [type(op).__name__ for op in converter.operations]
+    dims = [getattr(op, "dim", None) for op in converter.operations]
+    if not (ops == ["MergeModulelist"] and dims == [0]
+            or ops == ["MergeModulelist", "Concatenate"] and dims == [0, 1]):
+        raise ExpertLayoutError(f"{where}: parameter {param} is built from {sorted(patterns)[0]} and others by "
+                                f"{', '.join(map(repr, converter.operations))}; pissa_rs reads experts merged by "
+                                "MergeModulelist(dim=0) and optionally Concatenate(dim=1) only")
+    by_expert: dict[int, dict[str, str]] = {}
+    for tensor, pattern in patterns.items():
+        number = re.compile(re.escape(pattern).replace(r"\*", r"(\d+)"))
+        found = number.search(tensor)
+        if found is None:
+            raise ExpertLayoutError(f"{checkpoint.info(tensor).file}: tensor '{tensor}' matched {pattern!r} but "
+                                    "names no expert number")
+        by_expert.setdefault(int(found.group(1)), {})[pattern] = tensor
+    order = [p for p in converter.source_patterns if any(p in e for e in by_expert.values())]
+    reads = []
+    for e in range(experts):
+        tensors = [by_expert.get(e, {}).get(p) for p in order]
+        if None in tensors:
+            missing = order[tensors.index(None)].replace("*", str(e))
+            raise ExpertLayoutError(f"{where}: parameter {param} has {experts} experts, but no tensor matching "
+                                    f"{missing!r} for expert {e}")
+        infos = [checkpoint.info(t) for t in tensors]
+        rows = sum(i.shape[0] for i in infos)
+        for info in infos:
+            if len(info.shape) != 2 or info.shape[1] != matrix[1] or info.dtype != infos[0].dtype:
+                raise ExpertLayoutError(f"{info.file}: tensor '{info.name}' is {info.dtype} x {list(info.shape)}; "
+                                        f"expert {e} of {param} needs {infos[0].dtype} x [rows, {matrix[1]}]")
+        if rows != matrix[0]:
+            raise ExpertLayoutError(f"{infos[0].file}: expert {e} of {param} stacks {rows} rows from "
+                                    f"{', '.join(tensors)}; the model's parameter has {matrix[0]}")
+        reads.append(WeightRead(tuple(Piece(i.name, 0, i.nbytes) for i in infos), infos[0].dtype, matrix))
+    extra = sorted(set(by_expert) - set(range(experts)))
+    if extra:
+        tensor = next(iter(by_expert[extra[0]].values()))
+        raise ExpertLayoutError(f"{checkpoint.info(tensor).file}: tensor '{tensor}' is expert {extra[0]}, but "
+                                f"{param} has {experts} experts")
+    return reads

@@ -128,11 +128,27 @@ def lora_b_key(module: str) -> str:
     return f"base_model.model.{module}.lora_B.weight"
 
 
+def adapter_shapes(targets) -> list[tuple[str, tuple[int, int]]]:
+    """(key, shape) of every adapter weight for these targets, as PEFT lays them out:
+    lora_A [r, in] and lora_B [out, r] per layer; a layer over E experts (PEFT's
+    ParamWrapper) holds all of them, lora_A [r*E, in] and lora_B [out, r*E]."""
+    shapes, seen = [], set()
+    for t in targets:
+        if t.module in seen:
+            continue
+        seen.add(t.module)
+        rows, cols = (t.shape[1], t.shape[0]) if t.fan_in_fan_out else t.shape
+        shapes += [(lora_a_key(t.module), (t.r * t.num_experts, cols)),
+                   (lora_b_key(t.module), (rows, t.r * t.num_experts))]
+    return shapes
+
+
 def adapter_config(
     *,
     r: int,
     lora_alpha: float,
     target_modules: str | list[str],
+    target_parameters: list[str] | None = None,
     exclude_modules: str | list[str] | None,
     rank_pattern: dict[str, int] | None,
     alpha_pattern: dict[str, float] | None,
@@ -151,6 +167,7 @@ def adapter_config(
         r=r,
         lora_alpha=lora_alpha,
         target_modules=sorted(target_modules) if isinstance(target_modules, (list, tuple, set)) else target_modules,
+        target_parameters=list(target_parameters) if target_parameters else None,
         exclude_modules=exclude_modules,
         rank_pattern=dict(rank_pattern or {}),
         alpha_pattern=dict(alpha_pattern or {}),

@@ -13,7 +13,8 @@ from typing import Any
 from ._pissa_rs import Checkpoint
 from .bnb_format import StoredQuantized, quantization_config
 from .noise import quiet_library_noise
-from .peft_format import adapter_config, adapter_config_json
+from .mapping import meta_model
+from .peft_format import adapter_config, adapter_config_json, adapter_shapes
 from .quant import Quantization, QuantizerChoice
 from .targets import Target, TargetError, bnb_quantized_weights, resolve_targets
 
@@ -72,13 +73,16 @@ def make_plan(path: Path, options: list[dict], outs: list[Path]) -> list[Plan]:
             checkpoint, r=opts["r"], lora_alpha=opts["lora_alpha"], target_modules=opts["target_modules"],
             exclude_modules=opts["exclude_modules"], rank_pattern=opts["rank_pattern"],
             alpha_pattern=opts["alpha_pattern"], use_rslora=opts["use_rslora"], config_dir=config_dir,
+            target_parameters=opts.get("target_parameters"), exclude_parameters=opts.get("exclude_parameters"),
         )
         config = adapter_config(
             r=opts["r"], lora_alpha=opts["lora_alpha"], **concrete_targets(found, opts),
-            alpha_pattern=opts["alpha_pattern"], use_rslora=opts["use_rslora"],
-            fan_in_fan_out=any(t.fan_in_fan_out for t in found.targets), task_type=found.task_type,
-            base_model_name_or_path=str(out.resolve()),
+            use_rslora=opts["use_rslora"],
+            fan_in_fan_out=any(t.fan_in_fan_out for t in found.targets if t.parameter is None),
+            task_type=found.task_type, base_model_name_or_path=str(out.resolve()),
         )
+        if config_dir is not None:
+            check_adapter_layout(config, found, config_dir)
         plans.append(Plan(found.targets, found.task_type, found.architecture, adapter_config_json(config), stored,
                           quant_config, quantizer, found.left_out, found.rank_limited))
     return plans
@@ -90,17 +94,50 @@ def concrete_targets(found, opts: dict) -> dict:
     expression that picked them (PEFT would expand "all-linear" again on load, maybe to
     more), condensed to the shortest suffixes that pick exactly them (PEFT's own
     _find_minimal_target_modules); a weight smaller than r gets its rank in rank_pattern."""
-    rank_pattern = {t.module: t.r for t in found.targets if t.module in found.rank_limited}
+    rank_pattern = {t.module: t.r for t in found.targets if t.module in found.rank_limited and t.parameter is None}
+    rank_pattern.update(found.rank_pattern)  # target parameters': PEFT's fused doubling, those below r
     rank_pattern.update(opts["rank_pattern"] or {})  # ours first: PEFT takes the first pattern that matches
+    alpha_pattern = {**found.alpha_pattern, **(opts["alpha_pattern"] or {})}
     if found.architecture is None:  # a bare file: no model to expand against, the user's own words
         return {"target_modules": opts["target_modules"], "exclude_modules": opts["exclude_modules"],
-                "rank_pattern": rank_pattern}
+                "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "target_parameters": None}
     with quiet_library_noise():
         from peft.tuners.tuners_utils import _find_minimal_target_modules
 
-    modules = sorted(t.module for t in found.targets)
-    return {"target_modules": sorted(_find_minimal_target_modules(modules, found.other_modules)),
-            "exclude_modules": None, "rank_pattern": rank_pattern}
+    modules = sorted({t.module for t in found.targets if t.parameter is None})
+    return {"target_modules": sorted(_find_minimal_target_modules(modules, found.other_modules)) if modules else [],
+            "exclude_modules": None, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
+            "target_parameters": found.target_parameters or None}
+
+
+def check_adapter_layout(config, found, config_dir: Path) -> None:
+    """PEFT itself, given the adapter_config.json we write, must build exactly the LoRA
+    layers we write weights for, with the same shapes: otherwise loading the output
+    would drop or invent layers. Built on the meta device (no memory), once per plan."""
+    import copy
+
+    import torch
+
+    with quiet_library_noise():
+        from peft import get_peft_model
+        from peft.utils import get_peft_model_state_dict
+
+    model, _ = meta_model(config_dir)
+    config = copy.deepcopy(config)
+    config.init_lora_weights = False
+    with torch.device("meta"):
+        built = get_peft_model(copy.deepcopy(model), config)
+        keys = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(built).items()}
+    ours = dict(adapter_shapes(found.targets))
+    if keys != ours:
+        only_peft = sorted(set(keys) - set(ours))
+        only_ours = sorted(set(ours) - set(keys))
+        differ = sorted(k for k in set(keys) & set(ours) if keys[k] != ours[k])
+        raise TargetError(
+            f"{config_dir}: PEFT would load the adapter pissa_rs is about to write with other LoRA layers "
+            f"(only PEFT's: {only_peft[:3]}, only ours: {only_ours[:3]}, other shapes: "
+            f"{[(k, keys[k], ours[k]) for k in differ[:3]]}); this target choice cannot be saved for PEFT as is"
+        )
 
 
 def make_plan_in_child(path: Path, options: list[dict], outs: list[Path]) -> list[Plan]:

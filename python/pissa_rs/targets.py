@@ -11,7 +11,7 @@ import torch
 from ._pissa_rs import Checkpoint, PissaError
 from .bnb_format import StoredQuantized
 from .peft_format import module_scaling
-from .mapping import meta_model, model_mapping
+from .mapping import ExpertLayoutError, Piece, WeightRead, expert_reads, meta_model, model_mapping
 from .noise import quiet_library_noise
 
 # PEFT and transformers are imported inside the functions that use them: a
@@ -26,13 +26,34 @@ class TargetError(PissaError, ValueError):
 
 @dataclass(frozen=True)
 class Target:
-    module: str  # the module's name in the model: adapter keys are built from it
-    tensor: str  # the weight's name in the checkpoint
+    """One matrix to decompose: a module's weight, or one expert of a parameter
+    PEFT adapts through target_parameters (a ParamWrapper: MoE experts, routers)."""
+
+    module: str  # the LoRA layer's name in the model: adapter keys are built from it
+    tensor: str  # the weight's name in the checkpoint; for an expert, "<parameter>[e]"
     shape: tuple[int, int]  # as stored
     dtype: str
-    fan_in_fan_out: bool  # GPT-2 Conv1D: stored in x out
+    fan_in_fan_out: bool  # stored in x out (GPT-2 Conv1D; GPT-OSS's experts)
     r: int
     lora_alpha: float
+    read: WeightRead | None = None  # where its bytes are, if not the whole of `tensor`
+    parameter: str | None = None  # the parameter a ParamWrapper adapts (None: a module's weight)
+    expert: int | None = None  # its index among the parameter's experts
+    num_experts: int = 1
+    quantized: bool = True  # whether transformers' bitsandbytes loading quantizes it (QPiSSA applies)
+
+    def weight_read(self, checkpoint: Checkpoint) -> WeightRead:
+        if self.read is not None:
+            return self.read
+        info = checkpoint.info(self.tensor)
+        return WeightRead((Piece(self.tensor, 0, info.nbytes),), info.dtype, self.shape)
+
+    def as_record(self) -> dict:
+        """What the report says of it beyond a module's weight: where an expert's bytes are."""
+        if self.parameter is None:
+            return {}
+        return {"parameter": self.parameter, "expert": self.expert, "num_experts": self.num_experts,
+                "pieces": [[p.tensor, p.start, p.end] for p in self.read.pieces] if self.read else None}
 
 
 @dataclass(frozen=True)
@@ -43,6 +64,9 @@ class TargetPlan:
     left_out: list[tuple[str, str]] = field(default_factory=list)  # (module or parameter, why not decomposed)
     rank_limited: list[str] = field(default_factory=list)  # modules whose smaller dimension is below r
     other_modules: list[str] = field(default_factory=list)  # every module of the model that is no target
+    target_parameters: list[str] = field(default_factory=list)  # as adapter_config.json lists them
+    rank_pattern: dict[str, int] = field(default_factory=dict)  # PEFT's (fused experts) and parameters below r
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
 
 
 def lora_config_for(r, lora_alpha, target_modules, exclude_modules, rank_pattern, alpha_pattern, use_rslora):
@@ -60,9 +84,10 @@ def _names_modules(target_modules) -> bool:
     return not (isinstance(target_modules, str) and target_modules.lower() == "all-linear")
 
 
-def _peft_target_parameters(lora_config, model) -> list[str]:
-    """The parameters PEFT's own expansion of this config targets through target_parameters
-    (fused MoE experts, routers that are not Linear layers), by full name."""
+def peft_converted(lora_config, model, where):
+    """The config as PEFT itself rewrites it for this model before building layers
+    (transformers 5's fused MoE experts: v4 names such as w1/w3/gate_proj/up_proj
+    become target_parameters, with the fused pair's rank and alpha doubled)."""
     import copy
 
     with quiet_library_noise():
@@ -71,11 +96,98 @@ def _peft_target_parameters(lora_config, model) -> list[str]:
     config = copy.deepcopy(lora_config)
     try:
         convert_peft_config_for_transformers(config, model, None)
-    except ValueError:  # PEFT refuses half of a fused pair: nothing PEFT could target to list here
-        return []
-    wanted = set(getattr(config, "target_parameters", None) or [])
+    except ValueError as err:  # e.g. half of a fused pair named
+        raise TargetError(f"{where}: PEFT cannot apply these target_modules to this model: {err}") from None
+    return config
+
+
+def _matching_parameters(model, wanted) -> list[str]:
+    """Full names of the parameters a target_parameters list picks, PEFT's way (whole name or suffix)."""
     return [name for name, _ in model.named_parameters()
-            if any(name == w or name.endswith("." + w) for w in wanted)]
+            if any(name == w or name.endswith("." + w) for w in wanted or ())]
+
+
+def _param_wrappers(model, config) -> list[tuple[str, str, int, float, int, bool]]:
+    """PEFT's own LoRA layers for `config`'s target_parameters, built on a copy of the
+    meta model: (layer name, parameter name, r, alpha, experts, stored in x out) each.
+    The layer names are those PEFT's keys use: several parameters of one module nest,
+    the later parameter's wrapper outside (`experts`), the earlier inside (`experts.base_layer`)."""
+    import copy
+
+    with quiet_library_noise():
+        from peft import get_peft_model
+        from peft.tuners.lora.layer import ParamWrapper
+
+    with torch.device("meta"):
+        peft_model = get_peft_model(copy.deepcopy(model), config)
+    found = []
+    for name, layer in peft_model.named_modules():
+        if isinstance(layer, ParamWrapper):
+            module = name.removeprefix("base_model.model.")
+            param = f"{module.replace('.base_layer', '')}.{layer.parameter_name}"
+            found.append((module, param, layer.r["default"], layer.lora_alpha["default"], layer.num_experts,
+                          layer.num_experts > 1 and not layer._did_swap_in_out_features))
+    return found
+
+
+def _parameter_targets(checkpoint, model, mapping, converted, *, r, lora_alpha, use_rslora, named: bool,
+                       exclude_parameters, where) -> tuple[list[Target], list[tuple[str, str]], dict, list[str]]:
+    """The targets of every parameter PEFT adapts through target_parameters, one per
+    expert: (targets, left out, rank_pattern entries for parameters smaller than r,
+    the parameters' names as adapter_config.json lists them)."""
+    with quiet_library_noise():
+        from peft import LoraConfig
+
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    params = _matching_parameters(model, converted.target_parameters)
+    excluded = set(_matching_parameters(model, exclude_parameters))
+    left_out = [(p, "excluded by exclude_parameters") for p in params if p in excluded]
+    usable, reads = [], {}
+    for param in params:
+        if param in excluded:
+            continue
+        if len(shapes[param]) not in (2, 3):
+            raise TargetError(f"{where}: target parameter {param} is {list(shapes[param])}; PiSSA needs a 2-D "
+                              "weight or a 3-D stack of experts")
+        try:
+            reads[param] = expert_reads(mapping, checkpoint, param, shapes[param])
+        except ExpertLayoutError as err:
+            if named:
+                raise TargetError(str(err)) from None
+            left_out.append((param, str(err)))
+            continue
+        for read in reads[param]:
+            if read.dtype not in DECOMPOSABLE_DTYPES:
+                piece = read.pieces[0]
+                raise TargetError(f"{checkpoint.info(piece.tensor).file}: target tensor '{piece.tensor}' is "
+                                  f"{read.dtype}; PiSSA needs a {'/'.join(DECOMPOSABLE_DTYPES)} weight")
+        usable.append(param)
+    rank_pattern = dict(converted.rank_pattern or {})
+    clamps = {}
+    for param in usable:
+        rank, _, _ = module_scaling(param, r, lora_alpha, rank_pattern, converted.alpha_pattern or {}, use_rslora)
+        limit = min(shapes[param][-2:])
+        if rank > limit:
+            clamps[param] = limit
+    if not usable:
+        return [], left_out, {}, []
+    config = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=[], target_parameters=sorted(usable),
+                        rank_pattern={**clamps, **rank_pattern}, alpha_pattern=dict(converted.alpha_pattern or {}),
+                        use_rslora=use_rslora, init_lora_weights=False)
+    targets = []
+    for module, param, rank, alpha, experts, transposed in _param_wrappers(model, config):
+        for e, read in enumerate(reads[param]):
+            is_expert = len(shapes[param]) == 3
+            tensor = f"{param}[{e}]" if is_expert else read.pieces[0].tensor
+            whole = not is_expert and read.pieces[0].start == 0 and len(read.pieces) == 1
+            targets.append(Target(module, tensor, read.shape, read.dtype, transposed, rank, alpha,
+                                  None if whole else read, param, e if is_expert else None, experts,
+                                  quantized=False))
+    # As adapter_config.json lists them: PEFT's own names where they pick exactly these, else every name.
+    listed = sorted(converted.target_parameters or [])
+    if set(_matching_parameters(model, listed)) != set(usable):
+        listed = sorted(usable)
+    return targets, left_out, clamps, listed
 
 
 def resolve_targets(
@@ -89,6 +201,8 @@ def resolve_targets(
     alpha_pattern: dict[str, float] | None = None,
     use_rslora: bool = False,
     config_dir: str | Path | None = None,
+    target_parameters: list[str] | None = None,
+    exclude_parameters: list[str] | None = None,
 ) -> TargetPlan:
     """The weights to decompose, each with its rank and alpha, as PEFT would pick them
     on the model config.json names; what PEFT would pick but cannot be decomposed here
@@ -102,9 +216,12 @@ def resolve_targets(
     if isinstance(target_modules, (list, tuple, set)):
         target_modules = sorted(target_modules)
     lora_config = lora_config_for(r, lora_alpha, target_modules, exclude_modules, rank_pattern, alpha_pattern, use_rslora)
-    as_given = lora_config_for(r, lora_alpha, target_modules, exclude_modules, rank_pattern, alpha_pattern, use_rslora)
     config_path = Path(config_dir) / "config.json" if config_dir else None
     named = _names_modules(target_modules)
+    param_targets: list[Target] = []
+    listed_parameters: list[str] = []
+    patterns: tuple[dict, dict] = ({}, {})
+    clamps: dict[str, int] = {}
 
     found: list[tuple[str, str, bool]] = []  # (module, tensor, fan_in_fan_out)
     left_out: list[tuple[str, str]] = []  # (module or parameter, why)
@@ -116,6 +233,16 @@ def resolve_targets(
 
         model, mapping = model_mapping(checkpoint, config_path.parent)
         task_type, architecture = mapping.task_type, mapping.architecture
+        lora_config.target_parameters = list(target_parameters or [])
+        # What PEFT itself makes of the config on this model: MoE experts and routers
+        # become target_parameters, and leave target_modules.
+        lora_config = peft_converted(lora_config, model, where)
+        param_targets, param_left_out, clamps, listed_parameters = _parameter_targets(
+            checkpoint, model, mapping, lora_config, r=r, lora_alpha=lora_alpha, use_rslora=use_rslora,
+            named=bool(target_parameters), exclude_parameters=exclude_parameters, where=where)
+        patterns = ({**clamps, **(lora_config.rank_pattern or {})}, dict(lora_config.alpha_pattern or {}))
+        if isinstance(lora_config.target_modules, set):
+            lora_config.target_modules = sorted(lora_config.target_modules)
         lora_config = _maybe_include_all_linear_layers(lora_config, model)
         for name, module in model.named_modules():
             if not name or not check_target_module_exists(lora_config, name):
@@ -136,8 +263,12 @@ def resolve_targets(
                 other_modules.append(name)
                 continue
             found.append((name, tensor, isinstance(module, Conv1D)))
-        left_out += [(p, "a parameter PEFT targets through target_parameters (MoE experts, routers); "
-                         "not decomposed yet") for p in _peft_target_parameters(as_given, model)]
+        left_out += param_left_out
+        if not target_parameters:  # experts PEFT's expansion leaves alone on this model type
+            adapted = {t.parameter for t in param_targets} | {p for p, _ in param_left_out}
+            left_out += [(name, "a stack of experts this target_modules does not pick on this model type "
+                                "(PEFT's own expansion leaves it too); name it in target_parameters to adapt it")
+                         for name, p in model.named_parameters() if p.dim() == 3 and name not in adapted]
     else:
         if not named:
             raise TargetError(
@@ -148,7 +279,7 @@ def resolve_targets(
             if info.name.endswith(".weight") and check_target_module_exists(lora_config, info.name[: -len(".weight")]):
                 found.append((info.name[: -len(".weight")], info.name, False))
 
-    if not found:
+    if not found and not param_targets:
         raise TargetError(f"{where}: target_modules={target_modules!r} matched no module"
                           + (f" with a weight to decompose (left out: {left_out[0][0]}: {left_out[0][1]})"
                              if left_out else ""))
@@ -173,7 +304,9 @@ def resolve_targets(
         targets.append(Target(module, tensor, tuple(info.shape), info.dtype, fan_in_fan_out, rank, alpha))
     if refused and (len(rank_limited) == len(targets) or any(t.r < 1 for t in targets)):
         raise TargetError(f"{refused}; no target can take that rank")  # a mistake, not a few small weights
-    return TargetPlan(targets, task_type, architecture, left_out, rank_limited, other_modules)
+    rank_limited += sorted(clamps)
+    return TargetPlan(targets + param_targets, task_type, architecture, left_out, rank_limited, other_modules,
+                      listed_parameters, *patterns)
 
 
 def bnb_quantized_weights(checkpoint: Checkpoint, config_dir: str | Path) -> list[StoredQuantized]:

@@ -317,6 +317,13 @@ impl PyCheckpoint {
         py.detach(|| self.inner.read_into(name, slice))
             .map_err(to_py)
     }
+    /// Read bytes `[offset, offset + len(dest))` of a tensor into `dest`, like read_into.
+    fn read_range_into(&self, py: Python<'_>, name: &str, offset: u64, dest: &Bound<'_, PyAny>) -> PyResult<()> {
+        let mut borrowed = BorrowedBytes::get_writable(dest)?;
+        let slice = borrowed.as_mut_slice();
+        py.detach(|| self.inner.read_range_into(name, offset, slice))
+            .map_err(to_py)
+    }
     /// Drop every page of every shard from this process and the page cache:
     /// for when the run is done with the input.
     fn release_all(&self) {

@@ -371,6 +371,24 @@ impl Checkpoint {
         self.shards[entry.shard].read_into(entry.start, dst)
     }
 
+    /// Read bytes `[offset, offset + dst.len())` of tensor `name` into `dst`:
+    /// one expert's matrix out of a tensor that stacks all of a layer's experts.
+    pub fn read_range_into(&self, name: &str, offset: u64, dst: &mut [u8]) -> Result<()> {
+        let entry = self.get(name)?;
+        if offset + dst.len() as u64 > entry.nbytes() {
+            return Err(Error::io(
+                &self.shards[entry.shard].path,
+                "read",
+                std::io::Error::other(format!(
+                    "tensor '{name}' is {} bytes; bytes {offset}..{} are not in it",
+                    entry.nbytes(),
+                    offset + dst.len() as u64
+                )),
+            ));
+        }
+        self.shards[entry.shard].read_into(entry.start + offset, dst)
+    }
+
     /// The bytes of one tensor, straight from the mapping.
     pub fn bytes(&self, entry: &TensorEntry) -> &[u8] {
         &self.shards[entry.shard].bytes()[entry.start as usize..entry.end as usize]
