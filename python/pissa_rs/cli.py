@@ -77,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="'all-linear' (every linear layer but the output head), comma-separated module name "
                      "suffixes (q_proj,v_proj), or a regex matched against full module names (default %(default)s)")
     dec.add_argument("--exclude-modules", type=_modules, help="suffixes or a regex of modules to leave alone")
+    dec.add_argument("--target-parameters", type=lambda v: [p for p in v.split(",") if p],
+                     help="MoE: parameters PEFT adapts through target_parameters, by name or suffix "
+                     "(mlp.experts.gate_up_proj,mlp.experts.down_proj), on top of what PEFT's own expansion of "
+                     "--target-modules adds on this model; each expert gets its own PiSSA split")
+    dec.add_argument("--exclude-parameters", type=lambda v: [p for p in v.split(",") if p],
+                     help="parameters to leave alone, by name or suffix, e.g. mlp.gate.weight (keep the routers "
+                     "frozen)")
     dec.add_argument("--rank-pattern", type=_pattern(int), default={},
                      help="per-module ranks as PEFT's rank_pattern: NAME=R[,NAME=R...]")
     dec.add_argument("--alpha-pattern", type=_pattern(float), default={},
@@ -162,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _decompose(args) -> int:
     options = DecomposeOptions(
         r=args.rank, lora_alpha=args.lora_alpha, niter=args.niter, target_modules=args.target_modules,
-        exclude_modules=args.exclude_modules, rank_pattern=args.rank_pattern, alpha_pattern=args.alpha_pattern,
+        exclude_modules=args.exclude_modules, target_parameters=args.target_parameters,
+        exclude_parameters=args.exclude_parameters, rank_pattern=args.rank_pattern, alpha_pattern=args.alpha_pattern,
         use_rslora=args.use_rslora, device=args.device, devices=args.devices, seed=args.seed, adapter_dtype=args.adapter_dtype,
         quantize=args.quantize, quant_iters=args.quant_iters, double_quant=args.double_quant,
         compare_loftq=args.compare_loftq, measure_error=not args.no_measure_error,

@@ -24,9 +24,21 @@ from .peft_format import (
     AdapterMismatchError,
     adapter_modules,
     module_scaling,
+    PARAM_WRAPPERS,
 )
 from .tensors import SAFETENSORS_DTYPES, TORCH_DTYPES, as_numpy_bytes, as_torch
 from .noise import quiet_library_noise
+
+def param_wrappers(init_dir: Path) -> dict[str, tuple[str, int]]:
+    """The initial adapter's layers that are PEFT ParamWrappers (MoE experts, routers):
+    layer name -> (the parameter it adapts, its number of experts), as the decomposition
+    recorded them beside the adapter (PEFT's files do not say which layer holds which
+    parameter, and rank_pattern matches parameters)."""
+    path = init_dir / PARAM_WRAPPERS
+    if not path.is_file():
+        return {}
+    return {module: (v["parameter"], v["num_experts"]) for module, v in json.loads(path.read_text()).items()}
+
 
 @dataclass
 class ConversionResult:
@@ -101,6 +113,7 @@ def convert_to_lora(init_dir: str | os.PathLike[str], finetuned_dir: str | os.Pa
     init_mods, tuned_mods = adapter_modules(init, init_dir), adapter_modules(tuned, finetuned_dir)
     _check_pair(init_dir, init_cfg, finetuned_dir, tuned_cfg, init_mods, tuned_mods, init, tuned)
 
+    wrapped = param_wrappers(init_dir)  # module -> (parameter, experts) for PEFT's ParamWrapper layers
     config = LoraConfig.from_pretrained(str(finetuned_dir))
     config.init_lora_weights = True
     config.inference_mode = True
@@ -108,17 +121,35 @@ def convert_to_lora(init_dir: str | os.PathLike[str], finetuned_dir: str | os.Pa
     r, alpha, rslora = config.r, config.lora_alpha, config.use_rslora
     rank_pattern, alpha_pattern = dict(config.rank_pattern), dict(config.alpha_pattern)
 
+    def pattern_key(module: str) -> str:
+        """What rank_pattern matches for a layer: its name, or for a ParamWrapper its parameter's."""
+        name = module.removeprefix("base_model.model.")
+        return wrapped[name][0] if name in wrapped else name
+
     def delta_factors(module: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """[A ; A0] and [B | -B0] for one module, compacted if asked."""
+        """[A ; A0] and [B | -B0] for one module, compacted if asked; for a layer over
+        E experts, per expert, in PEFT's layout (expert-major rows of A, expert-minor
+        columns of B): PEFT's own conversion concatenates the whole matrices, which
+        mixes the experts up."""
         a0, b0 = (as_torch(init.buffer(k)) for k in init_mods[module])
         a, b = (as_torch(tuned.buffer(k)) for k in tuned_mods[module])
-        new_a, new_b = torch.cat([a, a0], dim=0), torch.cat([b, -b0], dim=1)
-        if not compact:
-            return new_a, new_b
-        # Fold the module's scale in, so that rank k with alpha k (s = 1) is exact.
-        _, _, scale = module_scaling(module.removeprefix("base_model.model."), r, alpha, rank_pattern,
-                                     alpha_pattern, rslora)
-        return _compact(new_a * scale, new_b, tol)
+        experts = wrapped.get(module.removeprefix("base_model.model."), (None, 1))[1]
+        scale = module_scaling(pattern_key(module), r, alpha, rank_pattern, alpha_pattern, rslora)[2]
+        if experts == 1:
+            new_a, new_b = torch.cat([a, a0], dim=0), torch.cat([b, -b0], dim=1)
+            return _compact(new_a * scale, new_b, tol) if compact else (new_a, new_b)
+        rank, n_in, n_out = a.shape[0] // experts, a.shape[1], b.shape[0]
+        pairs = [(torch.cat([a.view(experts, rank, n_in)[e], a0.view(experts, rank, n_in)[e]], dim=0),
+                  torch.cat([b.view(n_out, rank, experts)[:, :, e], -b0.view(n_out, rank, experts)[:, :, e]], dim=1))
+                 for e in range(experts)]
+        if compact:  # one rank for the layer: the largest any expert needs, the others padded with zeros
+            pairs = [_compact(pa * scale, pb, tol) for pa, pb in pairs]
+            k = max(pa.shape[0] for pa, _ in pairs)
+            pairs = [(torch.nn.functional.pad(pa, (0, 0, 0, k - pa.shape[0])),
+                      torch.nn.functional.pad(pb, (0, k - pb.shape[1]))) for pa, pb in pairs]
+        new_a = torch.stack([pa for pa, _ in pairs])  # experts x k x in
+        new_b = torch.stack([pb for _, pb in pairs], dim=2)  # out x k x experts
+        return new_a.reshape(-1, n_in), new_b.reshape(n_out, -1)
 
     # Shapes first (the writer lays the file out up front): 2r each, or with
     # compact the kept ranks, from a first pass whose factors are dropped.
@@ -128,8 +159,9 @@ def convert_to_lora(init_dir: str | os.PathLike[str], finetuned_dir: str | os.Pa
         (a_rows, in_f), (out_f, _) = tuple(tuned.info(a_key).shape), tuple(tuned.info(b_key).shape)
         dtype = SAFETENSORS_DTYPES[torch.promote_types(TORCH_DTYPES[tuned.info(a_key).dtype],
                                                        TORCH_DTYPES[init.info(init_mods[module][0]).dtype])]
+        experts = wrapped.get(module.removeprefix("base_model.model."), (None, 1))[1]
         k = delta_factors(module)[0].shape[0] if compact else 2 * a_rows
-        ranks[module.removeprefix("base_model.model.")] = k
+        ranks[pattern_key(module)] = k // experts
         specs += [(a_key, dtype, [k, in_f]), (b_key, dtype, [out_f, k])]
 
     if compact:

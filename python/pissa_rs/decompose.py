@@ -19,7 +19,15 @@ from .devices import DeviceRunner, parse_devices
 from .hub import is_local, model_name, resolve_model
 from .factors import factors_at_ranks, scaling, tensor_seed
 from .mapping import Piece
-from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_shapes, lora_a_key, lora_b_key
+from .peft_format import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    PARAM_WRAPPERS,
+    adapter_shapes,
+    lora_a_key,
+    lora_b_key,
+    param_wrappers_json,
+)
 from .quant import (
     QUANT_TYPES,
     Quantization,
@@ -800,6 +808,9 @@ def _finish_output(checkpoint: Checkpoint, path: Path, output: _Output, started:
     copied = copy_model_files(checkpoint, path, out)
     if output.options.save_quantized:
         _describe_quantized_storage(checkpoint, out, output)
+    wrappers = param_wrappers_json(output.plan.targets)
+    if wrappers is not None:
+        atomic_write_text(out / ADAPTER_SUBDIR / PARAM_WRAPPERS, wrappers)
     atomic_write_text(out / ADAPTER_SUBDIR / ADAPTER_CONFIG, output.plan.adapter_config_json)
     report = _report(path, out, output.plan, output.options, output.records, copied,
                      output.plan_bytes(checkpoint), time.perf_counter() - started)

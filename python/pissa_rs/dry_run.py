@@ -51,13 +51,17 @@ class DecompositionPlan:
                  f"method: {self.options.init_lora_weights}{self._qpissa}, device {','.join(map(str, self.options.torch_devices))}, "
                  f"estimated {self.estimated_seconds:.1f} s of SVD work",
                  f"{len(self.targets)} targets:"]
-        width = max((len(t.tensor) for t in self.targets), default=0)
-        for t in self.targets:
-            lines.append(f"  {t.tensor:<{width}}  {t.dtype:<5} {str(list(t.shape)):<14} r={t.r} alpha={t.lora_alpha:g}"
-                         f"{' (Conv1D)' if t.fan_in_fan_out else ''}")
-        for t in self.targets:
-            if t.module in self.rank_limited:
-                lines.append(f"  rank {t.r} for {t.module}: its smaller dimension is below r")
+        shown = [t for t in self.targets if not t.expert]  # a layer's experts: one line
+        width = max((len(t.parameter if t.expert is not None else t.tensor) for t in shown), default=0)
+        for t in shown:
+            name = t.parameter if t.expert is not None else t.tensor
+            shape = [t.num_experts, *t.shape] if t.expert is not None else list(t.shape)
+            kind = (f" ({t.num_experts} experts, each its own split{', stored in x out' if t.fan_in_fan_out else ''})"
+                    if t.expert is not None else " (Conv1D)" if t.fan_in_fan_out else "")
+            lines.append(f"  {name:<{width}}  {t.dtype:<5} {str(shape):<14} r={t.r} alpha={t.lora_alpha:g}{kind}")
+        for t in shown:
+            if t.module in self.rank_limited or t.parameter in self.rank_limited:
+                lines.append(f"  rank {t.r} for {t.parameter or t.module}: its smaller dimension is below r")
         lines += [f"left out: {name}: {why}" for name, why in self.left_out]
         if self.stored_quantized:
             lines.append(f"{len(self.stored_quantized)} weights stored pre-quantized as {self.options.quantize} "
@@ -121,7 +125,7 @@ def plan_decomposition(path: Path, opts: DecomposeOptions, out: Path | None) -> 
     outs = output_dirs(path, opts.ranks, out)
     plans = make_plan(path, [asdict(opts.for_rank(r)) for r in opts.ranks], outs)
     found = plans[-1]  # ranks ascend: the largest, whose SVD all share
-    targets = {t.tensor for t in found.targets}
+    targets = {p.tensor for t in found.targets for p in t.weight_read(checkpoint).pieces}
     stored = [w.tensor for w in found.stored_quantized]
     passthrough = [(i.name, i.dtype, tuple(i.shape), i.nbytes) for i in checkpoint.tensors
                    if i.name not in targets and i.name not in stored]

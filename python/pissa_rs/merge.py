@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+
 from ._pissa_rs import Checkpoint, Pipeline
 from .bnb_format import read_weight
 from .decompose import (
@@ -47,11 +49,31 @@ def merge_adapter(residual_dir: str | os.PathLike[str], adapter_dir: str | os.Pa
 
     out.mkdir(parents=True, exist_ok=True)
     writers = writers_like(residual, out, stored_as=dense_as)
-    merged = {job.tensor for job in jobs}
+    merged = {job.tensor for job in jobs if job.read is None}
+    merged |= {p.tensor for job in jobs if job.read is not None for p in job.read.pieces}
     pipeline = Pipeline(residual, [(i.name, writers[i.file], i.name) for i in residual.tensors
                                    if i.name not in merged and i.name not in dense_as])
+    # A tensor holding several experts is written once all of them are merged into it.
+    partial: dict[str, tuple[torch.Tensor, int]] = {}
     try:
         for job in jobs:
+            if job.read is not None:  # an expert: merged, its bytes back to where they came from
+                w = job.weight(residual)
+                merged_w, _ = round_difference(w.float(), -job.delta(adapter), w.dtype)
+                flat, offset = merged_w.reshape(-1).view(torch.uint8), 0
+                for piece in job.read.pieces:
+                    size, info = piece.end - piece.start, residual.info(piece.tensor)
+                    data = flat[offset: offset + size]
+                    offset += size
+                    if size != info.nbytes:
+                        whole, filled = partial.get(piece.tensor) or (torch.empty(info.nbytes, dtype=torch.uint8), 0)
+                        whole[piece.start: piece.end] = data
+                        partial[piece.tensor] = (whole, filled + size)
+                        if filled + size < info.nbytes:
+                            continue
+                        data = partial.pop(piece.tensor)[0]
+                    pipeline.submit(writers[info.file], piece.tensor, as_numpy_bytes(data))
+                continue
             tensor = job.tensor
             w = read_weight(residual, tensor, storage, stored)
             # W_res + s*B@A, rounded once to the weight's dtype.

@@ -7,7 +7,10 @@ import json
 import re
 import tempfile
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
+
+import torch
 
 from ._pissa_rs import Checkpoint, PissaError
 from .factors import scaling
@@ -15,6 +18,8 @@ from .noise import quiet_library_noise
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+# Beside the initial adapter: which layers are ParamWrappers over which parameter (and experts).
+PARAM_WRAPPERS = "pissa_param_wrappers.json"
 A_KEY = re.compile(r"^(?P<module>.+)\.lora_A(?:\.[^.]+)?\.weight$")
 
 
@@ -62,23 +67,47 @@ def residual_weight_name(residual: Checkpoint, module: str) -> str | None:
 
 @dataclass
 class AdapterTarget:
-    """One adapter module and the residual weight it belongs to."""
+    """One adapter module (or one expert of a layer over several) and the residual
+    weight it belongs to."""
 
-    tensor: str  # the weight's name in the residual checkpoint
+    tensor: str  # the weight's name in the residual checkpoint; an expert's "<parameter>[e]"
     module: str  # as the adapter's keys name it: "base_model.model.<module>"
     a_key: str
     b_key: str
     r: int
     scale: float
     fan_in_fan_out: bool
+    # An expert: its matrix's bytes in the checkpoint (the same in the original and the
+    # residual), which of the layer's experts it is, and its dtype and shape
+    read: Any = None  # mapping.WeightRead
+    expert: int | None = None
+    num_experts: int = 1
+    quantized: bool = True  # whether bitsandbytes quantizes it at load (experts and routers: no)
 
     def delta(self, adapter: Checkpoint):
         """s * B @ A in float32, laid out as the weight is stored."""
         from .tensors import as_torch
 
         a, b = as_torch(adapter.buffer(self.a_key)).float(), as_torch(adapter.buffer(self.b_key)).float()
+        if self.expert is not None:  # PEFT's ParamWrapper: expert e's rows of A, every E-th column of B
+            a = a.view(self.num_experts, self.r, a.shape[1])[self.expert]
+            b = b.view(b.shape[0], self.r, self.num_experts)[:, :, self.expert]
         delta = (self.scale * b) @ a
         return delta.T if self.fan_in_fan_out else delta
+
+    def weight(self, checkpoint: Checkpoint):
+        """The weight in its stored dtype and layout, from `checkpoint` (original or residual)."""
+        from .tensors import TORCH_DTYPES, as_torch
+
+        if self.read is None:
+            return as_torch(checkpoint.buffer(self.tensor))
+        data = torch.empty(self.read.nbytes, dtype=torch.uint8)
+        offset = 0
+        for piece in self.read.pieces:
+            size = piece.end - piece.start
+            checkpoint.read_range_into(piece.tensor, piece.start, data[offset: offset + size].numpy())
+            offset += size
+        return data.view(TORCH_DTYPES[self.read.dtype]).reshape(self.read.shape)
 
 
 def adapter_targets(adapter_dir: Path, adapter: Checkpoint, residual: Checkpoint, residual_dir: Path | str
@@ -92,11 +121,21 @@ def adapter_targets(adapter_dir: Path, adapter: Checkpoint, residual: Checkpoint
     # model's), and the shape of every weight stored pre-quantized (save_quantized).
     report_path = Path(residual_dir) / "pissa_report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
-    recorded = {t["module"]: t["tensor"] for t in report.get("tensors", [])}
+    recorded = {t["module"]: t["tensor"] for t in report.get("tensors", []) if t.get("expert") is None}
+    params = {t["module"]: t["parameter"] for t in report.get("tensors", []) if t.get("parameter")}
+    experts: dict[str, list[dict]] = {}
+    for t in report.get("tensors", []):
+        if t.get("expert") is not None:
+            experts.setdefault(t["module"], []).append(t)
     shapes = {name: tuple(w["shape"]) for name, w in report.get("stored_quantized", {}).items()}
     targets = []
     for module, (a_key, b_key) in adapter_modules(adapter, adapter_dir / ADAPTER_WEIGHTS).items():
-        tensor = recorded.get(module.removeprefix("base_model.model."))
+        name = module.removeprefix("base_model.model.")
+        if name in experts:
+            targets += _expert_targets(adapter_dir, config, adapter, residual, residual_dir, module, a_key, b_key,
+                                       params[name], experts[name])
+            continue
+        tensor = recorded.get(name)
         tensor = tensor if tensor is not None and tensor in residual else residual_weight_name(residual, module)
         if tensor is None:
             raise AdapterMismatchError(f"{adapter_dir}: module '{module}' has no weight in {residual_dir}")
@@ -108,15 +147,47 @@ def adapter_targets(adapter_dir: Path, adapter: Checkpoint, residual: Checkpoint
                 f"{adapter_dir}: module '{module}': adapter B{list(b_shape)} A{list(a_shape)} does not fit weight "
                 f"'{tensor}' {list(w_shape)} of {residual_dir}; they do not belong together"
             )
-        r, _, scale = module_scaling(module.removeprefix("base_model.model."), config["r"], config["lora_alpha"],
+        r, _, scale = module_scaling(params.get(name, name), config["r"], config["lora_alpha"],
                                      config.get("rank_pattern") or {}, config.get("alpha_pattern") or {},
                                      config.get("use_rslora", False))
         if a_shape[0] != r:
             raise AdapterMismatchError(
                 f"{adapter_dir}: module '{module}' ({tensor}): adapter rank {a_shape[0]} but adapter_config says r={r}"
             )
-        targets.append(AdapterTarget(tensor, module, a_key, b_key, r, scale, fan_in_fan_out))
+        targets.append(AdapterTarget(tensor, module, a_key, b_key, r, scale, fan_in_fan_out,
+                                     quantized=name not in params))
     return targets
+
+
+def _expert_targets(adapter_dir, config, adapter, residual, residual_dir, module, a_key, b_key, param, records
+                    ) -> list[AdapterTarget]:
+    """One AdapterTarget per expert of a ParamWrapper layer, from the report's records
+    of where each expert's bytes are."""
+    from .mapping import Piece, WeightRead
+
+    experts = records[0]["num_experts"]
+    r, _, scale = module_scaling(param, config["r"], config["lora_alpha"], config.get("rank_pattern") or {},
+                                 config.get("alpha_pattern") or {}, config.get("use_rslora", False))
+    a_shape, b_shape = tuple(adapter.info(a_key).shape), tuple(adapter.info(b_key).shape)
+    found = []
+    for t in sorted(records, key=lambda t: t["expert"]):
+        shape = tuple(t["shape"])
+        rows, cols = (shape[1], shape[0]) if t["fan_in_fan_out"] else shape
+        if a_shape != (r * experts, cols) or b_shape != (rows, r * experts):
+            raise AdapterMismatchError(
+                f"{adapter_dir}: module '{module}': adapter B{list(b_shape)} A{list(a_shape)} does not fit "
+                f"{experts} experts of {list(shape)} at rank {r} ({param} of {residual_dir})")
+        pieces = tuple(Piece(*p) for p in t["pieces"])
+        for p in pieces:
+            if p.tensor not in residual:
+                raise AdapterMismatchError(f"{adapter_dir}: module '{module}': expert {t['expert']} is in tensor "
+                                           f"'{p.tensor}', which {residual_dir} lacks")
+        found.append(AdapterTarget(t["tensor"], module, a_key, b_key, r, scale, t["fan_in_fan_out"],
+                                   WeightRead(pieces, t["dtype"], shape), t["expert"], experts, quantized=False))
+    if [t.expert for t in found] != list(range(experts)):
+        raise AdapterMismatchError(f"{residual_dir}: the report lists experts {[t.expert for t in found]} of "
+                                   f"'{module}', not all {experts}")
+    return found
 
 
 def lora_a_key(module: str) -> str:
@@ -141,6 +212,13 @@ def adapter_shapes(targets) -> list[tuple[str, tuple[int, int]]]:
         shapes += [(lora_a_key(t.module), (t.r * t.num_experts, cols)),
                    (lora_b_key(t.module), (rows, t.r * t.num_experts))]
     return shapes
+
+
+def param_wrappers_json(targets) -> str | None:
+    """PARAM_WRAPPERS' text for these targets, None when no target is a parameter."""
+    wrappers = {t.module: {"parameter": t.parameter, "num_experts": t.num_experts}
+                for t in targets if t.parameter is not None}
+    return json.dumps(dict(sorted(wrappers.items())), indent=1) if wrappers else None
 
 
 def adapter_config(

@@ -38,7 +38,8 @@ def measure_quantization_error(out: str | os.PathLike[str], against: str | os.Pa
     adapter_dir = out / ADAPTER_SUBDIR
     adapter = Checkpoint(adapter_dir / ADAPTER_WEIGHTS)
     rows = []
-    for target in adapter_targets(adapter_dir, adapter, residual, out):
+    # Experts and routers stay unquantized when transformers loads with bitsandbytes: nothing to measure.
+    for target in (t for t in adapter_targets(adapter_dir, adapter, residual, out) if t.quantized):
         w = as_torch(original.buffer(target.tensor)).to(device)
         # A residual stored quantized is measured as stored: what the model computes with.
         w_res = read_weight(residual, target.tensor, storage, stored).to(device)

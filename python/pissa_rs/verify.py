@@ -71,15 +71,28 @@ def verify(out: str | os.PathLike[str], against: str | os.PathLike[str], revisio
         return report
 
     try:
-        targets = {t.tensor: t for t in adapter_targets(adapter_dir, adapter, residual, out)}
+        all_targets = adapter_targets(adapter_dir, adapter, residual, out)
     except AdapterMismatchError as err:
         report.problems.append(str(err))
         return report
+    targets = {t.tensor: t for t in all_targets if t.read is None}
+    # Experts: each is checked on its own matrix, wherever its bytes are (the tensors
+    # holding them are then fully checked: a layer's experts cover them).
+    in_experts: set[str] = set()
+    for target in (t for t in all_targets if t.read is not None):
+        problem = _reconstruction_problem(target.tensor, target, target.weight(original), target.weight(residual),
+                                          adapter, None)
+        if problem:
+            report.problems.append(f"{problem} from {against}")
+        report.checked_targets += 1
+        in_experts.update(p.tensor for p in target.read.pieces)
 
     for info in original.tensors:
         name = info.name
         target = targets.get(name)
-        if target is None and name in stored:
+        if name in in_experts:
+            pass
+        elif target is None and name in stored:
             problem = _quantized_problem(name, stored[name], original, residual, quant)
             if problem:
                 report.problems.append(f"{problem} from {against}")
@@ -89,7 +102,9 @@ def verify(out: str | os.PathLike[str], against: str | os.PathLike[str], revisio
                 report.problems.append(f"{name}: pass-through tensor differs from {against}")
             report.checked_passthrough += 1
         else:
-            problem = _reconstruction_problem(name, target, original, residual, adapter, quant, stored)
+            problem = _reconstruction_problem(name, target, as_torch(original.buffer(name)),
+                                              read_weight(residual, name, quant, stored), adapter,
+                                              quant if target.quantized else None)
             if problem:
                 report.problems.append(f"{problem} from {against}")
             report.checked_targets += 1
@@ -114,13 +129,12 @@ def _quantized_problem(name: str, weight: StoredQuantized, original: Checkpoint,
             f"{error.flatten()[worst].item():.3g} (allowed {bound.flatten()[worst].item():.3g})")
 
 
-def _reconstruction_problem(name: str, target: AdapterTarget, original: Checkpoint, residual: Checkpoint,
-                            adapter: Checkpoint, quant: Quantization | None,
-                            stored_as: dict[str, StoredQuantized]) -> str | None:
-    stored = as_torch(original.buffer(name))
+def _reconstruction_problem(name: str, target: AdapterTarget, stored: torch.Tensor, residual: torch.Tensor,
+                            adapter: Checkpoint, quant: Quantization | None) -> str | None:
+    """W (`stored`, the original) against W_res + s*B@A (`residual` as the model reads it)."""
     delta = target.delta(adapter)
     w = stored.double()
-    w_res = read_weight(residual, name, quant, stored_as).double()
+    w_res = residual.double()
     error = (w - (w_res + delta.double())).abs()
     bound = torch.finfo(stored.dtype).eps * (w_res.abs() + w.abs()) + 1e-30
     what = "within rounding"
