@@ -4,7 +4,7 @@ save_pretrained (float32), decomposed, then loaded by transformers + PEFT.
 For each: PEFT's own get_peft_model with the same target_modules builds LoRA layers on
 exactly the modules our adapter holds; loading our output warns of no missing or
 unexpected key; the original outputs come back; every adapter holds the top-r
-principal part of its original weight."""
+principal part of its original weight. Mixtures of experts: test_moe.py."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ import transformers
 from safetensors.torch import load_file
 
 import pissa_rs
-from pissa_rs.cli import main
 
 R = 4
 LANGUAGE = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -55,16 +54,6 @@ FAMILIES = {
                                                   num_attention_heads=4, intermediate_size=96),
                   "all-linear"),
     "llava-language": (transformers.LlavaForConditionalGeneration, llava_config, LANGUAGE),
-    "mixtral": (transformers.MixtralForCausalLM,
-                lambda: transformers.MixtralConfig(**text(num_local_experts=4, num_experts_per_tok=2)), "all-linear"),
-    "qwen2-moe": (transformers.Qwen2MoeForCausalLM,  # shared_expert_gate is 1 x hidden: rank 1, not r
-                  lambda: transformers.Qwen2MoeConfig(**text(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
-                                                             shared_expert_intermediate_size=96)),
-                  "all-linear"),
-    "qwen3-moe": (transformers.Qwen3MoeForCausalLM,
-                  lambda: transformers.Qwen3MoeConfig(**text(num_experts=4, num_experts_per_tok=2,
-                                                             moe_intermediate_size=48, head_dim=16)),
-                  "all-linear"),
 }
 
 
@@ -104,8 +93,6 @@ def test_family_as_transformers_saves_it(family, tmp_path, caplog):
     adapter = load_file(res.adapter / "adapter_model.safetensors")
     ours = {k.removeprefix("base_model.model.").removesuffix(".lora_A.weight") for k in adapter if ".lora_A." in k}
     assert ours and {t["module"] for t in res.report["tensors"]} == ours
-    if family == "qwen2-moe":
-        assert sorted(res.report["rank_limited"]) == [f"model.layers.{i}.mlp.shared_expert_gate" for i in range(2)]
 
     # PEFT's own expansion of the same target_modules on the real model: the same Linear layers.
     original = cls.from_pretrained(src, dtype=torch.float32).eval()
@@ -136,20 +123,6 @@ def test_family_as_transformers_saves_it(family, tmp_path, caplog):
         top = torch.linalg.svdvals(w)[: t["r"]]
         held = torch.linalg.svdvals(t["scale"] * b @ a)[: t["r"]]
         assert torch.allclose(held, top, rtol=1e-4, atol=1e-5), t["module"]
-
-
-def test_moe_routers_and_experts_are_left_out_and_named(tmp_path, capsys):
-    save("mixtral", tmp_path / "src")
-    on_disk = pissa_rs.Checkpoint(tmp_path / "src").names()
-    assert any(".block_sparse_moe.gate." in n for n in on_disk)  # transformers renames it mlp.gate at load
-    assert main(["decompose", str(tmp_path / "src"), "-r", "4", "-o", str(tmp_path / "o"),
-                              "--no-progress"]) == 0
-    printed = capsys.readouterr().out
-    report = json.loads((tmp_path / "o" / "pissa_report.json").read_text())
-    left = {item["name"] for item in report["left_out"]}
-    assert {"model.layers.0.mlp.gate.weight", "model.layers.0.mlp.experts.gate_up_proj",
-            "model.layers.0.mlp.experts.down_proj"} <= left
-    assert "left out: model.layers.1.mlp.experts.down_proj" in printed
 
 
 def test_modules_whose_weights_the_checkpoint_lacks(tmp_path):

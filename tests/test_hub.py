@@ -15,7 +15,6 @@ import pytest
 from make_tiny_model import save_tiny_model
 
 import pissa_rs
-from pissa_rs.cli import main
 from pissa_rs.hub import HubError, resolve_model
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -1014,8 +1014,10 @@ def _report(path, out, plan: Plan, options, records, copied, total_bytes, second
             "energy_kept_mean": sum(r["energy_kept"] for r in records) / max(len(records), 1),
             "max_abs_error": max((r["max_abs_error"] for r in records), default=0.0),
             "copied_files": copied,
-            **{f"{key}_mean": sum(r[key] for r in records) / len(records)
-               for key in ("error_reduction", "loftq_error_reduction") if records and key in records[0]},
+            # over the weights bitsandbytes quantizes (experts and routers are not)
+            **{f"{key}_mean": sum(measured) / len(measured)
+               for key in ("error_reduction", "loftq_error_reduction")
+               for measured in [[r[key] for r in records if key in r]] if measured},
         },
         "tensors": records,
     }
