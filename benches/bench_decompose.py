@@ -62,10 +62,7 @@ def shapes(hidden: int, intermediate: int, heads: int, kv_heads: int, vocab: int
 
 def make_checkpoint(path: Path, dims: dict, shard_bytes: int) -> int:
     """Write a random bf16 Llama checkpoint with HF shard naming and index; returns its bytes."""
-    import torch
     from transformers import LlamaConfig
-
-    import pissa_rs
 
     path.mkdir(parents=True, exist_ok=True)
     LlamaConfig(
@@ -73,7 +70,16 @@ def make_checkpoint(path: Path, dims: dict, shard_bytes: int) -> int:
         num_attention_heads=dims["heads"], num_key_value_heads=dims["kv_heads"], vocab_size=dims["vocab"],
         tie_word_embeddings=False, dtype="bfloat16",
     ).save_pretrained(path)
-    tensors = shapes(**dims)
+    return write_random_shards(path, shapes(**dims), shard_bytes)
+
+
+def write_random_shards(path: Path, tensors: dict[str, list[int]], shard_bytes: int) -> int:
+    """Random bf16 tensors (std 0.02) in shards of about shard_bytes, named and indexed as
+    save_pretrained does; returns their bytes."""
+    import torch
+
+    import pissa_rs
+
     shards, current, size = [], [], 0
     for name, shape in tensors.items():
         n = 2 * int(torch.Size(shape).numel())

@@ -56,3 +56,15 @@ def test_gpu_node_summary(tmp_path):
     assert "tests: FAIL: 1 passed, 1 failed, 0 errors, 1 skipped" in proc.stdout
     assert "failed: tests.test_x::test_bad" in proc.stdout
     assert "ratio to copy" in proc.stdout and "peak host RSS" in proc.stdout
+
+
+def test_moe_benchmark_smoke(tmp_path):
+    """benches/bench_moe.py with tiny shapes: both checkpoints built, decomposed, reported."""
+    out = tmp_path / "moe.json"
+    proc = subprocess.run([sys.executable, str(BENCH.parent / "bench_moe.py"), "--smoke", "--workdir", str(tmp_path),
+                           "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["moe"]["matrices"] == 4 + 1 + 4 * 2  # attention, router, each expert's gate_up and down
+    assert report["dense"]["matrices"] == 7
+    assert all(report[k]["wall_s"] > 0 and report[k]["peak_rss_bytes"] > 0 for k in ("moe", "dense"))
