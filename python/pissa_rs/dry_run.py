@@ -50,7 +50,9 @@ class DecompositionPlan:
                  f"{'' if self.fits_on_disk else ' -- DOES NOT FIT'})",
                  f"method: {self.options.init_lora_weights}{self._qpissa}, device {','.join(map(str, self.options.torch_devices))}, "
                  f"estimated {self.estimated_seconds:.1f} s of SVD work",
-                 f"{len(self.targets)} targets:"]
+                 f"{len(self.targets)} targets"
+                 + (f" ({sum(t.expert is not None for t in self.targets)} of them experts, one line per layer's "
+                    "parameter):" if any(t.expert is not None for t in self.targets) else ":")]
         shown = [t for t in self.targets if not t.expert]  # a layer's experts: one line
         width = max((len(t.parameter if t.expert is not None else t.tensor) for t in shown), default=0)
         for t in shown:
