@@ -28,18 +28,24 @@ pissa_rs.decompose_checkpoint(SRC, r=R, niter=NITER, out=OUT, progress=False)
 """)
 
 
+def layer_tensors(i: int, hidden: int, heads: int, kv_heads: int, head_dim: int) -> dict[str, list[int]]:
+    """A decoder layer's norms and attention projections."""
+    p = f"model.layers.{i}."
+    return {p + "input_layernorm.weight": [hidden], p + "post_attention_layernorm.weight": [hidden],
+            p + "self_attn.q_proj.weight": [heads * head_dim, hidden],
+            p + "self_attn.k_proj.weight": [kv_heads * head_dim, hidden],
+            p + "self_attn.v_proj.weight": [kv_heads * head_dim, hidden],
+            p + "self_attn.o_proj.weight": [hidden, heads * head_dim]}
+
+
 def moe_tensors(layers: int, hidden: int, heads: int, kv_heads: int, head_dim: int, experts: int,
                 expert_dim: int, vocab: int) -> dict[str, list[int]]:
     """Qwen3MoeForCausalLM's tensors as save_pretrained writes them (per-expert, v4 names)."""
     t = {"model.embed_tokens.weight": [vocab, hidden], "model.norm.weight": [hidden], "lm_head.weight": [vocab, hidden]}
     for i in range(layers):
         p = f"model.layers.{i}."
-        t.update({p + "input_layernorm.weight": [hidden], p + "post_attention_layernorm.weight": [hidden],
-                  p + "self_attn.q_proj.weight": [heads * head_dim, hidden],
-                  p + "self_attn.k_proj.weight": [kv_heads * head_dim, hidden],
-                  p + "self_attn.v_proj.weight": [kv_heads * head_dim, hidden],
-                  p + "self_attn.o_proj.weight": [hidden, heads * head_dim],
-                  p + "self_attn.q_norm.weight": [head_dim], p + "self_attn.k_norm.weight": [head_dim],
+        t.update(layer_tensors(i, hidden, heads, kv_heads, head_dim))
+        t.update({p + "self_attn.q_norm.weight": [head_dim], p + "self_attn.k_norm.weight": [head_dim],
                   p + "mlp.gate.weight": [experts, hidden]})
         for e in range(experts):
             t.update({f"{p}mlp.experts.{e}.gate_proj.weight": [expert_dim, hidden],
@@ -53,12 +59,8 @@ def dense_tensors(layers: int, hidden: int, heads: int, kv_heads: int, head_dim:
     t = {"model.embed_tokens.weight": [vocab, hidden], "model.norm.weight": [hidden], "lm_head.weight": [vocab, hidden]}
     for i in range(layers):
         p = f"model.layers.{i}."
-        t.update({p + "input_layernorm.weight": [hidden], p + "post_attention_layernorm.weight": [hidden],
-                  p + "self_attn.q_proj.weight": [heads * head_dim, hidden],
-                  p + "self_attn.k_proj.weight": [kv_heads * head_dim, hidden],
-                  p + "self_attn.v_proj.weight": [kv_heads * head_dim, hidden],
-                  p + "self_attn.o_proj.weight": [hidden, heads * head_dim],
-                  p + "mlp.gate_proj.weight": [intermediate, hidden], p + "mlp.up_proj.weight": [intermediate, hidden],
+        t.update(layer_tensors(i, hidden, heads, kv_heads, head_dim))
+        t.update({p + "mlp.gate_proj.weight": [intermediate, hidden], p + "mlp.up_proj.weight": [intermediate, hidden],
                   p + "mlp.down_proj.weight": [hidden, intermediate]})
     return t
 

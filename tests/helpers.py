@@ -71,3 +71,15 @@ def same_output(out: Path, reference: Path) -> None:
                 for t in json.loads((path / "pissa_report.json").read_text())["tensors"]]
 
     assert numbers(out) == numbers(reference)
+
+
+def save_spread(model, path, **kwargs) -> None:
+    """save_pretrained of `model` (float32) with every weight spread by N(0, 0.05): random
+    init leaves norms at exact constants and some weights at zero."""
+    import torch
+
+    model = model.float().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(path, **kwargs)

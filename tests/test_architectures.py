@@ -15,6 +15,7 @@ import warnings
 import pytest
 import torch
 import transformers
+from helpers import save_spread
 from safetensors.torch import load_file
 
 import pissa_rs
@@ -60,11 +61,7 @@ FAMILIES = {
 def save(family: str, path):
     cls, config, _ = FAMILIES[family]
     torch.manual_seed(0)
-    model = cls(config()).float().eval()
-    with torch.no_grad():  # spread every weight: random init leaves norms at exact constants
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model.save_pretrained(path, max_shard_size="100KB")
+    save_spread(cls(config()), path, max_shard_size="100KB")
     return cls
 
 
