@@ -497,6 +497,13 @@ class _Output:
     def writers(self) -> list[ShardWriter]:
         return [w for w in [*self.shard_writers.values(), self.adapter_writer] if w is not None]
 
+    def out_tensor(self, name: str) -> tuple[ShardWriter | None, int]:
+        """The writer of an output tensor of the residual and its size (None: already complete)."""
+        if not hasattr(self, "_out_tensors"):
+            self._out_tensors = {n: (w, end - start) for w in self.shard_writers.values() if w is not None
+                                 for n, start, end in w.ranges()}
+        return self._out_tensors.get(name, (None, 0))
+
     def plan_bytes(self, checkpoint: Checkpoint) -> int:
         """Bytes this output holds: the residual model and the adapter."""
         return sum(output_bytes(checkpoint, self.plan, self.options))
@@ -749,9 +756,8 @@ def _needs_target(output: _Output, index: int, checkpoint: Checkpoint) -> bool:
     """Whether any part of target `index` is still to be written into `output`
     (or its report record was lost)."""
     t = output.plan.targets[index]
-    if t.read is not None:  # an expert: its bytes are pieces of other tensors
-        needed = any(output.needs(output.shard_writers[checkpoint.info(p.tensor).file], p.tensor)
-                     for p in t.read.pieces)
+    if t.read is not None:  # an expert, or a weight stored in FP8 / MXFP4: its residual's own tensors
+        needed = any(output.needs(output.out_tensor(p.tensor)[0], p.tensor) for p in t.read.written)
     else:
         parts = output.plan.stored_parts(output.options.stored_quantization).get(t.tensor, [(t.tensor, None, None)])
         needed = _needs_parts(output, checkpoint, t.tensor, parts)
@@ -775,12 +781,11 @@ def _start_assemblies(output: _Output, checkpoint: Checkpoint, computed: set[int
                     slot = output.assembling.setdefault(
                         (output.adapter_writer.path, key), _Assembly(torch.empty(shapes[key], dtype=adapter_dtype), 0))
                     slot.missing += 1
-        for piece in t.read.pieces if t.read is not None else ():
-            info = checkpoint.info(piece.tensor)
-            writer = output.shard_writers[info.file]
-            if (piece.start, piece.end) != (0, info.nbytes) and output.needs(writer, piece.tensor):
+        for piece in t.read.written if t.read is not None else ():
+            writer, size = output.out_tensor(piece.tensor)
+            if (piece.start, piece.end) != (0, size) and output.needs(writer, piece.tensor):
                 slot = output.assembling.setdefault((writer.path, piece.tensor),
-                                                    _Assembly(torch.empty(info.nbytes, dtype=torch.uint8), 0))
+                                                    _Assembly(torch.empty(size, dtype=torch.uint8), 0))
                 slot.missing += 1
 
 
@@ -808,6 +813,9 @@ def _finish_output(checkpoint: Checkpoint, path: Path, output: _Output, started:
     copied = copy_model_files(checkpoint, path, out)
     if output.options.save_quantized:
         _describe_quantized_storage(checkpoint, out, output)
+    elif output.plan.source_as:  # an FP8 / MXFP4 source: the residual's tensors and config say what they are now
+        write_index_like(checkpoint, out, output.plan.source_as)
+        set_quantization_config(out, output.plan.source_quantization_config)
     wrappers = param_wrappers_json(output.plan.targets)
     if wrappers is not None:
         atomic_write_text(out / ADAPTER_SUBDIR / PARAM_WRAPPERS, wrappers)
@@ -922,7 +930,7 @@ def _compute_target(index: int, weight: torch.Tensor, outputs: list[_Output], to
         pieces = []
         if target.read is not None:  # its bytes go back where they came from
             parts, flat, offset = [], to_host(factors.residual).reshape(-1).view(torch.uint8), 0
-            for piece in target.read.pieces:
+            for piece in target.read.written:
                 pieces.append((piece, flat[offset: offset + piece.end - piece.start]))
                 offset += piece.end - piece.start
         elif first.save_quantized and stored is not None:
@@ -954,9 +962,8 @@ def _write_target(checkpoint: Checkpoint, index: int, outputs: list[_Output], co
             if output.needs(output.adapter_writer, b_key):
                 pipeline.submit(output.adapter_writer, b_key, as_numpy_bytes(result.lora_B))
         for piece, data in result.pieces:
-            info = checkpoint.info(piece.tensor)
-            writer = output.shard_writers[info.file]
-            if (piece.start, piece.end) == (0, info.nbytes):
+            writer, size = output.out_tensor(piece.tensor)
+            if (piece.start, piece.end) == (0, size):
                 _submit_parts(output, writer, [(piece.tensor, data)], pipeline)
             else:
                 _assemble(output, writer, piece.tensor, pipeline,
@@ -1004,6 +1011,7 @@ def _report(path, out, plan: Plan, options, records, copied, total_bytes, second
         # what target_modules picked (PEFT's expansion included) that was not decomposed, and why
         "left_out": [{"name": name, "why": why} for name, why in plan.left_out],
         "rank_limited": list(plan.rank_limited),  # decomposed at their smaller dimension, below r
+        **({"source_format": plan.source_format, "source_as": plan.source_as} if plan.source_as else {}),
         **({"quantizer": options.quantization.choice(options.device).as_record()} if options.quantize else {}),
         **({"stored_quantized": {w.tensor: w.as_record() for w in plan.stored_quantized}}
            if options.save_quantized else {}),

@@ -103,6 +103,7 @@ class _Staged:
     shape: tuple[int, ...]
     buffer: torch.Tensor  # the whole pooled buffer
     data: torch.Tensor  # its first nbytes
+    decode: Any = None  # stored in FP8 / MXFP4: bytes -> matrix, run on the device
 
 
 @dataclass
@@ -194,7 +195,7 @@ class DeviceRunner:
             read = item if isinstance(item, WeightRead) else None
             info = self._checkpoint.info(item if read is None else read.pieces[0].tensor)
             dtype, shape = (info.dtype, tuple(info.shape)) if read is None else (read.dtype, read.shape)
-            if dtype not in TORCH_DTYPES:
+            if dtype not in TORCH_DTYPES and (read is None or read.decode is None):
                 raise TypeError(f"tensor '{info.name}' of {info.file}: dtype {dtype} has no torch equivalent")
             buffer = self.buffers.acquire()
             data = buffer[: self._nbytes(item)]
@@ -206,7 +207,7 @@ class DeviceRunner:
                     size = piece.end - piece.start
                     self._checkpoint.read_range_into(piece.tensor, piece.start, data[offset: offset + size].numpy())
                     offset += size
-            self._staged.put(_Staged(index, TORCH_DTYPES[dtype], shape, buffer, data))
+            self._staged.put(_Staged(index, TORCH_DTYPES[dtype], shape, buffer, data, read and read.decode))
         for _ in self._devices:
             self._staged.put(_END)
 
@@ -262,7 +263,8 @@ class DeviceRunner:
             uploaded.raw.record_stream(stream)  # allocated on the side stream, freed after use on this one
             uploaded.ready.synchronize()  # issued during the previous compute: done by now
             self.buffers.release(staged.buffer)
-        weight = uploaded.raw.view(staged.dtype).reshape(staged.shape)
+        weight = (staged.decode(uploaded.raw) if staged.decode is not None
+                  else uploaded.raw.view(staged.dtype).reshape(staged.shape))
         result = self._compute(staged.index, weight, _host_copier(device))
         if uploaded.ready is not None:
             torch.cuda.current_stream(device).synchronize()  # the copies back have landed

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import functools
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from ._pissa_rs import Checkpoint
 from .noise import quiet_library_noise
+from .sources import OUT_DTYPE, Decode, SourceFormat, Stored, fp8_part, mxfp4_part, nbytes
 
 
 def model_class_for(config):
@@ -87,12 +88,51 @@ class WeightRead:
     slice of a tensor that holds all of a layer's experts)."""
 
     pieces: tuple[Piece, ...]
-    dtype: str  # safetensors dtype name
+    dtype: str  # safetensors dtype name of the matrix (as decoded)
     shape: tuple[int, int]
+    decode: Decode | None = None  # stored in FP8 / MXFP4: how the staged bytes become the matrix
+    out_pieces: tuple[Piece, ...] | None = None  # where the residual's bytes go in the output, if not `pieces`
 
     @property
     def nbytes(self) -> int:
         return sum(p.end - p.start for p in self.pieces)
+
+    @property
+    def written(self) -> tuple[Piece, ...]:
+        """Where the residual's bytes go (tensors of the output)."""
+        return self.out_pieces if self.out_pieces is not None else self.pieces
+
+    def as_record(self) -> dict:
+        return {"pieces": [[p.tensor, p.start, p.end] for p in self.pieces],
+                **({"out_pieces": [[p.tensor, p.start, p.end] for p in self.out_pieces]} if self.out_pieces else {}),
+                **({"decode": asdict(self.decode)} if self.decode else {})}
+
+    @staticmethod
+    def from_record(record: dict) -> WeightRead:
+        decode = record.get("decode")
+        if decode is not None:
+            decode = Decode(decode["kind"], tuple(Stored(**{k: tuple(v) if isinstance(v, list) else v
+                                                             for k, v in part.items()})
+                                                      for part in decode["parts"]), decode["transpose"])
+        out = record.get("out_pieces")
+        return WeightRead(tuple(Piece(*p) for p in record["pieces"]), record["dtype"], tuple(record["shape"]),
+                          decode, tuple(Piece(*p) for p in out) if out else None)
+
+    def read(self, checkpoint: Checkpoint, residual: bool = False) -> torch.Tensor:
+        """The matrix from the files: the input's, decoded; with `residual`, the output's
+        (the residual is stored plain where the input was encoded)."""
+        from .tensors import TORCH_DTYPES
+
+        pieces = self.written if residual else self.pieces
+        data = torch.empty(sum(p.end - p.start for p in pieces), dtype=torch.uint8)
+        offset = 0
+        for piece in pieces:
+            size = piece.end - piece.start
+            checkpoint.read_range_into(piece.tensor, piece.start, data[offset: offset + size].numpy())
+            offset += size
+        if self.decode is not None and not residual:
+            return self.decode(data)
+        return data.view(TORCH_DTYPES[self.dtype]).reshape(self.shape)
 
 
 class ExpertLayoutError(ValueError):
@@ -145,8 +185,26 @@ def model_mapping(checkpoint: Checkpoint, config_dir: str | Path):
     return model, checkpoint_mapping(model, checkpoint)
 
 
-def expert_reads(mapping: CheckpointMapping, checkpoint: Checkpoint, param: str, shape: tuple[int, ...]
-                 ) -> list[WeightRead]:
+def plain_or_encoded(checkpoint: Checkpoint, fmt: SourceFormat, tensors: list[str], matrix: tuple[int, int],
+                     where: str) -> WeightRead:
+    """One matrix made of whole tensors stacked by rows: plain floats, or FP8 codes with
+    their scales (then decoded to bfloat16, and the residual written as bfloat16 tensors
+    of the same names)."""
+    infos = [checkpoint.info(t) for t in tensors]
+    encoded = [fp8_part(checkpoint, fmt, t) for t in tensors]
+    if not any(encoded):
+        return WeightRead(tuple(Piece(i.name, 0, i.nbytes) for i in infos), infos[0].dtype, matrix)
+    if not all(encoded):
+        raise ExpertLayoutError(f"{where}: {', '.join(tensors)} mix FP8 and plain tensors in one matrix")
+    pieces, out = [], []
+    for info, (part, scale) in zip(infos, encoded):
+        pieces += [Piece(info.name, 0, info.nbytes), Piece(scale, 0, part.scale_nbytes)]
+        out.append(Piece(info.name, 0, nbytes(OUT_DTYPE, info.shape)))
+    return WeightRead(tuple(pieces), OUT_DTYPE, matrix, Decode("fp8", tuple(p for p, _ in encoded)), tuple(out))
+
+
+def expert_reads(mapping: CheckpointMapping, checkpoint: Checkpoint, param: str, shape: tuple[int, ...],
+                 fmt: SourceFormat = SourceFormat(None, None)) -> list[WeightRead]:
     """Each expert's matrix of a model parameter (shape [E, d1, d2]; [d1, d2] for a
     2-D one: a single matrix), as the checkpoint stores it, laid out as the matrix
     sits in the parameter: parameter[e] == the bytes of reads[e].
@@ -161,6 +219,8 @@ def expert_reads(mapping: CheckpointMapping, checkpoint: Checkpoint, param: str,
     matrix = tuple(shape[-2:])
     where = checkpoint.index_path or checkpoint.files[0]
     single = mapping.tensor_of.get(param)
+    if single is not None and len(shape) == 2:
+        return [plain_or_encoded(checkpoint, fmt, [single], matrix, where)]
     if single is not None:
         info = checkpoint.info(single)
         if tuple(info.shape) != tuple(shape):
@@ -168,6 +228,16 @@ def expert_reads(mapping: CheckpointMapping, checkpoint: Checkpoint, param: str,
                                     f"{param} is {list(shape)}")
         step = info.nbytes // experts
         return [WeightRead((Piece(single, e * step, (e + 1) * step),), info.dtype, matrix) for e in range(experts)]
+    if f"{param}_blocks" in checkpoint and len(shape) == 3:  # MXFP4, as GPT-OSS ships its experts
+        blocks, scales = mxfp4_part(checkpoint, param, matrix)
+        b, s = checkpoint.info(blocks), checkpoint.info(scales)
+        part = Stored("U8", tuple(b.shape[1:]), b.nbytes // experts, "U8", tuple(s.shape[1:]), s.nbytes // experts)
+        decode = Decode("mxfp4", (part,), transpose=True)
+        out = nbytes(OUT_DTYPE, matrix)
+        return [WeightRead((Piece(blocks, e * part.codes_nbytes, (e + 1) * part.codes_nbytes),
+                            Piece(scales, e * part.scale_nbytes, (e + 1) * part.scale_nbytes)),
+                           OUT_DTYPE, matrix, decode, (Piece(param_on_disk(blocks), e * out, (e + 1) * out),))
+                for e in range(experts)]
     if param not in mapping.merged_by or len(shape) != 3:
         raise ExpertLayoutError(f"{where}: no tensor of the checkpoint holds parameter {param}")
     converter, patterns = mapping.merged_by[param]
@@ -203,10 +273,16 @@ def expert_reads(mapping: CheckpointMapping, checkpoint: Checkpoint, param: str,
         if rows != matrix[0]:
             raise ExpertLayoutError(f"{infos[0].file}: expert {e} of {param} stacks {rows} rows from "
                                     f"{', '.join(tensors)}; the model's parameter has {matrix[0]}")
-        reads.append(WeightRead(tuple(Piece(i.name, 0, i.nbytes) for i in infos), infos[0].dtype, matrix))
+        reads.append(plain_or_encoded(checkpoint, fmt, tensors, matrix, where))
     extra = sorted(set(by_expert) - set(range(experts)))
     if extra:
         tensor = next(iter(by_expert[extra[0]].values()))
         raise ExpertLayoutError(f"{checkpoint.info(tensor).file}: tensor '{tensor}' is expert {extra[0]}, but "
                                 f"{param} has {experts} experts")
     return reads
+
+
+def param_on_disk(blocks: str) -> str:
+    """The name the dequantized parameter gets in the output (transformers' own name for
+    it in a bf16 checkpoint): the blocks tensor's, without `_blocks`."""
+    return blocks.removesuffix("_blocks")

@@ -13,9 +13,10 @@ from typing import Any
 from ._pissa_rs import Checkpoint
 from .bnb_format import StoredQuantized, quantization_config
 from .noise import quiet_library_noise
-from .mapping import meta_model
+from .mapping import meta_model, param_on_disk
 from .peft_format import adapter_config, adapter_config_json, adapter_shapes
 from .quant import Quantization, QuantizerChoice
+from .sources import FP8_DTYPES, OUT_DTYPE, SourceFormat, source_format
 from .targets import Target, TargetError, bnb_quantized_weights, resolve_targets
 
 # Checkpoints bigger than this plan in a child process: a few seconds of start-up
@@ -38,10 +39,16 @@ class Plan:
     quantizer: QuantizerChoice | None = None
     left_out: list[tuple[str, str]] = field(default_factory=list)  # (module or parameter, why not decomposed)
     rank_limited: list[str] = field(default_factory=list)  # modules decomposed at their smaller dimension < r
+    # A low-precision source (FP8, MXFP4): the encoded tensors of targets -> what the residual
+    # stores instead (bfloat16 weights; their scales: nothing), and config.json's
+    # quantization_config afterwards (None: none left; only set when the source has one)
+    source_format: str | None = None
+    source_as: dict[str, list[tuple[str, str, list[int]]]] = field(default_factory=dict)
+    source_quantization_config: dict | None = None
 
     def stored_parts(self, quant: Quantization | None) -> dict[str, list[tuple[str, str, list[int]]]]:
         """Original tensor name -> the (name, dtype, shape) of the tensors it is stored as, where not itself."""
-        return {w.tensor: w.parts(quant) for w in self.stored_quantized} if quant else {}
+        return {**self.source_as, **({w.tensor: w.parts(quant) for w in self.stored_quantized} if quant else {})}
 
 
 def is_model_dir(path: Path) -> bool:
@@ -68,6 +75,7 @@ def make_plan(path: Path, options: list[dict], outs: list[Path]) -> list[Plan]:
             raise TargetError(f"{path}: save_quantized needs the model's config.json (a model directory), to know "
                               "which weights transformers quantizes and to record the quantization there")
         stored, quant_config = bnb_quantized_weights(checkpoint, config_dir), quantization_config(quant)
+    fmt = source_format(config_dir)
     for opts, out in zip(options, outs):
         found = resolve_targets(
             checkpoint, r=opts["r"], lora_alpha=opts["lora_alpha"], target_modules=opts["target_modules"],
@@ -83,8 +91,13 @@ def make_plan(path: Path, options: list[dict], outs: list[Path]) -> list[Plan]:
         )
         if config_dir is not None:
             check_adapter_layout(config, found, config_dir)
+        source_as = source_layout(checkpoint, found.targets)
+        if source_as and stored:
+            raise TargetError(f"{path}: save_quantized from a {fmt.describe()} checkpoint is not supported; "
+                              "decompose to a bfloat16 residual and quantize at load instead")
         plans.append(Plan(found.targets, found.task_type, found.architecture, adapter_config_json(config), stored,
-                          quant_config, quantizer, found.left_out, found.rank_limited))
+                          quant_config, quantizer, found.left_out, found.rank_limited, fmt.kind,
+                          source_as, remaining_quantization(checkpoint, fmt, source_as, found.targets)))
     return plans
 
 
@@ -171,3 +184,42 @@ def _plan_and_send(send, path: Path, options: list[dict], outs: list[Path]) -> N
         send.send(("error", str(err)))
     finally:
         send.close()
+
+
+def source_layout(checkpoint: Checkpoint, targets) -> dict[str, list[tuple[str, str, list[int]]]]:
+    """The encoded tensors the targets read -> what the residual holds instead: an FP8
+    weight's bfloat16 residual under its name, an MXFP4 parameter's under the parameter's
+    name ([E, d1, d2], as transformers saves it in bf16); scales: nothing."""
+    layout: dict[str, list[tuple[str, str, list[int]]]] = {}
+    for t in targets:
+        read = t.read
+        if read is None or read.decode is None:
+            continue
+        outs = {p.tensor for p in read.written}
+        for piece in read.pieces:
+            if piece.tensor in layout:
+                continue
+            if piece.tensor in outs:
+                layout[piece.tensor] = [(piece.tensor, OUT_DTYPE, list(checkpoint.info(piece.tensor).shape))]
+            elif piece.tensor.endswith("_blocks"):
+                layout[piece.tensor] = [(param_on_disk(piece.tensor), OUT_DTYPE, [t.num_experts, *t.shape])]
+            else:  # scales: consumed
+                layout[piece.tensor] = []
+    return layout
+
+
+def remaining_quantization(checkpoint: Checkpoint, fmt: SourceFormat, source_as: dict, targets) -> dict | None:
+    """config.json's quantization_config for the residual: gone when every encoded weight
+    became a bfloat16 residual; else the source's, with the decomposed modules added to
+    those it leaves unquantized (transformers then loads both kinds without a warning)."""
+    if fmt.kind is None or not source_as:
+        return fmt.config
+    left = [i.name for i in checkpoint.tensors
+            if i.name not in source_as and (i.dtype in FP8_DTYPES or i.name.endswith("_blocks"))]
+    if not left:
+        return None
+    config = dict(fmt.config)
+    key = "ignore" if fmt.kind == "compressed-tensors" else "modules_to_not_convert"
+    modules = sorted({t.module for t in targets if t.read is not None and t.read.decode is not None})
+    config[key] = sorted(set(config.get(key) or []) | set(modules))
+    return config

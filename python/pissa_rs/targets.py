@@ -11,7 +11,8 @@ import torch
 from ._pissa_rs import Checkpoint, PissaError
 from .bnb_format import StoredQuantized
 from .peft_format import module_scaling
-from .mapping import ExpertLayoutError, Piece, WeightRead, expert_reads, meta_model, model_mapping
+from .mapping import ExpertLayoutError, Piece, WeightRead, expert_reads, meta_model, model_mapping, plain_or_encoded
+from .sources import SourceFormatError, source_format
 from .noise import quiet_library_noise
 
 # PEFT and transformers are imported inside the functions that use them: a
@@ -49,11 +50,14 @@ class Target:
         return WeightRead((Piece(self.tensor, 0, info.nbytes),), info.dtype, self.shape)
 
     def as_record(self) -> dict:
-        """What the report says of it beyond a module's weight: where an expert's bytes are."""
-        if self.parameter is None:
-            return {}
-        return {"parameter": self.parameter, "expert": self.expert, "num_experts": self.num_experts,
-                "pieces": [[p.tensor, p.start, p.end] for p in self.read.pieces] if self.read else None}
+        """What the report says of it beyond a plain module weight: the parameter it is (one
+        expert) of, and where its bytes are and how they decode (experts, FP8 / MXFP4)."""
+        record = {}
+        if self.parameter is not None:
+            record.update(parameter=self.parameter, expert=self.expert, num_experts=self.num_experts)
+        if self.read is not None:
+            record.update(self.read.as_record())
+        return record
 
 
 @dataclass(frozen=True)
@@ -131,7 +135,7 @@ def _param_wrappers(model, config) -> list[tuple[str, str, int, float, int, bool
 
 
 def _parameter_targets(checkpoint, model, mapping, converted, *, r, lora_alpha, use_rslora, named: bool,
-                       exclude_parameters, where) -> tuple[list[Target], list[tuple[str, str]], dict, list[str]]:
+                       exclude_parameters, where, fmt) -> tuple[list[Target], list[tuple[str, str]], dict, list[str]]:
     """The targets of every parameter PEFT adapts through target_parameters, one per
     expert: (targets, left out, rank_pattern entries for parameters smaller than r,
     the parameters' names as adapter_config.json lists them)."""
@@ -150,7 +154,9 @@ def _parameter_targets(checkpoint, model, mapping, converted, *, r, lora_alpha, 
             raise TargetError(f"{where}: target parameter {param} is {list(shapes[param])}; PiSSA needs a 2-D "
                               "weight or a 3-D stack of experts")
         try:
-            reads[param] = expert_reads(mapping, checkpoint, param, shapes[param])
+            reads[param] = expert_reads(mapping, checkpoint, param, shapes[param], fmt)
+        except SourceFormatError as err:
+            raise TargetError(str(err)) from None
         except ExpertLayoutError as err:
             if named:
                 raise TargetError(str(err)) from None
@@ -179,7 +185,7 @@ def _parameter_targets(checkpoint, model, mapping, converted, *, r, lora_alpha, 
         for e, read in enumerate(reads[param]):
             is_expert = len(shapes[param]) == 3
             tensor = f"{param}[{e}]" if is_expert else read.pieces[0].tensor
-            whole = not is_expert and read.pieces[0].start == 0 and len(read.pieces) == 1
+            whole = not is_expert and read.decode is None and read.pieces[0].start == 0 and len(read.pieces) == 1
             targets.append(Target(module, tensor, read.shape, read.dtype, transposed, rank, alpha,
                                   None if whole else read, param, e if is_expert else None, experts,
                                   quantized=False))
@@ -211,6 +217,7 @@ def resolve_targets(
         from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
 
     where = checkpoint.index_path or checkpoint.files[0]
+    fmt = source_format(config_dir)
     if target_modules is None:
         raise TargetError(f"{where}: target_modules is required")
     if isinstance(target_modules, (list, tuple, set)):
@@ -239,7 +246,7 @@ def resolve_targets(
         lora_config = peft_converted(lora_config, model, where)
         param_targets, param_left_out, clamps, listed_parameters = _parameter_targets(
             checkpoint, model, mapping, lora_config, r=r, lora_alpha=lora_alpha, use_rslora=use_rslora,
-            named=bool(target_parameters), exclude_parameters=exclude_parameters, where=where)
+            named=bool(target_parameters), exclude_parameters=exclude_parameters, where=where, fmt=fmt)
         patterns = ({**clamps, **(lora_config.rank_pattern or {})}, dict(lora_config.alpha_pattern or {}))
         if isinstance(lora_config.target_modules, set):
             lora_config.target_modules = sorted(lora_config.target_modules)
@@ -287,10 +294,18 @@ def resolve_targets(
     targets, rank_limited, refused = [], [], None
     for module, tensor, fan_in_fan_out in found:
         info = checkpoint.info(tensor)
-        if len(info.shape) != 2 or info.dtype not in DECOMPOSABLE_DTYPES:
+        read = None
+        if len(info.shape) == 2 and info.dtype not in DECOMPOSABLE_DTYPES and fmt.kind is not None:
+            try:  # stored in FP8: read as codes and scales, decomposed dequantized
+                read = plain_or_encoded(checkpoint, fmt, [tensor], tuple(info.shape), where)
+            except (SourceFormatError, ExpertLayoutError) as err:
+                raise TargetError(str(err)) from None
+            read = read if read.decode is not None else None
+        if len(info.shape) != 2 or (info.dtype not in DECOMPOSABLE_DTYPES and read is None):
             raise TargetError(
                 f"{info.file}: target tensor '{tensor}' is {info.dtype} x {list(info.shape)}; "
-                f"PiSSA needs a 2-D {'/'.join(DECOMPOSABLE_DTYPES)} weight"
+                f"PiSSA needs a 2-D {'/'.join(DECOMPOSABLE_DTYPES)} weight, or FP8 / MXFP4 with their scales "
+                f"(config.json: {fmt.describe()})"
             )
         rank, alpha, _ = module_scaling(module, r, lora_alpha, lora_config.rank_pattern, lora_config.alpha_pattern,
                                         use_rslora)
@@ -301,7 +316,8 @@ def resolve_targets(
         if rank > limit:  # a weight smaller than r: its whole spectrum, at rank = its smaller dimension
             rank_limited.append(module)
             rank = limit
-        targets.append(Target(module, tensor, tuple(info.shape), info.dtype, fan_in_fan_out, rank, alpha))
+        targets.append(Target(module, tensor, tuple(info.shape), read.dtype if read else info.dtype, fan_in_fan_out,
+                              rank, alpha, read))
     if refused and (len(rank_limited) == len(targets) or any(t.r < 1 for t in targets)):
         raise TargetError(f"{refused}; no target can take that rank")  # a mistake, not a few small weights
     rank_limited += sorted(clamps)

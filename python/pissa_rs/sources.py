@@ -1,0 +1,217 @@
+"""Low-precision source checkpoints: what a stored weight is when it is not a float
+tensor, and how to get its values. Part of the mapping layer: a target whose weight
+is stored in FP8 or MXFP4 is read as its codes and scales, dequantized on the compute
+device (`Decode`), and the SVD and residual see only the dequantized matrix.
+
+- transformers' fine-grained FP8 (`quant_method: "fp8"`, DeepSeek-V3 / Kimi-K2 / Qwen3-FP8):
+  `X.weight` float8_e4m3fn [R, C] with `X.weight_scale_inv` [R/bm, C/bn] per bm x bn block.
+- compressed-tensors `float-quantized` FP8 (`quant_method: "compressed-tensors"`):
+  `X.weight` float8_e4m3fn with `X.weight_scale` per tensor ([1]) or per channel ([R, 1]).
+- MXFP4 (`quant_method: "mxfp4"`, GPT-OSS's experts): `P_blocks` uint8 [E, R, G, 16] (two
+  e2m1 values a byte, low nibble first) and `P_scales` uint8 [E, R, G] (E8M0 exponents,
+  bias 127) for a parameter P the model holds as [E, G*32, R].
+
+Each is dequantized exactly as transformers does it when it loads the checkpoint
+dequantized (its `Fp8Dequantize` / `convert_moe_packed_tensors`), to bfloat16.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ._pissa_rs import Checkpoint
+
+OUT_DTYPE = "BF16"  # what transformers dequantizes these formats to for training
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+FP8_DTYPES = ("F8_E4M3",)
+SCALE_DTYPES = ("F32", "BF16", "F16", "U8", "F8_E8M0")
+
+
+class SourceFormatError(ValueError):
+    """Codes and scales that do not make the weight they claim to."""
+
+
+@dataclass(frozen=True)
+class SourceFormat:
+    """How config.json says the checkpoint's weights are stored."""
+
+    kind: str | None  # "fp8", "compressed-tensors", "mxfp4", another quant_method, or None (floats)
+    config: dict | None  # its quantization_config
+
+    @property
+    def scale_suffix(self) -> str | None:
+        return {"fp8": "_scale_inv", "compressed-tensors": "_scale"}.get(self.kind)
+
+    def describe(self) -> str:
+        if self.kind is None:
+            return "floating point"
+        if self.kind == "fp8":
+            return f"FP8 (float8_e4m3fn) with {'x'.join(map(str, self.config.get('weight_block_size') or []))} block scales"
+        if self.kind == "compressed-tensors":
+            return "compressed-tensors FP8 (float8_e4m3fn) with per-tensor or per-channel scales"
+        if self.kind == "mxfp4":
+            return "MXFP4 (e2m1 codes, E8M0 scales per 32)"
+        return f"quantized with {self.kind!r} (not readable by pissa_rs)"
+
+
+def source_format(config_dir: str | Path | None) -> SourceFormat:
+    path = Path(config_dir) / "config.json" if config_dir else None
+    if path is None or not path.is_file():
+        return SourceFormat(None, None)
+    quant = json.loads(path.read_text()).get("quantization_config")
+    if not quant:
+        return SourceFormat(None, None)
+    return SourceFormat(quant.get("quant_method"), quant)
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One stored tensor's part of a matrix: its codes, then its scales, in the staged bytes."""
+
+    codes_dtype: str
+    codes_shape: tuple[int, ...]
+    codes_nbytes: int
+    scale_dtype: str | None = None
+    scale_shape: tuple[int, ...] | None = None
+    scale_nbytes: int = 0
+
+
+@dataclass(frozen=True)
+class Decode:
+    """How a matrix's staged bytes become its values: per stored tensor (stacked by
+    rows, in order), its codes then its scales; `transpose` when the model multiplies
+    by the transpose of the decoded rows (MXFP4 experts)."""
+
+    kind: str  # "fp8" (block, per-channel and per-tensor scales alike) or "mxfp4"
+    parts: tuple[Stored, ...]
+    transpose: bool = False
+
+    def __call__(self, raw: torch.Tensor) -> torch.Tensor:
+        """The matrix in bfloat16, on raw's device."""
+        from .tensors import TORCH_DTYPES
+
+        rows, offset = [], 0
+        for part in self.parts:
+            codes = raw[offset: offset + part.codes_nbytes]
+            offset += part.codes_nbytes
+            scale = raw[offset: offset + part.scale_nbytes]
+            offset += part.scale_nbytes
+            if self.kind == "mxfp4":
+                rows.append(dequantize_mxfp4(codes.view(part.codes_shape), scale.view(part.scale_shape)))
+            else:
+                q = codes.view(TORCH_DTYPES[part.codes_dtype]).view(part.codes_shape)
+                s = scale.view(TORCH_DTYPES[part.scale_dtype] if part.scale_dtype != "U8" else torch.uint8)
+                rows.append(dequantize_fp8(q, s.reshape(part.scale_shape)))
+        matrix = torch.cat(rows) if len(rows) > 1 else rows[0]
+        return matrix.T.contiguous() if self.transpose else matrix
+
+
+def dequantize_fp8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """transformers' Fp8Dequantize._dequantize_one: each block of the scale grid times its
+    scale (E8M0 bytes: 2**(b - 127)), in float32, then bfloat16."""
+    rows, cols = q.shape
+    grid = scales.reshape(-1, 1) if scales.dim() == 1 and scales.numel() == rows and rows > 1 else scales
+    grid = grid.reshape(1, 1) if grid.numel() == 1 else grid
+    scale_rows, scale_cols = grid.shape
+    s = (grid.to(torch.float32) - 127.0).exp2() if grid.dtype == torch.uint8 else grid.to(torch.float32)
+    blocks = q.to(torch.float32).reshape(scale_rows, rows // scale_rows, scale_cols, cols // scale_cols)
+    return (blocks * s[:, None, :, None]).to(torch.bfloat16).reshape(rows, cols)
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """transformers' convert_moe_packed_tensors for one expert: [R, G, 16] bytes and [R, G]
+    exponents -> [R, G*32] bfloat16 (low nibble first), before its transpose."""
+    lut = torch.tensor(FP4_VALUES, dtype=torch.bfloat16, device=blocks.device)
+    rows, groups, width = blocks.shape
+    out = torch.empty(rows * groups, width * 2, dtype=torch.bfloat16, device=blocks.device)
+    flat = blocks.reshape(-1, width)
+    out[:, 0::2] = lut[(flat & 0x0F).to(torch.int)]
+    out[:, 1::2] = lut[(flat >> 4).to(torch.int)]
+    torch.ldexp(out, scales.to(torch.int32).reshape(-1, 1) - 127, out=out)
+    return out.reshape(rows, groups * width * 2)
+
+
+def quantize_fp8_blocks(w: torch.Tensor, block: tuple[int, int], scale_dtype: torch.dtype = torch.float32
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' Fp8Quantize._quantize_one: per block, scale = 448 / absmax (1 for an
+    all-zero block), codes = clamp(w * scale) in float8_e4m3fn; returns (codes, 1/scale)."""
+    finfo = torch.finfo(torch.float8_e4m3fn)
+    rows, cols = w.shape
+    bm, bn = block
+    tiles = w.to(torch.float32).reshape(rows // bm, bm, cols // bn, bn)
+    max_abs = tiles.abs().amax(dim=(1, 3))
+    scales = torch.where(max_abs > 0, finfo.max / torch.where(max_abs > 0, max_abs, torch.ones_like(max_abs)),
+                         torch.ones_like(max_abs))
+    inv = (1.0 / scales).to(torch.float32)
+    codes = torch.clamp(tiles * scales[:, None, :, None], min=finfo.min, max=finfo.max).to(torch.float8_e4m3fn)
+    return codes.reshape(rows, cols), inv.to(scale_dtype)
+
+
+def fp8_part(checkpoint: Checkpoint, fmt: SourceFormat, tensor: str) -> tuple[Stored, str] | None:
+    """The Stored part of an FP8 weight and the name of its scale tensor, or None when
+    `tensor` is no FP8 weight. Scales of the wrong shape, a block size that does not
+    divide the weight and NaN or non-positive scales are refused, naming file and tensor."""
+    info = checkpoint.info(tensor)
+    if info.dtype not in FP8_DTYPES:
+        return None
+    suffix = fmt.scale_suffix
+    scale_name = f"{tensor}{suffix}" if suffix else None
+    if scale_name is None or scale_name not in checkpoint:
+        raise SourceFormatError(f"{info.file}: tensor '{tensor}' is {info.dtype} but the checkpoint has no scale "
+                                f"'{scale_name}' for it (config.json: {fmt.describe()})")
+    scale = checkpoint.info(scale_name)
+    rows, cols = info.shape
+    if fmt.kind == "fp8":
+        bm, bn = fmt.config.get("weight_block_size") or (rows, cols)
+        if rows % bm or cols % bn:
+            raise SourceFormatError(f"{info.file}: tensor '{tensor}' {list(info.shape)} is not divided by the block "
+                                    f"size {[bm, bn]} of config.json's quantization_config")
+        allowed = [(rows // bm, cols // bn)]
+    else:  # compressed-tensors: per tensor or per channel
+        allowed = [(1,), (1, 1), (), (rows, 1), (rows,)]
+    if tuple(scale.shape) not in allowed or scale.dtype not in SCALE_DTYPES:
+        raise SourceFormatError(f"{scale.file}: scale tensor '{scale_name}' is {scale.dtype} x {list(scale.shape)}; "
+                                f"weight '{tensor}' {list(info.shape)} needs one of {[list(a) for a in allowed]}")
+    _check_scales(checkpoint, scale_name)
+    return Stored(info.dtype, (rows, cols), info.nbytes, scale.dtype, tuple(scale.shape), scale.nbytes), scale_name
+
+
+def mxfp4_part(checkpoint: Checkpoint, param: str, expert_shape: tuple[int, int]) -> tuple[str, str]:
+    """The (blocks, scales) tensors of an MXFP4 parameter, checked against the model's
+    [E, d1, d2] parameter (decoded rows R = d2, G*32 = d1)."""
+    blocks, scales = f"{param}_blocks", f"{param}_scales"
+    b, s = checkpoint.info(blocks), checkpoint.info(scales)
+    d1, d2 = expert_shape
+    if b.dtype != "U8" or len(b.shape) != 4 or b.shape[1] != d2 or b.shape[2] * b.shape[3] * 2 != d1:
+        raise SourceFormatError(f"{b.file}: tensor '{blocks}' is {b.dtype} x {list(b.shape)}; the model's {param} "
+                                f"needs U8 x [E, {d2}, {d1} / 32, 16]")
+    if s.dtype != "U8" or tuple(s.shape) != tuple(b.shape[:3]):
+        raise SourceFormatError(f"{s.file}: scale tensor '{scales}' is {s.dtype} x {list(s.shape)}; its blocks "
+                                f"'{blocks}' need U8 x {list(b.shape[:3])}")
+    return blocks, scales
+
+
+def _check_scales(checkpoint: Checkpoint, name: str) -> None:
+    from .tensors import as_torch
+
+    info = checkpoint.info(name)
+    values = as_torch(checkpoint.buffer(name))
+    if info.dtype in ("U8", "F8_E8M0"):
+        bad = values.view(torch.uint8) == 255  # E8M0's NaN
+    else:
+        bad = ~torch.isfinite(values.float()) | (values.float() <= 0)
+    if bool(bad.any()):
+        raise SourceFormatError(f"{info.file}: scale tensor '{name}' holds NaN, infinite or non-positive scales "
+                                f"({int(bad.sum())} of {bad.numel()})")
+    checkpoint.release(name)
+
+
+def nbytes(dtype: str, shape) -> int:
+    from .tensors import TORCH_DTYPES
+
+    return TORCH_DTYPES[dtype].itemsize * math.prod(shape)
