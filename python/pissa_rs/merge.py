@@ -50,18 +50,18 @@ def merge_adapter(residual_dir: str | os.PathLike[str], adapter_dir: str | os.Pa
     out.mkdir(parents=True, exist_ok=True)
     writers = writers_like(residual, out, stored_as=dense_as)
     merged = {job.tensor for job in jobs if job.read is None}
-    merged |= {p.tensor for job in jobs if job.read is not None for p in job.read.pieces}
+    merged |= {p.tensor for job in jobs if job.read is not None for p in job.read.written}
     pipeline = Pipeline(residual, [(i.name, writers[i.file], i.name) for i in residual.tensors
                                    if i.name not in merged and i.name not in dense_as])
     # A tensor holding several experts is written once all of them are merged into it.
     partial: dict[str, tuple[torch.Tensor, int]] = {}
     try:
         for job in jobs:
-            if job.read is not None:  # an expert: merged, its bytes back to where they came from
-                w = job.weight(residual)
+            if job.read is not None:  # an expert (or an FP8 / MXFP4 source's): merged where its residual is
+                w = job.weight(residual, residual=True)
                 merged_w, _ = round_difference(w.float(), -job.delta(adapter), w.dtype)
                 flat, offset = merged_w.reshape(-1).view(torch.uint8), 0
-                for piece in job.read.pieces:
+                for piece in job.read.written:
                     size, info = piece.end - piece.start, residual.info(piece.tensor)
                     data = flat[offset: offset + size]
                     offset += size

@@ -10,10 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 from pathlib import Path
 
-import torch
-
 from ._pissa_rs import Checkpoint, PissaError
 from .factors import scaling
+from .mapping import WeightRead
 from .noise import quiet_library_noise
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -95,19 +94,14 @@ class AdapterTarget:
         delta = (self.scale * b) @ a
         return delta.T if self.fan_in_fan_out else delta
 
-    def weight(self, checkpoint: Checkpoint):
-        """The weight in its stored dtype and layout, from `checkpoint` (original or residual)."""
-        from .tensors import TORCH_DTYPES, as_torch
+    def weight(self, checkpoint: Checkpoint, residual: bool = False):
+        """The weight in its dtype and layout, from the original `checkpoint` (decoded if
+        stored in FP8 / MXFP4) or, with `residual`, from a decomposition's output."""
+        from .tensors import as_torch
 
         if self.read is None:
             return as_torch(checkpoint.buffer(self.tensor))
-        data = torch.empty(self.read.nbytes, dtype=torch.uint8)
-        offset = 0
-        for piece in self.read.pieces:
-            size = piece.end - piece.start
-            checkpoint.read_range_into(piece.tensor, piece.start, data[offset: offset + size].numpy())
-            offset += size
-        return data.view(TORCH_DTYPES[self.read.dtype]).reshape(self.read.shape)
+        return self.read.read(checkpoint, residual=residual)
 
 
 def adapter_targets(adapter_dir: Path, adapter: Checkpoint, residual: Checkpoint, residual_dir: Path | str
@@ -122,6 +116,8 @@ def adapter_targets(adapter_dir: Path, adapter: Checkpoint, residual: Checkpoint
     report_path = Path(residual_dir) / "pissa_report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     recorded = {t["module"]: t["tensor"] for t in report.get("tensors", []) if t.get("expert") is None}
+    reads = {t["module"]: WeightRead.from_record(t) for t in report.get("tensors", [])
+             if t.get("expert") is None and t.get("pieces")}
     params = {t["module"]: t["parameter"] for t in report.get("tensors", []) if t.get("parameter")}
     experts: dict[str, list[dict]] = {}
     for t in report.get("tensors", []):
@@ -154,7 +150,7 @@ def adapter_targets(adapter_dir: Path, adapter: Checkpoint, residual: Checkpoint
             raise AdapterMismatchError(
                 f"{adapter_dir}: module '{module}' ({tensor}): adapter rank {a_shape[0]} but adapter_config says r={r}"
             )
-        targets.append(AdapterTarget(tensor, module, a_key, b_key, r, scale, fan_in_fan_out,
+        targets.append(AdapterTarget(tensor, module, a_key, b_key, r, scale, fan_in_fan_out, reads.get(name),
                                      quantized=name not in params))
     return targets
 
@@ -163,8 +159,6 @@ def _expert_targets(adapter_dir, config, adapter, residual, residual_dir, module
                     ) -> list[AdapterTarget]:
     """One AdapterTarget per expert of a ParamWrapper layer, from the report's records
     of where each expert's bytes are."""
-    from .mapping import Piece, WeightRead
-
     experts = records[0]["num_experts"]
     r, _, scale = module_scaling(param, config["r"], config["lora_alpha"], config.get("rank_pattern") or {},
                                  config.get("alpha_pattern") or {}, config.get("use_rslora", False))
@@ -177,13 +171,13 @@ def _expert_targets(adapter_dir, config, adapter, residual, residual_dir, module
             raise AdapterMismatchError(
                 f"{adapter_dir}: module '{module}': adapter B{list(b_shape)} A{list(a_shape)} does not fit "
                 f"{experts} experts of {list(shape)} at rank {r} ({param} of {residual_dir})")
-        pieces = tuple(Piece(*p) for p in t["pieces"])
-        for p in pieces:
+        read = WeightRead.from_record(t)
+        for p in read.written:
             if p.tensor not in residual:
                 raise AdapterMismatchError(f"{adapter_dir}: module '{module}': expert {t['expert']} is in tensor "
                                            f"'{p.tensor}', which {residual_dir} lacks")
         found.append(AdapterTarget(t["tensor"], module, a_key, b_key, r, scale, t["fan_in_fan_out"],
-                                   WeightRead(pieces, t["dtype"], shape), t["expert"], experts, quantized=False))
+                                   read, t["expert"], experts, quantized=False))
     if [t.expert for t in found] != list(range(experts)):
         raise AdapterMismatchError(f"{residual_dir}: the report lists experts {[t.expert for t in found]} of "
                                    f"'{module}', not all {experts}")

@@ -4,6 +4,7 @@ byte-identical, and the adapter config fits the adapter."""
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,8 +59,12 @@ def verify(out: str | os.PathLike[str], against: str | os.PathLike[str], revisio
     adapter_dir = out / ADAPTER_SUBDIR
     adapter = Checkpoint(adapter_dir / ADAPTER_WEIGHTS)
 
+    # What each original tensor became: itself, its serialized bitsandbytes form
+    # (save_quantized), or its bfloat16 residual / nothing (an FP8 / MXFP4 source's codes / scales).
+    source_as = json.loads((out / REPORT_NAME).read_text()).get("source_as", {})
     layout = [(name, dtype, tuple(shape)) for t in original.tensors
               for name, dtype, shape in (stored[t.name].parts(quant) if t.name in stored
+                                         else source_as[t.name] if t.name in source_as
                                          else [(t.name, t.dtype, t.shape)])]
     if sorted(layout) != sorted((t.name, t.dtype, tuple(t.shape)) for t in residual.tensors):
         mine = {t.name: (t.dtype, tuple(t.shape)) for t in residual.tensors}
@@ -76,12 +81,14 @@ def verify(out: str | os.PathLike[str], against: str | os.PathLike[str], revisio
         report.problems.append(str(err))
         return report
     targets = {t.tensor: t for t in all_targets if t.read is None}
+    # Experts, and weights stored in FP8 / MXFP4 (then W is the dequantized source weight)
     # Experts: each is checked on its own matrix, wherever its bytes are (the tensors
     # holding them are then fully checked: a layer's experts cover them).
     in_experts: set[str] = set()
     for target in (t for t in all_targets if t.read is not None):
-        problem = _reconstruction_problem(target.tensor, target, target.weight(original), target.weight(residual),
-                                          adapter, None)
+        problem = _reconstruction_problem(target.tensor, target, target.weight(original),
+                                          target.weight(residual, residual=True), adapter,
+                                          quant if target.quantized else None)
         if problem:
             report.problems.append(f"{problem} from {against}")
         report.checked_targets += 1
@@ -109,7 +116,8 @@ def verify(out: str | os.PathLike[str], against: str | os.PathLike[str], revisio
                 report.problems.append(f"{problem} from {against}")
             report.checked_targets += 1
         original.release(name)
-        residual.release(name)
+        if name in residual:
+            residual.release(name)
     return report
 
 
