@@ -115,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--save-quantized", action="store_true",
                      help="with --quantize: store the residual already quantized, in the serialized bitsandbytes "
                      "format transformers loads directly (quantization_config in config.json): ~4x smaller for nf4")
+    dec.add_argument("--keep-source-format", action="store_true",
+                     help="an FP8 checkpoint (fine-grained block scales or compressed-tensors): store the residual "
+                     "re-quantized in that FP8 format instead of bfloat16 (half the bytes); the report gives the "
+                     "error re-quantization adds")
     dec.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     dec.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     dec.add_argument("--dry-run", action="store_true",
@@ -174,7 +178,7 @@ def _decompose(args) -> int:
         use_rslora=args.use_rslora, device=args.device, devices=args.devices, seed=args.seed, adapter_dtype=args.adapter_dtype,
         quantize=args.quantize, quant_iters=args.quant_iters, double_quant=args.double_quant,
         compare_loftq=args.compare_loftq, measure_error=not args.no_measure_error,
-        save_quantized=args.save_quantized,
+        save_quantized=args.save_quantized, keep_source_format=args.keep_source_format,
     ).validate()
     source, out = resolve_source(args.path, args.revision, args.out, options.ranks, headers_only=args.dry_run)
     if args.dry_run:

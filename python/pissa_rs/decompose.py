@@ -90,6 +90,7 @@ class DecomposeOptions:
     compare_loftq: bool = False  # also measure LoftQ's error at the same rank and iterations
     measure_error: bool = True  # with quantize: the nuclear-norm error reduction per weight (two full SVDs each)
     save_quantized: bool = False  # with quantize: the residual stored in bitsandbytes' serialized format
+    keep_source_format: bool = False  # an FP8 source: the residual re-quantized to its block-scaled FP8
 
     def validate(self) -> DecomposeOptions:
         ranks = list(self.r) if isinstance(self.r, (list, tuple)) else [self.r]
@@ -130,6 +131,8 @@ class DecomposeOptions:
             raise ValueError("compare_loftq needs measure_error: LoftQ is compared by the same measurement")
         if self.save_quantized and self.quantize is None:
             raise ValueError("save_quantized needs quantize ('nf4', 'fp4' or 'int8'): the format to store")
+        if self.keep_source_format and self.save_quantized:
+            raise ValueError("keep_source_format and save_quantized name two formats for one residual: choose one")
         if self.double_quant and self.quantize == "int8":
             raise ValueError("double_quant applies to 4-bit quantization, not int8")
         if self.devices is not None:
@@ -403,6 +406,7 @@ def decompose_checkpoint(
     compare_loftq: bool = False,
     measure_error: bool = True,
     save_quantized: bool = False,
+    keep_source_format: bool = False,
     revision: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
@@ -445,6 +449,13 @@ def decompose_checkpoint(
     quantized, in the serialized bitsandbytes format transformers loads with no
     quantization at load time (`quantization_config` in config.json): every weight
     transformers would quantize, the targets' residuals and the others alike.
+
+    Low-precision sources (config.json's quantization_config: transformers' fine-grained
+    FP8, compressed-tensors FP8, MXFP4): target weights are dequantized on the device and
+    decomposed; the residual is bfloat16 (config.json keeps the quantization_config only
+    for the weights left quantized). `keep_source_format=True` (FP8) stores the residual
+    re-quantized in the source's own block-scaled FP8 instead, half the bytes; the report
+    then gives, per weight, the error that re-quantization adds.
     """
     options = DecomposeOptions(
         r=r, lora_alpha=lora_alpha, niter=niter, target_modules=target_modules, exclude_modules=exclude_modules,
@@ -454,6 +465,7 @@ def decompose_checkpoint(
         device=device, devices=list(devices) if devices is not None else None, seed=seed,
         adapter_dtype=adapter_dtype, quantize=quantize, quant_iters=quant_iters, double_quant=double_quant,
         compare_loftq=compare_loftq, measure_error=measure_error, save_quantized=save_quantized,
+        keep_source_format=keep_source_format,
     ).validate()
     source, out = resolve_source(path, revision, Path(out) if out else None, options.ranks)
     return run_decomposition(source, options, out=out, overwrite=overwrite, progress=progress)
@@ -928,7 +940,17 @@ def _compute_target(index: int, weight: torch.Tensor, outputs: list[_Output], to
             **measured,
         }
         pieces = []
-        if target.read is not None:  # its bytes go back where they came from
+        if target.read is not None and target.read.decode is not None and first.keep_source_format:
+            # back in the source's FP8, re-quantized; what re-quantizing costs, measured
+            encoded = target.read.decode.encode(factors.residual)
+            if first.measure_error:
+                record.update(_requant_metrics(weight, target.read.decode(encoded), factors, scale,
+                                               target.fan_in_fan_out))
+            parts, flat, offset = [], to_host(encoded), 0
+            for piece in target.read.written:
+                pieces.append((piece, flat[offset: offset + piece.end - piece.start]))
+                offset += piece.end - piece.start
+        elif target.read is not None:  # its bytes go back where they came from
             parts, flat, offset = [], to_host(factors.residual).reshape(-1).view(torch.uint8), 0
             for piece in target.read.written:
                 pieces.append((piece, flat[offset: offset + piece.end - piece.start]))
@@ -981,6 +1003,17 @@ def _assemble(output: _Output, writer: ShardWriter | None, name: str, pipeline: 
     if slot is not None and slot.put(fill):
         del output.assembling[(writer.path, name)]
         pipeline.submit(writer, name, as_numpy_bytes(slot.data))
+
+
+def _requant_metrics(weight, stored, factors, scale: float, fan_in_fan_out: bool) -> dict:
+    """keep_source_format: the paper's nuclear-norm error of W - (deq(quant(W_res)) + s*B@A),
+    against that of re-quantizing W itself, and relative to ||W||_*."""
+    w = weight.float()
+    delta = (scale * factors.lora_B.float()) @ factors.lora_A.float()
+    delta = delta.T if fan_in_fan_out else delta
+    nuclear = lambda m: torch.linalg.svdvals(m).sum().item()  # noqa: E731
+    error = nuclear(w - (stored.float() + delta))
+    return {"requant_error": error, "requant_error_relative": error / max(nuclear(w), 1e-30)}
 
 
 def _quant_metrics(weight, factors, scale: float, r: int, options: DecomposeOptions, fan_in_fan_out: bool) -> dict:

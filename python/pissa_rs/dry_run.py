@@ -10,8 +10,17 @@ from pathlib import Path
 import torch
 
 from ._pissa_rs import Checkpoint
-from .decompose import DecomposeOptions, free_bytes, human_bytes, output_bytes, output_dirs, resolve_source
-from .planning import make_plan
+from .decompose import (
+    DecomposeOptions,
+    _nbytes,
+    free_bytes,
+    human_bytes,
+    output_bytes,
+    output_dirs,
+    resolve_source,
+)
+from .planning import is_model_dir, make_plan, source_layout
+from .sources import source_format
 from .targets import Target
 
 
@@ -30,6 +39,8 @@ class DecompositionPlan:
     stored_quantized: list[str] = field(default_factory=list)  # save_quantized: weights stored pre-quantized
     left_out: list[tuple[str, str]] = field(default_factory=list)  # picked but not decomposed, and why
     rank_limited: list[str] = field(default_factory=list)  # modules at their smaller dimension, below r
+    source_format: str | None = None  # a low-precision source: what it is
+    source_sizes: dict[str, int] = field(default_factory=dict)  # residual bytes (one rank) per storage choice
 
     @property
     def fits_on_disk(self) -> bool:
@@ -50,6 +61,8 @@ class DecompositionPlan:
                  f"{'' if self.fits_on_disk else ' -- DOES NOT FIT'})",
                  f"method: {self.options.init_lora_weights}{self._qpissa}, device {','.join(map(str, self.options.torch_devices))}, "
                  f"estimated {self.estimated_seconds:.1f} s of SVD work",
+                 *([f"source: {self.source_format}; residual as " + ", as ".join(
+                     f"{k}: {human_bytes(v)}" for k, v in self.source_sizes.items())] if self.source_format else []),
                  f"{len(self.targets)} targets"
                  + (f" ({sum(t.expert is not None for t in self.targets)} of them experts, one line per layer's "
                     "parameter):" if any(t.expert is not None for t in self.targets) else ":")]
@@ -132,6 +145,14 @@ def plan_decomposition(path: Path, opts: DecomposeOptions, out: Path | None) -> 
     passthrough = [(i.name, i.dtype, tuple(i.shape), i.nbytes) for i in checkpoint.tensors
                    if i.name not in targets and i.name not in stored]
     sizes = [output_bytes(checkpoint, p, opts) for p in plans]
+    source_sizes, fmt = {}, source_format(path if is_model_dir(path) else None)
+    if fmt.kind is not None:
+        inputs = sum(os.path.getsize(f) for f in checkpoint.files)
+        as_bf16 = found.source_as or source_layout(checkpoint, found.targets)
+        source_sizes["bfloat16 (default)"] = inputs + sum(
+            sum(_nbytes(d, s) for _, d, s in parts) - checkpoint.info(t).nbytes for t, parts in as_bf16.items())
+        if fmt.kind in ("fp8", "compressed-tensors"):
+            source_sizes["the source's FP8 (keep_source_format)"] = inputs
     residual, adapter = sum(s[0] for s in sizes), sum(s[1] for s in sizes)
     # The matmul flops alone predicted 40 s for the TinyLlama-shaped benchmark on the
     # 2-core CPU; QRs, rounding and copies made it 72 s: hence the factor.
@@ -146,4 +167,5 @@ def plan_decomposition(path: Path, opts: DecomposeOptions, out: Path | None) -> 
         input_bytes=sum(i.nbytes for i in checkpoint.tensors), residual_bytes=residual, adapter_bytes=adapter,
         free_bytes=free_bytes(outs[0]), estimated_seconds=seconds, stored_quantized=stored,
         left_out=found.left_out, rank_limited=found.rank_limited,
+        source_format=fmt.describe() if fmt.kind else None, source_sizes=source_sizes,
     )

@@ -130,7 +130,7 @@ class WeightRead:
             size = piece.end - piece.start
             checkpoint.read_range_into(piece.tensor, piece.start, data[offset: offset + size].numpy())
             offset += size
-        if self.decode is not None and not residual:
+        if self.decode is not None and (not residual or self.out_pieces is None):  # stored encoded
             return self.decode(data)
         return data.view(TORCH_DTYPES[self.dtype]).reshape(self.shape)
 

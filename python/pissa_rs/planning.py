@@ -6,7 +6,7 @@ decomposition that follows never holds them."""
 from __future__ import annotations
 
 import multiprocessing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +91,16 @@ def make_plan(path: Path, options: list[dict], outs: list[Path]) -> list[Plan]:
         )
         if config_dir is not None:
             check_adapter_layout(config, found, config_dir)
-        source_as = source_layout(checkpoint, found.targets)
+        targets = found.targets
+        if opts.get("keep_source_format"):  # the residual goes back to the codes and scales it came from
+            encoded = [t for t in targets if t.read is not None and t.read.decode is not None]
+            if fmt.kind not in ("fp8", "compressed-tensors") or not encoded or any(
+                    t.read.decode.kind != "fp8" for t in encoded):
+                raise TargetError(f"{path}: keep_source_format stores residuals in the source's FP8 format; this "
+                                  f"checkpoint's targets are {fmt.describe()}")
+            targets = [replace(t, read=replace(t.read, out_pieces=None)) if t in encoded else t for t in targets]
+            found = replace(found, targets=targets)
+        source_as = {} if opts.get("keep_source_format") else source_layout(checkpoint, found.targets)
         if source_as and stored:
             raise TargetError(f"{path}: save_quantized from a {fmt.describe()} checkpoint is not supported; "
                               "decompose to a bfloat16 residual and quantize at load instead")
@@ -220,6 +229,8 @@ def remaining_quantization(checkpoint: Checkpoint, fmt: SourceFormat, source_as:
         return None
     config = dict(fmt.config)
     key = "ignore" if fmt.kind == "compressed-tensors" else "modules_to_not_convert"
-    modules = sorted({t.module for t in targets if t.read is not None and t.read.decode is not None})
+    # the modules holding the decomposed weights (an expert's: the module of its parameter)
+    modules = sorted({t.parameter.rsplit(".", 1)[0] if t.parameter else t.module
+                      for t in targets if t.read is not None and t.read.decode is not None})
     config[key] = sorted(set(config.get(key) or []) | set(modules))
     return config

@@ -40,9 +40,12 @@ def measure_quantization_error(out: str | os.PathLike[str], against: str | os.Pa
     rows = []
     # Experts and routers stay unquantized when transformers loads with bitsandbytes: nothing to measure.
     for target in (t for t in adapter_targets(adapter_dir, adapter, residual, out) if t.quantized):
-        w = as_torch(original.buffer(target.tensor)).to(device)
-        # A residual stored quantized is measured as stored: what the model computes with.
-        w_res = read_weight(residual, target.tensor, storage, stored).to(device)
+        if target.read is not None:  # stored in FP8: W is the dequantized source weight
+            w, w_res = target.weight(original).to(device), target.weight(residual, residual=True).to(device)
+        else:
+            w = as_torch(original.buffer(target.tensor)).to(device)
+            # A residual stored quantized is measured as stored: what the model computes with.
+            w_res = read_weight(residual, target.tensor, storage, stored).to(device)
         lora_A = as_torch(adapter.buffer(target.a_key)).to(device)
         lora_B = as_torch(adapter.buffer(target.b_key)).to(device)
         with torch.no_grad():
@@ -50,8 +53,9 @@ def measure_quantization_error(out: str | os.PathLike[str], against: str | os.Pa
                                           residual_is_dequantized=target.tensor in stored)
         rows.append({"tensor": target.tensor, "quant_error": measured.error, "qlora_error": measured.qlora_error,
                      "error_reduction": measured.reduction})
-        original.release(target.tensor)
-        residual.release(target.tensor)
+        if target.read is None:
+            original.release(target.tensor)
+            residual.release(target.tensor)
     return {
         "quantize": kind,
         "double_quant": double_quant,

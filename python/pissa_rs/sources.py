@@ -111,6 +111,41 @@ class Decode:
         return matrix.T.contiguous() if self.transpose else matrix
 
 
+    def _row_parts(self, matrix: torch.Tensor):
+        """(part, its rows of `matrix`, its block shape) per stored tensor (FP8 only)."""
+        if self.kind != "fp8" or self.transpose:
+            raise ValueError(f"{self.kind} residuals cannot be stored in their source format")
+        start = 0
+        for part in self.parts:
+            rows, cols = part.codes_shape
+            grid = part.scale_shape if len(part.scale_shape) == 2 else (
+                (rows, 1) if part.scale_shape and part.scale_shape[0] == rows and rows > 1 else (1, 1))
+            yield part, matrix[start: start + rows], (rows // grid[0], cols // grid[1])
+            start += rows
+
+    def encode(self, matrix: torch.Tensor) -> torch.Tensor:
+        """The bytes `decode` reads, for `matrix` re-quantized the way transformers'
+        Fp8Quantize quantizes (same block grid and scale dtype as the source's)."""
+        from .tensors import TORCH_DTYPES
+
+        out = []
+        for part, rows, block in self._row_parts(matrix):
+            codes, inv = quantize_fp8_blocks(rows, block, TORCH_DTYPES[part.scale_dtype])
+            out += [codes.reshape(-1).view(torch.uint8), inv.reshape(-1).contiguous().view(torch.uint8)]
+        return torch.cat(out)
+
+    def error_bound(self, matrix: torch.Tensor) -> torch.Tensor:
+        """Per element, what re-quantizing `matrix` to this FP8 format may change it by: an
+        e4m3 code's half step (2**-4 relative) plus a subnormal step of its block's scale."""
+        bounds = []
+        for _, rows, (bm, bn) in self._row_parts(matrix):
+            r, c = rows.shape
+            tiles = rows.float().abs().reshape(r // bm, bm, c // bn, bn)
+            step = tiles.amax(dim=(1, 3), keepdim=True) / torch.finfo(torch.float8_e4m3fn).max * 2.0 ** -9
+            bounds.append((tiles * 2.0 ** -4 + step).reshape(r, c))
+        return torch.cat(bounds)
+
+
 def dequantize_fp8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """transformers' Fp8Dequantize._dequantize_one: each block of the scale grid times its
     scale (E8M0 bytes: 2**(b - 127)), in float32, then bfloat16."""

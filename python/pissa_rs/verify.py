@@ -88,7 +88,7 @@ def verify(out: str | os.PathLike[str], against: str | os.PathLike[str], revisio
     for target in (t for t in all_targets if t.read is not None):
         problem = _reconstruction_problem(target.tensor, target, target.weight(original),
                                           target.weight(residual, residual=True), adapter,
-                                          quant if target.quantized else None)
+                                          quant if target.quantized else None, requantized=target.read)
         if problem:
             report.problems.append(f"{problem} from {against}")
         report.checked_targets += 1
@@ -138,14 +138,19 @@ def _quantized_problem(name: str, weight: StoredQuantized, original: Checkpoint,
 
 
 def _reconstruction_problem(name: str, target: AdapterTarget, stored: torch.Tensor, residual: torch.Tensor,
-                            adapter: Checkpoint, quant: Quantization | None) -> str | None:
-    """W (`stored`, the original) against W_res + s*B@A (`residual` as the model reads it)."""
+                            adapter: Checkpoint, quant: Quantization | None, requantized=None) -> str | None:
+    """W (`stored`, the original) against W_res + s*B@A (`residual` as the model reads it).
+    `requantized`: a WeightRead whose residual was stored back in the source's FP8
+    (keep_source_format), then within that format's error of W - s*B@A."""
     delta = target.delta(adapter)
     w = stored.double()
     w_res = residual.double()
     error = (w - (w_res + delta.double())).abs()
     bound = torch.finfo(stored.dtype).eps * (w_res.abs() + w.abs()) + 1e-30
     what = "within rounding"
+    if requantized is not None and requantized.decode is not None and requantized.out_pieces is None:
+        bound = bound + requantized.decode.error_bound((w - delta.double()).float()).double()
+        what = "within the source format's re-quantization error"
     if quant is not None:  # bitsandbytes quantizes the weight laid out out x in
         oriented = (w - delta.double()).float()
         oriented = oriented.T if target.fan_in_fan_out else oriented
