@@ -128,6 +128,10 @@ def test_fp8_source_gives_a_bfloat16_residual_that_loads_as_the_dequantized_mode
         assert torch.allclose(torch.linalg.svdvals(t["scale"] * b @ a)[:R], torch.linalg.svdvals(w)[:R],
                               rtol=1e-4, atol=1e-6), t["tensor"]
     assert pissa_rs.verify(res.out, against=src).ok
+    if fmt == "fp8-block":  # QPiSSA's measure, with W the dequantized source
+        rows = pissa_rs.measure_quantization_error(res.out, src)["tensors"]
+        assert {r["tensor"] for r in rows} == {t["tensor"] for t in res.report["tensors"]}
+        assert all(r["error_reduction"] > 0 for r in rows)
     merged = pissa_rs.merge_adapter(res.out, res.adapter, tmp_path / "merged")
     assert close(logits(transformers.LlamaForCausalLM.from_pretrained(merged, dtype=torch.float32)), expected)
 
