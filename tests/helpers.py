@@ -83,3 +83,21 @@ def save_spread(model, path, **kwargs) -> None:
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     model.save_pretrained(path, **kwargs)
+
+
+def load_output_without_key_warnings(cls, out, caplog):
+    """transformers' `cls` on a decomposition's OUT, then PEFT's adapter from pissa_init
+    (float32), asserting that neither said a key was missing or unexpected."""
+    import logging
+    import warnings
+
+    import torch
+    from peft import PeftModel
+
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        residual = cls.from_pretrained(out, dtype=torch.float32).eval()
+        loaded = PeftModel.from_pretrained(residual, out, subfolder="pissa_init")
+    said = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
+    assert not [m for m in said if ("missing" in m.lower() or "unexpected" in m.lower()) and "key" in m.lower()], said
+    return loaded

@@ -9,13 +9,11 @@ principal part of its original weight. Mixtures of experts: test_moe.py."""
 from __future__ import annotations
 
 import json
-import logging
-import warnings
 
 import pytest
 import torch
 import transformers
-from helpers import save_spread
+from helpers import load_output_without_key_warnings, save_spread
 from safetensors.torch import load_file
 
 import pissa_rs
@@ -80,7 +78,7 @@ def outputs(model, ids):
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_family_as_transformers_saves_it(family, tmp_path, caplog):
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, get_peft_model
 
     cls, _, target_modules = FAMILIES[family]
     src = tmp_path / "src"
@@ -101,12 +99,7 @@ def test_family_as_transformers_saves_it(family, tmp_path, caplog):
     assert config["target_modules"] != "all-linear" and not config.get("target_parameters")
 
     # Our output loads with no missing or unexpected keys and gives the original outputs back.
-    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
-        warnings.simplefilter("always")
-        residual = cls.from_pretrained(res.out, dtype=torch.float32).eval()
-        loaded = PeftModel.from_pretrained(residual, res.out, subfolder="pissa_init")
-    said = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
-    assert not [m for m in said if ("missing" in m.lower() or "unexpected" in m.lower()) and "key" in m.lower()], said
+    loaded = load_output_without_key_warnings(cls, res.out, caplog)
     assert lora_modules(loaded) == ours
     got = outputs(loaded, ids)
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())

@@ -10,18 +10,16 @@ original matrix and the residual holds the rest."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
 import transformers
-from helpers import digest, same_output, save_spread
+from helpers import load_output_without_key_warnings, digest, same_output, save_spread
 from safetensors.torch import load_file
 
 import pissa_rs
@@ -96,7 +94,7 @@ IDS = torch.randint(0, 90, (2, 10), generator=torch.Generator().manual_seed(0))
 
 
 def test_peft_loads_exactly_its_own_layers_and_the_logits_come_back(decomposed, caplog):
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, get_peft_model
     from peft.utils import get_peft_model_state_dict
 
     family, cls, src, res = decomposed
@@ -121,12 +119,7 @@ def test_peft_loads_exactly_its_own_layers_and_the_logits_come_back(decomposed, 
     own_layers = lora_layers(own)
     assert any(n > 1 for _, n in own_layers.values())  # experts among them
 
-    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
-        warnings.simplefilter("always")
-        residual = cls.from_pretrained(res.out, dtype=torch.float32).eval()
-        loaded = PeftModel.from_pretrained(residual, res.out, subfolder="pissa_init")
-    said = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
-    assert not [m for m in said if ("missing" in m.lower() or "unexpected" in m.lower()) and "key" in m.lower()], said
+    loaded = load_output_without_key_warnings(cls, res.out, caplog)
     assert lora_layers(loaded).keys() == own_layers.keys()
     got = logits(loaded, IDS)
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
