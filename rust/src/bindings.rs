@@ -318,7 +318,13 @@ impl PyCheckpoint {
             .map_err(to_py)
     }
     /// Read bytes `[offset, offset + len(dest))` of a tensor into `dest`, like read_into.
-    fn read_range_into(&self, py: Python<'_>, name: &str, offset: u64, dest: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn read_range_into(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        offset: u64,
+        dest: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
         let mut borrowed = BorrowedBytes::get_writable(dest)?;
         let slice = borrowed.as_mut_slice();
         py.detach(|| self.inner.read_range_into(name, offset, slice))

@@ -603,6 +603,26 @@ mod tests {
         v
     }
 
+    /// One expert's slice of a stacked tensor: the bytes asked for, and a range past
+    /// the tensor's end is an error naming it (not bytes of the next tensor).
+    #[test]
+    fn read_range_into_reads_a_slice_and_refuses_past_the_end() {
+        let header = r#"{"a":{"dtype":"U8","shape":[2,3],"data_offsets":[0,6]},"b":{"dtype":"U8","shape":[2],"data_offsets":[6,8]}}"#;
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend_from_slice(&[10, 11, 12, 13, 14, 15, 16, 17]);
+        let f = file_with(&bytes);
+        let ck = Checkpoint::open(f.path()).unwrap();
+        let mut dst = [0u8; 3];
+        ck.read_range_into("a", 3, &mut dst).unwrap();
+        assert_eq!(dst, [13, 14, 15]);
+        let err = ck
+            .read_range_into("a", 4, &mut dst)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("'a'") && err.contains("4..7"), "{err}");
+    }
+
     fn open_err(bytes: &[u8]) -> Error {
         let f = file_with(bytes);
         match Checkpoint::open(f.path()) {
