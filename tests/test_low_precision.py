@@ -223,6 +223,12 @@ def test_keep_source_format_writes_the_residual_back_in_fp8(tmp_path, capsys):
         transformers.LlamaForCausalLM.from_pretrained(res.out, dtype=torch.bfloat16).float(), res.adapter))
     # FP8 re-quantization costs more than bf16 rounding, and stays small
     assert (as_bf16 - expected).abs().max() < (kept - expected).abs().max() < 0.2 * expected.abs().max()
+    # Merged, it is FP8 again (W re-quantized): the source's layout, close to the original.
+    merged = pissa_rs.merge_adapter(res.out, res.adapter, tmp_path / "merged")
+    merged_ck = pissa_rs.Checkpoint(merged)
+    assert [(t.name, t.dtype) for t in merged_ck.tensors] == [(t.name, t.dtype) for t in src_ck.tensors]
+    again = logits(transformers.LlamaForCausalLM.from_pretrained(merged, dtype=torch.bfloat16).float())
+    assert (again - expected).abs().max() < 0.2 * expected.abs().max()
 
 
 def _hostile(src, name, change):

@@ -61,6 +61,8 @@ def merge_adapter(residual_dir: str | os.PathLike[str], adapter_dir: str | os.Pa
                 w = job.weight(residual, residual=True)
                 merged_w, _ = round_difference(w.float(), -job.delta(adapter), w.dtype)
                 flat, offset = merged_w.reshape(-1).view(torch.uint8), 0
+                if job.read.decode is not None and job.read.out_pieces is None:  # kept in the source's FP8
+                    flat = job.read.decode.encode(merged_w)
                 for piece in job.read.written:
                     size, info = piece.end - piece.start, residual.info(piece.tensor)
                     data = flat[offset: offset + size]
