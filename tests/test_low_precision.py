@@ -274,3 +274,17 @@ def test_hostile_low_precision_inputs_are_refused_naming_file_and_tensor(tmp_pat
     with pytest.raises(pissa_rs.TargetError, match=match):
         pissa_rs.decompose_checkpoint(src, r=R, out=tmp_path / "o", progress=False, **kwargs)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("strategy", ["channel", "tensor"])
+def test_keep_source_format_for_compressed_tensors(tmp_path, strategy):
+    """Per-channel and per-tensor scales are re-computed the same way (absmax / 448 per
+    channel or tensor, in the source's scale dtype); the layout and config stay the input's."""
+    src = tmp_path / "src"
+    save_compressed_fp8(llama(), src, strategy=strategy)
+    res = pissa_rs.decompose_checkpoint(src, r=R, niter=0, keep_source_format=True, out=tmp_path / "o",
+                                        progress=False)
+    src_ck, out_ck = pissa_rs.Checkpoint(src), pissa_rs.Checkpoint(res.out)
+    assert [(t.name, t.dtype, t.shape) for t in src_ck.tensors] == [(t.name, t.dtype, t.shape) for t in out_ck.tensors]
+    assert all(0 < t["requant_error_relative"] < 0.1 for t in res.report["tensors"])
+    assert pissa_rs.verify(res.out, against=src).ok
