@@ -320,3 +320,16 @@ def test_a_training_step_runs_with_trainer(tmp_path):
     Trainer(model=model, args=args, train_dataset=data).train()
     changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert any(".experts." in n for n in changed) and all(".lora_" in n for n in changed)
+
+
+def test_a_router_smaller_than_r_gets_its_own_rank(tmp_path):
+    """Mixtral's router is experts x hidden (4 x 64 here): at r=8 it is decomposed at rank 4,
+    recorded in rank_pattern under the parameter's name, which is what PEFT matches for it."""
+    from peft import PeftModel
+
+    cls = save("mixtral", tmp_path / "src")
+    res = pissa_rs.decompose_checkpoint(tmp_path / "src", r=8, niter=0, out=tmp_path / "o", progress=False)
+    assert res.report["rank_limited"] == [f"model.layers.{i}.mlp.gate.weight" for i in range(2)]
+    loaded = PeftModel.from_pretrained(cls.from_pretrained(res.out), res.adapter)
+    assert loaded.base_model.model.model.layers[0].mlp.gate.lora_A["default"].weight.shape == (4, 64)
+    assert pissa_rs.verify(res.out, against=tmp_path / "src").ok
