@@ -148,25 +148,23 @@ def test_the_cli_takes_ids_offline(tiny, tmp_path):
     assert bad.returncode == 1 and "org/tiny@nope" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
-def test_a_dry_run_of_an_uncached_id_reads_only_headers(tiny, offline, monkeypatch, tmp_path):
-    """Only the small files and the index are in the cache: the plan comes from the shards'
-    headers (huggingface_hub's get_safetensors_metadata, range requests; faked here from the
-    real files), nothing is downloaded, and it is the plan of the whole model."""
+def headers_only_repo(model: Path, cache: Path, repo: str, monkeypatch, tmp_path) -> None:
+    """`repo` in the cache with only its small files and index; huggingface_hub's
+    get_safetensors_metadata (range requests) faked from `model`'s real shards."""
     import struct
 
     import huggingface_hub
     from huggingface_hub.utils._safetensors import SafetensorsFileMetadata, SafetensorsRepoMetadata, TensorInfo
 
-    model, cache, _ = tiny
-    small = tmp_path / "small"
+    small = tmp_path / f"small-{repo.replace('/', '-')}"
     small.mkdir()
     for f in model.iterdir():
         if not f.name.endswith(".safetensors"):
             shutil.copy(f, small / f.name)
-    cache_model(small, cache, "org/headers-only")
+    cache_model(small, cache, repo)
 
     def headers(repo_id, revision=None, **kwargs):
-        assert repo_id == "org/headers-only"
+        assert repo_id == repo
         files = {}
         for f in sorted(model.glob("*.safetensors")):
             raw = f.read_bytes()
@@ -180,6 +178,14 @@ def test_a_dry_run_of_an_uncached_id_reads_only_headers(tiny, offline, monkeypat
                                        files_metadata=files)
 
     monkeypatch.setattr(huggingface_hub, "get_safetensors_metadata", headers)
+
+
+def test_a_dry_run_of_an_uncached_id_reads_only_headers(tiny, offline, monkeypatch, tmp_path):
+    """Only the small files and the index are in the cache: the plan comes from the shards'
+    headers (huggingface_hub's get_safetensors_metadata, range requests; faked here from the
+    real files), nothing is downloaded, and it is the plan of the whole model."""
+    model, cache, _ = tiny
+    headers_only_repo(model, cache, "org/headers-only", monkeypatch, tmp_path)
     planned = pissa_rs.plan("org/headers-only", r=4)
     full = pissa_rs.plan(model, r=4)
     assert [t.tensor for t in planned.targets] == [t.tensor for t in full.targets]
@@ -189,3 +195,20 @@ def test_a_dry_run_of_an_uncached_id_reads_only_headers(tiny, offline, monkeypat
     assert not list(snapshot.glob("*.safetensors"))  # nothing was downloaded
     with pytest.raises(HubError, match="org/headers-only@main"):  # a real run needs the weights
         pissa_rs.decompose_checkpoint("org/headers-only", r=4, progress=False)
+
+
+def test_a_dry_run_of_an_uncached_fp8_id(tiny, offline, monkeypatch, tmp_path):
+    """An FP8 model on the Hub (DeepSeek-V3's format): planned from headers alone, its scales'
+    values (holes here) are not judged, and the plan is that of the files."""
+    import torch
+    import transformers
+    from low_precision import save_fp8_block, text
+
+    _, cache, _ = tiny
+    torch.manual_seed(0)
+    model = tmp_path / "fp8"
+    save_fp8_block(transformers.LlamaForCausalLM(transformers.LlamaConfig(**text())), model)
+    headers_only_repo(model, cache, "org/fp8", monkeypatch, tmp_path)
+    planned, full = pissa_rs.plan("org/fp8", r=4), pissa_rs.plan(model, r=4)
+    assert [t.tensor for t in planned.targets] == [t.tensor for t in full.targets]
+    assert planned.source_sizes == full.source_sizes and planned.source_format == full.source_format

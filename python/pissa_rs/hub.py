@@ -77,6 +77,14 @@ def resolve_model(path: str | os.PathLike[str], revision: str | None = None, hea
     return folder
 
 
+HEADERS_ONLY = ".pissa-rs-headers-only"  # in a stand-in directory: its tensors hold no values
+
+
+def headers_only(root: str | os.PathLike[str]) -> bool:
+    """Whether `root` is header_only_shards' stand-in, whose tensor values are not there."""
+    return (Path(root) / HEADERS_ONLY).is_file()
+
+
 def header_only_shards(repo_id: str, revision: str | None, small_files: Path) -> Path:
     """A temporary directory standing for a model whose weights are not downloaded: its
     small files and index (real), and each shard as a sparse file holding the real
@@ -87,6 +95,7 @@ def header_only_shards(repo_id: str, revision: str | None, small_files: Path) ->
     metadata = get_safetensors_metadata(repo_id, revision=revision)
     folder = Path(tempfile.mkdtemp(prefix="pissa-rs-headers-"))
     atexit.register(shutil.rmtree, folder, True)
+    (folder / HEADERS_ONLY).write_text("tensor data are holes: plan from names, dtypes and shapes only\n")
     for entry in small_files.iterdir():
         if entry.is_file():
             shutil.copyfile(entry, folder / entry.name)
