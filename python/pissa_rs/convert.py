@@ -24,21 +24,10 @@ from .peft_format import (
     AdapterMismatchError,
     adapter_modules,
     module_scaling,
-    PARAM_WRAPPERS,
+    param_wrappers,
 )
 from .tensors import SAFETENSORS_DTYPES, TORCH_DTYPES, as_numpy_bytes, as_torch
 from .noise import quiet_library_noise
-
-def param_wrappers(init_dir: Path) -> dict[str, tuple[str, int]]:
-    """The initial adapter's layers that are PEFT ParamWrappers (MoE experts, routers):
-    layer name -> (the parameter it adapts, its number of experts), as the decomposition
-    recorded them beside the adapter (PEFT's files do not say which layer holds which
-    parameter, and rank_pattern matches parameters)."""
-    path = init_dir / PARAM_WRAPPERS
-    if not path.is_file():
-        return {}
-    return {module: (v["parameter"], v["num_experts"]) for module, v in json.loads(path.read_text()).items()}
-
 
 @dataclass
 class ConversionResult:
@@ -126,6 +115,9 @@ def convert_to_lora(init_dir: str | os.PathLike[str], finetuned_dir: str | os.Pa
         name = module.removeprefix("base_model.model.")
         return wrapped[name][0] if name in wrapped else name
 
+    def experts_of(module: str) -> int:
+        return wrapped.get(module.removeprefix("base_model.model."), (None, 1))[1]
+
     def delta_factors(module: str) -> tuple[torch.Tensor, torch.Tensor]:
         """[A ; A0] and [B | -B0] for one module, compacted if asked; for a layer over
         E experts, per expert, in PEFT's layout (expert-major rows of A, expert-minor
@@ -133,7 +125,7 @@ def convert_to_lora(init_dir: str | os.PathLike[str], finetuned_dir: str | os.Pa
         mixes the experts up."""
         a0, b0 = (as_torch(init.buffer(k)) for k in init_mods[module])
         a, b = (as_torch(tuned.buffer(k)) for k in tuned_mods[module])
-        experts = wrapped.get(module.removeprefix("base_model.model."), (None, 1))[1]
+        experts = experts_of(module)
         scale = module_scaling(pattern_key(module), r, alpha, rank_pattern, alpha_pattern, rslora)[2]
         if experts == 1:
             new_a, new_b = torch.cat([a, a0], dim=0), torch.cat([b, -b0], dim=1)
@@ -159,9 +151,8 @@ def convert_to_lora(init_dir: str | os.PathLike[str], finetuned_dir: str | os.Pa
         (a_rows, in_f), (out_f, _) = tuple(tuned.info(a_key).shape), tuple(tuned.info(b_key).shape)
         dtype = SAFETENSORS_DTYPES[torch.promote_types(TORCH_DTYPES[tuned.info(a_key).dtype],
                                                        TORCH_DTYPES[init.info(init_mods[module][0]).dtype])]
-        experts = wrapped.get(module.removeprefix("base_model.model."), (None, 1))[1]
         k = delta_factors(module)[0].shape[0] if compact else 2 * a_rows
-        ranks[pattern_key(module)] = k // experts
+        ranks[pattern_key(module)] = k // experts_of(module)
         specs += [(a_key, dtype, [k, in_f]), (b_key, dtype, [out_f, k])]
 
     if compact:

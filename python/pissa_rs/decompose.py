@@ -54,7 +54,7 @@ from .resume import (
     run_identity,
 )
 from .targets import TargetError
-from .tensors import SAFETENSORS_DTYPES, TORCH_DTYPES, as_numpy_bytes
+from .tensors import SAFETENSORS_DTYPES, as_numpy_bytes, nbytes
 
 ADAPTER_SUBDIR = "pissa_init"
 REPORT_NAME = "pissa_report.json"
@@ -260,20 +260,20 @@ def output_bytes(checkpoint: Checkpoint, plan: Plan, options: DecomposeOptions) 
     """(residual model, adapter) sizes in bytes: the residual has the input's
     layout (less what is stored pre-quantized, plus its quantized form); the
     adapter holds r x in + out x r per target."""
-    residual = sum(os.path.getsize(f) for f in checkpoint.files)
-    for tensor, parts in plan.stored_parts(options.stored_quantization).items():
-        residual += sum(_nbytes(dtype, shape) for _, dtype, shape in parts) - checkpoint.info(tensor).nbytes
+    residual = residual_bytes(checkpoint, plan.stored_parts(options.stored_quantization))
     adapter_dtype = options.adapter_dtype
     itemsize = ADAPTER_DTYPES[adapter_dtype].itemsize
     adapter = sum(t.r * sum(t.shape) * itemsize for t in plan.targets)
     return residual, adapter
 
 
-def _nbytes(dtype: str, shape: list[int]) -> int:
-    n = TORCH_DTYPES[dtype].itemsize
-    for d in shape:
-        n *= d
-    return n
+def residual_bytes(checkpoint: Checkpoint, stored_as: dict[str, list[tuple[str, str, list[int]]]]) -> int:
+    """Bytes of a residual model laid out like the input, but for the tensors `stored_as`
+    maps to the tensors they are stored as (see writers_like)."""
+    total = sum(os.path.getsize(f) for f in checkpoint.files)
+    for tensor, parts in stored_as.items():
+        total += sum(nbytes(dtype, shape) for _, dtype, shape in parts) - checkpoint.info(tensor).nbytes
+    return total
 
 
 def human_bytes(n: float) -> str:
@@ -472,7 +472,7 @@ def decompose_checkpoint(
 
 
 @dataclass
-class _Assembly:
+class Assembly:
     """A tensor made of several experts' results (a layer's lora_A / lora_B over all its
     experts; a residual tensor holding all of a layer's experts): kept on the host until
     every part arrived, then written whole. Bounded by one layer's experts."""
@@ -502,8 +502,9 @@ class _Output:
     earlier_records: dict[str, dict] = field(default_factory=dict)  # from an interrupted run, by tensor
     records_file: Any = None
     records: list[dict] = field(default_factory=list)
-    # tensors written only once every expert in them is done: (writer path, name) -> _Assembly
-    assembling: dict[tuple[str, str], _Assembly] = field(default_factory=dict)
+    # tensors written only once every expert in them is done: (writer path, name) -> Assembly
+    assembling: dict[tuple[str, str], Assembly] = field(default_factory=dict)
+    out_tensors: dict[str, tuple[ShardWriter, int]] = field(default_factory=dict)  # residual tensor -> writer, bytes
 
     @property
     def writers(self) -> list[ShardWriter]:
@@ -511,10 +512,7 @@ class _Output:
 
     def out_tensor(self, name: str) -> tuple[ShardWriter | None, int]:
         """The writer of an output tensor of the residual and its size (None: already complete)."""
-        if not hasattr(self, "_out_tensors"):
-            self._out_tensors = {n: (w, end - start) for w in self.shard_writers.values() if w is not None
-                                 for n, start, end in w.ranges()}
-        return self._out_tensors.get(name, (None, 0))
+        return self.out_tensors.get(name, (None, 0))
 
     def plan_bytes(self, checkpoint: Checkpoint) -> int:
         """Bytes this output holds: the residual model and the adapter."""
@@ -551,6 +549,8 @@ def _open_output(checkpoint: Checkpoint, path: Path, options: DecomposeOptions, 
         (out / ADAPTER_SUBDIR).mkdir(exist_ok=True)
         output.shard_writers = writers_like(checkpoint, out, journal=journal, resume=resume,
                                             stored_as=plan.stored_parts(options.stored_quantization))
+        output.out_tensors = {n: (w, end - start) for w in output.shard_writers.values() if w is not None
+                              for n, start, end in w.ranges()}
         dtype = SAFETENSORS_DTYPES[ADAPTER_DTYPES[options.adapter_dtype]]
         specs = [(key, dtype, list(shape)) for key, shape in adapter_shapes(plan.targets)]
         adapter_path = out / ADAPTER_SUBDIR / ADAPTER_WEIGHTS
@@ -791,13 +791,13 @@ def _start_assemblies(output: _Output, checkpoint: Checkpoint, computed: set[int
             for key in (lora_a_key(t.module), lora_b_key(t.module)):
                 if output.needs(output.adapter_writer, key):
                     slot = output.assembling.setdefault(
-                        (output.adapter_writer.path, key), _Assembly(torch.empty(shapes[key], dtype=adapter_dtype), 0))
+                        (output.adapter_writer.path, key), Assembly(torch.empty(shapes[key], dtype=adapter_dtype), 0))
                     slot.missing += 1
         for piece in t.read.written if t.read is not None else ():
             writer, size = output.out_tensor(piece.tensor)
             if (piece.start, piece.end) != (0, size) and output.needs(writer, piece.tensor):
                 slot = output.assembling.setdefault((writer.path, piece.tensor),
-                                                    _Assembly(torch.empty(size, dtype=torch.uint8), 0))
+                                                    Assembly(torch.empty(size, dtype=torch.uint8), 0))
                 slot.missing += 1
 
 
@@ -861,7 +861,7 @@ def write_index_like(checkpoint: Checkpoint, out: Path, stored_as: dict[str, lis
     for info in checkpoint.tensors:
         for name, dtype, shape in stored_as.get(info.name, [(info.name, info.dtype, list(info.shape))]):
             weight_map[name] = os.path.relpath(info.file, root)
-            total += _nbytes(dtype, shape)
+            total += nbytes(dtype, shape)
     index["weight_map"] = dict(sorted(weight_map.items()))
     index.setdefault("metadata", {})["total_size"] = total
     atomic_write_text(out / index_path.name, json.dumps(index, indent=2) + "\n")
@@ -940,18 +940,16 @@ def _compute_target(index: int, weight: torch.Tensor, outputs: list[_Output], to
             **measured,
         }
         pieces = []
-        if target.read is not None and target.read.decode is not None and first.keep_source_format:
-            # back in the source's FP8, re-quantized; what re-quantizing costs, measured
-            encoded = target.read.decode.encode(factors.residual)
-            if first.measure_error:
-                record.update(_requant_metrics(weight, target.read.decode(encoded), factors, scale,
-                                               target.fan_in_fan_out))
-            parts, flat, offset = [], to_host(encoded), 0
-            for piece in target.read.written:
-                pieces.append((piece, flat[offset: offset + piece.end - piece.start]))
-                offset += piece.end - piece.start
-        elif target.read is not None:  # its bytes go back where they came from
-            parts, flat, offset = [], to_host(factors.residual).reshape(-1).view(torch.uint8), 0
+        if target.read is not None:  # its bytes go where the read says, piece by piece
+            if target.read.decode is not None and first.keep_source_format:
+                # back in the source's FP8, re-quantized; what re-quantizing costs, measured
+                flat = target.read.decode.encode(factors.residual)
+                if first.measure_error:
+                    record.update(_requant_metrics(weight, target.read.decode(flat), factors, scale,
+                                                   target.fan_in_fan_out))
+            else:
+                flat = factors.residual.reshape(-1).view(torch.uint8)
+            flat, offset, parts = to_host(flat), 0, []
             for piece in target.read.written:
                 pieces.append((piece, flat[offset: offset + piece.end - piece.start]))
                 offset += piece.end - piece.start
@@ -1007,7 +1005,7 @@ def _assemble(output: _Output, writer: ShardWriter | None, name: str, pipeline: 
 
 def _requant_metrics(weight, stored, factors, scale: float, fan_in_fan_out: bool) -> dict:
     """keep_source_format: the paper's nuclear-norm error of W - (deq(quant(W_res)) + s*B@A),
-    against that of re-quantizing W itself, and relative to ||W||_*."""
+    and that relative to ||W||_* (re-quantizing W itself gives W back: it is FP8 already)."""
     w = weight.float()
     delta = (scale * factors.lora_B.float()) @ factors.lora_A.float()
     delta = delta.T if fan_in_fan_out else delta

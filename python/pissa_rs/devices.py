@@ -201,12 +201,8 @@ class DeviceRunner:
             data = buffer[: self._nbytes(item)]
             if read is None:
                 self._checkpoint.read_into(item, data.numpy())
-            else:  # an expert's matrix: its pieces, one after the other
-                offset = 0
-                for piece in read.pieces:
-                    size = piece.end - piece.start
-                    self._checkpoint.read_range_into(piece.tensor, piece.start, data[offset: offset + size].numpy())
-                    offset += size
+            else:  # an expert's matrix, or codes and scales: its pieces, one after the other
+                read.read_into(self._checkpoint, data)
             self._staged.put(_Staged(index, TORCH_DTYPES[dtype], shape, buffer, data, read and read.decode))
         for _ in self._devices:
             self._staged.put(_END)

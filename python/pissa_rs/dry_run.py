@@ -12,11 +12,11 @@ import torch
 from ._pissa_rs import Checkpoint
 from .decompose import (
     DecomposeOptions,
-    _nbytes,
     free_bytes,
     human_bytes,
     output_bytes,
     output_dirs,
+    residual_bytes,
     resolve_source,
 )
 from .planning import is_model_dir, make_plan, source_layout
@@ -147,12 +147,10 @@ def plan_decomposition(path: Path, opts: DecomposeOptions, out: Path | None) -> 
     sizes = [output_bytes(checkpoint, p, opts) for p in plans]
     source_sizes, fmt = {}, source_format(path if is_model_dir(path) else None)
     if fmt.kind is not None:
-        inputs = sum(os.path.getsize(f) for f in checkpoint.files)
         as_bf16 = found.source_as or source_layout(checkpoint, found.targets)
-        source_sizes["bfloat16 (default)"] = inputs + sum(
-            sum(_nbytes(d, s) for _, d, s in parts) - checkpoint.info(t).nbytes for t, parts in as_bf16.items())
+        source_sizes["bfloat16 (default)"] = residual_bytes(checkpoint, as_bf16)
         if fmt.kind in ("fp8", "compressed-tensors"):
-            source_sizes["the source's FP8 (keep_source_format)"] = inputs
+            source_sizes["the source's FP8 (keep_source_format)"] = residual_bytes(checkpoint, {})
     residual, adapter = sum(s[0] for s in sizes), sum(s[1] for s in sizes)
     # The matmul flops alone predicted 40 s for the TinyLlama-shaped benchmark on the
     # 2-core CPU; QRs, rounding and copies made it 72 s: hence the factor.

@@ -5,6 +5,7 @@ Rust copies every other tensor and writes results in the background."""
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ import torch
 from ._pissa_rs import Checkpoint, Pipeline
 from .bnb_format import read_weight
 from .decompose import (
+    Assembly,
     abandon,
     copy_model_files,
     is_model_dir,
@@ -54,7 +56,10 @@ def merge_adapter(residual_dir: str | os.PathLike[str], adapter_dir: str | os.Pa
     pipeline = Pipeline(residual, [(i.name, writers[i.file], i.name) for i in residual.tensors
                                    if i.name not in merged and i.name not in dense_as])
     # A tensor holding several experts is written once all of them are merged into it.
-    partial: dict[str, tuple[torch.Tensor, int]] = {}
+    partial = Counter(p.tensor for job in jobs if job.read is not None for p in job.read.written
+                      if (p.start, p.end) != (0, residual.info(p.tensor).nbytes))
+    assembling = {name: Assembly(torch.empty(residual.info(name).nbytes, dtype=torch.uint8), parts)
+                  for name, parts in partial.items()}
     try:
         for job in jobs:
             if job.read is not None:  # an expert (or an FP8 / MXFP4 source's): merged where its residual is
@@ -64,17 +69,14 @@ def merge_adapter(residual_dir: str | os.PathLike[str], adapter_dir: str | os.Pa
                 if job.read.decode is not None and job.read.out_pieces is None:  # kept in the source's FP8
                     flat = job.read.decode.encode(merged_w)
                 for piece in job.read.written:
-                    size, info = piece.end - piece.start, residual.info(piece.tensor)
-                    data = flat[offset: offset + size]
-                    offset += size
-                    if size != info.nbytes:
-                        whole, filled = partial.get(piece.tensor) or (torch.empty(info.nbytes, dtype=torch.uint8), 0)
-                        whole[piece.start: piece.end] = data
-                        partial[piece.tensor] = (whole, filled + size)
-                        if filled + size < info.nbytes:
+                    data = flat[offset: offset + piece.end - piece.start]
+                    offset += piece.end - piece.start
+                    slot = assembling.get(piece.tensor)
+                    if slot is not None:
+                        if not slot.put(lambda whole: whole[piece.start: piece.end].copy_(data)):
                             continue
-                        data = partial.pop(piece.tensor)[0]
-                    pipeline.submit(writers[info.file], piece.tensor, as_numpy_bytes(data))
+                        data = assembling.pop(piece.tensor).data
+                    pipeline.submit(writers[residual.info(piece.tensor).file], piece.tensor, as_numpy_bytes(data))
                 continue
             tensor = job.tensor
             w = read_weight(residual, tensor, storage, stored)

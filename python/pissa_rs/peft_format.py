@@ -7,7 +7,6 @@ import json
 import re
 import tempfile
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
 
 from ._pissa_rs import Checkpoint, PissaError
@@ -76,9 +75,9 @@ class AdapterTarget:
     r: int
     scale: float
     fan_in_fan_out: bool
-    # An expert: its matrix's bytes in the checkpoint (the same in the original and the
-    # residual), which of the layer's experts it is, and its dtype and shape
-    read: Any = None  # mapping.WeightRead
+    # An expert, or a weight stored in FP8 / MXFP4: where its bytes are in the original
+    # (`pieces`) and in the residual (`written`), and which of the layer's experts it is
+    read: WeightRead | None = None
     expert: int | None = None
     num_experts: int = 1
     quantized: bool = True  # whether bitsandbytes quantizes it at load (experts and routers: no)
@@ -213,6 +212,17 @@ def param_wrappers_json(targets) -> str | None:
     wrappers = {t.module: {"parameter": t.parameter, "num_experts": t.num_experts}
                 for t in targets if t.parameter is not None}
     return json.dumps(dict(sorted(wrappers.items())), indent=1) if wrappers else None
+
+
+def param_wrappers(adapter_dir: Path) -> dict[str, tuple[str, int]]:
+    """What param_wrappers_json wrote beside an initial adapter: its PEFT ParamWrapper
+    layers (MoE experts, routers) -> (the parameter each adapts, its number of experts);
+    PEFT's own files do not say which layer holds which parameter, and rank_pattern
+    matches parameters. Empty for an adapter without such layers."""
+    path = Path(adapter_dir) / PARAM_WRAPPERS
+    if not path.is_file():
+        return {}
+    return {module: (v["parameter"], v["num_experts"]) for module, v in json.loads(path.read_text()).items()}
 
 
 def adapter_config(

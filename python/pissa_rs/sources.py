@@ -18,7 +18,6 @@ dequantized (its `Fp8Dequantize` / `convert_moe_packed_tensors`), to bfloat16.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,7 +104,7 @@ class Decode:
                 rows.append(dequantize_mxfp4(codes.view(part.codes_shape), scale.view(part.scale_shape)))
             else:
                 q = codes.view(TORCH_DTYPES[part.codes_dtype]).view(part.codes_shape)
-                s = scale.view(TORCH_DTYPES[part.scale_dtype] if part.scale_dtype != "U8" else torch.uint8)
+                s = scale.view(TORCH_DTYPES[part.scale_dtype])
                 rows.append(dequantize_fp8(q, s.reshape(part.scale_shape)))
         matrix = torch.cat(rows) if len(rows) > 1 else rows[0]
         return matrix.T.contiguous() if self.transpose else matrix
@@ -118,8 +117,7 @@ class Decode:
         start = 0
         for part in self.parts:
             rows, cols = part.codes_shape
-            grid = part.scale_shape if len(part.scale_shape) == 2 else (
-                (rows, 1) if part.scale_shape and part.scale_shape[0] == rows and rows > 1 else (1, 1))
+            grid = scale_grid(rows, part.scale_shape)
             yield part, matrix[start: start + rows], (rows // grid[0], cols // grid[1])
             start += rows
 
@@ -146,13 +144,20 @@ class Decode:
         return torch.cat(bounds)
 
 
+def scale_grid(rows: int, scale_shape) -> tuple[int, int]:
+    """(scale rows, scale columns) of an FP8 weight's scales: a block grid as stored, a
+    per-channel [R] / [R, 1], or a per-tensor [], [1], [1, 1]."""
+    if len(scale_shape) == 2:
+        return tuple(scale_shape)
+    return (rows, 1) if scale_shape and scale_shape[0] == rows and rows > 1 else (1, 1)
+
+
 def dequantize_fp8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """transformers' Fp8Dequantize._dequantize_one: each block of the scale grid times its
     scale (E8M0 bytes: 2**(b - 127)), in float32, then bfloat16."""
     rows, cols = q.shape
-    grid = scales.reshape(-1, 1) if scales.dim() == 1 and scales.numel() == rows and rows > 1 else scales
-    grid = grid.reshape(1, 1) if grid.numel() == 1 else grid
-    scale_rows, scale_cols = grid.shape
+    scale_rows, scale_cols = scale_grid(rows, tuple(scales.shape))
+    grid = scales.reshape(scale_rows, scale_cols)
     s = (grid.to(torch.float32) - 127.0).exp2() if grid.dtype == torch.uint8 else grid.to(torch.float32)
     blocks = q.to(torch.float32).reshape(scale_rows, rows // scale_rows, scale_cols, cols // scale_cols)
     return (blocks * s[:, None, :, None]).to(torch.bfloat16).reshape(rows, cols)
@@ -247,9 +252,3 @@ def _check_scales(checkpoint: Checkpoint, name: str) -> None:
         raise SourceFormatError(f"{info.file}: scale tensor '{name}' holds NaN, infinite or non-positive scales "
                                 f"({int(bad.sum())} of {bad.numel()})")
     checkpoint.release(name)
-
-
-def nbytes(dtype: str, shape) -> int:
-    from .tensors import TORCH_DTYPES
-
-    return TORCH_DTYPES[dtype].itemsize * math.prod(shape)

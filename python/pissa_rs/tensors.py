@@ -37,6 +37,14 @@ if hasattr(torch, "float8_e8m0fnu"):
 SAFETENSORS_DTYPES: dict[torch.dtype, str] = {v: k for k, v in TORCH_DTYPES.items()}
 
 
+def nbytes(dtype: str, shape) -> int:
+    """Bytes of a tensor of this safetensors dtype and shape."""
+    n = TORCH_DTYPES[dtype].itemsize
+    for d in shape:
+        n *= d
+    return n
+
+
 def as_torch(buffer: TensorBuffer) -> torch.Tensor:
     """A torch tensor viewing the mapped bytes of `buffer` (no copy).
 

@@ -81,10 +81,10 @@ def verify(out: str | os.PathLike[str], against: str | os.PathLike[str], revisio
         report.problems.append(str(err))
         return report
     targets = {t.tensor: t for t in all_targets if t.read is None}
-    # Experts, and weights stored in FP8 / MXFP4 (then W is the dequantized source weight)
-    # Experts: each is checked on its own matrix, wherever its bytes are (the tensors
-    # holding them are then fully checked: a layer's experts cover them).
-    in_experts: set[str] = set()
+    # Experts, and weights stored in FP8 / MXFP4 (W: the dequantized source weight): each is
+    # checked on its own matrix, wherever its bytes are; the tensors holding those bytes are
+    # then fully checked (a layer's experts cover them; codes and scales make one weight).
+    in_pieces: set[str] = set()
     for target in (t for t in all_targets if t.read is not None):
         problem = _reconstruction_problem(target.tensor, target, target.weight(original),
                                           target.weight(residual, residual=True), adapter,
@@ -92,12 +92,12 @@ def verify(out: str | os.PathLike[str], against: str | os.PathLike[str], revisio
         if problem:
             report.problems.append(f"{problem} from {against}")
         report.checked_targets += 1
-        in_experts.update(p.tensor for p in target.read.pieces)
+        in_pieces.update(p.tensor for p in target.read.pieces)
 
     for info in original.tensors:
         name = info.name
         target = targets.get(name)
-        if name in in_experts:
+        if name in in_pieces:
             pass
         elif target is None and name in stored:
             problem = _quantized_problem(name, stored[name], original, residual, quant)
