@@ -101,3 +101,9 @@ def load_output_without_key_warnings(cls, out, caplog):
     said = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
     assert not [m for m in said if ("missing" in m.lower() or "unexpected" in m.lower()) and "key" in m.lower()], said
     return loaded
+
+
+def text(**extra) -> dict:
+    """A tiny decoder's config fields (hidden 64, 2 layers, 4 heads / 2 kv heads), for any family."""
+    return dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64, **extra)

@@ -17,13 +17,8 @@ from pathlib import Path
 
 import torch
 import transformers
-from helpers import save_spread
+from helpers import save_spread, text
 from safetensors.torch import load_file, save_file
-
-
-def text(**extra):
-    return dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=64, **extra)
 
 
 def _rewrite(path: Path, convert, quantization_config: dict) -> None:

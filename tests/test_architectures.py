@@ -13,18 +13,13 @@ import json
 import pytest
 import torch
 import transformers
-from helpers import load_output_without_key_warnings, save_spread
+from helpers import load_output_without_key_warnings, save_spread, text
 from safetensors.torch import load_file
 
 import pissa_rs
 
 R = 4
 LANGUAGE = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-
-
-def text(**extra):
-    return dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=64, **extra)
 
 
 def llava_config():

@@ -202,7 +202,8 @@ def test_a_dry_run_of_an_uncached_fp8_id(tiny, offline, monkeypatch, tmp_path):
     values (holes here) are not judged, and the plan is that of the files."""
     import torch
     import transformers
-    from low_precision import save_fp8_block, text
+    from helpers import text
+    from low_precision import save_fp8_block
 
     _, cache, _ = tiny
     torch.manual_seed(0)

@@ -17,7 +17,8 @@ import warnings
 import pytest
 import torch
 import transformers
-from low_precision import save_compressed_fp8, save_fp8_block, save_mxfp4_gpt_oss, text
+from helpers import text
+from low_precision import save_compressed_fp8, save_fp8_block, save_mxfp4_gpt_oss
 from safetensors.torch import load_file, save_file
 
 import pissa_rs

@@ -19,18 +19,13 @@ import sys
 import pytest
 import torch
 import transformers
-from helpers import load_output_without_key_warnings, digest, same_output, save_spread
+from helpers import digest, load_output_without_key_warnings, same_output, save_spread, text
 from safetensors.torch import load_file
 
 import pissa_rs
 
 R = 4
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
-
-
-def text(**extra):
-    return dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=64, **extra)
 
 
 # family -> (model class, config, target_parameters named on top of "all-linear")
