@@ -3,7 +3,9 @@
     python examples/make_tiny_model.py OUT [--arch llama|gpt2] [--layers 2] [--dtype float32] [--shard-size 200KB]
 
 The model is built by transformers from a config, with random weights, and saved
-as sharded safetensors with its index, like a real Hugging Face checkpoint.
+as sharded safetensors with its index, like a real Hugging Face checkpoint, with a
+byte-level tokenizer (token id = byte value, built offline) so that trainers that
+need one (TRL's SFTTrainer) take it.
 """
 
 from __future__ import annotations
@@ -40,12 +42,38 @@ def spectrum_matrix(rows: int, cols: int, decay: float, scale: float = 1.0,
     return m * (scale / m.std())
 
 
+def byte_tokenizer():
+    """A tokenizer for the 256-token vocabulary: one token per byte (GPT-2's byte-level
+    alphabet, no merges), token id = byte value; byte 0 doubles as EOS and padding.
+    Built from the `tokenizers` package alone: no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    # GPT-2's byte -> character table, in byte order: printable bytes map to themselves,
+    # the others to 256 + k in order of appearance.
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    assert set(chars.values()) == set(alphabet)
+    tokenizer = Tokenizer(models.BPE(vocab={chars[b]: b for b in range(256)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=chars[0], pad_token=chars[0])
+
+
 def save_tiny_model(out: str | Path, arch: str = "llama", layers: int = 2, dtype: str = "float32",
                     shard_size: str = "200KB", seed: int = 0, hidden: int = 64, intermediate: int = 160,
-                    decay: float | None = None) -> Path:
-    """Save a random `arch` model with `layers` layers to `out`; returns `out`.
-    With `decay`, every 2-D weight of the layers gets a power-law spectrum
-    (singular values ~ k**-decay) instead of random init's flat one."""
+                    decay: float | None = None, tokenizer: bool = True) -> Path:
+    """Save a random `arch` model with `layers` layers to `out` (with the byte-level
+    tokenizer unless `tokenizer=False`); returns `out`. With `decay`, every 2-D weight
+    of the layers gets a power-law spectrum (singular values ~ k**-decay) instead of
+    random init's flat one."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, layers, hidden, intermediate))
     # Random init leaves some weights at exact constants (norms at 1); spread them so
@@ -59,6 +87,8 @@ def save_tiny_model(out: str | Path, arch: str = "llama", layers: int = 2, dtype
     model = model.to(getattr(torch, dtype))
     out = Path(out)
     model.save_pretrained(out, max_shard_size=shard_size)
+    if tokenizer:
+        byte_tokenizer().save_pretrained(out)
     return out
 
 

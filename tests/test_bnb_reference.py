@@ -122,7 +122,7 @@ def test_a_wrong_kernel_is_found_said_once_and_replaced_by_the_reference(fresh_c
     real = bnbf.int8_vectorwise_dequant
     monkeypatch.setattr(bnbf, "int8_vectorwise_dequant", lambda codes, stats: real(codes, stats.roll(1)))
     quant = Quantization("int8")
-    with caplog.at_level(logging.WARNING, logger="pissa_rs"):
+    with caplog.at_level(logging.INFO, logger="pissa_rs"):
         for _ in range(3):
             choice = quant.choice("cpu")
     assert choice.backend == REFERENCE and "int8_vectorwise_dequant differs" in choice.reason

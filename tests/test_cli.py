@@ -112,7 +112,7 @@ def test_inspect_a_bare_file_says_targets_must_be_explicit(tmp_path, capsys):
 def test_dry_run_prints_the_plan_and_writes_nothing(llama, tmp_path, capsys):
     proc = run_in_process(capsys, "decompose", str(llama), "--rank", "4", "--out", str(tmp_path / "o"), "--dry-run")
     assert proc.returncode == 0, proc.stderr
-    assert "targets:" in proc.stdout and "pass-through tensors" in proc.stdout and "estimated" in proc.stdout
+    assert "targets:" in proc.stdout and "pass-through tensors" in proc.stdout and "free" in proc.stdout
     assert not (tmp_path / "o").exists()
 
 
@@ -160,8 +160,22 @@ def test_plot_draws_error_reduction_when_the_report_has_it(tmp_path, capsys):
     assert proc.returncode == 0, proc.stderr
     names = sorted(Path(line).name for line in proc.stdout.split())
     assert names == ["energy_kept.png", "error_reduction.png"]
-    for name in names:
-        assert (tmp_path / name).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    for name in names:  # by default in OUT/pissa_plots, which merge leaves out
+        assert (tmp_path / "pissa_plots" / name).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_plot_lines_are_layer_roles_not_last_names():
+    """BERT's three `dense` modules are three lines; an MoE layer's experts, one point per layer."""
+    from pissa_rs.plots import _by_layer_role
+
+    records = [{"module": f"encoder.layer.{i}.{role}", "energy_kept": 0.1 * i}
+               for i in range(2) for role in ("attention.output.dense", "intermediate.dense", "output.dense")]
+    records += [{"module": "pooler.dense", "energy_kept": 0.9}]
+    records += [{"module": "model.layers.0.mlp.experts", "energy_kept": e} for e in (0.2, 0.4)]
+    series = _by_layer_role(records, "energy_kept")
+    assert sorted(series) == ["attention.output.dense", "intermediate.dense", "mlp.experts", "output.dense"]
+    assert series["output.dense"] == [(0, 0.0), (1, 0.1)]
+    assert series["mlp.experts"] == [(0, pytest.approx(0.3))]
 
 
 def test_to_lora_and_merge_from_the_shell(llama, tmp_path, capsys):

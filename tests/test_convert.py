@@ -130,3 +130,40 @@ def test_rslora_scaling_is_kept_like_peft(tmp_path):
     assert (ours["r"], ours["lora_alpha"], ours["use_rslora"]) == (theirs["r"], theirs["lora_alpha"], True) == (8, 8 * 2**0.5, True)
     lora = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(src), tmp_path / "ours")
     torch.testing.assert_close(logits(lora), tuned, atol=1e-4, rtol=0)
+
+
+@pytest.mark.floor
+def test_the_converted_lora_opens_by_its_folder_alone_on_the_original_model(trained, tmp_path):
+    """AutoPeftModel loads the base that adapter_config.json names: the original model,
+    not the residual the fine-tuned adapter was trained on (that gave logits off by ~1)."""
+    from peft import AutoPeftModelForCausalLM
+
+    for compact in (False, True):
+        result = convert_to_lora(trained["res"].adapter, trained["ft"], tmp_path / f"lora{compact}", compact=compact)
+        config = json.loads((result.out / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == result.base_model == str(trained["src"].resolve())
+        assert config["revision"] is None
+        model = AutoPeftModelForCausalLM.from_pretrained(result.out)
+        torch.testing.assert_close(logits(model), trained["tuned"], atol=1e-4, rtol=0)
+
+
+def test_an_init_adapter_without_its_report_needs_the_base_model_named(trained, tmp_path):
+    init = tmp_path / "moved" / "pissa_init"
+    shutil.copytree(trained["res"].adapter, init)
+    cfg = json.loads((init / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(tmp_path / "gone")  # the residual is elsewhere now
+    (init / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AdapterMismatchError, match=r"pissa_init: no pissa_report.json.*--base-model"):
+        convert_to_lora(init, trained["ft"], tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    result = convert_to_lora(init, trained["ft"], tmp_path / "y", base_model="org/original", revision="v1")
+    config = json.loads((result.out / "adapter_config.json").read_text())
+    assert (config["base_model_name_or_path"], config["revision"]) == ("org/original", "v1")
+
+
+def test_the_report_beside_a_residual_named_by_the_init_config_is_found(trained, tmp_path):
+    """pissa_init copied away from its OUT: its config still names OUT, where the report is."""
+    init = tmp_path / "elsewhere"
+    shutil.copytree(trained["res"].adapter, init)
+    result = convert_to_lora(init, trained["ft"], tmp_path / "lora")
+    assert result.base_model == str(trained["src"].resolve())

@@ -45,6 +45,7 @@ def llama_out(llama) -> pissa_rs.DecomposeResult:
     return pissa_rs.decompose_checkpoint(llama, r=8, progress=False)
 
 
+@pytest.mark.floor
 def test_llama_residual_plus_adapter_gives_the_original_logits(llama, llama_out):
     assert len(list(llama.glob("*.safetensors"))) >= 3, "the fixture must be sharded"
     assert llama_out.out == llama.parent / "tiny-llama-pissa-r8"
@@ -145,6 +146,7 @@ def test_bfloat16_checkpoint(tmp_path):
         assert t["max_abs_error"] <= 2.0**-9  # half a bf16 ulp, as |W_res| < 1 here
 
 
+@pytest.mark.floor
 def test_exact_mode_matches_peft_pissa(llama, tmp_path):
     res = pissa_rs.decompose_checkpoint(llama, r=8, lora_alpha=16, niter=0, out=tmp_path / "out", progress=False)
     config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights="pissa", lora_dropout=0.0)
@@ -220,7 +222,7 @@ def test_bare_safetensors_file_needs_explicit_targets(tmp_path):
 
 
 def test_targets_matching_nothing(llama, tmp_path):
-    with pytest.raises(pissa_rs.TargetError, match=r"model.safetensors.index.json.*\['nope'\] matched no module"):
+    with pytest.raises(pissa_rs.TargetError, match=r"model.safetensors.index.json.*entry 'nope' matched no module"):
         pissa_rs.decompose_checkpoint(llama, r=4, target_modules=["nope"], out=tmp_path / "o", progress=False)
     assert not (tmp_path / "o").exists()
 
@@ -256,7 +258,7 @@ def test_existing_output_is_refused_unless_overwrite(llama, tmp_path):
     # A non-empty directory that is no pissa_rs output at all.
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "config.json").write_text("{}")
-    with pytest.raises(pissa_rs.TargetError, match="not empty.*overwrite"):
+    with pytest.raises(pissa_rs.TargetError, match="exists and holds an earlier pissa_rs output.*--overwrite"):
         pissa_rs.decompose_checkpoint(llama, r=4, out=tmp_path / "other", progress=False)
     (out / ".model.safetensors.index.json.partial").write_text("left by a crash")
     pissa_rs.decompose_checkpoint(llama, r=4, niter=2, out=out, overwrite=True, progress=False)
@@ -268,8 +270,9 @@ def test_overwrite_never_deletes_foreign_files(llama, tmp_path):
     out = tmp_path / "o"
     out.mkdir()
     (out / "thesis.tex").write_text("mine")
-    with pytest.raises(pissa_rs.TargetError, match="'thesis.tex'.*not a pissa_rs output"):
-        pissa_rs.decompose_checkpoint(llama, r=4, out=out, overwrite=True, progress=False)
+    for overwrite in (False, True):  # the first message already says --overwrite would not help
+        with pytest.raises(pissa_rs.TargetError, match="'thesis.tex'.*not a pissa_rs output.*overwrite.*replaces only"):
+            pissa_rs.decompose_checkpoint(llama, r=4, out=out, overwrite=overwrite, progress=False)
     assert (out / "thesis.tex").read_text() == "mine"
 
 
@@ -332,11 +335,10 @@ def test_plan_shows_what_would_happen_and_writes_nothing(llama, tmp_path):
     assert p.input_bytes == sum(i.nbytes for i in pissa_rs.Checkpoint(llama).tensors)
     assert p.residual_bytes == sum(f.stat().st_size for f in llama.glob("*.safetensors"))
     assert p.adapter_bytes == sum(t.r * sum(t.shape) * 4 for t in p.targets)
-    assert p.free_bytes > 0 and p.fits_on_disk and p.estimated_seconds > 0
+    assert p.free_bytes > 0 and p.fits_on_disk and not p.out_problems
     text = p.describe()
     assert "model.layers.0.self_attn.v_proj.weight" in text and "r=4" in text and "14 targets" in text
-    # The estimate scales with the work.
-    assert pissa_rs.plan(llama, r=16, out=out).estimated_seconds > pissa_rs.plan(llama, r=2, out=out).estimated_seconds
+    assert "estimated" not in text  # a time estimate that missed by 20-70x on small matrices is gone
     with pytest.raises(pissa_rs.TargetError, match="matched no module"):
         pissa_rs.plan(llama, r=8, target_modules=["nope"])
 

@@ -78,6 +78,10 @@ def test_a_model_id_resolves_offline_from_the_cache(tiny, offline, tmp_path):
     assert resolve_model("org/tiny", revision=COMMIT) == snapshot
     res = pissa_rs.decompose_checkpoint("org/tiny", r=4, progress=False)
     assert res.out == tmp_path / "tiny-pissa-r4"  # ./<name>-pissa-r<r> in the current directory
+    # A LoRA converted from this adapter applies to the model ID, at the revision asked for.
+    assert res.report["base_model"] == {"name_or_path": "org/tiny", "revision": None}
+    pinned = pissa_rs.decompose_checkpoint("org/tiny", r=4, revision=COMMIT, out=tmp_path / "pinned", progress=False)
+    assert pinned.report["base_model"] == {"name_or_path": "org/tiny", "revision": COMMIT}
     assert pissa_rs.verify(res.out, against="org/tiny").ok
     assert pissa_rs.measure_quantization_error(res.out, "org/tiny")["tensors"]
     several = pissa_rs.decompose_checkpoint("org/tiny", r=[2, 3], progress=False, niter=0)
@@ -107,27 +111,30 @@ def test_ids_that_give_no_checkpoint_say_which_repo_and_revision(tiny, offline):
 
 
 def test_only_what_a_decomposition_reads_is_asked_for(tiny, monkeypatch, tmp_path):
-    """Online, huggingface_hub downloads what the patterns allow: the index and small
-    files first, then exactly the shards the index names; never .bin/.pth/ONNX."""
+    """Online, huggingface_hub downloads what the patterns allow: every file but weights
+    first (config, tokenizer, subfolders such as sentence-transformers' 1_Pooling/), then
+    exactly the shards the index names; never .bin/.pth/ONNX."""
     import fnmatch
 
     import huggingface_hub
 
     _, _, snapshot = tiny
     repo_files = [*os.listdir(snapshot), "model.onnx", "pytorch_model-00001-of-00002.bin", "consolidated.pth",
-                  "original/params.json"]
-    asked = []
+                  "original/params.json", "1_Pooling/config.json", "onnx/model.onnx"]
+    fetched = set()
 
-    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None, **kwargs):
-        asked.append(allow_patterns)
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None, ignore_patterns=None, **kwargs):
+        for f in repo_files:  # huggingface_hub's rule: allowed (if patterns given) and not ignored
+            allowed = allow_patterns is None or any(fnmatch.fnmatch(f, p) for p in allow_patterns)
+            if allowed and not any(fnmatch.fnmatch(f, p) for p in ignore_patterns or ()):
+                fetched.add(f)
         return str(snapshot)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     assert resolve_model("org/tiny", revision="main") == snapshot
-    fetched = {f for f in repo_files if any(fnmatch.fnmatch(f, p) for patterns in asked for p in patterns)}
-    index = json.loads((snapshot / "model.safetensors.index.json").read_text())
-    assert set(asked[1]) == set(index["weight_map"].values())
-    assert fetched == {f for f in os.listdir(snapshot) if f != "pytorch_model.bin"}
+    weights = {"pytorch_model.bin", "model.onnx", "pytorch_model-00001-of-00002.bin", "consolidated.pth",
+               "onnx/model.onnx"}
+    assert fetched == set(repo_files) - weights
 
 
 def test_the_cli_takes_ids_offline(tiny, tmp_path):

@@ -151,6 +151,7 @@ def dequantized_weights(model) -> dict[str, torch.Tensor]:
     return {name.removesuffix(".base_layer"): w for name, w in weights.items()}
 
 
+@pytest.mark.floor
 def test_loading_the_stored_residual_in_4_bit_reproduces_it_exactly(qpissa):
     _, res = qpissa
     model = pissa_rs.load_for_training(res.out, quantize="nf4")
@@ -240,7 +241,7 @@ def test_error_measurement_can_be_skipped_and_the_plan_counts_it(tmp_path):
     plain = pissa_rs.plan(src, r=8)
     measured = pissa_rs.plan(src, r=8, quantize="nf4", quant_iters=3)
     assert "QPiSSA for nf4 x3 + error measurement" in measured.describe()
-    assert measured.estimated_seconds > 2 * plain.estimated_seconds
+    assert "error measurement" not in plain.describe()
     res = pissa_rs.decompose_checkpoint(src, r=8, out=tmp_path / "o", quantize="nf4", quant_iters=2,
                                         measure_error=False, progress=False)
     assert "error_reduction" not in res.report["tensors"][0]

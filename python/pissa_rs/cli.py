@@ -4,16 +4,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import traceback
 from dataclasses import replace
 from pathlib import Path
 
 from ._pissa_rs import Checkpoint, PissaError
 from .convert import convert_to_lora
-from .decompose import ADAPTER_DTYPES, DecomposeOptions, human_bytes, resolve_source, run_decomposition
+from .decompose import (
+    ADAPTER_DTYPES,
+    DecomposeOptions,
+    base_model_of,
+    human_bytes,
+    resolve_source,
+    run_decomposition,
+)
 from .dry_run import plan_decomposition
 from .hub import resolve_model
 from .merge import merge_adapter
+from .resume import fault_point
 from .verify import verify
 from .planning import is_model_dir
 from .targets import target_choices
@@ -51,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Out-of-core PiSSA: split every target weight W of a safetensors checkpoint into a "
         "trainable adapter (its top-r singular triplets) and a frozen residual, in PEFT's format.",
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, print its traceback too (or set PISSA_RS_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     dec = sub.add_parser(
@@ -122,8 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     dec.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     dec.add_argument("--dry-run", action="store_true",
-                     help="print the plan (targets, ranks, pass-through tensors, bytes, free disk, estimated "
-                     "time) and exit without writing anything; exit 1 if the output would not fit")
+                     help="print the plan (targets, ranks, pass-through tensors, bytes, free disk) and exit "
+                     "without writing anything; exit 1 if the output would not fit or cannot be created")
 
     ins = sub.add_parser("inspect", help="list a checkpoint's tensors, dtypes, shapes, files and sizes, its "
                          "architecture, and which modules each target_modules choice picks")
@@ -140,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="re-factor each module's update to its numerical rank (a smaller LoRA)")
     conv.add_argument("--tol", type=float, default=1e-6,
                       help="with --compact: drop singular values below TOL x |B'| |A'| (default %(default)s)")
+    conv.add_argument("--base-model",
+                      help="the original model the LoRA applies to, as its adapter_config.json names it (a path or "
+                      "model ID; default: the one INIT's decomposition report records)")
+    conv.add_argument("--revision", help="with a model ID for --base-model: branch, tag or commit")
 
     mrg = sub.add_parser("merge", help="merge an adapter into its residual model (a plain model, out of core)")
     mrg.add_argument("residual", type=Path, help="the residual model (a decomposition's OUT, or a model ID)")
@@ -163,10 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     qerr.add_argument("--double-quant", action="store_true", help="4-bit double quantization (default: as OUT's "
                       "report says)")
     qerr.add_argument("--json", type=Path, help="also write the per-tensor numbers to this JSON file")
+    qerr.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
     plot = sub.add_parser("plot", help="PNG plots from OUT/pissa_report.json (needs the 'plot' extra: matplotlib)")
     plot.add_argument("out", help="a decomposition's output directory (or its pissa_report.json)")
-    plot.add_argument("--to", type=Path, help="directory for the PNGs (default: OUT)")
+    plot.add_argument("--to", type=Path, help="directory for the PNGs (default: OUT/pissa_plots, which merge "
+                      "leaves out of a merged model)")
     return parser
 
 
@@ -186,18 +205,21 @@ def _decompose(args) -> int:
         print(plan.describe())
         return 0 if plan.fits_on_disk else 1
     results = run_decomposition(source, options, out=out, overwrite=args.overwrite,
-                                progress=not args.no_progress)
+                                progress=not args.no_progress, origin=base_model_of(args.path, args.revision))
+    _completed(what="the output is complete")
     for result in results if isinstance(results, list) else [results]:
         totals = result.report["totals"]
         if result.status != "fresh":
             print(f"{result.out}: " + ("already complete; nothing to do" if result.status == "complete"
                                        else "resumed the interrupted run"))
         print(f"r={result.report['options']['r']}: decomposed {totals['targets']} weights in {totals['seconds']:.1f} s "
-              f"(mean energy kept {totals['energy_kept_mean']:.3f}, max cast error {totals['max_abs_error']:.2e})")
+              f"(mean energy kept {totals['energy_kept_mean']:.3f})")
         if "error_reduction_mean" in totals:
             loftq = totals.get("loftq_error_reduction_mean")
             print(f"  {result.report['options']['quantize']} error vs QLoRA: {totals['error_reduction_mean']:.1%} "
                   "less (mean over weights)" + (f"; LoftQ: {loftq:.1%} less" if loftq is not None else ""))
+        if "config_note" in result.report:
+            print(f"  note: {result.report['config_note']}")
         for item in result.report.get("left_out", []):
             print(f"  left out: {item['name']}: {item['why']}")
         if result.report.get("rank_limited"):
@@ -234,9 +256,11 @@ def _inspect(args) -> int:
 
 
 def _to_lora(args) -> int:
-    result = convert_to_lora(args.init, args.finetuned, args.out, compact=args.compact, tol=args.tol)
+    result = convert_to_lora(args.init, args.finetuned, args.out, compact=args.compact, tol=args.tol,
+                             base_model=args.base_model, revision=args.revision)
+    _completed(what="the LoRA is complete")
     ranks = sorted(set(result.ranks.values()))
-    print(f"LoRA for the original model: {result.out} ({len(result.ranks)} modules, rank "
+    print(f"LoRA for the original model {result.base_model}: {result.out} ({len(result.ranks)} modules, rank "
           f"{ranks[0] if len(ranks) == 1 else f'{ranks[0]}..{ranks[-1]}'})")
     if args.compact:
         for module, rank in result.ranks.items():
@@ -245,7 +269,9 @@ def _to_lora(args) -> int:
 
 
 def _merge(args) -> int:
-    print(f"merged model: {merge_adapter(args.residual, args.adapter, args.out, revision=args.revision)}")
+    merged = merge_adapter(args.residual, args.adapter, args.out, revision=args.revision)
+    _completed(what="the merged model is complete")
+    print(f"merged model: {merged}")
     return 0
 
 
@@ -262,7 +288,8 @@ def _qerror(args) -> int:
     from .qerror import measure_quantization_error
 
     result = measure_quantization_error(args.out, args.against, quantize=args.quantize,
-                                        double_quant=args.double_quant or None, revision=args.revision)
+                                        double_quant=args.double_quant or None, revision=args.revision,
+                                        progress=not args.no_progress)
     width = max(len(t["tensor"]) for t in result["tensors"])
     for t in result["tensors"]:
         print(f"{t['tensor']:<{width}}  {t['error_reduction']:7.2%}  (||error||_* {t['quant_error']:.4g}, "
@@ -282,19 +309,47 @@ def _plot(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _completed(what: str) -> None:
+    """Past this point the files are complete: a Ctrl-C now (while the summary prints or
+    the interpreter exits) loses nothing, and is said so instead of exiting 130."""
+
+    def say(signum, frame):
+        print(f"pissa-rs: Ctrl-C after the work finished: {what}, nothing was lost", file=sys.stderr)
+
+    signal.signal(signal.SIGINT, say)
+    fault_point("completed")
+
+
+def main(argv: list[str] | None = None, *, keep_signal_handlers: bool = False) -> int:
+    """The command line; `argv` None: sys.argv. The SIGINT handler a finished command
+    installs is put back on return unless `keep_signal_handlers` (the console script:
+    the interpreter's exit is after the work too)."""
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("PISSA_RS_DEBUG", "") not in ("", "0")
+    previous = signal.getsignal(signal.SIGINT)
     try:
         return {"decompose": _decompose, "inspect": _inspect, "to-lora": _to_lora, "merge": _merge,
                 "verify": _verify, "qerror": _qerror, "plot": _plot}[args.command](args)
     except (PissaError, ValueError, OSError, ImportError) as err:
+        if debug:
+            traceback.print_exc()
         print(f"pissa-rs: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
         print("pissa-rs: interrupted; no incomplete file is under a final name. Run the same command again to "
               "resume where it stopped.", file=sys.stderr)
         return 130
+    finally:
+        if not keep_signal_handlers:
+            signal.signal(signal.SIGINT, previous)
+
+
+def entry() -> None:
+    """The `pissa-rs` console script."""
+    sys.exit(main(keep_signal_handlers=True))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -26,6 +26,7 @@ from .peft_format import (
     module_scaling,
     param_wrappers,
 )
+from .model_files import REPORT_NAME
 from .tensors import SAFETENSORS_DTYPES, TORCH_DTYPES, as_numpy_bytes, as_torch
 from .noise import quiet_library_noise
 
@@ -33,6 +34,7 @@ from .noise import quiet_library_noise
 class ConversionResult:
     out: Path
     ranks: dict[str, int]  # module -> rank of its LoRA (2r, or the kept rank with compact)
+    base_model: str  # the original model it applies to, as adapter_config.json names it
 
 
 def _adapter(directory: Path) -> tuple[Checkpoint, dict]:
@@ -85,13 +87,41 @@ def _compact(a: torch.Tensor, b: torch.Tensor, tol: float) -> tuple[torch.Tensor
     return new_a.to(a.dtype), new_b.to(b.dtype)
 
 
+def original_model(init_dir: Path, init_cfg: dict, base_model: str | os.PathLike[str] | None,
+                   revision: str | None) -> tuple[str, str | None]:
+    """(name or path, revision) of the model the decomposition started from: what a
+    converted LoRA applies to. `base_model` if given (a local path made absolute), else
+    what the decomposition's report records (pissa_report.json beside pissa_init)."""
+    if base_model is not None:
+        path = Path(base_model)
+        return (str(path.resolve()) if path.exists() else os.fspath(base_model)), revision
+    residual = init_cfg.get("base_model_name_or_path")
+    for report in dict.fromkeys([init_dir.parent / REPORT_NAME, *([Path(residual) / REPORT_NAME] if residual else [])]):
+        if report.is_file():
+            data = json.loads(report.read_text())
+            origin = data.get("base_model") or {"name_or_path": data["input"], "revision": None}
+            return origin["name_or_path"], origin["revision"]
+    raise AdapterMismatchError(
+        f"{init_dir}: no {REPORT_NAME} beside it says which model it was decomposed from, and the LoRA must name "
+        "that original model (not the residual); pass base_model= (--base-model) with its path or Hub ID"
+    )
+
+
 def convert_to_lora(init_dir: str | os.PathLike[str], finetuned_dir: str | os.PathLike[str],
-                    out_dir: str | os.PathLike[str], *, compact: bool = False, tol: float = 1e-6) -> ConversionResult:
+                    out_dir: str | os.PathLike[str], *, compact: bool = False, tol: float = 1e-6,
+                    base_model: str | os.PathLike[str] | None = None, revision: str | None = None
+                    ) -> ConversionResult:
     """Write the LoRA of the original model that equals `finetuned` on the residual model.
 
     The result matches PEFT's own conversion (same keys, shapes, values and config
     fields). `compact=True` drops singular values below `tol` x |B'| |A'|, per module,
     and records each module's kept rank in rank_pattern (scale folded into the factors).
+
+    The LoRA's adapter_config.json names the original model as its base
+    (base_model_name_or_path and revision), so `AutoPeftModelForCausalLM.from_pretrained(out_dir)`
+    loads it onto that model: by default the one the decomposition's report records;
+    `base_model` (a path or Hub ID, at `revision`) names it where the report is not beside
+    `init_dir` or the original has moved.
     """
     with quiet_library_noise():
         from peft import LoraConfig
@@ -101,11 +131,13 @@ def convert_to_lora(init_dir: str | os.PathLike[str], finetuned_dir: str | os.Pa
     tuned, tuned_cfg = _adapter(finetuned_dir)
     init_mods, tuned_mods = adapter_modules(init, init_dir), adapter_modules(tuned, finetuned_dir)
     _check_pair(init_dir, init_cfg, finetuned_dir, tuned_cfg, init_mods, tuned_mods, init, tuned)
+    base, base_revision = original_model(init_dir, init_cfg, base_model, revision)
 
     wrapped = param_wrappers(init_dir)  # module -> (parameter, experts) for PEFT's ParamWrapper layers
     config = LoraConfig.from_pretrained(str(finetuned_dir))
     config.init_lora_weights = True
     config.inference_mode = True
+    config.base_model_name_or_path, config.revision = base, base_revision
     # The fine-tuned adapter's scaling, kept before the config is rewritten below.
     r, alpha, rslora = config.r, config.lora_alpha, config.use_rslora
     rank_pattern, alpha_pattern = dict(config.rank_pattern), dict(config.alpha_pattern)
@@ -179,4 +211,4 @@ def convert_to_lora(init_dir: str | os.PathLike[str], finetuned_dir: str | os.Pa
         writer.abort()
         raise
     config.save_pretrained(str(out_dir))
-    return ConversionResult(out_dir, ranks)
+    return ConversionResult(out_dir, ranks, base)

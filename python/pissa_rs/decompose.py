@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -19,6 +20,7 @@ from .devices import DeviceRunner, parse_devices
 from .hub import is_local, model_name, resolve_model
 from .factors import factors_at_ranks, scaling, tensor_seed
 from .mapping import Piece
+from .model_files import ADAPTER_SUBDIR, OWN_NAMES, REPORT_NAME, copy_small_files, top_level_names
 from .peft_format import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -56,11 +58,7 @@ from .resume import (
 from .targets import TargetError
 from .tensors import SAFETENSORS_DTYPES, as_numpy_bytes, nbytes
 
-ADAPTER_SUBDIR = "pissa_init"
-REPORT_NAME = "pissa_report.json"
 ADAPTER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Weight files of other formats are never copied as "small files".
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 
 
 @dataclass
@@ -237,6 +235,13 @@ def resolve_source(path: str | os.PathLike[str], revision: str | None, out: Path
     return source, out
 
 
+def base_model_of(path: str | os.PathLike[str], revision: str | None) -> dict[str, str | None]:
+    """The original model as a LoRA of it names its base (PEFT's base_model_name_or_path
+    and revision): a Hub model ID as given, a local path made absolute."""
+    name = os.fspath(path) if not is_local(path) else str(Path(path).resolve())
+    return {"name_or_path": name, "revision": revision}
+
+
 def default_out(path: Path, r: int) -> Path:
     """`<name>-pissa-r<r>` beside the input."""
     path = path.resolve()
@@ -248,11 +253,11 @@ def _output_names(checkpoint: Checkpoint, path: Path) -> set[str]:
     """Top-level names a decomposition of this checkpoint writes into OUT."""
     root = Path(checkpoint.root)
     names = {Path(os.path.relpath(f, root)).parts[0] for f in checkpoint.files}
-    names |= {ADAPTER_SUBDIR, REPORT_NAME, *CONTROL_FILES}
+    names |= {*OWN_NAMES, *CONTROL_FILES}
     if checkpoint.index_path:
         names.add(Path(checkpoint.index_path).name)
     if is_model_dir(path):
-        names |= {e.name for e in root.iterdir() if e.is_file() and not e.name.endswith(WEIGHT_SUFFIXES)}
+        names |= top_level_names(root)
     return names
 
 
@@ -311,14 +316,11 @@ def _prepare_out(out: Path, checkpoint: Checkpoint, path: Path, overwrite: bool,
     output, or lacks room; lock it. Returns (lock fd, state): "fresh" (emptied,
     ready), "resume" (an interrupted run of the same inputs and options) or
     "complete" (that run already finished)."""
-    root = Path(checkpoint.root).resolve()
-    resolved = out.resolve()
-    if resolved == root or root.is_relative_to(resolved):
-        raise TargetError(f"{out}: the output would overwrite the input checkpoint {root}; choose another out")
+    check_out_apart(out, checkpoint, path)
     if out.exists() and not out.is_dir():
         raise TargetError(f"{out}: exists and is not a directory")
     created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    make_out_dir(out)
     fd = lock_output(out)
     try:
         old = read_identity(out, REPORT_NAME)
@@ -335,16 +337,17 @@ def _prepare_out(out: Path, checkpoint: Checkpoint, path: Path, overwrite: bool,
             return fd, "resume"
         existing = sorted(out.iterdir())
         if existing:
-            if not overwrite:
-                raise TargetError(f"{out}: exists and is not empty; pass overwrite=True (--overwrite) to replace it")
             # Replace an earlier output, never delete what pissa_rs did not write.
             ours = _output_names(checkpoint, path)
             foreign = [e.name for e in existing if e.name not in ours and not e.name.endswith(".partial")]
             if foreign:
                 raise TargetError(
-                    f"{out}: holds '{foreign[0]}', which a decomposition does not write; refusing to overwrite a "
-                    "directory that is not a pissa_rs output"
+                    f"{out}: exists and holds '{foreign[0]}', which a decomposition does not write: it is not a "
+                    "pissa_rs output, and overwrite (--overwrite) replaces only those; choose another out"
                 )
+            if not overwrite:
+                raise TargetError(f"{out}: exists and holds an earlier pissa_rs output; pass overwrite=True "
+                                  "(--overwrite) to replace it, or choose another out")
         _check_space(out, needed, reclaim=overwrite)
         for entry in existing:
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
@@ -357,6 +360,40 @@ def _prepare_out(out: Path, checkpoint: Checkpoint, path: Path, overwrite: bool,
         raise
 
 
+def check_out_apart(out: Path, checkpoint: Checkpoint, path: Path) -> None:
+    """Refuse an output that is the input's folder, holds it, or (a model folder) lies
+    inside it: shards written into a model's own folder damage it for every tool."""
+    root, resolved = Path(checkpoint.root).resolve(), out.resolve()
+    if resolved == root or root.is_relative_to(resolved):
+        raise TargetError(f"{out}: the output would overwrite the input checkpoint {root}; choose another out")
+    if is_model_dir(path) and resolved.is_relative_to(root):
+        raise TargetError(f"{out}: the output would be inside the input model's folder {root}; choose an out "
+                          "outside it")
+
+
+def make_out_dir(out: Path) -> None:
+    """mkdir -p, with an error that says what was being done."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise TargetError(f"{out}: cannot create the output directory: {err.strerror or err}") from None
+
+
+def out_dir_problem(out: Path) -> str | None:
+    """Why `out` could not be created or written (a dry run's check, leaving nothing
+    behind), or None: a directory is made and removed in its nearest existing ancestor."""
+    probe = out.absolute()
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is not a directory"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".pissa-rs-probe-", dir=probe))
+    except OSError as err:
+        return f"cannot create a directory in {probe}: {err.strerror or err}"
+    return None
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.partial")
     with open(tmp, "w") as f:
@@ -364,22 +401,6 @@ def atomic_write_text(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def _copy_small_files(src_root: Path, out: Path) -> list[str]:
-    """config.json, tokenizer files and the like: every regular file of the
-    input directory that holds no weights."""
-    copied = []
-    for entry in sorted(src_root.iterdir()):
-        if not entry.is_file() or entry.name.startswith("."):
-            continue
-        if entry.name.endswith(WEIGHT_SUFFIXES) or entry.name.endswith(".index.json"):
-            continue
-        tmp = out / f".{entry.name}.partial"
-        shutil.copyfile(entry, tmp)
-        os.replace(tmp, out / entry.name)
-        copied.append(entry.name)
-    return copied
 
 
 def decompose_checkpoint(
@@ -468,7 +489,8 @@ def decompose_checkpoint(
         keep_source_format=keep_source_format,
     ).validate()
     source, out = resolve_source(path, revision, Path(out) if out else None, options.ranks)
-    return run_decomposition(source, options, out=out, overwrite=overwrite, progress=progress)
+    return run_decomposition(source, options, out=out, overwrite=overwrite, progress=progress,
+                             origin=base_model_of(path, revision))
 
 
 @dataclass
@@ -611,13 +633,14 @@ def writers_like(checkpoint: Checkpoint, out: Path, journal: Journal | None = No
 
 def copy_model_files(checkpoint: Checkpoint, path: Path, out: Path) -> list[str]:
     """The input's index json (same tensors and shards: the same index) and its
-    small files (config, tokenizer) into `out`. Returns the small files copied."""
+    small files (config, tokenizer, subfolders: see model_files) into `out`.
+    Returns the small files copied."""
     if checkpoint.index_path:
         index = Path(checkpoint.index_path)
         tmp = out / f".{index.name}.partial"
         shutil.copyfile(index, tmp)
         os.replace(tmp, out / index.name)
-    return _copy_small_files(Path(checkpoint.root), out) if is_model_dir(path) else []
+    return copy_small_files(Path(checkpoint.root), out) if is_model_dir(path) else []
 
 
 def abandon(pipeline: Pipeline, writers, err: BaseException, keep: bool = False) -> BaseException:
@@ -648,13 +671,15 @@ def output_dirs(path: Path, ranks: list[int], out: Path | None) -> list[Path]:
 
 
 def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None, overwrite: bool,
-                      progress: bool) -> DecomposeResult | list[DecomposeResult]:
+                      progress: bool, origin: dict[str, str | None] | None = None
+                      ) -> DecomposeResult | list[DecomposeResult]:
     """Decompose once per target weight, writing one output per rank in options.ranks.
 
     An output left by an interrupted run of the same inputs and options is resumed:
     finished shards are kept, and so is every tensor of an unfinished one whose bytes
     match the journal's checksum; the rest is recomputed (per-tensor seeds make the
-    result byte-identical to an uninterrupted run)."""
+    result byte-identical to an uninterrupted run). `origin` names the original model in
+    the report (base_model_of; default: `path`)."""
     started = time.perf_counter()
     checkpoint = Checkpoint(path)
     inputs = input_state(checkpoint)
@@ -677,7 +702,8 @@ def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None
         raise
     try:
         _run(checkpoint, path, options, outputs, inputs, progress)
-        results = [_finish_output(checkpoint, path, o, started) for o in outputs]
+        origin = origin or base_model_of(path, None)
+        results = [_finish_output(checkpoint, path, o, started, origin) for o in outputs]
     finally:
         for output in outputs:
             output.close()
@@ -815,7 +841,8 @@ def _submit_parts(output: _Output, writer: ShardWriter | None, parts: list[tuple
             pipeline.submit(writer, name, as_numpy_bytes(tensor))
 
 
-def _finish_output(checkpoint: Checkpoint, path: Path, output: _Output, started: float) -> DecomposeResult:
+def _finish_output(checkpoint: Checkpoint, path: Path, output: _Output, started: float,
+                   origin: dict[str, str | None]) -> DecomposeResult:
     """Index, small files, adapter config, then the report: written last, its
     presence in OUT means every file before it is complete. The journals go after."""
     out = output.out
@@ -834,6 +861,7 @@ def _finish_output(checkpoint: Checkpoint, path: Path, output: _Output, started:
     atomic_write_text(out / ADAPTER_SUBDIR / ADAPTER_CONFIG, output.plan.adapter_config_json)
     report = _report(path, out, output.plan, output.options, output.records, copied,
                      output.plan_bytes(checkpoint), time.perf_counter() - started)
+    report["base_model"] = origin  # what a LoRA converted from this adapter applies to
     report["run"] = read_identity(out, REPORT_NAME)  # what a rerun compares itself with
     atomic_write_text(out / REPORT_NAME, json.dumps(report, indent=1))
     for name in (JOURNAL, RECORDS, RUN_FILE):
@@ -1036,6 +1064,7 @@ def _report(path, out, plan: Plan, options, records, copied, total_bytes, second
         "input": str(Path(path).resolve()),
         "out": str(out.resolve()),
         "architecture": plan.architecture,
+        **({"config_note": plan.config_note} if plan.config_note else {}),
         "init_lora_weights": options.init_lora_weights,
         "svd_rank": options.svd_rank,  # larger than r when several ranks shared one SVD
         "options": opts,

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-
-import torch
 
 from ._pissa_rs import Checkpoint
 from .decompose import (
     DecomposeOptions,
+    check_out_apart,
     free_bytes,
     human_bytes,
     output_bytes,
+    out_dir_problem,
     output_dirs,
     residual_bytes,
     resolve_source,
@@ -35,16 +34,16 @@ class DecompositionPlan:
     residual_bytes: int  # all outputs together
     adapter_bytes: int
     free_bytes: int  # on out's filesystem
-    estimated_seconds: float  # torch work only, from a throughput probe on the device
     stored_quantized: list[str] = field(default_factory=list)  # save_quantized: weights stored pre-quantized
     left_out: list[tuple[str, str]] = field(default_factory=list)  # picked but not decomposed, and why
     rank_limited: list[str] = field(default_factory=list)  # modules at their smaller dimension, below r
     source_format: str | None = None  # a low-precision source: what it is
     source_sizes: dict[str, int] = field(default_factory=dict)  # residual bytes (one rank) per storage choice
+    out_problems: list[str] = field(default_factory=list)  # why an output directory could not be created
 
     @property
     def fits_on_disk(self) -> bool:
-        return self.residual_bytes + self.adapter_bytes <= self.free_bytes
+        return not self.out_problems and self.residual_bytes + self.adapter_bytes <= self.free_bytes
 
     @property
     def _qpissa(self) -> str:
@@ -55,12 +54,13 @@ class DecompositionPlan:
         return f", QPiSSA for {o.quantize}{' (double quant)' if o.double_quant else ''} x{o.quant_iters}{measured}"
 
     def describe(self) -> str:
+        space = (f"CANNOT BE CREATED: {'; '.join(self.out_problems)}" if self.out_problems else
+                 f"{human_bytes(self.free_bytes)} free{'' if self.fits_on_disk else ' -- DOES NOT FIT'}")
         lines = [f"input:  {self.input} ({human_bytes(self.input_bytes)})",
                  f"output: {', '.join(map(str, self.outs))} (residual {human_bytes(self.residual_bytes)} + adapter "
-                 f"{human_bytes(self.adapter_bytes)}; {human_bytes(self.free_bytes)} free"
-                 f"{'' if self.fits_on_disk else ' -- DOES NOT FIT'})",
-                 f"method: {self.options.init_lora_weights}{self._qpissa}, device {','.join(map(str, self.options.torch_devices))}, "
-                 f"estimated {self.estimated_seconds:.1f} s of SVD work",
+                 f"{human_bytes(self.adapter_bytes)}; {space})",
+                 f"method: {self.options.init_lora_weights}{self._qpissa}, device "
+                 f"{','.join(map(str, self.options.torch_devices))}",
                  *([f"source: {self.source_format}; residual as " + ", as ".join(
                      f"{k}: {human_bytes(v)}" for k, v in self.source_sizes.items())] if self.source_format else []),
                  f"{len(self.targets)} targets"
@@ -87,48 +87,11 @@ class DecompositionPlan:
         return "\n".join(lines)
 
 
-def _svd_flops(t: Target, niter: int) -> float:
-    """Multiply-adds of torch.svd_lowrank(q=r, niter) (or a full SVD) on one weight, times 2."""
-    m, n = t.shape
-    if niter == 0:
-        k = min(m, n)
-        return 2.0 * (4 * m * n * k + 8 * k**3)
-    return 2.0 * ((2 * niter + 2) * m * n * t.r + (2 * niter + 1) * (m + n) * t.r**2)
-
-
-def _quant_flops(t: Target, opts: DecomposeOptions) -> tuple[float, float]:
-    """(more SVD flops, full-SVD flops) QPiSSA adds for one weight: its extra
-    iterations, and the error measurement (singular values of two full matrices,
-    T full SVDs more with LoftQ)."""
-    if not opts.quantize:
-        return 0.0, 0.0
-    m, n = t.shape
-    k, big = min(m, n), max(m, n)
-    svdvals = 4.0 * big * k * k - 4.0 / 3.0 * k**3  # Householder bidiagonalization
-    measure = (2 + (3 * opts.quant_iters + 1 if opts.compare_loftq else 0)) * svdvals if opts.measure_error else 0.0
-    return (opts.quant_iters - 1) * _svd_flops(t, opts.niter), measure
-
-
-def _device_flops(device: torch.device) -> float:
-    """Float32 matmul throughput of `device`, from a short probe."""
-    a = torch.randn(1024, 1024, device=device)
-    b = torch.randn(1024, 256, device=device)
-    a @ b  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start, reps = time.perf_counter(), 5
-    for _ in range(reps):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return reps * 2 * 1024 * 1024 * 256 / (time.perf_counter() - start)
-
-
 def plan(path: str | os.PathLike[str], r: int | list[int] = 128, *, out: str | os.PathLike[str] | None = None,
          revision: str | None = None, **options) -> DecompositionPlan:
     """What `decompose_checkpoint(path, r, out=out, **options)` would do, without doing it:
-    targets with shapes and ranks, pass-through tensors, bytes in and out, free disk and
-    an estimate of the SVD time on the chosen device. Target mistakes raise here."""
+    targets with shapes and ranks, pass-through tensors, bytes in and out, and free disk
+    (or why an output directory could not be created). Target mistakes raise here."""
     opts = DecomposeOptions(r=r, **options).validate()
     source, out = resolve_source(path, revision, Path(out) if out else None, opts.ranks, headers_only=True)
     return replace(plan_decomposition(source, opts, out), input=Path(path))
@@ -152,18 +115,13 @@ def plan_decomposition(path: Path, opts: DecomposeOptions, out: Path | None) -> 
         if fmt.kind in ("fp8", "compressed-tensors"):
             source_sizes["the source's FP8 (keep_source_format)"] = residual_bytes(checkpoint, {})
     residual, adapter = sum(s[0] for s in sizes), sum(s[1] for s in sizes)
-    # The matmul flops alone predicted 40 s for the TinyLlama-shaped benchmark on the
-    # 2-core CPU; QRs, rounding and copies made it 72 s: hence the factor.
-    # Full SVDs (QPiSSA's error measurement) run at a lower rate: 2.5 s for the singular
-    # values of a 5632 x 2048 matrix on that CPU, 2 to 5x what its flops predict.
-    svd = sum(_svd_flops(t, opts.niter) + _quant_flops(t, opts)[0] for t in found.targets)
-    full = sum(_quant_flops(t, opts)[1] for t in found.targets)
-    # Several devices of one kind share the weights: the work divides between them.
-    seconds = (1.8 * svd + 3.5 * full) / _device_flops(torch.device(opts.device)) / len(opts.torch_devices)
+    for o in outs:
+        check_out_apart(o, checkpoint, path)
+    problems = [f"{o}: {why}" for o in outs for why in [out_dir_problem(o)] if why]
     return DecompositionPlan(
         input=path, outs=outs, options=opts, targets=found.targets, passthrough=passthrough,
         input_bytes=sum(i.nbytes for i in checkpoint.tensors), residual_bytes=residual, adapter_bytes=adapter,
-        free_bytes=free_bytes(outs[0]), estimated_seconds=seconds, stored_quantized=stored,
+        free_bytes=free_bytes(outs[0]), stored_quantized=stored, out_problems=problems,
         left_out=found.left_out, rank_limited=found.rank_limited,
         source_format=fmt.describe() if fmt.kind else None, source_sizes=source_sizes,
     )

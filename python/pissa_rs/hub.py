@@ -12,12 +12,12 @@ import struct
 import tempfile
 from pathlib import Path
 
-# What a decomposition reads besides the weights (copied into the output as they are).
-SMALL_FILES = [
-    "config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
-    "vocab.json", "vocab.txt", "merges.txt", "chat_template*", "*.tiktoken", "spiece.model",
-    "preprocessor_config.json", "processor_config.json",
-]
+from .model_files import WEIGHT_SUFFIXES
+from .requirements import require_versions
+
+# What a decomposition reads besides the shards: every file but weights (the small
+# files it copies into the output, subfolders included; see model_files).
+NOT_SMALL = [f"*{suffix}" for suffix in WEIGHT_SUFFIXES]
 INDEX = "model.safetensors.index.json"
 
 
@@ -30,6 +30,7 @@ def is_local(path: str | os.PathLike[str]) -> bool:
 
 
 def _looks_like_repo_id(text: str) -> bool:
+    require_versions()
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
@@ -59,7 +60,7 @@ def resolve_model(path: str | os.PathLike[str], revision: str | None = None, hea
 
     where = f"{text}@{revision or 'main'}"
     try:
-        folder = Path(snapshot_download(text, revision=revision, allow_patterns=[INDEX, *SMALL_FILES]))
+        folder = Path(snapshot_download(text, revision=revision, ignore_patterns=NOT_SMALL))
         if (folder / INDEX).is_file():
             weights = sorted(set(json.loads((folder / INDEX).read_text()).get("weight_map", {}).values()))
         else:

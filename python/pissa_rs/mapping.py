@@ -11,16 +11,20 @@ experts) are kept apart: they are not one weight to decompose.
 from __future__ import annotations
 
 import functools
+import json
+import logging
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from ._pissa_rs import Checkpoint
+from ._pissa_rs import Checkpoint, PissaError
 from .noise import quiet_library_noise
 from .sources import OUT_DTYPE, Decode, SourceFormat, Stored, fp8_part, mxfp4_part
 from .tensors import nbytes
+
+log = logging.getLogger("pissa_rs")
 
 
 def model_class_for(config):
@@ -49,6 +53,51 @@ def _task_type(model) -> str | None:
     return None
 
 
+class CustomCodeError(PissaError, ValueError):
+    """config.json asks for the checkpoint's own Python code, and names no class
+    transformers ships to build instead: pissa_rs never runs a checkpoint's code."""
+
+
+@functools.lru_cache(maxsize=8)
+def _load_config_cached(config_dir: str, _mtime_ns: int):
+    with quiet_library_noise():
+        import transformers
+        from transformers import AutoConfig
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    path = Path(config_dir) / "config.json"
+    data = json.loads(path.read_text())
+    model_type = data.get("model_type")
+    if model_type in CONFIG_MAPPING_NAMES:  # transformers' own code; never the checkpoint's, never a prompt
+        return AutoConfig.from_pretrained(config_dir, trust_remote_code=False), None
+    name = (data.get("architectures") or [None])[0]
+    cls = getattr(transformers, name, None) if isinstance(name, str) else None
+    if not (isinstance(cls, type) and hasattr(cls, "config_class") and hasattr(cls, "_from_config")):
+        code = sorted((data.get("auto_map") or {}).values())
+        raise CustomCodeError(
+            f"{path}: model_type {model_type!r} is not one transformers ships"
+            + (f" (config.json's auto_map points to the checkpoint's own code: {', '.join(code)})" if code else "")
+            + f", and architectures[0] {name!r} names no transformers class to build instead; pissa_rs never runs a "
+            "checkpoint's code. Decompose it by tensor names: pass the .safetensors file (or its "
+            "model.safetensors.index.json) with explicit --target-modules (e.g. q_proj,k_proj,v_proj,o_proj)")
+    values = {k: v for k, v in data.items() if k not in ("auto_map", "model_type")}
+    config = cls.config_class.from_dict(values)
+    note = (f"config.json names model_type {model_type!r} (the checkpoint's own code, never run by pissa_rs); "
+            f"built transformers' {cls.__name__} from its values instead")
+    log.info("pissa_rs: %s", note)  # the report records it and the CLI prints it
+    return config, note
+
+
+def load_config(config_dir: str | Path):
+    """(transformers config of config_dir/config.json, note). A model_type transformers
+    ships is loaded by AutoConfig with trust_remote_code=False. One that asks for the
+    checkpoint's own code (Kimi-K2's "kimi_k2" with an auto_map) is built as the class
+    `architectures[0]` names if transformers ships it (DeepseekV3ForCausalLM), with a note
+    saying so (logged at INFO, recorded in the report); else CustomCodeError. Never prompts."""
+    path = Path(config_dir) / "config.json"
+    return _load_config_cached(str(config_dir), path.stat().st_mtime_ns)
+
+
 def meta_model(config_dir: str | Path):
     """(model on the meta device, PEFT task type). Cached while config.json is unchanged."""
     path = Path(config_dir) / "config.json"
@@ -58,9 +107,9 @@ def meta_model(config_dir: str | Path):
 @functools.lru_cache(maxsize=4)
 def _meta_model_cached(config_dir: str, _mtime_ns: int):
     with quiet_library_noise():
-        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+        from transformers import AutoModel, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(config_dir)
+    config, _ = load_config(config_dir)
     cls = model_class_for(config)
     with torch.device("meta"):
         if cls is not None:

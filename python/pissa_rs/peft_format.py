@@ -9,6 +9,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ._pissa_rs import Checkpoint, PissaError
 from .factors import scaling
 from .mapping import WeightRead
@@ -82,16 +84,29 @@ class AdapterTarget:
     num_experts: int = 1
     quantized: bool = True  # whether bitsandbytes quantizes it at load (experts and routers: no)
 
-    def delta(self, adapter: Checkpoint):
-        """s * B @ A in float32, laid out as the weight is stored."""
+    def _factors(self, adapter: Checkpoint):
+        """(s * B, A) in float32; for an expert, its own rows of A and columns of B."""
         from .tensors import as_torch
 
         a, b = as_torch(adapter.buffer(self.a_key)).float(), as_torch(adapter.buffer(self.b_key)).float()
         if self.expert is not None:  # PEFT's ParamWrapper: expert e's rows of A, every E-th column of B
             a = a.view(self.num_experts, self.r, a.shape[1])[self.expert]
             b = b.view(b.shape[0], self.r, self.num_experts)[:, :, self.expert]
-        delta = (self.scale * b) @ a
+        return self.scale * b, a
+
+    def delta(self, adapter: Checkpoint):
+        """s * B @ A in float32, laid out as the weight is stored."""
+        sb, a = self._factors(adapter)
+        delta = sb @ a
         return delta.T if self.fan_in_fan_out else delta
+
+    def delta_rounding(self, adapter: Checkpoint):
+        """How far two float32 computations of s * B @ A may differ elementwise, whatever
+        their summation order (BLAS kernels differ by CPU and library version): the
+        classic bound r * eps32 * |s B| @ |A| on each, twice. Laid out as delta."""
+        sb, a = self._factors(adapter)
+        bound = (2 * a.shape[0] * torch.finfo(torch.float32).eps) * (sb.abs() @ a.abs())
+        return bound.T if self.fan_in_fan_out else bound
 
     def weight(self, checkpoint: Checkpoint, residual: bool = False):
         """The weight in its dtype and layout, from the original `checkpoint` (decoded if

@@ -13,7 +13,7 @@ from typing import Any
 from ._pissa_rs import Checkpoint
 from .bnb_format import StoredQuantized, quantization_config
 from .noise import quiet_library_noise
-from .mapping import meta_model, param_on_disk
+from .mapping import load_config, meta_model, param_on_disk
 from .peft_format import adapter_config, adapter_config_json, adapter_shapes
 from .quant import Quantization, QuantizerChoice
 from .sources import FP8_DTYPES, OUT_DTYPE, SourceFormat, source_format
@@ -45,6 +45,7 @@ class Plan:
     source_format: str | None = None
     source_as: dict[str, list[tuple[str, str, list[int]]]] = field(default_factory=dict)
     source_quantization_config: dict | None = None
+    config_note: str | None = None  # config.json asked for custom code: what was built instead
 
     def stored_parts(self, quant: Quantization | None) -> dict[str, list[tuple[str, str, list[int]]]]:
         """Original tensor name -> the (name, dtype, shape) of the tensors it is stored as, where not itself."""
@@ -76,6 +77,7 @@ def make_plan(path: Path, options: list[dict], outs: list[Path]) -> list[Plan]:
                               "which weights transformers quantizes and to record the quantization there")
         stored, quant_config = bnb_quantized_weights(checkpoint, config_dir), quantization_config(quant)
     fmt = source_format(config_dir)
+    config_note = load_config(config_dir)[1] if config_dir is not None else None
     for opts, out in zip(options, outs):
         found = resolve_targets(
             checkpoint, r=opts["r"], lora_alpha=opts["lora_alpha"], target_modules=opts["target_modules"],
@@ -106,7 +108,8 @@ def make_plan(path: Path, options: list[dict], outs: list[Path]) -> list[Plan]:
                               "decompose to a bfloat16 residual and quantize at load instead")
         plans.append(Plan(found.targets, found.task_type, found.architecture, adapter_config_json(config), stored,
                           quant_config, quantizer, found.left_out, found.rank_limited, fmt.kind,
-                          source_as, remaining_quantization(checkpoint, fmt, source_as, found.targets)))
+                          source_as, remaining_quantization(checkpoint, fmt, source_as, found.targets),
+                          config_note))
     return plans
 
 
@@ -147,7 +150,7 @@ def check_adapter_layout(config, found, config_dir: Path) -> None:
     model, _ = meta_model(config_dir)
     config = copy.deepcopy(config)
     config.init_lora_weights = False
-    with torch.device("meta"):
+    with torch.device("meta"), quiet_library_noise():
         built = get_peft_model(copy.deepcopy(model), config)
         keys = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(built).items()}
     ours = dict(adapter_shapes(found.targets))

@@ -7,26 +7,31 @@ import json
 import re
 from pathlib import Path
 
-from .decompose import REPORT_NAME
+from .model_files import PLOTS_SUBDIR, REPORT_NAME
 
 LAYER = re.compile(r"\.(\d+)\.")
 
 
-def _by_module_type(records: list[dict], key: str) -> dict[str, list[tuple[int, float]]]:
-    """module type ("q_proj") -> [(layer index, value)], for modules inside numbered layers."""
-    series: dict[str, list[tuple[int, float]]] = {}
+def _by_layer_role(records: list[dict], key: str) -> dict[str, list[tuple[int, float]]]:
+    """A module's role in its layer, its path after the layer number ("self_attn.q_proj";
+    BERT's "attention.output.dense" apart from "output.dense") -> [(layer index, value)],
+    for modules inside numbered layers; an expert's points are its layer's mean."""
+    sums: dict[str, dict[int, list[float]]] = {}
     for rec in records:
         match = LAYER.search(rec["module"])
         if match is None or rec.get(key) is None:
             continue
-        series.setdefault(rec["module"].rsplit(".", 1)[-1], []).append((int(match.group(1)), rec[key]))
-    return {kind: sorted(points) for kind, points in series.items()}
+        role = rec["module"][match.end():]
+        sums.setdefault(role, {}).setdefault(int(match.group(1)), []).append(rec[key])
+    return {role: sorted((layer, sum(v) / len(v)) for layer, v in by_layer.items())
+            for role, by_layer in sums.items()}
 
 
 def plot_report(out: str | Path, to: str | Path | None = None) -> list[Path]:
     """Write energy_kept.png (fraction of each weight's energy in its adapter, per
     layer and module type) and, when the report has quantization errors,
-    error_reduction.png, into `to` (default: OUT). Returns the files written."""
+    error_reduction.png, into `to` (default: OUT/pissa_plots, which merge does not
+    copy into a merged model). Returns the files written."""
     try:
         import matplotlib
 
@@ -38,14 +43,14 @@ def plot_report(out: str | Path, to: str | Path | None = None) -> list[Path]:
     out = Path(out)
     report_path = out / REPORT_NAME if out.is_dir() else out
     report = json.loads(report_path.read_text())
-    to = Path(to) if to else report_path.parent
+    to = Path(to) if to else report_path.parent / PLOTS_SUBDIR
     to.mkdir(parents=True, exist_ok=True)
     written = []
     for key, file, ylabel in [
         ("energy_kept", "energy_kept.png", "fraction of energy kept by the adapter"),
         ("error_reduction", "error_reduction.png", "quantization error reduction"),
     ]:
-        series = _by_module_type(report["tensors"], key)
+        series = _by_layer_role(report["tensors"], key)
         if not series:
             continue
         fig, ax = plt.subplots(figsize=(8, 4.5))

@@ -20,10 +20,14 @@ from .tensors import as_torch
 
 def measure_quantization_error(out: str | os.PathLike[str], against: str | os.PathLike[str],
                                quantize: str | None = None, double_quant: bool | None = None,
-                               device: str = "cpu", revision: str | None = None) -> dict[str, Any]:
+                               device: str = "cpu", revision: str | None = None,
+                               progress: bool = True) -> dict[str, Any]:
     """For every adapter module of OUT: ||W - (deq(quant(W_res)) + s*B@A)||_*, QLoRA's
     ||W - deq(quant(W))||_* and 1 - their ratio, W from `against`. `quantize` and
-    `double_quant` default to what OUT's report names (else nf4, no double quant)."""
+    `double_quant` default to what OUT's report names (else nf4, no double quant).
+    Two full SVDs per weight: a progress bar on stderr unless `progress=False`."""
+    from tqdm.auto import tqdm
+
     out, against = Path(out), resolve_model(against, revision)  # against: a path or a Hub model ID
     kind = quantize or reported_options(out).get("quantize") or "nf4"
     if double_quant is None:
@@ -39,7 +43,8 @@ def measure_quantization_error(out: str | os.PathLike[str], against: str | os.Pa
     adapter = Checkpoint(adapter_dir / ADAPTER_WEIGHTS)
     rows = []
     # Experts and routers stay unquantized when transformers loads with bitsandbytes: nothing to measure.
-    for target in (t for t in adapter_targets(adapter_dir, adapter, residual, out) if t.quantized):
+    targets = [t for t in adapter_targets(adapter_dir, adapter, residual, out) if t.quantized]
+    for target in tqdm(targets, desc="qerror", unit="weight", disable=not progress):
         if target.read is not None:  # stored in FP8: W is the dequantized source weight
             w, w_res = target.weight(original).to(device), target.weight(residual, residual=True).to(device)
         else:

@@ -190,8 +190,8 @@ def forget_choices() -> None:
 
 def choose_quantizer(quant: Quantization, device_type: str) -> QuantizerChoice:
     """Once per process, quantization and device type: bitsandbytes if installed
-    and bit-identical to the reference on the probe, else the reference (said
-    once in the log; the decomposition's report records it)."""
+    and bit-identical to the reference on the probe, else the reference (logged at
+    INFO; the decomposition's report records it and the CLI prints it)."""
     key = (quant, device_type)
     if key not in _CHOICES:
         _CHOICES[key] = _check(quant, device_type)
@@ -214,7 +214,7 @@ def _check(quant: Quantization, device_type: str) -> QuantizerChoice:
         return QuantizerChoice(BITSANDBYTES, f"bitsandbytes {version} on {device_type} agrees with the reference")
     reason = (f"bitsandbytes {version} on {device_type}: {quant.kind}{' double-quant' if quant.double_quant else ''} "
               f"{problem}; using pissa_rs' reference quantizer instead")
-    log.warning("pissa_rs: %s", reason)
+    log.info("pissa_rs: %s", reason)  # the CLI prints it once; the report records it
     return QuantizerChoice(REFERENCE, reason)
 
 
@@ -237,7 +237,7 @@ def qpissa_factors_at_ranks(
     adapter_dtype: torch.dtype = torch.float32,
     fan_in_fan_out: bool = False,
 ) -> list[Factors]:
-    """QPiSSA with `iters` iterations (DESIGN.md): the first takes W's principal
+    """QPiSSA with `iters` iterations (docs/design.md): the first takes W's principal
     factors; each next one takes those of W - deq(quant(W - s*B@A)). With one
     iteration the result is plain PiSSA (an unquantized residual, which loading
     in 4/8 bits quantizes); with more, the residual stored is deq(quant(W - s*B@A))

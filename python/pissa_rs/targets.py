@@ -105,6 +105,36 @@ def peft_converted(lora_config, model, where):
     return config
 
 
+def _matches(entry: str, name: str) -> bool:
+    """PEFT's rule for one entry of a target_modules / exclude_modules list: the whole
+    name, or its last dotted parts."""
+    return name == entry or name.endswith("." + entry)
+
+
+def check_list_entries(field: str, entries, converted, names: list[str], where,
+                       hint_names: list[str] | None = None) -> None:
+    """Every entry of a target_modules / exclude_modules *list* must match a module (a
+    regex or "all-linear" keeps PEFT's meaning): PEFT drops an entry that matches nothing
+    in silence, so `querry,value` would decompose `value` alone. Entries PEFT's own
+    conversion moved elsewhere (MoE experts become target_parameters) matched. The
+    closest of `hint_names` (default: `names`) are suggested."""
+    import difflib
+
+    if not isinstance(entries, (list, tuple, set)):
+        return
+    still = set(converted) if isinstance(converted, (list, tuple, set)) else set()
+    for entry in sorted(entries):
+        if entry not in still or any(_matches(entry, n) for n in names):
+            continue
+        hints = hint_names if hint_names is not None else names
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in hints})
+        close = difflib.get_close_matches(entry, leaves, n=3, cutoff=0.6)
+        close = close or difflib.get_close_matches(entry, hints, n=3, cutoff=0.6)
+        hint = (f"did you mean {' or '.join(repr(c) for c in close)}?" if close
+                else f"its linear modules end in: {', '.join(leaves[:20])}")
+        raise TargetError(f"{where}: {field} entry '{entry}' matched no module of this model; {hint}")
+
+
 def _matching_parameters(model, wanted) -> list[str]:
     """Full names of the parameters a target_parameters list picks, PEFT's way (whole name or suffix)."""
     return [name for name, _ in model.named_parameters()
@@ -122,7 +152,7 @@ def _param_wrappers(model, config) -> list[tuple[str, str, int, float, int, bool
         from peft import get_peft_model
         from peft.tuners.lora.layer import ParamWrapper
 
-    with torch.device("meta"):
+    with torch.device("meta"), quiet_library_noise():
         peft_model = get_peft_model(copy.deepcopy(model), config)
     found = []
     for name, layer in peft_model.named_modules():
@@ -247,6 +277,10 @@ def resolve_targets(
         param_targets, param_left_out, clamps, listed_parameters = _parameter_targets(
             checkpoint, model, mapping, lora_config, r=r, lora_alpha=lora_alpha, use_rslora=use_rslora,
             named=bool(target_parameters), exclude_parameters=exclude_parameters, where=where, fmt=fmt)
+        module_names = [name for name, _ in model.named_modules() if name]
+        linear = [name for name, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
+        check_list_entries("target_modules", target_modules, lora_config.target_modules, module_names, where, linear)
+        check_list_entries("exclude_modules", exclude_modules, exclude_modules, module_names, where, linear)
         patterns = ({**clamps, **(lora_config.rank_pattern or {})}, dict(lora_config.alpha_pattern or {}))
         if isinstance(lora_config.target_modules, set):
             lora_config.target_modules = sorted(lora_config.target_modules)
@@ -282,6 +316,9 @@ def resolve_targets(
                 f"{where}: target_modules='all-linear' needs the model's config.json to tell linear layers "
                 "from others; pass explicit target_modules (e.g. ['q_proj', 'v_proj']) or config_dir"
             )
+        weights = [info.name[: -len(".weight")] for info in checkpoint.tensors if info.name.endswith(".weight")]
+        check_list_entries("target_modules", target_modules, target_modules, weights, where)
+        check_list_entries("exclude_modules", exclude_modules, exclude_modules, weights, where)
         for info in checkpoint.tensors:
             if info.name.endswith(".weight") and check_target_module_exists(lora_config, info.name[: -len(".weight")]):
                 found.append((info.name[: -len(".weight")], info.name, False))

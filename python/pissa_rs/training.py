@@ -3,6 +3,7 @@ bitsandbytes, as QPiSSA trains it) plus the float32 PiSSA adapter, trainable."""
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 
 from ._pissa_rs import Checkpoint
 from .decompose import ADAPTER_SUBDIR, made_for_double_quant, stored_quantized
-from .mapping import model_class_for
+from .mapping import load_config, model_class_for
 from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterMismatchError, adapter_targets
 from .noise import quiet_library_noise
 
@@ -33,7 +34,7 @@ def load_for_training(out: str | os.PathLike[str], quantize: str | None = None, 
     """
     with quiet_library_noise():
         from peft import PeftModel, prepare_model_for_kbit_training
-        from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
@@ -49,12 +50,11 @@ def load_for_training(out: str | os.PathLike[str], quantize: str | None = None, 
                              f"{quantize} (decompose again without save_quantized for that)")
         quantize = storage.kind
     adapter_targets(adapter_dir, Checkpoint(adapter_dir / ADAPTER_WEIGHTS), Checkpoint(out), out)
-    config = AutoConfig.from_pretrained(out)
-    kwargs = {}
+    config = copy.deepcopy(load_config(out)[0])  # never the checkpoint's own code (see load_config)
+    kwargs = {"config": config}
     if storage is not None:  # as stored, with our compute dtype
         if storage.kind != "int8":
             config.quantization_config["bnb_4bit_compute_dtype"] = str(compute_dtype).removeprefix("torch.")
-        kwargs["config"] = config
     elif quantize in ("nf4", "fp4"):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=quantize, bnb_4bit_compute_dtype=compute_dtype,
@@ -66,4 +66,5 @@ def load_for_training(out: str | os.PathLike[str], quantize: str | None = None, 
     model = model_class.from_pretrained(out, device_map=device_map, dtype="auto", **kwargs)
     if quantize:
         model = prepare_model_for_kbit_training(model)
-    return PeftModel.from_pretrained(model, out, subfolder=ADAPTER_SUBDIR, is_trainable=True)
+    with quiet_library_noise():
+        return PeftModel.from_pretrained(model, out, subfolder=ADAPTER_SUBDIR, is_trainable=True)

@@ -44,7 +44,9 @@ def verify(out: str | os.PathLike[str], against: str | os.PathLike[str], revisio
     (a path, or a Hub model ID at `revision`).
 
     A target passes when |W - (W_res + s*B@A)| <= eps(dtype) * (|W_res| + |W|)
-    elementwise (two roundings: the residual's and the original's at most); a
+    + 2 r eps32 |s B| |A| elementwise (two roundings: the residual's and the original's
+    at most, and s*B@A's float32 summation, whose order the decomposing process's BLAS
+    chose); a
     quantized residual (QPiSSA, quant_iters > 1) when the difference is within
     the quantization's own error bound for W - s*B@A.
     """
@@ -146,7 +148,9 @@ def _reconstruction_problem(name: str, target: AdapterTarget, stored: torch.Tens
     w = stored.double()
     w_res = residual.double()
     error = (w - (w_res + delta.double())).abs()
-    bound = torch.finfo(stored.dtype).eps * (w_res.abs() + w.abs()) + 1e-30
+    # the residual's and the original's rounding, and s*B@A's own in float32 (the
+    # decomposition's summation order need not be this process's)
+    bound = torch.finfo(stored.dtype).eps * (w_res.abs() + w.abs()) + target.delta_rounding(adapter).double() + 1e-30
     what = "within rounding"
     if requantized is not None and requantized.decode is not None and requantized.out_pieces is None:
         bound = bound + requantized.decode.error_bound((w - delta.double()).float()).double()
