@@ -16,6 +16,7 @@ from pissa_rs.merge import merge_adapter
 
 
 @pytest.mark.parametrize("arch, dtype", [("llama", "float32"), ("llama", "bfloat16"), ("gpt2", "float32")])
+@pytest.mark.floor
 def test_merging_the_untrained_adapter_gives_back_the_original(tmp_path, arch, dtype):
     src = save_tiny_model(tmp_path / "m", arch, layers=2, dtype=dtype, shard_size="150KB")
     res = pissa_rs.decompose_checkpoint(src, r=8, lora_alpha=16, out=tmp_path / "o", progress=False)

@@ -88,6 +88,7 @@ def logits(model, ids):
 IDS = torch.randint(0, 90, (2, 10), generator=torch.Generator().manual_seed(0))
 
 
+@pytest.mark.floor
 def test_peft_loads_exactly_its_own_layers_and_the_logits_come_back(decomposed, caplog):
     from peft import LoraConfig, get_peft_model
     from peft.utils import get_peft_model_state_dict

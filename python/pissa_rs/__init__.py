@@ -3,6 +3,9 @@
 The public API, re-exported from the modules that implement it.
 """
 
+from importlib.metadata import PackageNotFoundError as _NotInstalled
+from importlib.metadata import version as _version
+
 from ._pissa_rs import (
     Checkpoint,
     CheckpointError,
@@ -25,18 +28,28 @@ from .decompose import DecomposeOptions, DecomposeResult, DiskSpaceError, decomp
 from .dry_run import DecompositionPlan, plan
 from .factors import Factors, principal_factors
 from .hub import HubError
+from .mapping import CustomCodeError
 from .merge import merge_adapter
 from .qerror import measure_quantization_error
 from .quant import QuantError, Quantization
+from .requirements import DependencyVersionError
 from .resume import InputChangedError, OutputLockedError, RunMismatchError
 from .targets import Target, TargetError, resolve_targets
 from .tensors import as_numpy_bytes, as_torch
 from .training import load_for_training
 from .verify import VerifyReport, verify
 
+try:
+    __version__ = _version("pissa-rs")
+except _NotInstalled:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
+
 __all__ = [
+    "__version__",
+    "DependencyVersionError",
     "AdapterMismatchError",
     "ConversionResult",
+    "CustomCodeError",
     "Checkpoint",
     "CheckpointError",
     "CheckpointIndexError",

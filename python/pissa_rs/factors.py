@@ -1,4 +1,4 @@
-"""The PiSSA math of DESIGN.md, in pure torch: no I/O, so it is easy to test.
+"""The PiSSA math of docs/design.md, in pure torch: no I/O, so it is easy to test.
 
 Matches PEFT's LoraLayer.pissa_init: "pissa" (exact SVD) when niter == 0,
 "pissa_niter_K" (torch.svd_lowrank's K subspace iterations, svd.py) otherwise.

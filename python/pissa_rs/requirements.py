@@ -1,0 +1,54 @@
+"""The oldest versions of the libraries pissa_rs calls into that it works with (the
+floors pyproject.toml declares and CI's floor stage tests), checked on first use so
+that an older library installed in a user's environment gives one clear line, not
+an AttributeError from deep inside it."""
+
+from __future__ import annotations
+
+import functools
+import re
+
+# Keep in step with pyproject.toml's dependencies (a test compares them).
+FLOORS = {
+    "torch": "2.6",
+    "transformers": "5.0",  # transformers.conversion_mapping, core_model_loading
+    "peft": "0.19.1",  # peft.utils.transformers_weight_conversion, ParamWrapper layers
+    "bitsandbytes": "0.46.1",  # transformers 5's 4-bit loading calls into it
+    "huggingface_hub": "1.3",
+    "numpy": "1.26",
+    "tqdm": "4.66",
+}
+# Missing is fine for these: pissa_rs works without them (the reference quantizer).
+OPTIONAL = ("bitsandbytes",)
+
+
+class DependencyVersionError(ImportError):
+    """An installed library is older than pissa_rs needs."""
+
+
+def _release(text: str) -> tuple[int, ...]:
+    """'2.6.0+cu124' -> (2, 6, 0); '0.19.1.dev0' -> (0, 19, 1)."""
+    return tuple(int(part) for part in re.findall(r"\d+", text.split("+")[0].split("dev")[0])[:3])
+
+
+def too_old(package: str, installed: str) -> bool:
+    return _release(installed) < _release(FLOORS[package])
+
+
+@functools.cache
+def require_versions() -> None:
+    """Raise DependencyVersionError naming the first library older than its floor, with
+    the pip command that fixes it. Reads installed metadata only: imports nothing."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for package in FLOORS:
+        try:
+            installed = version(package)
+        except PackageNotFoundError:
+            if package in OPTIONAL:
+                continue
+            raise DependencyVersionError(f'pissa_rs needs {package} >= {FLOORS[package]} (not installed): '
+                                         f'pip install "{package}>={FLOORS[package]}"') from None
+        if too_old(package, installed):
+            raise DependencyVersionError(f'pissa_rs needs {package} >= {FLOORS[package]} (found {installed}): '
+                                         f'pip install -U "{package}>={FLOORS[package]}"')
