@@ -49,10 +49,19 @@ def test_the_quickstart_runs_as_written_and_the_converted_lora_is_the_fine_tuned
             assert proc.returncode == 0, proc.stdout + proc.stderr
         else:
             exec(compile(code, "README.md quickstart", "exec"), namespace)
-    model, lora = namespace["model"].eval(), namespace["lora"].eval()
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    # The fine-tuned model as saved (TRL casts the in-memory base to bf16 for training):
+    # the residual + the fine-tuned adapter, from the files alone.
+    residual = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny-llama-pissa")
+    model = PeftModel.from_pretrained(residual, tmp_path / "pissa-ft").eval()
+    lora = namespace["lora"].eval()
     ids = torch.randint(1, 256, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         tuned, converted = model(ids).logits, lora(ids).logits
+        on_residual_alone = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny-llama-pissa")(ids).logits
+    assert (on_residual_alone - tuned).abs().max() > 0.1  # the adapter matters: the comparison can fail
     from safetensors.torch import load_file
 
     initial = load_file(tmp_path / "tiny-llama-pissa" / "pissa_init" / "adapter_model.safetensors")
