@@ -191,4 +191,4 @@ def _run_main(main, argv):
 
 def test_release_numbers_compare_as_versions():
     assert requirements.too_old("torch", "2.5.1+cu121") and not requirements.too_old("torch", "2.10.0")
-    assert requirements.too_old("peft", "0.19.0") and not requirements.too_old("peft", "0.19.1.dev0")
+    assert requirements.too_old("peft", "0.19.1") and not requirements.too_old("peft", "0.20.0.dev0")
