@@ -16,13 +16,12 @@ from .convert import convert_to_lora
 from .decompose import (
     ADAPTER_DTYPES,
     DecomposeOptions,
-    base_model_of,
     human_bytes,
     resolve_source,
     run_decomposition,
 )
 from .dry_run import plan_decomposition
-from .hub import resolve_model
+from .hub import base_model_of, resolve_model
 from .merge import merge_adapter
 from .resume import fault_point
 from .verify import verify

@@ -26,6 +26,7 @@ from .peft_format import (
     module_scaling,
     param_wrappers,
 )
+from .hub import base_model_of
 from .model_files import REPORT_NAME
 from .tensors import SAFETENSORS_DTYPES, TORCH_DTYPES, as_numpy_bytes, as_torch
 from .noise import quiet_library_noise
@@ -93,8 +94,8 @@ def original_model(init_dir: Path, init_cfg: dict, base_model: str | os.PathLike
     converted LoRA applies to. `base_model` if given (a local path made absolute), else
     what the decomposition's report records (pissa_report.json beside pissa_init)."""
     if base_model is not None:
-        path = Path(base_model)
-        return (str(path.resolve()) if path.exists() else os.fspath(base_model)), revision
+        origin = base_model_of(base_model, revision)
+        return origin["name_or_path"], origin["revision"]
     residual = init_cfg.get("base_model_name_or_path")
     for report in dict.fromkeys([init_dir.parent / REPORT_NAME, *([Path(residual) / REPORT_NAME] if residual else [])]):
         if report.is_file():

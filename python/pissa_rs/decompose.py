@@ -17,7 +17,7 @@ import torch
 from ._pissa_rs import Checkpoint, Journal, PissaError, Pipeline, ShardWriter
 from .bnb_format import StoredQuantized
 from .devices import DeviceRunner, parse_devices
-from .hub import is_local, model_name, resolve_model
+from .hub import base_model_of, is_local, model_name, resolve_model
 from .factors import factors_at_ranks, scaling, tensor_seed
 from .mapping import Piece
 from .model_files import ADAPTER_SUBDIR, OWN_NAMES, REPORT_NAME, copy_small_files, top_level_names
@@ -235,13 +235,6 @@ def resolve_source(path: str | os.PathLike[str], revision: str | None, out: Path
     return source, out
 
 
-def base_model_of(path: str | os.PathLike[str], revision: str | None) -> dict[str, str | None]:
-    """The original model as a LoRA of it names its base (PEFT's base_model_name_or_path
-    and revision): a Hub model ID as given, a local path made absolute."""
-    name = os.fspath(path) if not is_local(path) else str(Path(path).resolve())
-    return {"name_or_path": name, "revision": revision}
-
-
 def default_out(path: Path, r: int) -> Path:
     """`<name>-pissa-r<r>` beside the input."""
     path = path.resolve()
@@ -290,12 +283,17 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def free_bytes(out: Path) -> int:
-    """Free space on the filesystem that will hold `out` (its nearest existing ancestor)."""
+def nearest_existing(out: Path) -> Path:
+    """`out` or its nearest ancestor that exists: where `out` would be created."""
     probe = out.resolve()
     while not probe.exists():
         probe = probe.parent
-    return shutil.disk_usage(probe).free
+    return probe
+
+
+def free_bytes(out: Path) -> int:
+    """Free space on the filesystem that will hold `out` (its nearest existing ancestor)."""
+    return shutil.disk_usage(nearest_existing(out)).free
 
 
 def _check_space(out: Path, needed: int, reclaim: bool) -> None:
@@ -382,9 +380,7 @@ def make_out_dir(out: Path) -> None:
 def out_dir_problem(out: Path) -> str | None:
     """Why `out` could not be created or written (a dry run's check, leaving nothing
     behind), or None: a directory is made and removed in its nearest existing ancestor."""
-    probe = out.absolute()
-    while not probe.exists():
-        probe = probe.parent
+    probe = nearest_existing(out)
     if not probe.is_dir():
         return f"{probe} is not a directory"
     try:
@@ -860,8 +856,7 @@ def _finish_output(checkpoint: Checkpoint, path: Path, output: _Output, started:
         atomic_write_text(out / ADAPTER_SUBDIR / PARAM_WRAPPERS, wrappers)
     atomic_write_text(out / ADAPTER_SUBDIR / ADAPTER_CONFIG, output.plan.adapter_config_json)
     report = _report(path, out, output.plan, output.options, output.records, copied,
-                     output.plan_bytes(checkpoint), time.perf_counter() - started)
-    report["base_model"] = origin  # what a LoRA converted from this adapter applies to
+                     output.plan_bytes(checkpoint), time.perf_counter() - started, origin)
     report["run"] = read_identity(out, REPORT_NAME)  # what a rerun compares itself with
     atomic_write_text(out / REPORT_NAME, json.dumps(report, indent=1))
     for name in (JOURNAL, RECORDS, RUN_FILE):
@@ -1058,11 +1053,12 @@ def _quant_metrics(weight, factors, scale: float, r: int, options: DecomposeOpti
     return metrics
 
 
-def _report(path, out, plan: Plan, options, records, copied, total_bytes, seconds) -> dict[str, Any]:
+def _report(path, out, plan: Plan, options, records, copied, total_bytes, seconds, origin) -> dict[str, Any]:
     opts = asdict(options)
     return {
         "input": str(Path(path).resolve()),
         "out": str(out.resolve()),
+        "base_model": origin,  # what a LoRA converted from this adapter applies to (base_model_of)
         "architecture": plan.architecture,
         **({"config_note": plan.config_note} if plan.config_note else {}),
         "init_lora_weights": options.init_lora_weights,

@@ -113,6 +113,13 @@ def header_only_shards(repo_id: str, revision: str | None, small_files: Path) ->
     return folder
 
 
+def base_model_of(path: str | os.PathLike[str], revision: str | None) -> dict[str, str | None]:
+    """The original model as a LoRA of it names its base (PEFT's base_model_name_or_path
+    and revision): a Hub model ID as given, a local path made absolute."""
+    name = os.fspath(path) if not is_local(path) else str(Path(path).resolve())
+    return {"name_or_path": name, "revision": revision}
+
+
 def model_name(path: str | os.PathLike[str]) -> str:
     """The last part of a path or model ID: what default output names start with."""
     return Path(os.fspath(path)).name

@@ -137,8 +137,7 @@ def check_list_entries(field: str, entries, converted, names: list[str], where,
 
 def _matching_parameters(model, wanted) -> list[str]:
     """Full names of the parameters a target_parameters list picks, PEFT's way (whole name or suffix)."""
-    return [name for name, _ in model.named_parameters()
-            if any(name == w or name.endswith("." + w) for w in wanted or ())]
+    return [name for name, _ in model.named_parameters() if any(_matches(w, name) for w in wanted or ())]
 
 
 def _param_wrappers(model, config) -> list[tuple[str, str, int, float, int, bool]]:
