@@ -11,9 +11,10 @@ import re
 # Keep in step with pyproject.toml's dependencies (a test compares them).
 FLOORS = {
     "torch": "2.6",
-    # transformers 5.0-5.12 and PEFT 0.19 fail the floor tests (MoE expert conversion:
-    # WeightRenaming.convert's signature, PEFT's expert expansion); 5.13 / 5.14 untested.
-    "transformers": "5.15",
+    # Bisected with the floor tests: transformers 5.0 fails the MoE expert conversion
+    # (WeightRenaming.convert's signature), 5.12 cannot load a DeepSeek-V3 adapter on its
+    # routers; PEFT 0.19 has no expert expansion.
+    "transformers": "5.13",
     "peft": "0.20",
     "bitsandbytes": "0.46.1",  # transformers 5's 4-bit loading calls into it
     "huggingface_hub": "1.3",
