@@ -48,6 +48,31 @@ def test_qpissa_removes_more_error_with_more_iterations_and_more_than_loftq(kind
     assert loftq_one < loftq_five
 
 
+def qpissa_step_by_step(weight, r, scale, quant, iters, niter, seed):
+    """The design's QPiSSA, one step at a time: res = W; T times: (A, B) = top-r factors of
+    res; deq = deq(quant(W - s*B@A)); res = W - deq. Returns (A, B, deq)."""
+    from pissa_rs.factors import factors_at_ranks
+
+    w, res = weight.float(), weight
+    for _ in range(iters):
+        f = factors_at_ranks(res, [(r, scale)], niter, seed)[0]
+        deq = quant.project(w - scale * (f.lora_B.float() @ f.lora_A.float()), weight.dtype)
+        res = w - deq.float()
+    return f.lora_A, f.lora_B, deq
+
+
+@pytest.mark.parametrize("iters", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qpissa_runs_exactly_the_iterations_asked(iters, dtype):
+    """Pinned against the step-by-step reference: one iteration fewer or more gives other factors."""
+    w, quant = decaying(rows=96, cols=128, dtype=dtype), Quantization("nf4")
+    f = qpissa_factors_at_ranks(w, [(8, 2.0)], quant, iters, niter=2, seed=5)[0]
+    for t in (iters - 1, iters, iters + 1):
+        a, b, deq = qpissa_step_by_step(w, 8, 2.0, quant, t, niter=2, seed=5)
+        same = torch.equal(f.lora_A, a) and torch.equal(f.lora_B, b) and torch.equal(f.residual, deq)
+        assert same == (t == iters), t
+
+
 @settings(max_examples=25, deadline=None)
 @given(kind=st.sampled_from(QUANT_TYPES), dtype=st.sampled_from(DTYPES), rows=st.integers(1, 40),
        cols=st.sampled_from([64, 96, 130]), scale=st.floats(1e-3, 1e2), seed=st.integers(0, 2**16))

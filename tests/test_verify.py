@@ -48,6 +48,31 @@ def test_a_changed_byte_is_found_and_named(pair, tmp_path, capsys, tensor):
     assert f"MISMATCH {tensor}" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("ulps", [3, 8])
+def test_a_residual_a_few_ulps_off_is_found(pair, tmp_path, ulps):
+    """Not only flipped high bytes: a bf16 residual value `ulps` units in the last place away,
+    where the residual is not small against W, is outside the bound (the exact output passes)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src, out = pair
+    copy, tensor = tmp_path / "o", "transformer.h.1.attn.c_attn.weight"
+    shutil.copytree(out, copy)
+    shard = copy / pissa_rs.Checkpoint(copy).info(tensor).file.rsplit("/", 1)[-1]
+    original = pissa_rs.Checkpoint(src)
+    w = load_file(src / original.info(tensor).file.rsplit("/", 1)[-1])[tensor].float()
+    tensors = load_file(shard)
+    res = tensors[tensor]
+    at = (res.float().abs() / (res.float().abs() + w.abs() + 1e-30)).argmax()
+    bits = res.view(torch.int16).reshape(-1).clone()
+    bits[at] += ulps  # a larger magnitude by `ulps` ulps (sign-magnitude bits)
+    tensors[tensor] = bits.view(torch.bfloat16).reshape(res.shape)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    report = pissa_rs.verify(copy, against=src)
+    assert [p.split(":")[0] for p in report.problems] == [tensor], report.problems
+    assert pissa_rs.verify(out, against=src).ok
+
+
 def test_an_adapter_config_that_does_not_fit_is_found(pair, tmp_path):
     import json
 
