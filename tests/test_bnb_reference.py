@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pissa_rs.quant as quant_module
-from pissa_rs import bnb_reference as ref
+from pissa_rs.formats import bnb_reference as ref
 from pissa_rs.quant import BITSANDBYTES, REFERENCE, Quantization, choose_quantizer, forget_choices
 
 bnbf = pytest.importorskip("bitsandbytes.functional")

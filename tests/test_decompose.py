@@ -258,7 +258,7 @@ def test_existing_output_is_refused_unless_overwrite(llama, tmp_path):
     # A non-empty directory that is no pissa_rs output at all.
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "config.json").write_text("{}")
-    with pytest.raises(pissa_rs.TargetError, match="exists and holds an earlier pissa_rs output.*--overwrite"):
+    with pytest.raises(pissa_rs.OutputDirError, match="exists and holds an earlier pissa_rs output.*--overwrite"):
         pissa_rs.decompose_checkpoint(llama, r=4, out=tmp_path / "other", progress=False)
     (out / ".model.safetensors.index.json.partial").write_text("left by a crash")
     pissa_rs.decompose_checkpoint(llama, r=4, niter=2, out=out, overwrite=True, progress=False)
@@ -271,15 +271,15 @@ def test_overwrite_never_deletes_foreign_files(llama, tmp_path):
     out.mkdir()
     (out / "thesis.tex").write_text("mine")
     for overwrite in (False, True):  # the first message already says --overwrite would not help
-        with pytest.raises(pissa_rs.TargetError, match="'thesis.tex'.*not a pissa_rs output.*overwrite.*replaces only"):
+        with pytest.raises(pissa_rs.OutputDirError, match="'thesis.tex'.*not a pissa_rs output.*overwrite.*replaces only"):
             pissa_rs.decompose_checkpoint(llama, r=4, out=out, overwrite=overwrite, progress=False)
     assert (out / "thesis.tex").read_text() == "mine"
 
 
 def test_output_onto_the_input_is_refused(llama):
-    with pytest.raises(pissa_rs.TargetError, match="overwrite the input"):
+    with pytest.raises(pissa_rs.OutputDirError, match="overwrite the input"):
         pissa_rs.decompose_checkpoint(llama, r=4, out=llama, overwrite=True, progress=False)
-    with pytest.raises(pissa_rs.TargetError, match="overwrite the input"):
+    with pytest.raises(pissa_rs.OutputDirError, match="overwrite the input"):
         pissa_rs.decompose_checkpoint(llama, r=4, out=llama.parent, overwrite=True, progress=False)
 
 
@@ -308,7 +308,7 @@ def test_bfloat16_adapter(llama, tmp_path):
 def test_planning_in_a_child_process_gives_the_same_plan(llama, tmp_path):
     from dataclasses import asdict
 
-    from pissa_rs.planning import make_plan, make_plan_in_child
+    from pissa_rs.planning.plan import make_plan, make_plan_in_child
 
     options = [asdict(pissa_rs.DecomposeOptions(r=8, rank_pattern={"v_proj": 4}).validate())]
     out = [tmp_path / "o"]
@@ -399,7 +399,7 @@ def test_peft_converts_a_trained_adapter_to_a_lora_of_the_original_model(llama, 
 
 
 def test_a_failure_mid_run_leaves_no_file_under_a_final_name(llama, tmp_path, monkeypatch):
-    import pissa_rs.decompose as driver
+    import pissa_rs.engine.compute as driver
 
     real = driver.factors_at_ranks
     calls = {"n": 0}
@@ -414,17 +414,23 @@ def test_a_failure_mid_run_leaves_no_file_under_a_final_name(llama, tmp_path, mo
     out = tmp_path / "o"
     with pytest.raises(KeyboardInterrupt):
         pissa_rs.decompose_checkpoint(llama, r=4, out=out, progress=False)
-    # No shard, adapter, index, config or report under its final name: only the
-    # hidden temporary files and journals a rerun resumes from.
-    finals = [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and not p.name.startswith(".")]
-    assert finals == [], finals
-    assert (out / ".pissa_journal.jsonl").is_file()
+    # No adapter, index, config or report: the output does not look complete. Only the
+    # shards of finished units are under their final names (checked complete below),
+    # besides the hidden temporary files and journals a rerun resumes from.
+    shards_then = {f: (out / f).read_bytes() for f in [p.relative_to(out) for p in out.glob("model-0*")]}
+    mtimes_then = {f: (out / f).stat().st_mtime_ns for f in shards_then}
+    finals = [p.relative_to(out) for p in out.rglob("*") if p.is_file()
+              and not any(part.startswith(".") for part in p.relative_to(out).parts)]
+    assert finals and all(f.name.startswith("model-0") for f in finals), finals
+    assert list(out.glob(".pissa_units/unit-*.journal.jsonl"))
     resumed = []
     monkeypatch.setattr(driver, "factors_at_ranks", lambda *a, **k: resumed.append(1) or real(*a, **k))
     res = pissa_rs.decompose_checkpoint(llama, r=4, out=out, progress=False)
     # The 4 targets done before the interrupt were kept, not recomputed.
     assert res.status == "resumed" and len(resumed) == len(res.report["tensors"]) - 4
+    assert {f: (out / f).stat().st_mtime_ns for f in shards_then} == mtimes_then  # finished units: not rewritten
     assert not list(out.rglob(".*"))  # journals and temporary files gone once complete
     fresh = pissa_rs.decompose_checkpoint(llama, r=4, out=tmp_path / "fresh", progress=False)
     for f in sorted(p.relative_to(fresh.out) for p in fresh.out.rglob("*.safetensors")):
         assert (out / f).read_bytes() == (fresh.out / f).read_bytes(), f
+    assert shards_then and all((fresh.out / f).read_bytes() == data for f, data in shards_then.items())

@@ -19,7 +19,7 @@ from make_tiny_model import save_tiny_model
 
 import pissa_rs
 from pissa_rs._pissa_rs import cached_bytes
-from pissa_rs.devices import DeviceRunner, parse_devices
+from pissa_rs.engine.devices import DeviceRunner, parse_devices
 
 CLI = [sys.executable, "-m", "pissa_rs.cli"]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

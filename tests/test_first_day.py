@@ -90,9 +90,9 @@ def test_a_typo_in_explicit_targets_of_a_bare_file_is_named(llama, tmp_path):
 def test_an_output_inside_the_input_folder_is_refused(llama, tmp_path):
     before = digest(llama)
     for out in (llama / "sub", llama / "a" / "b"):
-        with pytest.raises(pissa_rs.TargetError, match="inside the input model's folder"):
+        with pytest.raises(pissa_rs.OutputDirError, match="inside the input model's folder"):
             pissa_rs.decompose_checkpoint(llama, r=2, out=out, progress=False)
-        with pytest.raises(pissa_rs.TargetError, match="inside the input model's folder"):
+        with pytest.raises(pissa_rs.OutputDirError, match="inside the input model's folder"):
             pissa_rs.plan(llama, r=2, out=out)
     assert digest(llama) == before
 
@@ -100,7 +100,7 @@ def test_an_output_inside_the_input_folder_is_refused(llama, tmp_path):
 def test_an_output_that_cannot_be_created_is_named_with_what_was_done(llama, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("a file, not a folder")
-    with pytest.raises(pissa_rs.TargetError, match=r"file/o: cannot create the output directory"):
+    with pytest.raises(pissa_rs.OutputDirError, match=r"file/o: cannot create the output directory"):
         pissa_rs.decompose_checkpoint(llama, r=2, out=blocker / "o", progress=False)
     code, out, err = run_in_process("decompose", llama, "-r", "2", "--out", blocker / "o", "--dry-run")
     assert code == 1 and "CANNOT BE CREATED" in out and "DOES NOT FIT" not in out

@@ -18,7 +18,7 @@ from helpers import digest, same_output
 from make_tiny_model import save_tiny_model
 
 import pissa_rs
-from pissa_rs.resume import lock_output
+from pissa_rs.engine.resume import lock_output
 
 CLI = [sys.executable, "-m", "pissa_rs.cli"]
 
@@ -43,10 +43,10 @@ def run_cli(model: Path, out: Path, env: dict | None = None, **kwargs) -> subpro
 
 
 def final_files_are_complete(out: Path, reference: Path) -> None:
-    """Whatever sits under a final (non-hidden) name is the finished file."""
+    """Whatever sits under a final name (not hidden, not in the hidden units folder) is the finished file."""
     ref = digest(reference)
     for name, sha in digest(out).items():
-        if not Path(name).name.startswith("."):
+        if not any(part.startswith(".") for part in Path(name).parts):
             assert ref.get(name) == sha, f"{name} is under its final name but not complete"
 
 
@@ -108,7 +108,7 @@ def test_a_second_run_on_the_same_out_is_refused(model, reference, tmp_path):
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
-        while not (out / ".pissa_journal.jsonl").exists() or _state(first.pid) != "T":
+        while not list(out.glob(".pissa_units/*.journal.jsonl")) or _state(first.pid) != "T":
             assert time.time() < deadline and first.poll() is None
             time.sleep(0.1)
         second = run_cli(model, out)
@@ -159,7 +159,7 @@ def test_an_interrupted_out_is_not_resumed_with_other_options(model, tmp_path):
 def test_an_input_that_changes_during_the_run_stops_it(model, tmp_path, monkeypatch):
     import shutil
 
-    import pissa_rs.decompose as driver
+    import pissa_rs.engine.compute as driver
 
     src = tmp_path / "m"
     shutil.copytree(model, src)
@@ -188,7 +188,7 @@ def test_an_input_that_changes_during_the_run_stops_it(model, tmp_path, monkeypa
 def test_a_tampered_journaled_tensor_is_recomputed_not_trusted(model, reference, tmp_path):
     out = tmp_path / "o"
     assert run_cli(model, out, env={"PISSA_RS_SIGNAL_AT": "target:9"}).returncode == -signal.SIGKILL
-    journal = [json.loads(line) for line in (out / ".pissa_journal.jsonl").read_text().splitlines()]
+    journal = [json.loads(line) for f in sorted(out.glob(".pissa_units/*.journal.jsonl")) for line in f.read_text().splitlines()]
     entry = next(e for e in journal if e["tensor"].endswith("proj.weight") and "lora" not in e["tensor"])
     partial = Path(entry["file"]).with_name(f".{Path(entry['file']).name}.partial")
     assert partial.exists()

@@ -17,7 +17,7 @@ from make_tiny_model import save_tiny_model
 from safetensors import safe_open
 
 import pissa_rs
-from pissa_rs import bnb_reference as ref
+from pissa_rs.formats import bnb_reference as ref
 from pissa_rs.cli import main
 from pissa_rs.tensors import as_torch
 

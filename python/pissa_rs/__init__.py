@@ -24,17 +24,19 @@ from ._pissa_rs import (
     WriterError,
 )
 from .convert import AdapterMismatchError, ConversionResult, convert_to_lora
-from .decompose import DecomposeOptions, DecomposeResult, DiskSpaceError, decompose_checkpoint
+from .decompose import DecomposeResult, decompose_checkpoint
+from .engine.outdir import DiskSpaceError, OutputDirError
+from .options import DecomposeOptions
 from .dry_run import DecompositionPlan, plan
 from .factors import Factors, principal_factors
 from .hub import HubError
-from .mapping import CustomCodeError
+from .planning.mapping import CustomCodeError
 from .merge import merge_adapter
 from .qerror import measure_quantization_error
 from .quant import QuantError, Quantization
 from .requirements import DependencyVersionError
-from .resume import InputChangedError, OutputLockedError, RunMismatchError
-from .targets import Target, TargetError, resolve_targets
+from .engine.resume import InputChangedError, OutputLockedError, RunMismatchError
+from .planning.targets import Target, TargetError, resolve_targets
 from .tensors import as_numpy_bytes, as_torch
 from .training import load_for_training
 from .verify import VerifyReport, verify
@@ -69,6 +71,7 @@ __all__ = [
     "DecomposeResult",
     "DecompositionPlan",
     "DiskSpaceError",
+    "OutputDirError",
     "Factors",
     "HubError",
     "Target",

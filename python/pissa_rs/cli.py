@@ -13,49 +13,19 @@ from pathlib import Path
 
 from ._pissa_rs import Checkpoint, PissaError
 from .convert import convert_to_lora
-from .decompose import (
-    ADAPTER_DTYPES,
-    DecomposeOptions,
-    human_bytes,
-    resolve_source,
-    run_decomposition,
-)
+from .decompose import resolve_source, run_decomposition
+from .engine.outdir import human_bytes
+from .options import add_options, options_from_args
 from .dry_run import plan_decomposition
 from .hub import base_model_of, resolve_model
 from .merge import merge_adapter
-from .resume import fault_point
+from .engine.resume import fault_point
 from .verify import verify
-from .planning import is_model_dir
-from .targets import target_choices
-
-
-def _modules(text: str) -> str | list[str]:
-    """'all-linear' or a regex stays a string; 'q_proj,v_proj' is a list of suffixes."""
-    if text.lower() == "all-linear" or "," not in text and any(c in text for c in "^$*+?()[]|\\"):
-        return text
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
-def _ranks(text: str) -> int | list[int]:
-    parts = [int(p) for p in text.split(",") if p.strip()]
-    return parts[0] if len(parts) == 1 and "," not in text else parts
-
-
-def _pattern(cast):
-    def parse(text: str) -> dict:
-        out = {}
-        for item in text.split(","):
-            key, sep, value = item.rpartition("=")
-            if not sep or not key:
-                raise argparse.ArgumentTypeError(f"expected NAME=VALUE[,NAME=VALUE...], got {item!r}")
-            out[key.strip()] = cast(value)
-        return out
-
-    return parse
+from .model_files import is_model_dir
+from .planning.targets import target_choices
 
 
 def build_parser() -> argparse.ArgumentParser:
-    defaults = DecomposeOptions()
     parser = argparse.ArgumentParser(
         prog="pissa-rs",
         description="Out-of-core PiSSA: split every target weight W of a safetensors checkpoint into a "
@@ -75,62 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("path", help="a checkpoint directory (sharded or not), one .safetensors file, or a Hugging Face "
                      "model ID (org/name), fetched through the Hugging Face cache")
     dec.add_argument("--revision", help="with a model ID: branch, tag or commit (default: main)")
-    dec.add_argument("--rank", "-r", type=_ranks, default=defaults.r,
-                     help="adapter rank r, or several (16,32,64,128): one SVD at the largest, one complete output "
-                     "per rank (default %(default)s)")
     dec.add_argument("--out", "-o", type=Path,
                      help="output directory (default: <name>-pissa-r<rank> beside the input); with several ranks "
                      "it must contain {r}")
-    dec.add_argument("--lora-alpha", type=float, help="LoRA alpha; scale s = alpha / r (default: alpha = r, s = 1)")
-    dec.add_argument("--niter", type=int, default=defaults.niter,
-                     help="subspace iterations of the randomized SVD (PEFT pissa_niter_K); 0 = exact SVD "
-                     "(PEFT 'pissa') (default %(default)s)")
-    dec.add_argument("--target-modules", type=_modules, default=defaults.target_modules,
-                     help="'all-linear' (every linear layer but the output head), comma-separated module name "
-                     "suffixes (q_proj,v_proj), or a regex matched against full module names (default %(default)s)")
-    dec.add_argument("--exclude-modules", type=_modules, help="suffixes or a regex of modules to leave alone")
-    dec.add_argument("--target-parameters", type=lambda v: [p for p in v.split(",") if p],
-                     help="MoE: parameters PEFT adapts through target_parameters, by name or suffix "
-                     "(mlp.experts.gate_up_proj,mlp.experts.down_proj), on top of what PEFT's own expansion of "
-                     "--target-modules adds on this model; each expert gets its own PiSSA split")
-    dec.add_argument("--exclude-parameters", type=lambda v: [p for p in v.split(",") if p],
-                     help="parameters to leave alone, by name or suffix, e.g. mlp.gate.weight (keep the routers "
-                     "frozen)")
-    dec.add_argument("--rank-pattern", type=_pattern(int), default={},
-                     help="per-module ranks as PEFT's rank_pattern: NAME=R[,NAME=R...]")
-    dec.add_argument("--alpha-pattern", type=_pattern(float), default={},
-                     help="per-module alphas as PEFT's alpha_pattern: NAME=A[,NAME=A...]")
-    dec.add_argument("--use-rslora", action="store_true", help="rank-stabilized scale s = alpha / sqrt(r)")
-    dev = dec.add_mutually_exclusive_group()
-    dev.add_argument("--device", help="torch device for the SVDs, e.g. cuda:0 (default: cuda if available, else cpu)")
-    dev.add_argument("--devices", type=lambda v: [d for d in v.split(",") if d],
-                     help="several devices of one type sharing the weights, comma-separated (cuda:0,cuda:1); "
-                     "the output is byte-identical to a one-device run")
-    dec.add_argument("--seed", type=int, default=defaults.seed,
-                     help="seed of the randomized SVD; each tensor's seed derives from it and the tensor name "
-                     "(default %(default)s)")
-    dec.add_argument("--adapter-dtype", choices=sorted(ADAPTER_DTYPES), default=defaults.adapter_dtype,
-                     help="dtype of lora_A / lora_B (default %(default)s)")
-    dec.add_argument("--quantize", choices=["nf4", "fp4", "int8"],
-                     help="QPiSSA: the bitsandbytes quantization training will load the residual with; the report "
-                     "gives each weight's quantization-error reduction against QLoRA")
-    dec.add_argument("--quant-iters", type=int, default=defaults.quant_iters,
-                     help="with --quantize: QPiSSA iterations T; T > 1 stores deq(quant(W - s*B@A)) as the "
-                     "residual (default %(default)s: plain PiSSA residual)")
-    dec.add_argument("--double-quant", action="store_true",
-                     help="with --quantize nf4/fp4: bitsandbytes' double quantization (bnb_4bit_use_double_quant)")
-    dec.add_argument("--compare-loftq", action="store_true",
-                     help="with --quantize: also measure LoftQ's error at the same rank and iterations")
-    dec.add_argument("--no-measure-error", action="store_true",
-                     help="with --quantize: skip the per-weight error measurement (two full SVDs per weight; "
-                     "slow on a CPU for big models); `pissa-rs qerror` can measure it later")
-    dec.add_argument("--save-quantized", action="store_true",
-                     help="with --quantize: store the residual already quantized, in the serialized bitsandbytes "
-                     "format transformers loads directly (quantization_config in config.json): ~4x smaller for nf4")
-    dec.add_argument("--keep-source-format", action="store_true",
-                     help="an FP8 checkpoint (fine-grained block scales or compressed-tensors): store the residual "
-                     "re-quantized in that FP8 format instead of bfloat16 (half the bytes); the report gives the "
-                     "error re-quantization adds")
+    add_options(dec)
     dec.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     dec.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     dec.add_argument("--dry-run", action="store_true",
@@ -189,15 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _decompose(args) -> int:
-    options = DecomposeOptions(
-        r=args.rank, lora_alpha=args.lora_alpha, niter=args.niter, target_modules=args.target_modules,
-        exclude_modules=args.exclude_modules, target_parameters=args.target_parameters,
-        exclude_parameters=args.exclude_parameters, rank_pattern=args.rank_pattern, alpha_pattern=args.alpha_pattern,
-        use_rslora=args.use_rslora, device=args.device, devices=args.devices, seed=args.seed, adapter_dtype=args.adapter_dtype,
-        quantize=args.quantize, quant_iters=args.quant_iters, double_quant=args.double_quant,
-        compare_loftq=args.compare_loftq, measure_error=not args.no_measure_error,
-        save_quantized=args.save_quantized, keep_source_format=args.keep_source_format,
-    ).validate()
+    options = options_from_args(args)
     source, out = resolve_source(args.path, args.revision, args.out, options.ranks, headers_only=args.dry_run)
     if args.dry_run:
         plan = replace(plan_decomposition(source, options, out), input=Path(args.path))

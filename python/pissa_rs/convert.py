@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ._pissa_rs import Checkpoint, ShardWriter
-from .peft_format import (
+from .formats.peft_adapter import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     AdapterMismatchError,
@@ -27,7 +27,7 @@ from .peft_format import (
     param_wrappers,
 )
 from .hub import base_model_of
-from .model_files import REPORT_NAME
+from .constants import REPORT_NAME
 from .tensors import SAFETENSORS_DTYPES, TORCH_DTYPES, as_numpy_bytes, as_torch
 from .noise import quiet_library_noise
 

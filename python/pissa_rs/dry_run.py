@@ -7,20 +7,14 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ._pissa_rs import Checkpoint
-from .decompose import (
-    DecomposeOptions,
-    check_out_apart,
-    free_bytes,
-    human_bytes,
-    output_bytes,
-    out_dir_problem,
-    output_dirs,
-    residual_bytes,
-    resolve_source,
-)
-from .planning import is_model_dir, make_plan, source_layout
-from .sources import source_format
-from .targets import Target
+from .decompose import output_dirs, resolve_source
+from .engine.layout import output_bytes, residual_bytes
+from .engine.outdir import check_out_apart, free_bytes, human_bytes, out_dir_problem
+from .model_files import is_model_dir
+from .options import DecomposeOptions
+from .planning.plan import make_plan, source_layout
+from .formats.sources import source_format
+from .planning.targets import Target
 
 
 @dataclass
@@ -92,7 +86,7 @@ def plan(path: str | os.PathLike[str], r: int | list[int] = 128, *, out: str | o
     """What `decompose_checkpoint(path, r, out=out, **options)` would do, without doing it:
     targets with shapes and ranks, pass-through tensors, bytes in and out, and free disk
     (or why an output directory could not be created). Target mistakes raise here."""
-    opts = DecomposeOptions(r=r, **options).validate()
+    opts = DecomposeOptions.from_fields({"r": r, **options})
     source, out = resolve_source(path, revision, Path(out) if out else None, opts.ranks, headers_only=True)
     return replace(plan_decomposition(source, opts, out), input=Path(path))
 
@@ -112,7 +106,7 @@ def plan_decomposition(path: Path, opts: DecomposeOptions, out: Path | None) -> 
     if fmt.kind is not None:
         as_bf16 = found.source_as or source_layout(checkpoint, found.targets)
         source_sizes["bfloat16 (default)"] = residual_bytes(checkpoint, as_bf16)
-        if fmt.kind in ("fp8", "compressed-tensors"):
+        if fmt.can_keep:
             source_sizes["the source's FP8 (keep_source_format)"] = residual_bytes(checkpoint, {})
     residual, adapter = sum(s[0] for s in sizes), sum(s[1] for s in sizes)
     for o in outs:

@@ -11,20 +11,20 @@ from pathlib import Path
 import torch
 
 from ._pissa_rs import Checkpoint, Pipeline
-from .bnb_format import read_weight
-from .decompose import (
+from .formats.bnb_serialized import read_weight
+from .engine.layout import (
     Assembly,
     abandon,
     copy_model_files,
-    is_model_dir,
     set_quantization_config,
-    stored_quantized,
     write_index_like,
     writers_like,
 )
+from .model_files import is_model_dir
+from .report import OutputReport
 from .factors import round_difference
 from .hub import resolve_model
-from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterMismatchError, adapter_targets
+from .formats.peft_adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterMismatchError, adapter_targets
 from .tensors import TORCH_DTYPES, as_numpy_bytes
 
 
@@ -42,7 +42,8 @@ def merge_adapter(residual_dir: str | os.PathLike[str], adapter_dir: str | os.Pa
             raise AdapterMismatchError(f"{needed}: missing")
     residual = Checkpoint(residual_dir)
     adapter = Checkpoint(adapter_dir / ADAPTER_WEIGHTS)
-    storage, stored = stored_quantized(residual_dir)
+    held = OutputReport.read(residual_dir)
+    storage, stored = held.storage, held.stored
     jobs = adapter_targets(adapter_dir, adapter, residual, residual_dir)
     # A pre-quantized weight's tensors become the one dense weight again.
     dense_as = {name: [] for w in stored.values() for name, *_ in w.parts(storage)}

@@ -8,14 +8,17 @@ import os
 import shutil
 from pathlib import Path
 
-ADAPTER_SUBDIR = "pissa_init"
-REPORT_NAME = "pissa_report.json"
-PLOTS_SUBDIR = "pissa_plots"
-# What a decomposition adds to a model folder: never copied on into another model (merge).
-OWN_NAMES = (ADAPTER_SUBDIR, REPORT_NAME, PLOTS_SUBDIR)
+from .constants import OWN_NAMES
+
 # Weight files of other formats are never copied as "small files".
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx",
                    ".onnx_data", ".pdparams", ".npz", ".tflite")
+
+
+def is_model_dir(path: Path) -> bool:
+    """A model directory (or its index) has a config.json to trust; a bare
+    .safetensors file says nothing about the files beside it."""
+    return path.is_dir() or path.name.endswith(".index.json")
 
 
 def small_files(root: Path) -> list[str]:

@@ -7,7 +7,7 @@ import json
 import re
 from pathlib import Path
 
-from .model_files import PLOTS_SUBDIR, REPORT_NAME
+from .constants import PLOTS_SUBDIR, REPORT_NAME
 
 LAYER = re.compile(r"\.(\d+)\.")
 

@@ -10,10 +10,11 @@ from typing import Any
 import torch
 
 from ._pissa_rs import Checkpoint
-from .bnb_format import read_weight
+from .formats.bnb_serialized import read_weight
 from .hub import resolve_model
-from .decompose import ADAPTER_SUBDIR, made_for_double_quant, reported_options, stored_quantized
-from .peft_format import ADAPTER_WEIGHTS, adapter_targets
+from .constants import ADAPTER_SUBDIR
+from .report import OutputReport
+from .formats.peft_adapter import ADAPTER_WEIGHTS, adapter_targets
 from .quant import Quantization, quantization_error
 from .tensors import as_torch
 
@@ -29,11 +30,12 @@ def measure_quantization_error(out: str | os.PathLike[str], against: str | os.Pa
     from tqdm.auto import tqdm
 
     out, against = Path(out), resolve_model(against, revision)  # against: a path or a Hub model ID
-    kind = quantize or reported_options(out).get("quantize") or "nf4"
+    held = OutputReport.read(out)
+    kind = quantize or held.options.get("quantize") or "nf4"
     if double_quant is None:
-        double_quant = made_for_double_quant(out, kind)
+        double_quant = held.made_for_double_quant(kind)
     quant = Quantization(kind, double_quant=double_quant)
-    storage, stored = stored_quantized(out)
+    storage, stored = held.storage, held.stored
     if storage is not None and storage != quant:
         raise ValueError(f"{out}: its residual is stored quantized as {storage.kind}"
                          f"{' with double quantization' if storage.double_quant else ''}; it cannot be measured "

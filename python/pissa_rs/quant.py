@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import bnb_reference as ref
+from .formats import bnb_reference as ref
 from .factors import Factors, factors_at_ranks
 from .noise import quiet_library_noise
 

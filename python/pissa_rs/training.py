@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 
 from ._pissa_rs import Checkpoint
-from .decompose import ADAPTER_SUBDIR, made_for_double_quant, stored_quantized
-from .mapping import load_config, model_class_for
-from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterMismatchError, adapter_targets
+from .constants import ADAPTER_SUBDIR
+from .report import OutputReport
+from .planning.mapping import load_config, model_class_for
+from .formats.peft_adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterMismatchError, adapter_targets
 from .noise import quiet_library_noise
 
 QUANTIZE = (None, "nf4", "fp4", "int8")
@@ -43,7 +44,8 @@ def load_for_training(out: str | os.PathLike[str], quantize: str | None = None, 
     for needed in (adapter_dir / ADAPTER_WEIGHTS, adapter_dir / ADAPTER_CONFIG):
         if not needed.is_file():
             raise AdapterMismatchError(f"{needed}: missing; is {out} a pissa_rs output?")
-    storage, _ = stored_quantized(out)
+    held = OutputReport.read(out)
+    storage = held.storage
     if storage is not None:
         if quantize not in (None, storage.kind):
             raise ValueError(f"{out}: its residual is stored quantized as {storage.kind}; it cannot be loaded as "
@@ -58,7 +60,7 @@ def load_for_training(out: str | os.PathLike[str], quantize: str | None = None, 
     elif quantize in ("nf4", "fp4"):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=quantize, bnb_4bit_compute_dtype=compute_dtype,
-            bnb_4bit_use_double_quant=made_for_double_quant(out, quantize))
+            bnb_4bit_use_double_quant=held.made_for_double_quant(quantize))
     elif quantize == "int8":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     # The class config.json names (a BertModel, a LLaVA...), as decomposition built it.

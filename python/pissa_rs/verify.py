@@ -4,7 +4,6 @@ byte-identical, and the adapter config fits the adapter."""
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,10 +11,11 @@ from pathlib import Path
 import torch
 
 from ._pissa_rs import Checkpoint
-from .bnb_format import StoredQuantized, read_weight
+from .formats.bnb_serialized import StoredQuantized, read_weight
 from .hub import resolve_model
-from .decompose import ADAPTER_SUBDIR, REPORT_NAME, reported_options, stored_quantized
-from .peft_format import ADAPTER_WEIGHTS, AdapterMismatchError, AdapterTarget, adapter_targets
+from .constants import ADAPTER_SUBDIR, REPORT_NAME
+from .report import OutputReport
+from .formats.peft_adapter import ADAPTER_WEIGHTS, AdapterMismatchError, AdapterTarget, adapter_targets
 from .quant import Quantization
 from .tensors import as_torch
 
@@ -29,14 +29,6 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         return not self.problems
-
-
-def _stored_quantization(out: Path) -> Quantization | None:
-    """The quantization of the residual OUT stores (QPiSSA with quant_iters > 1), from its report."""
-    options = reported_options(out)
-    if options.get("quantize") and options.get("quant_iters", 1) > 1:
-        return Quantization(options["quantize"], double_quant=options.get("double_quant", False))
-    return None
 
 
 def verify(out: str | os.PathLike[str], against: str | os.PathLike[str], revision: str | None = None) -> VerifyReport:
@@ -55,15 +47,16 @@ def verify(out: str | os.PathLike[str], against: str | os.PathLike[str], revisio
     if not (out / REPORT_NAME).is_file():
         report.problems.append(f"{REPORT_NAME}: missing in {out}; the decomposition did not finish")
         return report
-    storage_quant, stored = stored_quantized(out)  # save_quantized: weights stored in bitsandbytes' format
-    quant = storage_quant or _stored_quantization(out)
+    held = OutputReport.read(out)
+    stored = held.stored  # save_quantized: weights stored in bitsandbytes' format
+    quant = held.residual_quantization
     residual, original = Checkpoint(out), Checkpoint(against)
     adapter_dir = out / ADAPTER_SUBDIR
     adapter = Checkpoint(adapter_dir / ADAPTER_WEIGHTS)
 
     # What each original tensor became: itself, its serialized bitsandbytes form
     # (save_quantized), or its bfloat16 residual / nothing (an FP8 / MXFP4 source's codes / scales).
-    source_as = json.loads((out / REPORT_NAME).read_text()).get("source_as", {})
+    source_as = held.source_as
     layout = [(name, dtype, tuple(shape)) for t in original.tensors
               for name, dtype, shape in (stored[t.name].parts(quant) if t.name in stored
                                          else source_as[t.name] if t.name in source_as

@@ -10,13 +10,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ._pissa_rs import Checkpoint
-from .bnb_format import StoredQuantized, quantization_config
-from .noise import quiet_library_noise
+from .._pissa_rs import Checkpoint
+from ..formats.bnb_serialized import StoredQuantized, quantization_config
+from .. import compat
+from ..model_files import is_model_dir
+from ..noise import quiet_library_noise
 from .mapping import load_config, meta_model, param_on_disk
-from .peft_format import adapter_config, adapter_config_json, adapter_shapes
-from .quant import Quantization, QuantizerChoice
-from .sources import FP8_DTYPES, OUT_DTYPE, SourceFormat, source_format
+from ..formats.peft_adapter import adapter_config, adapter_config_json, adapter_shapes
+from ..quant import Quantization, QuantizerChoice
+from ..formats.fp8 import FP8_DTYPES
+from ..formats.sources import OUT_DTYPE, SourceFormat, source_format
 from .targets import Target, TargetError, bnb_quantized_weights, resolve_targets
 
 # Checkpoints bigger than this plan in a child process: a few seconds of start-up
@@ -50,12 +53,6 @@ class Plan:
     def stored_parts(self, quant: Quantization | None) -> dict[str, list[tuple[str, str, list[int]]]]:
         """Original tensor name -> the (name, dtype, shape) of the tensors it is stored as, where not itself."""
         return {**self.source_as, **({w.tensor: w.parts(quant) for w in self.stored_quantized} if quant else {})}
-
-
-def is_model_dir(path: Path) -> bool:
-    """A model directory (or its index) has a config.json to trust; a bare
-    .safetensors file says nothing about the files beside it."""
-    return path.is_dir() or path.name.endswith(".index.json")
 
 
 def make_plan(path: Path, options: list[dict], outs: list[Path]) -> list[Plan]:
@@ -96,7 +93,7 @@ def make_plan(path: Path, options: list[dict], outs: list[Path]) -> list[Plan]:
         targets = found.targets
         if opts.get("keep_source_format"):  # the residual goes back to the codes and scales it came from
             encoded = [t for t in targets if t.read is not None and t.read.decode is not None]
-            if fmt.kind not in ("fp8", "compressed-tensors") or not encoded or any(
+            if not fmt.can_keep or not encoded or any(
                     t.read.decode.kind != "fp8" for t in encoded):
                 raise TargetError(f"{path}: keep_source_format stores residuals in the source's FP8 format; this "
                                   f"checkpoint's targets are {fmt.describe()}")
@@ -126,11 +123,8 @@ def concrete_targets(found, opts: dict) -> dict:
     if found.architecture is None:  # a bare file: no model to expand against, the user's own words
         return {"target_modules": opts["target_modules"], "exclude_modules": opts["exclude_modules"],
                 "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "target_parameters": None}
-    with quiet_library_noise():
-        from peft.tuners.tuners_utils import _find_minimal_target_modules
-
     modules = sorted({t.module for t in found.targets if t.parameter is None})
-    return {"target_modules": sorted(_find_minimal_target_modules(modules, found.other_modules)) if modules else [],
+    return {"target_modules": sorted(compat.minimal_target_modules(modules, found.other_modules)) if modules else [],
             "exclude_modules": None, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
             "target_parameters": found.target_parameters or None}
 
@@ -188,7 +182,7 @@ def make_plan_in_child(path: Path, options: list[dict], outs: list[Path]) -> lis
 
 
 def _plan_and_send(send, path: Path, options: list[dict], outs: list[Path]) -> None:
-    from ._pissa_rs import PissaError
+    from .._pissa_rs import PissaError
 
     try:
         send.send(("plan", make_plan(path, options, outs)))
@@ -231,7 +225,7 @@ def remaining_quantization(checkpoint: Checkpoint, fmt: SourceFormat, source_as:
     if not left:
         return None
     config = dict(fmt.config)
-    key = "ignore" if fmt.kind == "compressed-tensors" else "modules_to_not_convert"
+    key = fmt.codec.unquantized_key
     # the modules holding the decomposed weights (an expert's: the module of its parameter)
     modules = sorted({t.parameter.rsplit(".", 1)[0] if t.parameter else t.module
                       for t in targets if t.read is not None and t.read.decode is not None})

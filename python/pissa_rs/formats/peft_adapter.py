@@ -11,15 +11,13 @@ from pathlib import Path
 
 import torch
 
-from ._pissa_rs import Checkpoint, PissaError
-from .factors import scaling
-from .mapping import WeightRead
-from .noise import quiet_library_noise
+from .._pissa_rs import Checkpoint, PissaError
+from ..factors import scaling
+from ..planning.mapping import WeightRead
+from .. import compat
+from ..constants import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PARAM_WRAPPERS
+from ..noise import quiet_library_noise
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-# Beside the initial adapter: which layers are ParamWrappers over which parameter (and experts).
-PARAM_WRAPPERS = "pissa_param_wrappers.json"
 A_KEY = re.compile(r"^(?P<module>.+)\.lora_A(?:\.[^.]+)?\.weight$")
 
 
@@ -47,11 +45,8 @@ def module_scaling(module: str, r: int, lora_alpha: float, rank_pattern: dict, a
                    use_rslora: bool) -> tuple[int, float, float]:
     """PEFT's rank, alpha and scale s for one module (its name in the model), rank_pattern
     and alpha_pattern applied as PEFT's LoRA layers apply them."""
-    with quiet_library_noise():
-        from peft.utils.other import get_pattern_key
-
-    rank = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), r)
-    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), lora_alpha)
+    rank = rank_pattern.get(compat.pattern_key(rank_pattern.keys(), module), r)
+    alpha = alpha_pattern.get(compat.pattern_key(alpha_pattern.keys(), module), lora_alpha)
     return rank, alpha, scaling(rank, alpha, use_rslora)
 
 
@@ -86,7 +81,7 @@ class AdapterTarget:
 
     def _factors(self, adapter: Checkpoint):
         """(s * B, A) in float32; for an expert, its own rows of A and columns of B."""
-        from .tensors import as_torch
+        from ..tensors import as_torch
 
         a, b = as_torch(adapter.buffer(self.a_key)).float(), as_torch(adapter.buffer(self.b_key)).float()
         if self.expert is not None:  # PEFT's ParamWrapper: expert e's rows of A, every E-th column of B
@@ -111,7 +106,7 @@ class AdapterTarget:
     def weight(self, checkpoint: Checkpoint, residual: bool = False):
         """The weight in its dtype and layout, from the original `checkpoint` (decoded if
         stored in FP8 / MXFP4) or, with `residual`, from a decomposition's output."""
-        from .tensors import as_torch
+        from ..tensors import as_torch
 
         if self.read is None:
             return as_torch(checkpoint.buffer(self.tensor))

@@ -12,12 +12,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ._pissa_rs import Checkpoint, PissaError
+from .._pissa_rs import Checkpoint, PissaError
+from ..constants import RUN_FILE
 
-RUN_FILE = ".pissa_run.json"  # the identity of the run that writes (or wrote) OUT
-JOURNAL = ".pissa_journal.jsonl"  # Rust: one line per tensor written, with its CRC-32
-RECORDS = ".pissa_records.jsonl"  # Python: one report record per target decomposed
-CONTROL_FILES = (RUN_FILE, JOURNAL, RECORDS)
 
 
 class OutputLockedError(PissaError, OSError):
@@ -124,14 +121,14 @@ def _json_lines(path: Path) -> list[dict[str, Any]]:
     return lines
 
 
-def read_journal(out: Path) -> list[dict[str, Any]]:
+def read_journal(path: Path) -> list[dict[str, Any]]:
     """What the Rust writers journaled: {"file", "tensor", "len", "crc32"} per tensor."""
-    return _json_lines(out / JOURNAL)
+    return _json_lines(path)
 
 
-def read_records(out: Path) -> dict[str, dict[str, Any]]:
-    """Report records of targets an earlier run decomposed, by tensor name (the last wins)."""
-    return {record["tensor"]: record for record in _json_lines(out / RECORDS)}
+def read_records(path: Path) -> dict[str, dict[str, Any]]:
+    """Report records of targets decomposed, by tensor name (the last wins)."""
+    return {record["tensor"]: record for record in _json_lines(path)}
 
 
 def fault_point(where: str) -> None:

@@ -20,9 +20,9 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ._pissa_rs import Checkpoint
-from .mapping import WeightRead
-from .tensors import TORCH_DTYPES
+from .._pissa_rs import Checkpoint
+from ..planning.mapping import WeightRead
+from ..tensors import TORCH_DTYPES
 
 POLL_SECONDS = 0.1  # how often a blocked thread looks whether the run stopped
 BUFFERS_PER_DEVICE = 2  # the weight a device works on (or uploads) and the next one

@@ -1,18 +1,10 @@
-"""Low-precision source checkpoints: what a stored weight is when it is not a float
-tensor, and how to get its values. Part of the mapping layer: a target whose weight
-is stored in FP8 or MXFP4 is read as its codes and scales, dequantized on the compute
-device (`Decode`), and the SVD and residual see only the dequantized matrix.
-
-- transformers' fine-grained FP8 (`quant_method: "fp8"`, DeepSeek-V3 / Kimi-K2 / Qwen3-FP8):
-  `X.weight` float8_e4m3fn [R, C] with `X.weight_scale_inv` [R/bm, C/bn] per bm x bn block.
-- compressed-tensors `float-quantized` FP8 (`quant_method: "compressed-tensors"`):
-  `X.weight` float8_e4m3fn with `X.weight_scale` per tensor ([1]) or per channel ([R, 1]).
-- MXFP4 (`quant_method: "mxfp4"`, GPT-OSS's experts): `P_blocks` uint8 [E, R, G, 16] (two
-  e2m1 values a byte, low nibble first) and `P_scales` uint8 [E, R, G] (E8M0 exponents,
-  bias 127) for a parameter P the model holds as [E, G*32, R].
-
+"""Low-precision source checkpoints: which format config.json names (FORMATS, one module
+per format: fp8.py, mxfp4.py), what a stored weight is when it is not a float tensor, and
+how to get its values. A target whose weight is stored in FP8 or MXFP4 is read as its codes
+and scales, dequantized on the compute device (`Decode`), and the SVD and residual see only
+the dequantized matrix.
 Each is dequantized exactly as transformers does it when it loads the checkpoint
-dequantized (its `Fp8Dequantize` / `convert_moe_packed_tensors`), to bfloat16.
+dequantized, to bfloat16.
 """
 
 from __future__ import annotations
@@ -23,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from ._pissa_rs import Checkpoint
+from .._pissa_rs import Checkpoint
+from .fp8 import FP8_DTYPES, CompressedTensorsFP8, FineGrainedFP8, dequantize_fp8, quantize_fp8_blocks, scale_grid
+from .mxfp4 import MXFP4, dequantize_mxfp4
 
 OUT_DTYPE = "BF16"  # what transformers dequantizes these formats to for training
-FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
-FP8_DTYPES = ("F8_E4M3",)
 SCALE_DTYPES = ("F32", "BF16", "F16", "U8", "F8_E8M0")
 
 
@@ -39,23 +31,33 @@ class SourceFormatError(ValueError):
 class SourceFormat:
     """How config.json says the checkpoint's weights are stored."""
 
-    kind: str | None  # "fp8", "compressed-tensors", "mxfp4", another quant_method, or None (floats)
+    kind: str | None  # config.json's quant_method ("fp8", "compressed-tensors", "mxfp4", ...), or None (floats)
     config: dict | None  # its quantization_config
 
     @property
+    def codec(self):
+        """The format's module-level description (FORMATS), None for floats or a format we cannot read."""
+        return FORMATS.get(self.kind)
+
+    @property
     def scale_suffix(self) -> str | None:
-        return {"fp8": "_scale_inv", "compressed-tensors": "_scale"}.get(self.kind)
+        return self.codec.scale_suffix if self.codec else None
+
+    @property
+    def can_keep(self) -> bool:
+        """Whether keep_source_format can store residuals back in this format."""
+        return bool(self.codec and self.codec.can_keep)
 
     def describe(self) -> str:
         if self.kind is None:
             return "floating point"
-        if self.kind == "fp8":
-            return f"FP8 (float8_e4m3fn) with {'x'.join(map(str, self.config.get('weight_block_size') or []))} block scales"
-        if self.kind == "compressed-tensors":
-            return "compressed-tensors FP8 (float8_e4m3fn) with per-tensor or per-channel scales"
-        if self.kind == "mxfp4":
-            return "MXFP4 (e2m1 codes, E8M0 scales per 32)"
-        return f"quantized with {self.kind!r} (not readable by pissa_rs)"
+        if self.codec is None:
+            return f"quantized with {self.kind!r} (not readable by pissa_rs)"
+        return self.codec.describe(self.config)
+
+
+# The low-precision formats pissa_rs reads, by quantization_config's quant_method (one module each)
+FORMATS = {f.quant_method: f for f in (FineGrainedFP8(), CompressedTensorsFP8(), MXFP4())}
 
 
 def source_format(config_dir: str | Path | None) -> SourceFormat:
@@ -92,7 +94,7 @@ class Decode:
 
     def __call__(self, raw: torch.Tensor) -> torch.Tensor:
         """The matrix in bfloat16, on raw's device."""
-        from .tensors import TORCH_DTYPES
+        from ..tensors import TORCH_DTYPES
 
         rows, offset = [], 0
         for part in self.parts:
@@ -124,7 +126,7 @@ class Decode:
     def encode(self, matrix: torch.Tensor) -> torch.Tensor:
         """The bytes `decode` reads, for `matrix` re-quantized the way transformers'
         Fp8Quantize quantizes (same block grid and scale dtype as the source's)."""
-        from .tensors import TORCH_DTYPES
+        from ..tensors import TORCH_DTYPES
 
         out = []
         for part, rows, block in self._row_parts(matrix):
@@ -144,54 +146,6 @@ class Decode:
         return torch.cat(bounds)
 
 
-def scale_grid(rows: int, scale_shape) -> tuple[int, int]:
-    """(scale rows, scale columns) of an FP8 weight's scales: a block grid as stored, a
-    per-channel [R] / [R, 1], or a per-tensor [], [1], [1, 1]."""
-    if len(scale_shape) == 2:
-        return tuple(scale_shape)
-    return (rows, 1) if scale_shape and scale_shape[0] == rows and rows > 1 else (1, 1)
-
-
-def dequantize_fp8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """transformers' Fp8Dequantize._dequantize_one: each block of the scale grid times its
-    scale (E8M0 bytes: 2**(b - 127)), in float32, then bfloat16."""
-    rows, cols = q.shape
-    scale_rows, scale_cols = scale_grid(rows, tuple(scales.shape))
-    grid = scales.reshape(scale_rows, scale_cols)
-    s = (grid.to(torch.float32) - 127.0).exp2() if grid.dtype == torch.uint8 else grid.to(torch.float32)
-    blocks = q.to(torch.float32).reshape(scale_rows, rows // scale_rows, scale_cols, cols // scale_cols)
-    return (blocks * s[:, None, :, None]).to(torch.bfloat16).reshape(rows, cols)
-
-
-def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """transformers' convert_moe_packed_tensors for one expert: [R, G, 16] bytes and [R, G]
-    exponents -> [R, G*32] bfloat16 (low nibble first), before its transpose."""
-    lut = torch.tensor(FP4_VALUES, dtype=torch.bfloat16, device=blocks.device)
-    rows, groups, width = blocks.shape
-    out = torch.empty(rows * groups, width * 2, dtype=torch.bfloat16, device=blocks.device)
-    flat = blocks.reshape(-1, width)
-    out[:, 0::2] = lut[(flat & 0x0F).to(torch.int)]
-    out[:, 1::2] = lut[(flat >> 4).to(torch.int)]
-    torch.ldexp(out, scales.to(torch.int32).reshape(-1, 1) - 127, out=out)
-    return out.reshape(rows, groups * width * 2)
-
-
-def quantize_fp8_blocks(w: torch.Tensor, block: tuple[int, int], scale_dtype: torch.dtype = torch.float32
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """transformers' Fp8Quantize._quantize_one: per block, scale = 448 / absmax (1 for an
-    all-zero block), codes = clamp(w * scale) in float8_e4m3fn; returns (codes, 1/scale)."""
-    finfo = torch.finfo(torch.float8_e4m3fn)
-    rows, cols = w.shape
-    bm, bn = block
-    tiles = w.to(torch.float32).reshape(rows // bm, bm, cols // bn, bn)
-    max_abs = tiles.abs().amax(dim=(1, 3))
-    scales = torch.where(max_abs > 0, finfo.max / torch.where(max_abs > 0, max_abs, torch.ones_like(max_abs)),
-                         torch.ones_like(max_abs))
-    inv = (1.0 / scales).to(torch.float32)
-    codes = torch.clamp(tiles * scales[:, None, :, None], min=finfo.min, max=finfo.max).to(torch.float8_e4m3fn)
-    return codes.reshape(rows, cols), inv.to(scale_dtype)
-
-
 def fp8_part(checkpoint: Checkpoint, fmt: SourceFormat, tensor: str) -> tuple[Stored, str] | None:
     """The Stored part of an FP8 weight and the name of its scale tensor, or None when
     `tensor` is no FP8 weight. Scales of the wrong shape, a block size that does not
@@ -206,14 +160,9 @@ def fp8_part(checkpoint: Checkpoint, fmt: SourceFormat, tensor: str) -> tuple[St
                                 f"'{scale_name}' for it (config.json: {fmt.describe()})")
     scale = checkpoint.info(scale_name)
     rows, cols = info.shape
-    if fmt.kind == "fp8":
-        bm, bn = fmt.config.get("weight_block_size") or (rows, cols)
-        if rows % bm or cols % bn:
-            raise SourceFormatError(f"{info.file}: tensor '{tensor}' {list(info.shape)} is not divided by the block "
-                                    f"size {[bm, bn]} of config.json's quantization_config")
-        allowed = [(rows // bm, cols // bn)]
-    else:  # compressed-tensors: per tensor or per channel
-        allowed = [(1,), (1, 1), (), (rows, 1), (rows,)]
+    allowed = fmt.codec.scale_shapes(fmt.config, rows, cols)
+    if isinstance(allowed, str):
+        raise SourceFormatError(f"{info.file}: tensor '{tensor}' {list(info.shape)} {allowed}")
     if tuple(scale.shape) not in allowed or scale.dtype not in SCALE_DTYPES:
         raise SourceFormatError(f"{scale.file}: scale tensor '{scale_name}' is {scale.dtype} x {list(scale.shape)}; "
                                 f"weight '{tensor}' {list(info.shape)} needs one of {[list(a) for a in allowed]}")
@@ -237,8 +186,8 @@ def mxfp4_part(checkpoint: Checkpoint, param: str, expert_shape: tuple[int, int]
 
 
 def _check_scales(checkpoint: Checkpoint, name: str) -> None:
-    from .hub import headers_only
-    from .tensors import as_torch
+    from ..hub import headers_only
+    from ..tensors import as_torch
 
     if headers_only(checkpoint.root):  # a dry run from a Hub model's headers: no values to check
         return

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from . import bnb_reference as ref
-from .quant import Quantization
-from .tensors import TORCH_DTYPES
+from ..quant import Quantization
+from ..tensors import TORCH_DTYPES
 
 # Widest JSON a float can take (repr of a float64): the nested offset's slot is this
 # wide, padded with spaces (valid JSON), so that the layout is known before the value.
@@ -134,7 +134,7 @@ def read_weight(checkpoint, tensor: str, quant: Quantization | None,
                 stored: dict[str, StoredQuantized]) -> torch.Tensor:
     """A weight of `checkpoint` in its original layout and dtype: the stored tensor
     itself, or for one stored pre-quantized, what its quantized form dequantizes to."""
-    from .tensors import as_torch
+    from ..tensors import as_torch
 
     w = stored.get(tensor)
     if w is None or quant is None:

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 
-from ._pissa_rs import Checkpoint, PissaError
-from .noise import quiet_library_noise
-from .sources import OUT_DTYPE, Decode, SourceFormat, Stored, fp8_part, mxfp4_part
-from .tensors import nbytes
+from .._pissa_rs import Checkpoint, PissaError
+from .. import compat
+from ..noise import quiet_library_noise
+from ..formats.sources import OUT_DTYPE, Decode, SourceFormat, Stored, fp8_part, mxfp4_part
+from ..tensors import nbytes
 
 log = logging.getLogger("pissa_rs")
 
@@ -180,7 +181,7 @@ class WeightRead:
     def read(self, checkpoint: Checkpoint, residual: bool = False) -> torch.Tensor:
         """The matrix from the files: the input's, decoded; with `residual`, the output's
         (the residual is stored plain where the input was encoded)."""
-        from .tensors import TORCH_DTYPES
+        from ..tensors import TORCH_DTYPES
 
         data = torch.empty(sum(p.end - p.start for p in (self.written if residual else self.pieces)),
                            dtype=torch.uint8)
@@ -213,18 +214,12 @@ class CheckpointMapping:
 
 def checkpoint_mapping(model, checkpoint: Checkpoint) -> CheckpointMapping:
     """Every checkpoint tensor through transformers' own load-time renaming of `model`."""
-    with quiet_library_noise():
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-
-    transforms = get_model_conversion_mapping(model)
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    renamings, converters = compat.conversion_mapping(model)
     params = model.state_dict()
     prefix = getattr(model, "base_model_prefix", None) or None
     mapping = CheckpointMapping(type(model).__name__, _task_type(model))
     for name in checkpoint.names():
-        param, merged_by = rename_source_key(name, renamings, converters, prefix, params)
+        param, merged_by = compat.rename_checkpoint_key(name, renamings, converters, prefix, params)
         if merged_by is not None:
             mapping.merged.setdefault(param, []).append(name)
             converter = next(c for c in converters if merged_by in c.source_patterns)
@@ -296,10 +291,8 @@ def expert_reads(mapping: CheckpointMapping, checkpoint: Checkpoint, param: str,
     if param not in mapping.merged_by or len(shape) != 3:
         raise ExpertLayoutError(f"{where}: no tensor of the checkpoint holds parameter {param}")
     converter, patterns = mapping.merged_by[param]
-    ops = [type(op).__name__ for op in converter.operations]
-    dims = [getattr(op, "dim", None) for op in converter.operations]
-    if not (ops == ["MergeModulelist"] and dims == [0]
-            or ops == ["MergeModulelist", "Concatenate"] and dims == [0, 1]):
+    steps = compat.converter_operations(converter)
+    if steps not in ([(compat.MERGE_MODULELIST, 0)], [(compat.MERGE_MODULELIST, 0), (compat.CONCATENATE, 1)]):
         raise ExpertLayoutError(f"{where}: parameter {param} is built from {sorted(patterns)[0]} and others by "
                                 f"{', '.join(map(repr, converter.operations))}; pissa_rs reads experts merged by "
                                 "MergeModulelist(dim=0) and optionally Concatenate(dim=1) only")

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import torch
 
-from ._pissa_rs import Checkpoint, PissaError
-from .bnb_format import StoredQuantized
-from .peft_format import module_scaling
+from .._pissa_rs import Checkpoint, PissaError
+from ..formats.bnb_serialized import StoredQuantized
+from ..formats.peft_adapter import module_scaling
 from .mapping import ExpertLayoutError, Piece, WeightRead, expert_reads, meta_model, model_mapping, plain_or_encoded
-from .sources import SourceFormatError, source_format
-from .noise import quiet_library_noise
+from ..formats.sources import SourceFormatError, source_format
+from .. import compat
+from ..noise import quiet_library_noise
 
 # PEFT and transformers are imported inside the functions that use them: a
 # decomposition can plan in a child process and never hold them (~250 MB).
@@ -94,12 +95,9 @@ def peft_converted(lora_config, model, where):
     become target_parameters, with the fused pair's rank and alpha doubled)."""
     import copy
 
-    with quiet_library_noise():
-        from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
-
     config = copy.deepcopy(lora_config)
     try:
-        convert_peft_config_for_transformers(config, model, None)
+        compat.convert_config_for_transformers(config, model)
     except ValueError as err:  # e.g. half of a fused pair named
         raise TargetError(f"{where}: PEFT cannot apply these target_modules to this model: {err}") from None
     return config
@@ -159,7 +157,7 @@ def _param_wrappers(model, config) -> list[tuple[str, str, int, float, int, bool
             module = name.removeprefix("base_model.model.")
             param = f"{module.replace('.base_layer', '')}.{layer.parameter_name}"
             found.append((module, param, layer.r["default"], layer.lora_alpha["default"], layer.num_experts,
-                          layer.num_experts > 1 and not layer._did_swap_in_out_features))
+                          layer.num_experts > 1 and not compat.swapped_in_out(layer)))
     return found
 
 
@@ -242,9 +240,6 @@ def resolve_targets(
     """The weights to decompose, each with its rank and alpha, as PEFT would pick them
     on the model config.json names; what PEFT would pick but cannot be decomposed here
     (or is not in the checkpoint) is listed in `left_out`, never dropped in silence."""
-    with quiet_library_noise():
-        from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
-
     where = checkpoint.index_path or checkpoint.files[0]
     fmt = source_format(config_dir)
     if target_modules is None:
@@ -283,9 +278,9 @@ def resolve_targets(
         patterns = ({**clamps, **(lora_config.rank_pattern or {})}, dict(lora_config.alpha_pattern or {}))
         if isinstance(lora_config.target_modules, set):
             lora_config.target_modules = sorted(lora_config.target_modules)
-        lora_config = _maybe_include_all_linear_layers(lora_config, model)
+        lora_config = compat.include_all_linear(lora_config, model)
         for name, module in model.named_modules():
-            if not name or not check_target_module_exists(lora_config, name):
+            if not name or not compat.target_module_exists(lora_config, name):
                 if name:
                     other_modules.append(name)
                 continue
@@ -319,7 +314,7 @@ def resolve_targets(
         check_list_entries("target_modules", target_modules, target_modules, weights, where)
         check_list_entries("exclude_modules", exclude_modules, exclude_modules, weights, where)
         for info in checkpoint.tensors:
-            if info.name.endswith(".weight") and check_target_module_exists(lora_config, info.name[: -len(".weight")]):
+            if info.name.endswith(".weight") and compat.target_module_exists(lora_config, info.name[: -len(".weight")]):
                 found.append((info.name[: -len(".weight")], info.name, False))
 
     if not found and not param_targets:
@@ -368,14 +363,12 @@ def bnb_quantized_weights(checkpoint: Checkpoint, config_dir: str | Path) -> lis
     transformers' own functions on the meta-device model."""
     with quiet_library_noise():
         from transformers.pytorch_utils import Conv1D
-        from transformers.quantizers.base import HfQuantizer
-        from transformers.quantizers.quantizers_utils import should_convert_module
 
     model, mapping = model_mapping(checkpoint, config_dir)
-    keep = HfQuantizer.get_modules_to_not_convert(model, None, getattr(model, "_keep_in_fp32_modules", None))
+    keep = compat.modules_not_quantized(model)
     found = []
     for name, module in model.named_modules():
-        if not (isinstance(module, Conv1D) or type(module) is torch.nn.Linear) or not should_convert_module(name, keep):
+        if not (isinstance(module, Conv1D) or type(module) is torch.nn.Linear) or not compat.should_quantize(name, keep):
             continue
         tensor = mapping.module_weight(name)
         if tensor is None:
@@ -402,12 +395,11 @@ def target_choices(config_dir: str | Path) -> TargetChoices:
     """The linear modules of the model config.json describes, grouped the ways
     target_modules can name them, with PEFT's own "all-linear" expansion."""
     with quiet_library_noise():
-        from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
         from transformers.pytorch_utils import Conv1D
 
     model, _ = meta_model(config_dir)
     linear = [name for name, m in model.named_modules() if name and isinstance(m, (torch.nn.Linear, Conv1D))]
-    expanded = _maybe_include_all_linear_layers(lora_config_for(8, 8, "all-linear", None, None, None, False), model)
+    expanded = compat.include_all_linear(lora_config_for(8, 8, "all-linear", None, None, None, False), model)
     all_linear = sorted(expanded.target_modules, key=linear.index)
     by_suffix: dict[str, list[str]] = {}
     for name in linear:

@@ -1,0 +1,16 @@
+"""The names pissa_rs gives the files it writes, in one place."""
+
+# In an output folder (the residual model)
+ADAPTER_SUBDIR = "pissa_init"  # the initial adapter, as PEFT's save_pretrained lays it out
+REPORT_NAME = "pissa_report.json"  # written last: its presence means the output is complete
+PLOTS_SUBDIR = "pissa_plots"
+# In an adapter folder (PEFT's names, and ours beside them)
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+PARAM_WRAPPERS = "pissa_param_wrappers.json"  # which ParamWrapper layer adapts which parameter (PEFT does not say)
+# While a decomposition runs (removed by its commit)
+RUN_FILE = ".pissa_run.json"  # the identity of the run that writes (or wrote) OUT
+UNITS_DIR = ".pissa_units"  # each unit's journal, records, adapter part and done mark
+CONTROL_FILES = (RUN_FILE, UNITS_DIR)
+# What a decomposition adds to a model folder: never copied on into another model (merge).
+OWN_NAMES = (ADAPTER_SUBDIR, REPORT_NAME, PLOTS_SUBDIR)

@@ -1,0 +1,1 @@
+"""The engine: runs a plan as units of work and commits them; never imports transformers or PEFT."""

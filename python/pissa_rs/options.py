@@ -1,0 +1,246 @@
+"""Every choice of a decomposition, in one object: validated once, shared by the API,
+the CLI (whose flags are generated from its fields) and the engine."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from typing import Any
+
+import torch
+
+from .engine.devices import parse_devices
+from .quant import QUANT_TYPES, Quantization
+
+ADAPTER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def modules_text(text: str) -> str | list[str]:
+    """'all-linear' or a regex stays a string; 'q_proj,v_proj' is a list of suffixes."""
+    if text.lower() == "all-linear" or "," not in text and any(c in text for c in "^$*+?()[]|\\"):
+        return text
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def ranks_text(text: str) -> int | list[int]:
+    parts = [int(p) for p in text.split(",") if p.strip()]
+    return parts[0] if len(parts) == 1 and "," not in text else parts
+
+
+def names_text(text: str) -> list[str]:
+    return [part for part in text.split(",") if part]
+
+
+def pattern_text(cast):
+    def parse(text: str) -> dict:
+        out = {}
+        for item in text.split(","):
+            key, sep, value = item.rpartition("=")
+            if not sep or not key:
+                raise argparse.ArgumentTypeError(f"expected NAME=VALUE[,NAME=VALUE...], got {item!r}")
+            out[key.strip()] = cast(value)
+        return out
+
+    return parse
+
+
+def option(default: Any = None, help: str = "", *, parse=None, choices=None, flag: str | None = None,
+           short: str | None = None, group: str | None = None, cli: bool = True, factory=None):
+    """A DecomposeOptions field and the CLI flag generated from it (add_options): `help` is
+    its one description; `parse` turns the flag's text into the value."""
+    metadata = {"help": help, "parse": parse, "choices": choices, "flag": flag, "short": short, "group": group,
+                "cli": cli}
+    return field(default_factory=factory, metadata=metadata) if factory else field(default=default, metadata=metadata)
+
+
+@dataclass
+class DecomposeOptions:
+    """Every choice of a decomposition, validated once; the API, the CLI and the engine share it."""
+
+    r: int | list[int] = option(128, "adapter rank r, or several (16,32,64,128): one SVD at the largest, one "
+                                "complete output per rank", parse=ranks_text, flag="--rank", short="-r")
+    lora_alpha: float | None = option(None, "LoRA alpha; scale s = alpha / r (default: alpha = r, s = 1)", parse=float)
+    niter: int = option(4, "subspace iterations of the randomized SVD (PEFT pissa_niter_K); 0 = exact SVD "
+                        "(PEFT 'pissa')", parse=int)
+    target_modules: str | list[str] = option(
+        "all-linear", "'all-linear' (every linear layer but the output head), comma-separated module name "
+        "suffixes (q_proj,v_proj), or a regex matched against full module names", parse=modules_text)
+    exclude_modules: str | list[str] | None = option(None, "suffixes or a regex of modules to leave alone",
+                                                     parse=modules_text)
+    target_parameters: list[str] | None = option(
+        None, "MoE: parameters PEFT adapts through target_parameters, by name or suffix "
+        "(mlp.experts.gate_up_proj,mlp.experts.down_proj), on top of what PEFT's own expansion of target_modules "
+        "adds on this model; each expert gets its own PiSSA split", parse=names_text)
+    exclude_parameters: list[str] | None = option(
+        None, "parameters to leave alone, by name or suffix, e.g. mlp.gate.weight (keep the routers frozen)",
+        parse=names_text)
+    rank_pattern: dict[str, int] = option(help="per-module ranks as PEFT's rank_pattern: NAME=R[,NAME=R...]",
+                                          parse=pattern_text(int), factory=dict)
+    alpha_pattern: dict[str, float] = option(help="per-module alphas as PEFT's alpha_pattern: NAME=A[,NAME=A...]",
+                                             parse=pattern_text(float), factory=dict)
+    use_rslora: bool = option(False, "rank-stabilized scale s = alpha / sqrt(r)")
+    device: str | None = option(None, "torch device for the SVDs, e.g. cuda:0 (default: cuda if available, "
+                                "else cpu)", group="device")
+    devices: list[str] | None = option(None, "several devices of one type sharing the weights, comma-separated "
+                                       "(cuda:0,cuda:1); the output is byte-identical to a one-device run",
+                                       parse=names_text, group="device")
+    seed: int = option(0, "seed of the randomized SVD; each tensor's seed derives from it and the tensor name",
+                       parse=int)
+    adapter_dtype: str = option("float32", "dtype of lora_A / lora_B", choices=sorted(ADAPTER_DTYPES))
+    svd_rank: int | None = option(None, "set by for_rank: the rank of the SVD all ranks share", cli=False)
+    quantize: str | None = option(None, "QPiSSA: the bitsandbytes quantization training will load the residual "
+                                  "with; the report gives each weight's quantization-error reduction against QLoRA",
+                                  choices=list(QUANT_TYPES))
+    quant_iters: int = option(1, "with quantize: QPiSSA iterations T; T > 1 stores deq(quant(W - s*B@A)) as the "
+                              "residual (1: the plain PiSSA residual)", parse=int)
+    double_quant: bool = option(False, "with quantize nf4/fp4: bitsandbytes' double quantization "
+                                "(bnb_4bit_use_double_quant)")
+    compare_loftq: bool = option(False, "with quantize: also measure LoftQ's error at the same rank and iterations")
+    measure_error: bool = option(True, "with quantize: the per-weight error measurement (two full SVDs per "
+                                 "weight; slow on a CPU for big models); `pissa-rs qerror` can measure it later")
+    save_quantized: bool = option(False, "with quantize: store the residual already quantized, in the serialized "
+                                  "bitsandbytes format transformers loads directly (quantization_config in "
+                                  "config.json): ~4x smaller for nf4")
+    keep_source_format: bool = option(False, "an FP8 checkpoint (fine-grained block scales or compressed-tensors): "
+                                      "store the residual re-quantized in that FP8 format instead of bfloat16 (half "
+                                      "the bytes); the report gives the error re-quantization adds")
+
+    @classmethod
+    def from_fields(cls, given: dict[str, Any]) -> DecomposeOptions:
+        """Options from keyword arguments, a misspelt name named with the closest one."""
+        import difflib
+
+        known = [f.name for f in fields(cls) if f.metadata.get("cli", True)]
+        for name in given:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                raise TypeError(f"unknown option {name!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                                + f" (the options: {', '.join(known)})")
+        return cls(**given).validate()
+
+    def validate(self) -> DecomposeOptions:
+        self.rank_pattern, self.alpha_pattern = dict(self.rank_pattern or {}), dict(self.alpha_pattern or {})
+        ranks = list(self.r) if isinstance(self.r, (list, tuple)) else [self.r]
+        for r in ranks:
+            if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+                raise ValueError(f"r must be a positive integer or a list of them, got {self.r!r}")
+        if not ranks:
+            raise ValueError("r must name at least one rank")
+        self.r = sorted(set(ranks)) if isinstance(self.r, (list, tuple)) else self.r
+        for name in ("target_parameters", "exclude_parameters"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = [value]
+            if value is not None and not all(isinstance(v, str) and v for v in value):
+                raise ValueError(f"{name} must be a list of parameter names or suffixes, got {value!r}")
+            setattr(self, name, sorted(set(value)) if value else None)
+        if self.several_ranks and self.rank_pattern:
+            raise ValueError("rank_pattern cannot be combined with several ranks: give one rank per run")
+        if self.lora_alpha is None and not self.several_ranks:
+            self.lora_alpha = self.r
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be positive, got {self.lora_alpha!r}")
+        if isinstance(self.niter, bool) or not isinstance(self.niter, int) or self.niter < 0:
+            raise ValueError(f"niter must be an integer >= 0, got {self.niter!r}")
+        if self.adapter_dtype not in ADAPTER_DTYPES:
+            raise ValueError(f"adapter_dtype must be one of {sorted(ADAPTER_DTYPES)}, got {self.adapter_dtype!r}")
+        for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+            for key, value in pattern.items():
+                if not (isinstance(value, (int, float)) and value > 0):
+                    raise ValueError(f"{name}[{key!r}] must be positive, got {value!r}")
+        if self.quantize is not None and self.quantize not in QUANT_TYPES:
+            raise ValueError(f"quantize must be one of {QUANT_TYPES} or None, got {self.quantize!r}")
+        if isinstance(self.quant_iters, bool) or not isinstance(self.quant_iters, int) or self.quant_iters < 1:
+            raise ValueError(f"quant_iters must be an integer >= 1, got {self.quant_iters!r}")
+        if self.quantize is None and (self.quant_iters > 1 or self.compare_loftq or self.double_quant):
+            raise ValueError("quant_iters, double_quant and compare_loftq need quantize ('nf4', 'fp4' or 'int8')")
+        if self.compare_loftq and not self.measure_error:
+            raise ValueError("compare_loftq needs measure_error: LoftQ is compared by the same measurement")
+        if self.save_quantized and self.quantize is None:
+            raise ValueError("save_quantized needs quantize ('nf4', 'fp4' or 'int8'): the format to store")
+        if self.keep_source_format and self.save_quantized:
+            raise ValueError("keep_source_format and save_quantized name two formats for one residual: choose one")
+        if self.double_quant and self.quantize == "int8":
+            raise ValueError("double_quant applies to 4-bit quantization, not int8")
+        if self.devices is not None:
+            if self.device is not None:
+                raise ValueError("give device or devices, not both")
+            self.devices = [str(d) for d in parse_devices(list(self.devices))]
+            self.device = self.devices[0]
+        else:
+            if self.device is None:
+                self.device = "cuda" if torch.cuda.is_available() else "cpu"
+            self.device = str(parse_devices([self.device])[0])
+        return self
+
+    @property
+    def torch_devices(self) -> list[torch.device]:
+        return [torch.device(d) for d in (self.devices or [self.device])]
+
+    def identity_options(self) -> dict[str, Any]:
+        """The options as a resumed run must match them: which devices (and how
+        many) does not change the bytes, the kind of device (CPU or GPU) does."""
+        options = asdict(self)
+        del options["devices"]
+        options["device"] = torch.device(self.device).type
+        return options
+
+    @property
+    def ranks(self) -> list[int]:
+        return list(self.r) if isinstance(self.r, list) else [self.r]
+
+    @property
+    def several_ranks(self) -> bool:
+        return isinstance(self.r, list) and len(self.r) > 1
+
+    @property
+    def quantization(self) -> Quantization | None:
+        return Quantization(self.quantize, double_quant=self.double_quant) if self.quantize else None
+
+    @property
+    def stored_quantization(self) -> Quantization | None:
+        """The quantization the residual is stored in (save_quantized), else None."""
+        return self.quantization if self.save_quantized else None
+
+    def for_rank(self, r: int) -> DecomposeOptions:
+        """The options of one output of a (possibly several-rank) run."""
+        alpha = self.lora_alpha if self.lora_alpha is not None else r
+        return replace(self, r=r, lora_alpha=alpha, svd_rank=max(self.ranks))
+
+    @property
+    def init_lora_weights(self) -> str:
+        """The PEFT init_lora_weights value this computes."""
+        return "pissa" if self.niter == 0 else f"pissa_niter_{self.niter}"
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per DecomposeOptions field, from its metadata: --name-with-dashes; a bool
+    that defaults to False is --flag, one that defaults to True is --no-flag."""
+    groups: dict[str, Any] = {}
+    for f in fields(DecomposeOptions):
+        meta = f.metadata
+        if not meta.get("cli", True):
+            continue
+        target = parser
+        if meta["group"]:
+            if meta["group"] not in groups:
+                groups[meta["group"]] = parser.add_mutually_exclusive_group()
+            target = groups[meta["group"]]
+        flag = meta["flag"] or "--" + f.name.replace("_", "-")
+        names = [flag, meta["short"]] if meta["short"] else [flag]
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        if isinstance(default, bool):
+            if default:
+                target.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", help=f"without: {meta['help']}")
+            else:
+                target.add_argument(*names, dest=f.name, action="store_true", help=meta["help"])
+            continue
+        shown = f" (default {default})" if default not in (None, {}) else ""
+        target.add_argument(*names, dest=f.name, type=meta["parse"], choices=meta["choices"], default=default,
+                            help=meta["help"].replace("%", "%%") + shown)
+
+
+def options_from_args(args: argparse.Namespace) -> DecomposeOptions:
+    """The DecomposeOptions add_options' flags parsed into."""
+    return DecomposeOptions(**{f.name: getattr(args, f.name) for f in fields(DecomposeOptions)
+                               if f.metadata.get("cli", True)}).validate()
