@@ -10,6 +10,8 @@ each in its own process so that peak RSS (VmHWM, file-backed pages included) is 
 - pissa_rs:  decompose_checkpoint(r=128, niter=4, all 7 projections)
 - peft:      from_pretrained, get_peft_model(init_lora_weights="pissa_niter_4"),
              save the adapter, unload, save the residual
+- baseline:  pissa_rs as another version of it runs it (--baseline DIR: that version's
+             python/ folder, built), in the same run, to compare versions
 - floor:     the same torch work (pissa_rs.principal_factors) on tensors already in
              memory, no I/O; loading them is not timed
 - nf4:       pissa_rs for QPiSSA training in nf4 (quantize="nf4", no error measurement):
@@ -122,6 +124,9 @@ model.save_pretrained(os.path.join(OUT, "pissa_init"))
 model = model.unload()
 model.save_pretrained(OUT)
 """),
+    "baseline": ("import torch, pissa_rs", """
+pissa_rs.decompose_checkpoint(SRC, r=R, niter=NITER, target_modules=TARGETS, out=OUT, progress=False)
+"""),
     "nf4": ("import torch, pissa_rs", """
 pissa_rs.decompose_checkpoint(SRC, r=R, niter=NITER, target_modules=TARGETS, out=OUT, progress=False,
                               quantize="nf4", measure_error=False)
@@ -158,11 +163,11 @@ print(json.dumps({{"wall_s": wall, "peak_rss_bytes": peak}}))
 """
 
 
-def run_script(name: str, code: str, args: list[str]) -> dict:
+def run_script(name: str, code: str, args: list[str], env: dict | None = None) -> dict:
     """Run `code` in its own Python process; its last stdout line is a JSON result.
     Adds process_s, the whole process's wall time (imports included)."""
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -170,11 +175,18 @@ def run_script(name: str, code: str, args: list[str]) -> dict:
     return result
 
 
-def run_method(name: str, src: Path, out: Path, r: int, niter: int) -> dict:
+def run_method(name: str, src: Path, out: Path, r: int, niter: int, baseline: Path | None = None) -> dict:
     """wall_s is timed inside the process after its imports."""
+    import os
+
     imports, body = RUNNERS[name]
+    env = None
+    if name == "baseline":
+        if baseline is None:
+            raise SystemExit("--methods baseline needs --baseline DIR (another version's python/ folder)")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(baseline), os.environ.get("PYTHONPATH", "")])}
     result = run_script(name, HARNESS.format(imports=imports, body=body),
-                        [str(src), str(out), str(r), str(niter), json.dumps(PROJECTIONS)])
+                        [str(src), str(out), str(r), str(niter), json.dumps(PROJECTIONS)], env)
     result["bytes_written"] = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.is_dir() else 0
     return result
 
@@ -204,6 +216,10 @@ def main() -> None:
     ap.add_argument("--shapes", choices=["tinyllama", "llama3-8b", "llama3-70b"], default="tinyllama")
     ap.add_argument("--methods", default="pissa_rs,peft,floor")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--baseline", type=Path, help="for --methods ...,baseline: another pissa_rs version's python/ "
+                    "folder (with its compiled module), e.g. from `git worktree add`")
+    ap.add_argument("--repeat", type=int, default=1, help="run the methods this many times, interleaved; the table "
+                    "gives each method's fastest")
     args = ap.parse_args()
 
     if args.smoke:
@@ -223,9 +239,17 @@ def main() -> None:
         total = make_checkpoint(src, dims, shard_bytes)
         print(f"checkpoint: {total / 2**30:.2f} GiB in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         results = {}
-        for method in args.methods.split(","):
-            results[method] = run_method(method, src, Path(tmp) / f"out-{method}", rank, args.niter)
-            print(method, results[method], file=sys.stderr)
+        for _ in range(args.repeat):
+            for method in args.methods.split(","):
+                out = Path(tmp) / f"out-{method}"
+                if out.exists():
+                    import shutil
+
+                    shutil.rmtree(out)
+                run = run_method(method, src, out, rank, args.niter, args.baseline)
+                print(method, run, file=sys.stderr)
+                if method not in results or run["wall_s"] < results[method]["wall_s"]:
+                    results[method] = run
 
     report = {"machine": machine(), "dims": dims, "rank": rank, "niter": args.niter, "bytes": total,
               "results": results}
@@ -234,7 +258,7 @@ def main() -> None:
         print(f"| {method} | {r['wall_s']:.1f} | {r['peak_rss_bytes'] / 2**30:.2f} | {r['bytes_written'] / 2**30:.2f} |")
     if "pissa_rs" in results:
         ours = results["pissa_rs"]["wall_s"]
-        for other in ("peft", "floor"):
+        for other in ("peft", "floor", "baseline"):
             if other in results:
                 print(f"pissa_rs / {other} wall: {ours / results[other]['wall_s']:.2f}x")
     if {"nf4", "nf4_saved"} <= results.keys():

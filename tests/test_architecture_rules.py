@@ -1,0 +1,27 @@
+"""The architecture as docs/design.md states it, checked: the engine never imports
+transformers or PEFT (a unit runs in a worker that never builds a model), and the module
+map names every module of the package, one sentence each."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).parent.parent / "python" / "pissa_rs"
+
+
+def test_the_engine_imports_neither_transformers_nor_peft():
+    code = ("import sys, pissa_rs.engine.run, pissa_rs.engine.commit, pissa_rs.decompose; "
+            "print(sorted(m for m in ('transformers', 'peft') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_the_module_map_names_every_module():
+    design = (Path(__file__).parent.parent / "docs" / "design.md").read_text()
+    table = design[design.index("## Module map"):]
+    modules = sorted(p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py")
+                     if p.name != "__init__.py" or p.parent == PACKAGE)
+    missing = [m for m in modules if f"| `{m}` |" not in table]
+    assert not missing, f"docs/design.md's module map lacks {missing}"
