@@ -10,6 +10,8 @@ each in its own process so that peak RSS (VmHWM, file-backed pages included) is 
 - pissa_rs:  decompose_checkpoint(r=128, niter=4, all 7 projections)
 - peft:      from_pretrained, get_peft_model(init_lora_weights="pissa_niter_4"),
              save the adapter, unload, save the residual
+- pissa_rs_warm: the same in a process that imported transformers and PEFT beforehand,
+             as the peft method's does (the planner forks from it: no imports to pay)
 - baseline:  pissa_rs as another version of it runs it (--baseline DIR: that version's
              python/ folder, built), in the same run, to compare versions
 - floor:     the same torch work (pissa_rs.principal_factors) on tensors already in
@@ -123,6 +125,9 @@ model.peft_config["default"].init_lora_weights = True
 model.save_pretrained(os.path.join(OUT, "pissa_init"))
 model = model.unload()
 model.save_pretrained(OUT)
+"""),
+    "pissa_rs_warm": ("import torch, pissa_rs, transformers, peft", """
+pissa_rs.decompose_checkpoint(SRC, r=R, niter=NITER, target_modules=TARGETS, out=OUT, progress=False)
 """),
     "baseline": ("import torch, pissa_rs", """
 pissa_rs.decompose_checkpoint(SRC, r=R, niter=NITER, target_modules=TARGETS, out=OUT, progress=False)
@@ -261,6 +266,9 @@ def main() -> None:
         for other in ("peft", "floor", "baseline"):
             if other in results:
                 print(f"pissa_rs / {other} wall: {ours / results[other]['wall_s']:.2f}x")
+                if "pissa_rs_warm" in results:
+                    warm = results["pissa_rs_warm"]["wall_s"]
+                    print(f"pissa_rs_warm / {other} wall: {warm / results[other]['wall_s']:.2f}x")
     if {"nf4", "nf4_saved"} <= results.keys():
         dense, saved = results["nf4"], results["nf4_saved"]
         print(f"save_quantized: {saved['bytes_written'] / dense['bytes_written']:.2f}x the bytes, "

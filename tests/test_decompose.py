@@ -312,9 +312,29 @@ def test_planning_in_a_child_process_gives_the_same_plan(llama, tmp_path):
 
     options = [asdict(pissa_rs.DecomposeOptions(r=8, rank_pattern={"v_proj": 4}).validate())]
     out = [tmp_path / "o"]
-    assert make_plan_in_child(llama, options, out) == make_plan(llama, options, out)
+    plans, checks = make_plan_in_child(llama, options, out)
+    checks.wait()
+    assert plans == make_plan(llama, options, out)
     with pytest.raises(pissa_rs.TargetError, match="matched no module"):
         make_plan_in_child(llama, [{**options[0], "target_modules": ["nope"]}], out)
+
+
+def test_a_plan_check_that_fails_after_the_units_started_commits_nothing(llama, tmp_path, monkeypatch):
+    """The planning child sends the plan, then runs PEFT's layout check while the units
+    start: its failure stops the run before the commit (no report, index or config)."""
+    import pissa_rs.decompose as driver
+    import pissa_rs.planning.plan as planning
+
+    def refuse(config, found, config_dir):
+        raise pissa_rs.TargetError(f"{config_dir}: PEFT would load the adapter with other LoRA layers (test)")
+
+    monkeypatch.setattr(driver, "PLAN_IN_CHILD_ABOVE_BYTES", 0)
+    monkeypatch.setattr(planning, "check_adapter_layout", refuse)  # the forked child inherits it
+    out = tmp_path / "o"
+    with pytest.raises(pissa_rs.TargetError, match="other LoRA layers"):
+        pissa_rs.decompose_checkpoint(llama, r=4, out=out, progress=False)
+    assert list(out.glob("model-0*")), "the units ran before the check's verdict"
+    assert not [p for p in ("pissa_report.json", "config.json", "pissa_init/adapter_config.json") if (out / p).exists()]
 
 
 def test_the_decomposing_process_need_not_hold_peft_or_transformers():

@@ -201,15 +201,10 @@ def convert_to_lora(init_dir: str | os.PathLike[str], finetuned_dir: str | os.Pa
         config.alpha_pattern = {k: 2 * v for k, v in config.alpha_pattern.items()}
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    writer = ShardWriter(out_dir / ADAPTER_WEIGHTS, specs, metadata={"format": "pt"})
-    try:
+    with ShardWriter(out_dir / ADAPTER_WEIGHTS, specs, metadata={"format": "pt"}) as writer:  # aborts on error
         for module, (a_key, b_key) in tuned_mods.items():
             new_a, new_b = delta_factors(module)
             writer.write(a_key, as_numpy_bytes(new_a))
             writer.write(b_key, as_numpy_bytes(new_b))
-        writer.finalize()
-    except BaseException:
-        writer.abort()
-        raise
     config.save_pretrained(str(out_dir))
     return ConversionResult(out_dir, ranks, base)

@@ -21,7 +21,7 @@ from .engine.run import run_unit
 from .engine.units import Job, OutputSpec, split_units
 from .hub import base_model_of, is_local, model_name, resolve_model
 from .options import DecomposeOptions
-from .planning.plan import PLAN_IN_CHILD_ABOVE_BYTES, make_plan, make_plan_in_child
+from .planning.plan import PLAN_IN_CHILD_ABOVE_BYTES, PlanChecks, make_plan, make_plan_in_child
 from .quant import remember_choice
 from .report import OutputReport
 
@@ -146,8 +146,10 @@ def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None
     inputs = input_state(checkpoint)
     per_rank = [options.for_rank(r) for r in options.ranks]
     outs = output_dirs(path, options.ranks, out)
-    planner = make_plan_in_child if sum(i.nbytes for i in checkpoint.tensors) > PLAN_IN_CHILD_ABOVE_BYTES else make_plan
-    plans = planner(path, [asdict(o) for o in per_rank], outs)
+    if sum(i.nbytes for i in checkpoint.tensors) > PLAN_IN_CHILD_ABOVE_BYTES:
+        plans, checks = make_plan_in_child(path, [asdict(o) for o in per_rank], outs)
+    else:
+        plans, checks = make_plan(path, [asdict(o) for o in per_rank], outs), PlanChecks()
     if options.quantization is not None and plans[0].quantizer is not None:
         remember_choice(options.quantization, torch.device(options.device).type, plans[0].quantizer)
     locks: list[int] = []
@@ -165,6 +167,7 @@ def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None
                   tuple(inputs), tuple(split_units(checkpoint, plans[0], options.stored_quantization)))
         if any(state != "complete" for state in states):
             run_locally(job, checkpoint, progress)
+        checks.wait()  # nothing is committed before every check of the plan passed
         origin = origin or base_model_of(path, None)
         results = []
         for spec, state in zip(job.outputs, states):
@@ -172,6 +175,7 @@ def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None
             results.append(DecomposeResult(out=spec.out, adapter=spec.out / ADAPTER_SUBDIR, report=report,
                                            status=state))
     finally:
+        checks.close()
         checkpoint.release_all()  # the pages its headers (and the planner's reads) brought in
         for fd in locks:
             os.close(fd)

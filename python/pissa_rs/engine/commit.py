@@ -68,16 +68,19 @@ def write_adapter(job: Job, spec: OutputSpec) -> None:
     every E-th column of B."""
     dtype = ADAPTER_DTYPES[spec.options.adapter_dtype]
     shapes = adapter_shapes(spec.plan.targets)
-    writer = ShardWriter(spec.out / ADAPTER_SUBDIR / ADAPTER_WEIGHTS,
-                         [(key, SAFETENSORS_DTYPES[dtype], list(shape)) for key, shape in shapes],
-                         metadata={"format": "pt"})
-    try:
-        parts = {i: Checkpoint(unit_file(spec.out, unit, "adapter")) for unit in job.units if unit.targets
-                 for i in unit.targets}
-        by_module: dict[str, list[int]] = {}
-        for i, t in enumerate(spec.plan.targets):
-            by_module.setdefault(t.module, []).append(i)
-        shape_of = dict(shapes)
+    parts = {}  # target -> its unit's adapter part
+    for unit in job.units:
+        if unit.targets:
+            part = Checkpoint(unit_file(spec.out, unit, "adapter"))
+            parts.update((i, part) for i in unit.targets)
+    by_module: dict[str, list[int]] = {}
+    for i, t in enumerate(spec.plan.targets):
+        by_module.setdefault(t.module, []).append(i)
+    shape_of = dict(shapes)
+    # finalized on leaving the block, removed on an error
+    with ShardWriter(spec.out / ADAPTER_SUBDIR / ADAPTER_WEIGHTS,
+                     [(key, SAFETENSORS_DTYPES[dtype], list(shape)) for key, shape in shapes],
+                     metadata={"format": "pt"}) as writer:
         for module, indices in by_module.items():
             a_key, b_key = lora_a_key(module), lora_b_key(module)
             first = spec.plan.targets[indices[0]]
@@ -94,7 +97,3 @@ def write_adapter(job: Job, spec: OutputSpec) -> None:
                 b.view(b.shape[0], r, experts)[:, :, e] = as_torch(parts[i].buffer(part_key(i, "lora_B")))
             writer.write(a_key, as_numpy_bytes(a))
             writer.write(b_key, as_numpy_bytes(b))
-        writer.finalize()
-    except BaseException:
-        writer.abort()
-        raise

@@ -64,7 +64,7 @@ class UnitOutput:
             self.records_file = None
 
 
-def _open(checkpoint: Checkpoint, job: Job, spec: OutputSpec, unit: Unit) -> UnitOutput:
+def _open(checkpoint: Checkpoint, spec: OutputSpec, unit: Unit) -> UnitOutput:
     """The unit's writers in one output: fresh, or resuming from the unit's journal."""
     output = UnitOutput(spec, unit)
     journal_path = unit_file(spec.out, unit, "journal")
@@ -126,7 +126,7 @@ def run_unit(job: Job, unit: Unit, progress: Callable[[int], None] | None = None
     outputs: list[UnitOutput | None] = []
     try:
         for spec, is_active in zip(job.outputs, active):
-            outputs.append(_open(checkpoint, job, spec, unit) if is_active else None)
+            outputs.append(_open(checkpoint, spec, unit) if is_active else None)
         _run(checkpoint, job, unit, outputs, active, progress or (lambda n: None))
     finally:
         for output in outputs:

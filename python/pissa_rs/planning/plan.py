@@ -5,6 +5,7 @@ decomposition that follows never holds them."""
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -55,9 +56,10 @@ class Plan:
         return {**self.source_as, **({w.tensor: w.parts(quant) for w in self.stored_quantized} if quant else {})}
 
 
-def make_plan(path: Path, options: list[dict], outs: list[Path]) -> list[Plan]:
+def make_plan(path: Path, options: list[dict], outs: list[Path], deferred: list | None = None) -> list[Plan]:
     """Plan in this process, one Plan per (options, out) pair: the ranks of a
-    several-rank run. `options` are DecomposeOptions as dicts."""
+    several-rank run. `options` are DecomposeOptions as dicts. With `deferred` (a list),
+    PEFT's own layout check is not run but appended to it, as calls to make later."""
     checkpoint = Checkpoint(path)
     root = Path(checkpoint.root)
     config_dir = root if is_model_dir(path) and (root / "config.json").is_file() else None
@@ -89,7 +91,8 @@ def make_plan(path: Path, options: list[dict], outs: list[Path]) -> list[Plan]:
             task_type=found.task_type, base_model_name_or_path=str(out.resolve()),
         )
         if config_dir is not None:
-            check_adapter_layout(config, found, config_dir)
+            check = functools.partial(check_adapter_layout, config, found, config_dir)
+            deferred.append(check) if deferred is not None else check()
         targets = found.targets
         if opts.get("keep_source_format"):  # the residual goes back to the codes and scales it came from
             encoded = [t for t in targets if t.read is not None and t.read.decode is not None]
@@ -159,33 +162,78 @@ def check_adapter_layout(config, found, config_dir: Path) -> None:
         )
 
 
-def make_plan_in_child(path: Path, options: list[dict], outs: list[Path]) -> list[Plan]:
-    """The same plan, worked out in a forked child (which already has torch
-    imported, unlike a fresh interpreter). A TargetError or ValueError raised
-    there is raised here with the same message."""
+class PlanChecks:
+    """Checks of a plan still running in the planning child (PEFT's own layout check): the
+    units may start; `wait()` must pass before anything is committed."""
+
+    def __init__(self, child=None, receive=None, path: Path | None = None):
+        self._child, self._receive, self._path = child, receive, path
+
+    def wait(self) -> None:
+        """Block until the checks are done; a failed one raises its TargetError here."""
+        if self._child is None:
+            return
+        try:
+            kind, payload = _receive(self._receive, self._child, self._path)
+        finally:
+            self.close()
+        if kind == "error":
+            raise TargetError(payload)
+
+    def close(self) -> None:
+        """Stop waiting (after a failure elsewhere): the child is ended."""
+        if self._child is not None:
+            self._receive.close()
+            if self._child.is_alive():
+                self._child.terminate()
+            self._child.join()
+            self._child = None
+
+
+def make_plan_in_child(path: Path, options: list[dict], outs: list[Path]) -> tuple[list[Plan], PlanChecks]:
+    """The same plan, worked out in a forked child (which already has torch imported,
+    unlike a fresh interpreter), and the checks it still runs after sending it. A
+    TargetError or ValueError raised there is raised here with the same message."""
     context = multiprocessing.get_context("fork")
     receive, send = context.Pipe(duplex=False)
     child = context.Process(target=_plan_and_send, args=(send, path, options, outs), daemon=True)
     child.start()
     send.close()  # so that receive sees EOF if the child dies without a word
+    checks = PlanChecks(child, receive, path)
     try:
-        kind, payload = receive.recv()
+        kind, payload = _receive(receive, child, path)
+    except BaseException:
+        checks.close()
+        raise
+    if kind == "error":
+        checks.close()
+        raise TargetError(payload)
+    return payload, checks
+
+
+def _receive(receive, child, path):
+    try:
+        return receive.recv()
     except EOFError:
         child.join()
         raise RuntimeError(f"{path}: the planning process died (exit code {child.exitcode})") from None
-    finally:
-        receive.close()
-    child.join()
-    if kind == "error":
-        raise TargetError(payload)
-    return payload
 
 
 def _plan_and_send(send, path: Path, options: list[dict], outs: list[Path]) -> None:
+    import sys
+
     from .._pissa_rs import PissaError
 
+    if not any(o.get("quantize") for o in options):
+        # This process plans and exits. Without quantization nothing here uses bitsandbytes,
+        # whose import (which PEFT's pulls in when it can) sets up torch.compile: ~1.7 s.
+        sys.modules.setdefault("bitsandbytes", None)
     try:
-        send.send(("plan", make_plan(path, options, outs)))
+        deferred: list = []
+        send.send(("plan", make_plan(path, options, outs, deferred)))
+        for check in deferred:  # while the units start
+            check()
+        send.send(("checked", None))
     except (PissaError, ValueError) as err:
         send.send(("error", str(err)))
     finally:
