@@ -189,3 +189,33 @@ def test_to_lora_and_merge_from_the_shell(llama, tmp_path, capsys):
     assert (tmp_path / "merged" / "config.json").exists()
     proc = run_in_process(capsys, "to-lora", str(tmp_path / "nope"), str(res.adapter), str(tmp_path / "x"))
     assert proc.returncode == 1 and "nope/adapter_model.safetensors: missing" in proc.stderr
+
+
+def test_every_option_is_a_flag_generated_from_its_field():
+    """DecomposeOptions is the one source: each field is a flag with its help text, and the
+    flags parse into the same options the API builds from keywords."""
+    from dataclasses import fields
+
+    from pissa_rs.cli import build_parser
+    from pissa_rs.options import DecomposeOptions
+
+    parser = build_parser()
+    decompose = parser._subparsers._group_actions[0].choices["decompose"]
+    flags = {a.dest: a for a in decompose._actions}
+    for f in fields(DecomposeOptions):
+        if f.metadata.get("cli", True):
+            assert f.name in flags, f"no flag for option {f.name}"
+            assert flags[f.name].help and len(flags[f.name].help) > 20, f.name
+    args = parser.parse_args(["decompose", "m", "-r", "8", "--lora-alpha", "32", "--niter", "2",
+                              "--target-modules", "q_proj,v_proj", "--rank-pattern", "q_proj=4",
+                              "--target-parameters", "mlp.experts.down_proj", "--quantize", "nf4",
+                              "--quant-iters", "2", "--no-measure-error", "--adapter-dtype", "bfloat16",
+                              "--devices", "cpu,cpu", "--seed", "3", "--use-rslora"])
+    from pissa_rs.options import options_from_args
+
+    assert options_from_args(args) == DecomposeOptions.from_fields(dict(
+        r=8, lora_alpha=32.0, niter=2, target_modules=["q_proj", "v_proj"], rank_pattern={"q_proj": 4},
+        target_parameters=["mlp.experts.down_proj"], quantize="nf4", quant_iters=2, measure_error=False,
+        adapter_dtype="bfloat16", devices=["cpu", "cpu"], seed=3, use_rslora=True))
+    with pytest.raises(TypeError, match="unknown option 'nitre'; did you mean 'niter'"):
+        pissa_rs.decompose_checkpoint("m", r=4, nitre=2)

@@ -45,11 +45,13 @@ def pattern_text(cast):
 
 
 def option(default: Any = None, help: str = "", *, parse=None, choices=None, flag: str | None = None,
-           short: str | None = None, group: str | None = None, cli: bool = True, factory=None):
+           short: str | None = None, group: str | None = None, cli: bool = True, factory=None,
+           off_help: str | None = None):
     """A DecomposeOptions field and the CLI flag generated from it (add_options): `help` is
-    its one description; `parse` turns the flag's text into the value."""
+    its one description; `parse` turns the flag's text into the value; `off_help` describes
+    the --no-... flag of a bool that defaults to True."""
     metadata = {"help": help, "parse": parse, "choices": choices, "flag": flag, "short": short, "group": group,
-                "cli": cli}
+                "cli": cli, "off_help": off_help}
     return field(default_factory=factory, metadata=metadata) if factory else field(default=default, metadata=metadata)
 
 
@@ -96,8 +98,10 @@ class DecomposeOptions:
     double_quant: bool = option(False, "with quantize nf4/fp4: bitsandbytes' double quantization "
                                 "(bnb_4bit_use_double_quant)")
     compare_loftq: bool = option(False, "with quantize: also measure LoftQ's error at the same rank and iterations")
-    measure_error: bool = option(True, "with quantize: the per-weight error measurement (two full SVDs per "
-                                 "weight; slow on a CPU for big models); `pissa-rs qerror` can measure it later")
+    measure_error: bool = option(True, "with quantize: measure each weight's quantization-error reduction (two full "
+                                 "SVDs per weight)", off_help="with quantize: skip the per-weight error measurement "
+                                 "(two full SVDs per weight; slow on a CPU for big models); `pissa-rs qerror` can "
+                                 "measure it later")
     save_quantized: bool = option(False, "with quantize: store the residual already quantized, in the serialized "
                                   "bitsandbytes format transformers loads directly (quantization_config in "
                                   "config.json): ~4x smaller for nf4")
@@ -231,7 +235,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         default = f.default_factory() if f.default_factory is not MISSING else f.default
         if isinstance(default, bool):
             if default:
-                target.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", help=f"without: {meta['help']}")
+                target.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", help=meta["off_help"] or f"turn off: {meta['help']}")
             else:
                 target.add_argument(*names, dest=f.name, action="store_true", help=meta["help"])
             continue
