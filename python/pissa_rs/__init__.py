@@ -25,7 +25,9 @@ from ._pissa_rs import (
 )
 from .convert import AdapterMismatchError, ConversionResult, convert_to_lora
 from .decompose import DecomposeResult, decompose_checkpoint
+from .engine.lease import LeaseLostError
 from .engine.outdir import DiskSpaceError, OutputDirError
+from .engine.ray_run import EnvironmentMismatchError, RayUnavailableError
 from .options import DecomposeOptions
 from .dry_run import DecompositionPlan, plan
 from .factors import Factors, principal_factors
@@ -72,6 +74,9 @@ __all__ = [
     "DecompositionPlan",
     "DiskSpaceError",
     "OutputDirError",
+    "LeaseLostError",
+    "EnvironmentMismatchError",
+    "RayUnavailableError",
     "Factors",
     "HubError",
     "Target",

@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="output directory (default: <name>-pissa-r<rank> beside the input); with several ranks "
                      "it must contain {r}")
     add_options(dec)
+    dec.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
+                     help="run one task per unit on an existing Ray cluster (default address: auto) whose nodes see "
+                     "the input and OUT at the same paths; same bytes as a local run (needs pip install "
+                     "'pissa-rs[ray]')")
     dec.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     dec.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     dec.add_argument("--dry-run", action="store_true",
@@ -113,7 +117,7 @@ def _decompose(args) -> int:
         plan = replace(plan_decomposition(source, options, out), input=Path(args.path))
         print(plan.describe())
         return 0 if plan.fits_on_disk else 1
-    results = run_decomposition(source, options, out=out, overwrite=args.overwrite,
+    results = run_decomposition(source, options, out=out, overwrite=args.overwrite, ray=args.ray,
                                 progress=not args.no_progress, origin=base_model_of(args.path, args.revision))
     _completed(what="the output is complete")
     for result in results if isinstance(results, list) else [results]:

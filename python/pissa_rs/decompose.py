@@ -62,9 +62,14 @@ def decompose_checkpoint(
     revision: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    ray: str | None = None,
     **options: Any,
 ) -> DecomposeResult | list[DecomposeResult]:
     """PiSSA-decompose every target weight of a safetensors checkpoint, out of core.
+
+    `ray="auto"` (or a Ray address) runs one task per unit on an existing Ray cluster whose
+    nodes see the input and `out` at the same paths (a shared filesystem): the same bytes as
+    a local run; a unit whose node dies is retried elsewhere and resumes from its journal.
 
     `options` are DecomposeOptions' fields (lora_alpha, niter, target_modules, quantize,
     ...; `pissa-rs decompose --help` lists them with their meaning); a misspelt one is a
@@ -116,7 +121,7 @@ def decompose_checkpoint(
     """
     opts = DecomposeOptions.from_fields({"r": r, **options})
     source, out = resolve_source(path, revision, Path(out) if out else None, opts.ranks)
-    return run_decomposition(source, opts, out=out, overwrite=overwrite, progress=progress,
+    return run_decomposition(source, opts, out=out, overwrite=overwrite, progress=progress, ray=ray,
                              origin=base_model_of(path, revision))
 
 
@@ -131,7 +136,7 @@ def output_dirs(path: Path, ranks: list[int], out: Path | None) -> list[Path]:
 
 
 def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None, overwrite: bool,
-                      progress: bool, origin: dict[str, str | None] | None = None
+                      progress: bool, origin: dict[str, str | None] | None = None, ray: str | None = None
                       ) -> DecomposeResult | list[DecomposeResult]:
     """Decompose once per target weight, writing one output per rank in options.ranks:
     plan, open the outputs, run every unit, commit each output.
@@ -140,7 +145,8 @@ def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None
     finished units are kept as they are, and so is every tensor of an unfinished one whose
     bytes match that unit's journal; the rest is recomputed (per-tensor seeds make the
     result byte-identical to an uninterrupted run). `origin` names the original model in
-    the report (base_model_of; default: `path`)."""
+    the report (base_model_of; default: `path`). `ray`: run the units as Ray tasks on the
+    cluster at that address ("auto": the one this machine belongs to)."""
     started = time.perf_counter()
     checkpoint = Checkpoint(path)
     inputs = input_state(checkpoint)
@@ -164,14 +170,22 @@ def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None
             states.append(state)
         job = Job(path, options, tuple(OutputSpec(o, plan, opts, state == "complete")
                                        for opts, o, plan, state in zip(per_rank, outs, plans, states)),
-                  tuple(inputs), tuple(split_units(checkpoint, plans[0], options.stored_quantization)))
+                  tuple(inputs), tuple(split_units(checkpoint, plans[0], options.stored_quantization)),
+                  torch.get_num_threads())
+        cluster = None
         if any(state != "complete" for state in states):
-            run_locally(job, checkpoint, progress)
+            if ray is not None:
+                from .engine.ray_run import run_on_ray
+
+                cluster = run_on_ray(job, ray, progress)
+            else:
+                run_locally(job, checkpoint, progress)
         checks.wait()  # nothing is committed before every check of the plan passed
         origin = origin or base_model_of(path, None)
         results = []
         for spec, state in zip(job.outputs, states):
-            report = OutputReport.read(spec.out).data if spec.complete else commit(job, spec, started, origin)
+            report = (OutputReport.read(spec.out).data if spec.complete
+                      else commit(job, spec, started, origin, cluster))
             results.append(DecomposeResult(out=spec.out, adapter=spec.out / ADAPTER_SUBDIR, report=report,
                                            status=state))
     finally:

@@ -27,8 +27,9 @@ class UnfinishedUnitsError(PissaError, RuntimeError):
     """A commit was asked for while some units had not finished."""
 
 
-def commit(job: Job, spec: OutputSpec, started: float, origin: dict[str, str | None]) -> dict[str, Any]:
-    """Finish `spec`'s output: returns its report."""
+def commit(job: Job, spec: OutputSpec, started: float, origin: dict[str, str | None],
+           cluster: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Finish `spec`'s output: returns its report (`cluster`: how a Ray run went, recorded)."""
     out = spec.out
     unfinished = [u.name for u in job.units if not is_done(out, u)]
     if unfinished:
@@ -55,6 +56,8 @@ def commit(job: Job, spec: OutputSpec, started: float, origin: dict[str, str | N
                           sum(output_bytes(checkpoint, spec.plan, spec.options)), time.perf_counter() - started,
                           origin)
     report["run"] = read_identity(out, REPORT_NAME)  # what a rerun compares itself with
+    if cluster is not None:
+        report["cluster"] = cluster
     atomic_write_text(out / REPORT_NAME, json.dumps(report, indent=1))
     shutil.rmtree(out / UNITS_DIR, ignore_errors=True)
     (out / RUN_FILE).unlink(missing_ok=True)

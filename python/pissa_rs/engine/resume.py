@@ -134,12 +134,20 @@ def read_records(path: Path) -> dict[str, dict[str, Any]]:
 def fault_point(where: str) -> None:
     """Fault injection for the crash tests: PISSA_RS_SIGNAL_AT="where:N[:SIG]" sends
     this process SIG (default KILL; INT, STOP...) the Nth time `where` is reached,
-    after printing the time to stderr. Unset, it does nothing."""
+    after printing the time to stderr. With PISSA_RS_SIGNAL_ONCE=PATH it fires only while
+    PATH does not exist, and creates it (a retried worker is not killed again). Unset, it
+    does nothing."""
     spec = os.environ.get("PISSA_RS_SIGNAL_AT", "").split(":")
     if len(spec) < 2 or spec[0] != where:
         return
     count = _fault_counts.get(where, 0) + 1
     _fault_counts[where] = count
+    once = os.environ.get("PISSA_RS_SIGNAL_ONCE")
+    if count == int(spec[1]) and once:
+        try:
+            os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
     if count == int(spec[1]):
         name = spec[2] if len(spec) > 2 else "KILL"
         print(f"pissa_rs test hook: SIG{name} at {time.time():.3f}", file=sys.stderr, flush=True)

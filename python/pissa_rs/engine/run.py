@@ -19,6 +19,7 @@ from ..tensors import SAFETENSORS_DTYPES, as_numpy_bytes
 from .compute import Computed, compute_target
 from .devices import DeviceRunner
 from .layout import Assembly, abandon, writers_like
+from .lease import Lease
 from .outdir import atomic_write_text
 from .resume import check_input_unchanged, fault_point, read_journal, read_records
 from .units import Job, OutputSpec, Unit, part_key, unit_file
@@ -114,10 +115,13 @@ def _adopt_journaled(output: UnitOutput, journal: Path) -> None:
             writers[file].adopt(tensor, crc)
 
 
-def run_unit(job: Job, unit: Unit, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+def run_unit(job: Job, unit: Unit, progress: Callable[[int], None] | None = None,
+             lease: Lease | None = None) -> dict[str, Any]:
     """Run `unit` of `job` into every output that has not finished it. Any process that sees
     the input and the output folders can run it; the driver holds the folders' locks.
-    `progress(n)`: n more bytes written. Returns a small summary."""
+    `progress(n)`: n more bytes written. `lease`: this attempt's, checked before every step
+    that creates, finalizes or marks done (see lease.py). Returns a small summary."""
+    check = lease.check if lease is not None else (lambda: None)
     started = time.perf_counter()
     checkpoint = Checkpoint(job.input)
     active = [not spec.complete and not unit_file(spec.out, unit, "done").is_file() for spec in job.outputs]
@@ -125,9 +129,10 @@ def run_unit(job: Job, unit: Unit, progress: Callable[[int], None] | None = None
         return {"unit": unit.index, "status": "done before", "seconds": 0.0}
     outputs: list[UnitOutput | None] = []
     try:
+        check()
         for spec, is_active in zip(job.outputs, active):
             outputs.append(_open(checkpoint, spec, unit) if is_active else None)
-        _run(checkpoint, job, unit, outputs, active, progress or (lambda n: None))
+        _run(checkpoint, job, unit, outputs, active, progress or (lambda n: None), check)
     finally:
         for output in outputs:
             if output is not None:
@@ -136,7 +141,7 @@ def run_unit(job: Job, unit: Unit, progress: Callable[[int], None] | None = None
 
 
 def _run(checkpoint: Checkpoint, job: Job, unit: Unit, outputs: list[UnitOutput | None], active: list[bool],
-         progress: Callable[[int], None]) -> None:
+         progress: Callable[[int], None], check: Callable[[], None]) -> None:
     """The unit's targets through torch, its pass-through tensors copied, then its files
     finalized and marked done; on any failure or Ctrl-C the temporary files and the
     journal stay for the next run to resume."""
@@ -195,8 +200,10 @@ def _run(checkpoint: Checkpoint, job: Job, unit: Unit, outputs: list[UnitOutput 
         check_input_unchanged(job.inputs)
         for o in live:
             for writer in o.writers:
+                check()
                 writer.finalize()
                 fault_point("finalize")
+            check()
             atomic_write_text(unit_file(o.spec.out, unit, "done"), json.dumps({"targets": len(unit.targets)}))
     except BaseException as err:
         if runner is not None:

@@ -50,12 +50,13 @@ class Job:
     outputs: tuple[OutputSpec, ...]
     inputs: tuple[dict[str, Any], ...]  # size and mtime of every input file when planned
     units: tuple[Unit, ...]
+    threads: int = 1  # torch's CPU threads in the driver: CPU results (and their rounding) depend on it
 
 
 def unit_file(out: Path, unit: Unit, kind: str) -> Path:
-    """A unit's own file in OUT: "journal", "records", "adapter" (its part) or "done"."""
+    """A unit's own file in OUT: "journal", "records", "adapter" (its part), "done" or "lease"."""
     suffix = {"journal": ".journal.jsonl", "records": ".records.jsonl", "adapter": ".adapter.safetensors",
-              "done": ".done"}[kind]
+              "done": ".done", "lease": ".lease"}[kind]
     return out / UNITS_DIR / f"{unit.name}{suffix}"
 
 

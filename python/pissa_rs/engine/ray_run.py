@@ -1,0 +1,146 @@
+"""Every unit of a job as one Ray task on an existing cluster whose nodes share the input
+and output folders (same paths on every node): the job put in Ray's object store once,
+the most expensive units first, small summaries back, bulk data through the filesystem."""
+
+from __future__ import annotations
+
+import platform
+import time
+from typing import Any
+
+from .._pissa_rs import PissaError
+from .lease import Lease
+from .run import run_unit
+from .units import Job, is_done
+
+RETRIES = 3  # attempts after the first, when a node or worker dies (never for a PissaError)
+
+
+class RayUnavailableError(PissaError, ImportError):
+    """ray=... was asked for and Ray is not installed."""
+
+
+class EnvironmentMismatchError(PissaError, RuntimeError):
+    """The cluster's nodes would not all write the same bytes."""
+
+
+def environment_fingerprint(job: Job) -> dict[str, Any]:
+    """What decides this node's bytes: versions, device kind and name, the CPU kernels torch
+    picks (they round differently) and, for QPiSSA, which quantizer runs."""
+    import torch
+
+    from .. import __version__
+
+    device = torch.device(job.options.device)
+    fingerprint = {"pissa_rs": __version__, "torch": torch.__version__, "device": device.type}
+    if device.type == "cuda":
+        fingerprint.update(cuda=torch.version.cuda, device_name=torch.cuda.get_device_name(device))
+    else:
+        fingerprint.update(cpu_kernels=torch.backends.cpu.get_cpu_capability(), machine=platform.machine())
+    quant = job.options.quantization
+    if quant is not None:  # this node's own check (bitsandbytes agrees with the reference, or not)
+        fingerprint["quantizer"] = quant.choice(device.type).backend
+    return fingerprint
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise RayUnavailableError(
+            "ray=... (--ray) runs the decomposition on a Ray cluster, and Ray is not installed: "
+            "pip install 'pissa-rs[ray]'") from None
+    return ray
+
+
+def _difference(a: dict, b: dict) -> str:
+    return ", ".join(f"{k} {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+
+
+def _fingerprint_task(job: Job) -> tuple[str, dict]:
+    import ray
+
+    return ray.get_runtime_context().get_node_id(), environment_fingerprint(job)
+
+
+def _unit_task(job: Job, index: int, expected: dict) -> dict[str, Any]:
+    """One attempt at unit `index`, on whichever node Ray chose."""
+    import ray
+
+    import torch
+
+    if job.options.torch_devices[0].type == "cpu":
+        torch.set_num_threads(job.threads)  # as the driver's process would compute: the same rounding
+    node = ray.get_runtime_context().get_node_id()
+    found = environment_fingerprint(job)
+    if found != expected:
+        raise EnvironmentMismatchError(f"node {node} would write other bytes than the cluster's other nodes "
+                                       f"({_difference(found, expected)}); refused before writing")
+    unit = job.units[index]
+    summary = run_unit(job, unit, lease=Lease.take(job, unit))
+    return {**summary, "node": node, "bytes": unit.nbytes}
+
+
+def run_on_ray(job: Job, address: str, progress: bool) -> dict[str, Any]:
+    """Run every unit of `job` not yet done as a Ray task; returns what the report records
+    of the run (the nodes' fingerprint, units per node). A PissaError in a task (bad input,
+    a wrong option) stops the run at once with its message; a node that dies has its unit
+    retried elsewhere, resuming from the unit's journal."""
+    ray = _import_ray()
+    from tqdm.auto import tqdm
+
+    if not ray.is_initialized():
+        ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+    gpu = job.options.torch_devices[0].type == "cuda"
+    resources = {"num_gpus": 1} if gpu else {"num_cpus": 1}
+    fingerprints = _node_fingerprints(ray, job, resources)
+    expected = next(iter(fingerprints.values()))
+    job_ref = ray.put(job)
+    task = ray.remote(_unit_task).options(max_retries=RETRIES, retry_exceptions=False, **resources)
+    todo = sorted((u for u in job.units if not all(is_done(s.out, u) for s in job.outputs if not s.complete)),
+                  key=lambda u: -u.nbytes)
+    pending = {task.remote(job_ref, u.index, expected): u for u in todo}
+    per_node: dict[str, int] = {}
+    started = time.perf_counter()
+    with tqdm(total=sum(u.nbytes for u in todo), unit="B", unit_scale=True, unit_divisor=1024, desc="pissa (ray)",
+              disable=not progress) as bar:
+        try:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                unit = pending.pop(ready[0])
+                summary = ray.get(ready[0])
+                per_node[summary["node"]] = per_node.get(summary["node"], 0) + 1
+                bar.update(unit.nbytes)
+                bar.set_postfix_str(f"{len(todo) - len(pending)}/{len(todo)} units", refresh=False)
+        except BaseException as err:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            cause = getattr(err, "cause", None)
+            if isinstance(cause, PissaError):
+                raise cause from None  # the task's own error, as a local run would raise it
+            raise
+    return {"address": address, "fingerprint": expected, "nodes": sorted(fingerprints), "units_per_node": per_node,
+            "seconds": time.perf_counter() - started}
+
+
+def _node_fingerprints(ray, job: Job, resources: dict) -> dict[str, dict]:
+    """Every alive node that can run a unit, and its fingerprint; refused, naming the
+    nodes, when two differ."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive") and
+             n.get("Resources", {}).get("GPU" if "num_gpus" in resources else "CPU", 0) >= 1]
+    if not nodes:
+        raise EnvironmentMismatchError("the Ray cluster has no alive node with a "
+                                       f"{'GPU' if 'num_gpus' in resources else 'CPU'} to run units on")
+    probe = ray.remote(_fingerprint_task)
+    refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False),
+                          **resources).remote(job) for n in nodes]
+    found = dict(ray.get(refs))
+    first_node, first = next(iter(found.items()))
+    for node, fingerprint in found.items():
+        if fingerprint != first:
+            raise EnvironmentMismatchError(
+                f"nodes {first_node} and {node} would write other bytes ({_difference(first, fingerprint)}); "
+                "give every node the same pissa_rs, torch, CUDA and device kind, or run on a uniform subset")
+    return found

@@ -1,0 +1,249 @@
+"""One decomposition spread over a Ray cluster (one task per unit): the bytes of a local
+run, whatever dies (the report's measured numbers within float32 summation: a worker's BLAS
+splits ||W||_F^2 its own way). The cluster is Ray's own `cluster_utils.Cluster`: a head with no CPUs
+and two 1-CPU nodes, separate raylets on this machine."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from helpers import digest, same_output, save_spread, text
+from low_precision import save_fp8_block
+from make_tiny_model import save_tiny_model
+
+import pissa_rs
+
+ray = pytest.importorskip("ray")
+from ray.cluster_utils import Cluster  # noqa: E402
+
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    c = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 2,
+                                          "health_check_initial_delay_ms": 0}})
+    nodes = [c.add_node(num_cpus=1) for _ in range(2)]
+    c.wait_for_nodes()
+    c.workers = nodes
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("ray") / "llama", "llama", layers=2, shard_size="150KB")
+
+
+def gpt_oss(path):
+    torch.manual_seed(0)
+    save_spread(transformers.GptOssForCausalLM(transformers.GptOssConfig(**text(
+        num_local_experts=4, num_experts_per_tok=2, head_dim=16,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}))), path, max_shard_size="100KB")
+    return path
+
+
+def fp8(path):
+    torch.manual_seed(0)
+    save_fp8_block(transformers.LlamaForCausalLM(transformers.LlamaConfig(**text())), path)
+    return path
+
+
+CASES = {
+    "dense": (None, dict(r=4)),
+    "several-ranks": (None, dict(r=[2, 4])),
+    "qpissa-saved": (None, dict(r=4, quantize="nf4", quant_iters=2, save_quantized=True, measure_error=False)),
+    "moe-fused": (gpt_oss, dict(r=4, target_parameters=EXPERTS)),
+    "fp8": (fp8, dict(r=4, measure_error=False)),
+}
+
+
+def outputs(res):
+    return [r.out for r in res] if isinstance(res, list) else [res.out]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_ray_run_writes_the_bytes_of_a_local_run(cluster, llama, tmp_path, case):
+    make, options = CASES[case]
+    src = make(tmp_path / "src") if make else llama
+    out = "r{r}" if isinstance(options["r"], list) else "o"
+    local = pissa_rs.decompose_checkpoint(src, out=tmp_path / "local" / out, progress=False, **options)
+    remote = pissa_rs.decompose_checkpoint(src, out=tmp_path / "ray" / out, progress=False, ray=cluster.address,
+                                           **options)
+    for mine, theirs in zip(outputs(remote), outputs(local)):
+        same_output(mine, theirs, report_rtol=1e-6)
+    report = (remote[0] if isinstance(remote, list) else remote).report
+    assert report["cluster"]["fingerprint"]["device"] == "cpu"
+    assert len(report["cluster"]["nodes"]) == 2
+    assert sum(report["cluster"]["units_per_node"].values()) == len(list(Path(src).glob("*.safetensors")))
+
+
+def test_a_worker_killed_mid_unit_is_retried_and_adopts_what_its_journal_holds(cluster, llama, tmp_path):
+    """The fault hook kills the worker at its 2nd target (SIGKILL); Ray retries the unit
+    on a worker, which adopts the journaled tensors and finishes: the same bytes."""
+    reference = pissa_rs.decompose_checkpoint(llama, r=4, out=tmp_path / "ref", progress=False)
+    once = tmp_path / "fired"
+    ray.shutdown()
+    ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False, runtime_env={
+        "env_vars": {"PISSA_RS_SIGNAL_AT": "target:2", "PISSA_RS_SIGNAL_ONCE": str(once)}})
+    try:
+        res = pissa_rs.decompose_checkpoint(llama, r=4, out=tmp_path / "o", progress=False, ray=cluster.address)
+    finally:
+        ray.shutdown()
+    assert once.exists(), "the fault hook did not fire: the test tested nothing"
+    same_output(res.out, reference.out, report_rtol=1e-6)
+
+
+def test_a_node_lost_mid_unit_is_replaced_and_its_zombie_cannot_write(cluster, llama, tmp_path):
+    """A worker frozen mid-unit (SIGSTOP, as a partitioned node), its node removed: the unit
+    is retried on the other node and the output is the local run's. Then the frozen
+    attempt wakes up: its lease is gone, it stops, and the output stays as it was."""
+    reference = pissa_rs.decompose_checkpoint(llama, r=4, out=tmp_path / "ref", progress=False)
+    spare = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    once = tmp_path / "fired"
+    ray.shutdown()
+    ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False, runtime_env={
+        "env_vars": {"PISSA_RS_SIGNAL_AT": "target:2:STOP", "PISSA_RS_SIGNAL_ONCE": str(once)}})
+    result, frozen = {}, None
+    raylets = {_raylet_of(n): n for n in [*cluster.workers, spare]}
+    run = threading.Thread(target=lambda: result.update(res=pissa_rs.decompose_checkpoint(
+        llama, r=4, out=tmp_path / "o", progress=False, ray=cluster.address)))
+    try:
+        run.start()
+        deadline = time.time() + 120
+        while frozen is None:
+            assert time.time() < deadline, "no worker stopped"
+            frozen = next((pid for pid in _pids() if _state(pid) == "T" and _parent(pid) in raylets), None)
+            time.sleep(0.2)
+        removed = raylets[_parent(frozen)]
+        cluster.remove_node(removed, allow_graceful=False)
+        cluster.workers = [n for n in raylets.values() if n is not removed]  # two nodes again
+        run.join(timeout=180)
+        assert not run.is_alive() and "res" in result, "the run did not finish after the node was removed"
+        same_output(result["res"].out, reference.out, report_rtol=1e-6)
+        before = digest(result["res"].out)
+        try:
+            os.kill(frozen, signal.SIGCONT)  # the zombie attempt wakes up, if its node's end did not take it
+        except ProcessLookupError:
+            pass
+        else:
+            time.sleep(3)
+            assert digest(result["res"].out) == before
+    finally:
+        if frozen is not None:
+            try:
+                os.kill(frozen, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        ray.shutdown()
+
+
+def test_a_bad_input_fails_once_and_fast_with_its_own_error(cluster, llama, tmp_path, monkeypatch):
+    """A PissaError in a task (here: the input changed since it was planned) is not retried:
+    the run stops with that error."""
+    import pissa_rs.engine.ray_run as ray_run
+
+    real = ray_run.run_on_ray
+
+    def with_changed_input(job, address, progress):
+        from dataclasses import replace
+
+        changed = tuple({**e, "mtime_ns": e["mtime_ns"] - 10**9} for e in job.inputs)
+        return real(replace(job, inputs=changed), address, progress)
+
+    monkeypatch.setattr(ray_run, "run_on_ray", with_changed_input)
+    started = time.time()
+    with pytest.raises(pissa_rs.InputChangedError, match="input file changed during the run"):
+        pissa_rs.decompose_checkpoint(llama, r=4, out=tmp_path / "o", progress=False, ray=cluster.address)
+    assert time.time() - started < 60
+    assert not list((tmp_path / "o").glob(".pissa_units/*.done"))
+
+
+def test_a_node_that_would_write_other_bytes_is_refused_by_name(cluster, llama, tmp_path):
+    os.environ["ATEN_CPU_CAPABILITY"] = "default"  # this node's torch picks other CPU kernels
+    try:
+        odd = cluster.add_node(num_cpus=1)
+    finally:
+        del os.environ["ATEN_CPU_CAPABILITY"]
+    cluster.wait_for_nodes()
+    try:
+        with pytest.raises(pissa_rs.EnvironmentMismatchError, match="cpu_kernels"):
+            pissa_rs.decompose_checkpoint(llama, r=4, out=tmp_path / "o", progress=False, ray=cluster.address)
+        assert not list((tmp_path / "o").glob("model-0*"))
+    finally:
+        ray.shutdown()
+        cluster.remove_node(odd)
+
+
+def test_a_killed_driver_is_resumed_by_rerunning_and_finished_units_are_untouched(cluster, llama, tmp_path):
+    reference = pissa_rs.decompose_checkpoint(llama, r=4, out=tmp_path / "ref", progress=False)
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "pissa_rs.cli", "decompose", str(llama), "-r", "4", "-o", str(out),
+           "--no-progress", "--ray", cluster.address]
+    env = {**os.environ, "PISSA_RS_SIGNAL_AT": "target:3:STOP", "PISSA_RS_SIGNAL_ONCE": str(tmp_path / "fired")}
+    driver = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while not list(out.glob(".pissa_units/*.done")):
+            assert time.time() < deadline and driver.poll() is None
+            time.sleep(0.1)
+        driver.kill()
+        driver.wait()
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    raylets = {_raylet_of(n) for n in cluster.workers}
+    for pid in _pids():  # the stopped worker of the killed driver's job
+        if _state(pid) == "T" and _parent(pid) in raylets:
+            os.kill(pid, signal.SIGKILL)
+    done = sorted(out.glob(".pissa_units/*.done"))
+    finished = {p.name: p.stat().st_mtime_ns for p in out.glob("model-0*")}
+    assert done and not (out / "pissa_report.json").exists()
+    rerun = subprocess.run(cmd[:-2] + ["--ray", cluster.address], capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    same_output(out, reference.out, report_rtol=1e-6)
+    assert {name: (out / name).stat().st_mtime_ns for name in finished} == finished
+
+
+def test_without_ray_installed_the_error_says_how_to_get_it(llama, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(pissa_rs.RayUnavailableError, match=r"pip install 'pissa-rs\[ray\]'"):
+        pissa_rs.decompose_checkpoint(llama, r=4, out=tmp_path / "o", progress=False, ray="auto")
+
+
+# -- processes on this machine ------------------------------------------------------
+
+def _pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit() and p != str(os.getpid())]
+
+
+def _state(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return None
+
+
+def _raylet_of(node) -> int:
+    return node.all_processes["raylet"][0].process.pid
