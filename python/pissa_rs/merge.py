@@ -52,24 +52,24 @@ def merge_adapter(residual_dir: str | os.PathLike[str], adapter_dir: str | os.Pa
 
     out.mkdir(parents=True, exist_ok=True)
     writers = writers_like(residual, out, stored_as=dense_as)
-    merged = {job.tensor for job in jobs if job.read is None}
-    merged |= {p.tensor for job in jobs if job.read is not None for p in job.read.written}
+    merged = {job.tensor for job in jobs if job.location is None}
+    merged |= {p.tensor for job in jobs if job.location is not None for p in job.location.written}
     pipeline = Pipeline(residual, [(i.name, writers[i.file], i.name) for i in residual.tensors
                                    if i.name not in merged and i.name not in dense_as])
     # A tensor holding several experts is written once all of them are merged into it.
-    partial = Counter(p.tensor for job in jobs if job.read is not None for p in job.read.written
+    partial = Counter(p.tensor for job in jobs if job.location is not None for p in job.location.written
                       if (p.start, p.end) != (0, residual.info(p.tensor).nbytes))
     assembling = {name: Assembly(torch.empty(residual.info(name).nbytes, dtype=torch.uint8), parts)
                   for name, parts in partial.items()}
     try:
         for job in jobs:
-            if job.read is not None:  # an expert (or an FP8 / MXFP4 source's): merged where its residual is
+            if job.location is not None:  # an expert (or an FP8 / MXFP4 source's): merged where its residual is
                 w = job.weight(residual, residual=True)
                 merged_w, _ = round_difference(w.float(), -job.delta(adapter), w.dtype)
                 flat, offset = merged_w.reshape(-1).view(torch.uint8), 0
-                if job.read.decode is not None and job.read.out_pieces is None:  # kept in the source's FP8
-                    flat = job.read.decode.encode(merged_w)
-                for piece in job.read.written:
+                if job.location.decode is not None and job.location.out_pieces is None:  # kept in the source's FP8
+                    flat = job.location.decode.encode(merged_w)
+                for piece in job.location.written:
                     data = flat[offset: offset + piece.end - piece.start]
                     offset += piece.end - piece.start
                     slot = assembling.get(piece.tensor)

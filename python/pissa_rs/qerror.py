@@ -45,9 +45,9 @@ def measure_quantization_error(out: str | os.PathLike[str], against: str | os.Pa
     adapter = Checkpoint(adapter_dir / ADAPTER_WEIGHTS)
     rows = []
     # Experts and routers stay unquantized when transformers loads with bitsandbytes: nothing to measure.
-    targets = [t for t in adapter_targets(adapter_dir, adapter, residual, out) if t.quantized]
+    targets = [t for t in adapter_targets(adapter_dir, adapter, residual, out) if t.quantized_at_load]
     for target in tqdm(targets, desc="qerror", unit="weight", disable=not progress):
-        if target.read is not None:  # stored in FP8: W is the dequantized source weight
+        if target.location is not None:  # stored in FP8: W is the dequantized source weight
             w, w_res = target.weight(original).to(device), target.weight(residual, residual=True).to(device)
         else:
             w = as_torch(original.buffer(target.tensor)).to(device)
@@ -60,7 +60,7 @@ def measure_quantization_error(out: str | os.PathLike[str], against: str | os.Pa
                                           residual_is_dequantized=target.tensor in stored)
         rows.append({"tensor": target.tensor, "quant_error": measured.error, "qlora_error": measured.qlora_error,
                      "error_reduction": measured.reduction})
-        if target.read is None:
+        if target.location is None:
             original.release(target.tensor)
             residual.release(target.tensor)
     return {

@@ -75,19 +75,19 @@ def verify(out: str | os.PathLike[str], against: str | os.PathLike[str], revisio
     except AdapterMismatchError as err:
         report.problems.append(str(err))
         return report
-    targets = {t.tensor: t for t in all_targets if t.read is None}
+    targets = {t.tensor: t for t in all_targets if t.location is None}
     # Experts, and weights stored in FP8 / MXFP4 (W: the dequantized source weight): each is
     # checked on its own matrix, wherever its bytes are; the tensors holding those bytes are
     # then fully checked (a layer's experts cover them; codes and scales make one weight).
     in_pieces: set[str] = set()
-    for target in (t for t in all_targets if t.read is not None):
+    for target in (t for t in all_targets if t.location is not None):
         problem = _reconstruction_problem(target.tensor, target, target.weight(original),
                                           target.weight(residual, residual=True), adapter,
-                                          quant if target.quantized else None, requantized=target.read)
+                                          quant if target.quantized_at_load else None, requantized=target.location)
         if problem:
             report.problems.append(f"{problem} from {against}")
         report.checked_targets += 1
-        in_pieces.update(p.tensor for p in target.read.pieces)
+        in_pieces.update(p.tensor for p in target.location.pieces)
 
     for info in original.tensors:
         name = info.name
@@ -106,7 +106,7 @@ def verify(out: str | os.PathLike[str], against: str | os.PathLike[str], revisio
         else:
             problem = _reconstruction_problem(name, target, as_torch(original.buffer(name)),
                                               read_weight(residual, name, quant, stored), adapter,
-                                              quant if target.quantized else None)
+                                              quant if target.quantized_at_load else None)
             if problem:
                 report.problems.append(f"{problem} from {against}")
             report.checked_targets += 1

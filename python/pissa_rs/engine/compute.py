@@ -44,7 +44,7 @@ def compute_target(index: int, weight: torch.Tensor, outputs: tuple[OutputSpec, 
     adapter_dtype, fan_in_fan_out = ADAPTER_DTYPES[first.adapter_dtype], targets[0].fan_in_fan_out
     # Parameters PEFT wraps (experts, routers) stay unquantized when transformers loads
     # with bitsandbytes: plain PiSSA for them, whatever the quantization.
-    quant = first.quantization if targets[0].quantized else None
+    quant = first.quantization if targets[0].quantized_at_load else None
     stored = next((w for w in outputs[0].plan.stored_quantized if w.tensor == targets[0].tensor), None)
     if quant is None:
         all_factors = factors_at_ranks(weight, ranks, niter=first.niter, seed=seed, adapter_dtype=adapter_dtype,
@@ -77,17 +77,17 @@ def compute_target(index: int, weight: torch.Tensor, outputs: tuple[OutputSpec, 
             **measured,
         }
         pieces = []
-        if target.read is not None:  # its bytes go where the read says, piece by piece
-            if target.read.decode is not None and first.keep_source_format:
+        if target.location is not None:  # its bytes go where the read says, piece by piece
+            if target.location.decode is not None and first.keep_source_format:
                 # back in the source's FP8, re-quantized; what re-quantizing costs, measured
-                flat = target.read.decode.encode(factors.residual)
+                flat = target.location.decode.encode(factors.residual)
                 if first.measure_error:
-                    record.update(_requant_metrics(weight, target.read.decode(flat), factors, scale,
+                    record.update(_requant_metrics(weight, target.location.decode(flat), factors, scale,
                                                    target.fan_in_fan_out))
             else:
                 flat = factors.residual.reshape(-1).view(torch.uint8)
             flat, offset, parts = to_host(flat), 0, []
-            for piece in target.read.written:
+            for piece in target.location.written:
                 pieces.append((piece, flat[offset: offset + piece.end - piece.start]))
                 offset += piece.end - piece.start
         elif first.save_quantized and stored is not None:

@@ -163,7 +163,7 @@ def _run(checkpoint: Checkpoint, job: Job, unit: Unit, outputs: list[UnitOutput 
         progress(pipeline.bytes_written - reported[0])
         reported[0] = pipeline.bytes_written
 
-    work = [(i, targets[i].tensor if targets[i].read is None else targets[i].read) for i in unit.targets
+    work = [(i, targets[i].tensor if targets[i].location is None else targets[i].location) for i in unit.targets
             if any(_needs_target(o, i, checkpoint) for o in live)]
     for o in live:
         _start_assemblies(o, {i for i, _ in work})
@@ -218,8 +218,8 @@ def _needs_target(output: UnitOutput, index: int, checkpoint: Checkpoint) -> boo
     """Whether any part of target `index` is still to be written into `output`
     (or its report record was lost)."""
     t = output.spec.plan.targets[index]
-    if t.read is not None:  # an expert, or a weight stored in FP8 / MXFP4: its residual's own tensors
-        needed = any(output.needs(output.out_tensor(p.tensor)[0], p.tensor) for p in t.read.written)
+    if t.location is not None:  # an expert, or a weight stored in FP8 / MXFP4: its residual's own tensors
+        needed = any(output.needs(output.out_tensor(p.tensor)[0], p.tensor) for p in t.location.written)
     else:
         parts = output.spec.plan.stored_parts(output.spec.options.stored_quantization).get(
             t.tensor, [(t.tensor, None, None)])
@@ -237,7 +237,7 @@ def _start_assemblies(output: UnitOutput, computed: set[int]) -> None:
         t = output.spec.plan.targets[i]
         if i not in computed:
             continue
-        for piece in t.read.written if t.read is not None else ():
+        for piece in t.location.written if t.location is not None else ():
             writer, size = output.out_tensor(piece.tensor)
             if (piece.start, piece.end) != (0, size) and output.needs(writer, piece.tensor):
                 slot = output.assembling.setdefault((writer.path, piece.tensor),

@@ -87,7 +87,7 @@ def split_units(checkpoint: Checkpoint, plan: Plan, quant: Quantization | None) 
         file_of.update((name, file_of[tensor]) for name, *_ in parts)
     written = []
     for t in plan.targets:
-        names = [p.tensor for p in t.read.written] if t.read is not None else [t.tensor]
+        names = [p.tensor for p in t.location.written] if t.location is not None else [t.tensor]
         found = sorted({file_of[n] for n in names})
         for other in found[1:]:
             group[find(other)] = find(found[0])

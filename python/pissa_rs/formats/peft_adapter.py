@@ -74,10 +74,10 @@ class AdapterTarget:
     fan_in_fan_out: bool
     # An expert, or a weight stored in FP8 / MXFP4: where its bytes are in the original
     # (`pieces`) and in the residual (`written`), and which of the layer's experts it is
-    read: WeightRead | None = None
+    location: WeightRead | None = None  # where its bytes are, if not the whole of `tensor`
     expert: int | None = None
     num_experts: int = 1
-    quantized: bool = True  # whether bitsandbytes quantizes it at load (experts and routers: no)
+    quantized_at_load: bool = True  # whether bitsandbytes quantizes it at load (experts and routers: no)
 
     def _factors(self, adapter: Checkpoint):
         """(s * B, A) in float32; for an expert, its own rows of A and columns of B."""
@@ -108,9 +108,9 @@ class AdapterTarget:
         stored in FP8 / MXFP4) or, with `residual`, from a decomposition's output."""
         from ..tensors import as_torch
 
-        if self.read is None:
+        if self.location is None:
             return as_torch(checkpoint.buffer(self.tensor))
-        return self.read.read(checkpoint, residual=residual)
+        return self.location.read(checkpoint, residual=residual)
 
 
 def adapter_targets(adapter_dir: Path, adapter: Checkpoint, residual: Checkpoint, residual_dir: Path | str
@@ -160,7 +160,7 @@ def adapter_targets(adapter_dir: Path, adapter: Checkpoint, residual: Checkpoint
                 f"{adapter_dir}: module '{module}' ({tensor}): adapter rank {a_shape[0]} but adapter_config says r={r}"
             )
         targets.append(AdapterTarget(tensor, module, a_key, b_key, r, scale, fan_in_fan_out, reads.get(name),
-                                     quantized=name not in params))
+                                     quantized_at_load=name not in params))
     return targets
 
 
@@ -186,7 +186,7 @@ def _expert_targets(adapter_dir, config, adapter, residual, residual_dir, module
                 raise AdapterMismatchError(f"{adapter_dir}: module '{module}': expert {t['expert']} is in tensor "
                                            f"'{p.tensor}', which {residual_dir} lacks")
         found.append(AdapterTarget(t["tensor"], module, a_key, b_key, r, scale, t["fan_in_fan_out"],
-                                   read, t["expert"], experts, quantized=False))
+                                   read, t["expert"], experts, quantized_at_load=False))
     if [t.expert for t in found] != list(range(experts)):
         raise AdapterMismatchError(f"{residual_dir}: the report lists experts {[t.expert for t in found]} of "
                                    f"'{module}', not all {experts}")

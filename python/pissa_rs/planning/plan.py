@@ -95,12 +95,12 @@ def make_plan(path: Path, options: list[dict], outs: list[Path], deferred: list 
             deferred.append(check) if deferred is not None else check()
         targets = found.targets
         if opts.get("keep_source_format"):  # the residual goes back to the codes and scales it came from
-            encoded = [t for t in targets if t.read is not None and t.read.decode is not None]
+            encoded = [t for t in targets if t.location is not None and t.location.decode is not None]
             if not fmt.can_keep or not encoded or any(
-                    t.read.decode.kind != "fp8" for t in encoded):
+                    t.location.decode.kind != "fp8" for t in encoded):
                 raise TargetError(f"{path}: keep_source_format stores residuals in the source's FP8 format; this "
                                   f"checkpoint's targets are {fmt.describe()}")
-            targets = [replace(t, read=replace(t.read, out_pieces=None)) if t in encoded else t for t in targets]
+            targets = [replace(t, location=replace(t.location, out_pieces=None)) if t in encoded else t for t in targets]
             found = replace(found, targets=targets)
         source_as = {} if opts.get("keep_source_format") else source_layout(checkpoint, found.targets)
         if source_as and stored:
@@ -246,7 +246,7 @@ def source_layout(checkpoint: Checkpoint, targets) -> dict[str, list[tuple[str, 
     name ([E, d1, d2], as transformers saves it in bf16); scales: nothing."""
     layout: dict[str, list[tuple[str, str, list[int]]]] = {}
     for t in targets:
-        read = t.read
+        read = t.location
         if read is None or read.decode is None:
             continue
         outs = {p.tensor for p in read.written}
@@ -276,6 +276,6 @@ def remaining_quantization(checkpoint: Checkpoint, fmt: SourceFormat, source_as:
     key = fmt.codec.unquantized_key
     # the modules holding the decomposed weights (an expert's: the module of its parameter)
     modules = sorted({t.parameter.rsplit(".", 1)[0] if t.parameter else t.module
-                      for t in targets if t.read is not None and t.read.decode is not None})
+                      for t in targets if t.location is not None and t.location.decode is not None})
     config[key] = sorted(set(config.get(key) or []) | set(modules))
     return config

@@ -38,15 +38,15 @@ class Target:
     fan_in_fan_out: bool  # stored in x out (GPT-2 Conv1D; GPT-OSS's experts)
     r: int
     lora_alpha: float
-    read: WeightRead | None = None  # where its bytes are, if not the whole of `tensor`
+    location: WeightRead | None = None  # where its bytes are, if not the whole of `tensor`
     parameter: str | None = None  # the parameter a ParamWrapper adapts (None: a module's weight)
     expert: int | None = None  # its index among the parameter's experts
     num_experts: int = 1
-    quantized: bool = True  # whether transformers' bitsandbytes loading quantizes it (QPiSSA applies)
+    quantized_at_load: bool = True  # whether transformers' bitsandbytes loading quantizes it (QPiSSA applies)
 
     def weight_read(self, checkpoint: Checkpoint) -> WeightRead:
-        if self.read is not None:
-            return self.read
+        if self.location is not None:
+            return self.location
         info = checkpoint.info(self.tensor)
         return WeightRead((Piece(self.tensor, 0, info.nbytes),), info.dtype, self.shape)
 
@@ -56,13 +56,13 @@ class Target:
         record = {}
         if self.parameter is not None:
             record.update(parameter=self.parameter, expert=self.expert, num_experts=self.num_experts)
-        if self.read is not None:
-            record.update(self.read.as_record())
+        if self.location is not None:
+            record.update(self.location.as_record())
         return record
 
 
 @dataclass(frozen=True)
-class TargetPlan:
+class TargetSelection:
     targets: list[Target]
     task_type: str | None  # "CAUSAL_LM" when the model is a causal LM
     architecture: str | None
@@ -215,7 +215,7 @@ def _parameter_targets(checkpoint, model, mapping, converted, *, r, lora_alpha, 
             whole = not is_expert and read.decode is None and read.pieces[0].start == 0 and len(read.pieces) == 1
             targets.append(Target(module, tensor, read.shape, read.dtype, transposed, rank, alpha,
                                   None if whole else read, param, e if is_expert else None, experts,
-                                  quantized=False))
+                                  quantized_at_load=False))
     # As adapter_config.json lists them: PEFT's own names where they pick exactly these, else every name.
     listed = sorted(converted.target_parameters or [])
     if set(_matching_parameters(model, listed)) != set(usable):
@@ -236,7 +236,7 @@ def resolve_targets(
     config_dir: str | Path | None = None,
     target_parameters: list[str] | None = None,
     exclude_parameters: list[str] | None = None,
-) -> TargetPlan:
+) -> TargetSelection:
     """The weights to decompose, each with its rank and alpha, as PEFT would pick them
     on the model config.json names; what PEFT would pick but cannot be decomposed here
     (or is not in the checkpoint) is listed in `left_out`, never dropped in silence."""
@@ -352,7 +352,7 @@ def resolve_targets(
     if refused and (len(rank_limited) == len(targets) or any(t.r < 1 for t in targets)):
         raise TargetError(f"{refused}; no target can take that rank")  # a mistake, not a few small weights
     rank_limited += sorted(clamps)
-    return TargetPlan(targets + param_targets, task_type, architecture, left_out, rank_limited, other_modules,
+    return TargetSelection(targets + param_targets, task_type, architecture, left_out, rank_limited, other_modules,
                       listed_parameters, *patterns)
 
 
