@@ -91,19 +91,37 @@ def test_a_ray_run_writes_the_bytes_of_a_local_run(cluster, llama, tmp_path, cas
     assert sum(report["cluster"]["units_per_node"].values()) == len(list(Path(src).glob("*.safetensors")))
 
 
-def test_a_worker_killed_mid_unit_is_retried_and_adopts_what_its_journal_holds(cluster, llama, tmp_path):
-    """The fault hook kills the worker at its 2nd target (SIGKILL); Ray retries the unit
-    on a worker, which adopts the journaled tensors and finishes: the same bytes."""
+@pytest.mark.parametrize("sig", ["KILL", "BUS"])
+def test_a_worker_killed_mid_unit_is_retried_and_adopts_what_its_journal_holds(cluster, llama, tmp_path, sig):
+    """The fault hook kills the worker at its 2nd target (SIGKILL; SIGBUS, what a soft NFS
+    mount's failed read does to a mapping); Ray retries the unit on a worker, which adopts
+    the journaled tensors and finishes: the same bytes."""
     reference = pissa_rs.decompose_checkpoint(llama, r=4, out=tmp_path / "ref", progress=False)
     once = tmp_path / "fired"
     ray.shutdown()
     ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False, runtime_env={
-        "env_vars": {"PISSA_RS_SIGNAL_AT": "target:2", "PISSA_RS_SIGNAL_ONCE": str(once)}})
+        "env_vars": {"PISSA_RS_SIGNAL_AT": f"target:2:{sig}", "PISSA_RS_SIGNAL_ONCE": str(once)}})
     try:
         res = pissa_rs.decompose_checkpoint(llama, r=4, out=tmp_path / "o", progress=False, ray=cluster.address)
     finally:
         ray.shutdown()
     assert once.exists(), "the fault hook did not fire: the test tested nothing"
+    same_output(res.out, reference.out, report_rtol=1e-6)
+
+
+def test_nodes_that_mount_the_folders_elsewhere_say_so_and_write_the_same_bytes(cluster, llama, tmp_path):
+    """PISSA_RS_PATH_MAP on the nodes: the driver's paths rewritten as the nodes mount them
+    (here another path to the same folders, through a symlink)."""
+    reference = pissa_rs.decompose_checkpoint(llama, r=4, out=tmp_path / "ref", progress=False)
+    (tmp_path / "mnt").symlink_to(tmp_path)
+    (tmp_path / "in").symlink_to(llama.parent)
+    ray.shutdown()
+    ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False, runtime_env={"env_vars": {
+        "PISSA_RS_PATH_MAP": f"{tmp_path / 'o'}={tmp_path / 'mnt' / 'o'};{llama.parent}={tmp_path / 'in'}"}})
+    try:
+        res = pissa_rs.decompose_checkpoint(llama, r=4, out=tmp_path / "o", progress=False, ray=cluster.address)
+    finally:
+        ray.shutdown()
     same_output(res.out, reference.out, report_rtol=1e-6)
 
 

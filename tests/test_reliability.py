@@ -129,12 +129,43 @@ def _state(pid: int) -> str:
 def test_lock_is_checked_in_process_too(model, tmp_path):
     out = tmp_path / "o"
     out.mkdir()
-    fd = lock_output(out)
+    lock = lock_output(out)
     try:
         with pytest.raises(pissa_rs.OutputLockedError, match="another pissa_rs run"):
             pissa_rs.decompose_checkpoint(model, r=4, out=out, progress=False)
     finally:
-        os.close(fd)
+        lock.release()
+
+
+def test_without_flock_a_lock_file_holds_the_same_guarantee(model, reference, tmp_path, monkeypatch):
+    """Lustre without -o flock refuses flock (ENOLCK): OUT/.pissa_lock, created exclusively,
+    names its holder; a second run is refused; a holder on this host that died is taken over;
+    a finished run leaves no lock file."""
+    import errno
+    import fcntl
+
+    import pissa_rs.engine.resume as resume
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(resume.fcntl, "flock", no_flock)
+    out = tmp_path / "o"
+    out.mkdir()
+    lock = lock_output(out)
+    try:
+        assert (out / ".pissa_lock").read_text().split() == [__import__("socket").gethostname(), str(os.getpid())]
+        with pytest.raises(pissa_rs.OutputLockedError, match=f"process {os.getpid()} .* no flock"):
+            pissa_rs.decompose_checkpoint(model, r=4, out=out, progress=False)
+    finally:
+        lock.release()
+    assert not (out / ".pissa_lock").exists()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / ".pissa_lock").write_text(f"{__import__('socket').gethostname()} {dead.stdout.strip()}")  # died holding it
+    res = pissa_rs.decompose_checkpoint(model, r=4, out=out, progress=False)
+    assert res.status == "fresh" and not (out / ".pissa_lock").exists()
+    same_output(out, reference)
+    assert fcntl.flock is no_flock
 
 
 def test_an_out_of_another_input_is_refused_never_mixed(model, tmp_path):

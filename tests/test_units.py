@@ -56,3 +56,54 @@ def test_a_replaced_attempt_stops_before_it_finalizes_or_marks_done(llama, tmp_p
     run_unit(job, unit, lease=replacement)
     assert is_done(tmp_path / "o", unit) and all((tmp_path / "o" / f).exists() for f in unit.files)
     assert unit_file(tmp_path / "o", unit, "lease").read_text() == replacement.attempt
+
+
+def test_a_journal_written_under_another_mount_point_is_adopted(llama, tmp_path, monkeypatch):
+    """A unit interrupted on a node that mounts the output elsewhere: its journal names
+    other absolute paths, and the next attempt still adopts what it proves written."""
+    import json
+
+    import pissa_rs.engine.compute as compute
+
+    job = job_for(llama, tmp_path / "o")
+    (tmp_path / "o").mkdir()
+    unit = max(job.units, key=lambda u: len(u.targets))
+    real, calls = compute.factors_at_ranks, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(compute, "factors_at_ranks", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_unit(job, unit)
+    journal = unit_file(tmp_path / "o", unit, "journal")
+    lines = [json.loads(line) for line in journal.read_text().splitlines()]
+    assert lines, "nothing was journaled before the interrupt"
+    moved = [{**line, "file": line["file"].replace(str(tmp_path / "o"), "/mnt/elsewhere/o")} for line in lines]
+    journal.write_text("".join(json.dumps(line) + "\n" for line in moved))
+    calls.clear()
+    monkeypatch.setattr(compute, "factors_at_ranks", lambda *a, **k: calls.append(1) or real(*a, **k))
+    run_unit(job, unit)
+    assert len(calls) < len(unit.targets), "the journaled tensors were computed again"
+    fresh = job_for(llama, tmp_path / "fresh")
+    (tmp_path / "fresh").mkdir()
+    run_unit(fresh, next(u for u in fresh.units if u.index == unit.index))
+    for f in unit.files:
+        assert (tmp_path / "o" / f).read_bytes() == (tmp_path / "fresh" / f).read_bytes()
+
+
+def test_a_node_that_mounts_the_folders_elsewhere_rewrites_the_drivers_paths(llama, tmp_path, monkeypatch):
+    from pissa_rs.engine.ray_run import PATH_MAP, as_mounted_here
+
+    job = job_for(llama, tmp_path / "o")
+    assert as_mounted_here(job) is job  # no map: as it is
+    monkeypatch.setenv(PATH_MAP, f"{tmp_path}=/lustre/run;{llama.parent}/=/mnt/models")
+    here = as_mounted_here(job)
+    assert here.outputs[0].out == Path("/lustre/run/o")
+    assert here.input == Path("/mnt/models") / llama.name
+    assert all(e["file"].startswith("/mnt/models/") for e in here.inputs)
+    monkeypatch.setenv(PATH_MAP, f"{tmp_path}x=/elsewhere")  # a prefix of a name is no prefix of the path
+    assert as_mounted_here(job).outputs[0].out == tmp_path / "o"

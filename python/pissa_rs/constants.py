@@ -11,6 +11,7 @@ PARAM_WRAPPERS = "pissa_param_wrappers.json"  # which ParamWrapper layer adapts 
 # While a decomposition runs (removed by its commit)
 RUN_FILE = ".pissa_run.json"  # the identity of the run that writes (or wrote) OUT
 UNITS_DIR = ".pissa_units"  # each unit's journal, records, adapter part and done mark
-CONTROL_FILES = (RUN_FILE, UNITS_DIR)
+LOCK_FILE = ".pissa_lock"  # the output's lock where the filesystem has no flock
+CONTROL_FILES = (RUN_FILE, UNITS_DIR, LOCK_FILE)
 # What a decomposition adds to a model folder: never copied on into another model (merge).
 OWN_NAMES = (ADAPTER_SUBDIR, REPORT_NAME, PLOTS_SUBDIR)

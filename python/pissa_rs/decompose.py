@@ -158,15 +158,15 @@ def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None
         plans, checks = make_plan(path, [asdict(o) for o in per_rank], outs), PlanChecks()
     if options.quantization is not None and plans[0].quantizer is not None:
         remember_choice(options.quantization, torch.device(options.device).type, plans[0].quantizer)
-    locks: list[int] = []
+    locks: list = []
     states: list[str] = []
     try:
         for opts, out_dir, plan in zip(per_rank, outs, plans):
             residual, adapter = output_bytes(checkpoint, plan, opts)
             identity = run_identity(path, opts.identity_options(), inputs)
             # the adapter twice: the units' parts and the assembled file, until the commit
-            fd, state = prepare_out(out_dir, checkpoint, path, overwrite, residual + 2 * adapter, identity)
-            locks.append(fd)
+            lock, state = prepare_out(out_dir, checkpoint, path, overwrite, residual + 2 * adapter, identity)
+            locks.append(lock)
             states.append(state)
         job = Job(path, options, tuple(OutputSpec(o, plan, opts, state == "complete")
                                        for opts, o, plan, state in zip(per_rank, outs, plans, states)),
@@ -191,8 +191,8 @@ def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None
     finally:
         checks.close()
         checkpoint.release_all()  # the pages its headers (and the planner's reads) brought in
-        for fd in locks:
-            os.close(fd)
+        for lock in locks:
+            lock.release()
     return results if options.several_ranks else results[0]
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from .._pissa_rs import Checkpoint, PissaError
-from ..constants import CONTROL_FILES, OWN_NAMES, REPORT_NAME, RUN_FILE
+from ..constants import CONTROL_FILES, LOCK_FILE, OWN_NAMES, REPORT_NAME, RUN_FILE
 from ..model_files import is_model_dir, top_level_names
-from .resume import RunMismatchError, identity_difference, lock_output, read_identity
+from .resume import OutputLock, RunMismatchError, identity_difference, lock_output, read_identity
 
 
 class OutputDirError(PissaError, ValueError):
@@ -82,9 +82,9 @@ def _check_space(out: Path, needed: int, reclaim: bool) -> None:
 
 
 def prepare_out(out: Path, checkpoint: Checkpoint, path: Path, overwrite: bool, needed: int,
-                identity: dict[str, Any]) -> tuple[int, str]:
+                identity: dict[str, Any]) -> tuple[OutputLock, str]:
     """Refuse an out that is the input, holds foreign files or another run's
-    output, or lacks room; lock it. Returns (lock fd, state): "fresh" (emptied,
+    output, or lacks room; lock it. Returns (lock, state): "fresh" (emptied,
     ready), "resumed" (an interrupted run of the same inputs and options) or
     "complete" (that run already finished)."""
     check_out_apart(out, checkpoint, path)
@@ -92,7 +92,7 @@ def prepare_out(out: Path, checkpoint: Checkpoint, path: Path, overwrite: bool, 
         raise OutputDirError(f"{out}: exists and is not a directory")
     created = not out.exists()
     make_out_dir(out)
-    fd = lock_output(out)
+    lock = lock_output(out)
     try:
         old = read_identity(out, REPORT_NAME)
         if old is not None and not overwrite:
@@ -103,10 +103,10 @@ def prepare_out(out: Path, checkpoint: Checkpoint, path: Path, overwrite: bool, 
                     "(--overwrite) to replace it"
                 )
             if (out / REPORT_NAME).is_file():
-                return fd, "complete"
+                return lock, "complete"
             _check_space(out, needed, reclaim=True)
-            return fd, "resumed"
-        existing = sorted(out.iterdir())
+            return lock, "resumed"
+        existing = sorted(e for e in out.iterdir() if e.name != LOCK_FILE)  # the lock file: ours, just taken
         if existing:
             # Replace an earlier output, never delete what pissa_rs did not write.
             ours = _output_names(checkpoint, path)
@@ -123,9 +123,9 @@ def prepare_out(out: Path, checkpoint: Checkpoint, path: Path, overwrite: bool, 
         for entry in existing:
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         atomic_write_text(out / RUN_FILE, json.dumps(identity, indent=1))
-        return fd, "fresh"
+        return lock, "fresh"
     except BaseException:
-        os.close(fd)
+        lock.release()
         if created:
             shutil.rmtree(out, ignore_errors=True)
         raise

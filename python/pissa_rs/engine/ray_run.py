@@ -4,6 +4,7 @@ the most expensive units first, small summaries back, bulk data through the file
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from typing import Any
@@ -63,10 +64,35 @@ def _fingerprint_task(job: Job) -> tuple[str, dict]:
     return ray.get_runtime_context().get_node_id(), environment_fingerprint(job)
 
 
+PATH_MAP = "PISSA_RS_PATH_MAP"  # on a node that mounts the shared folders elsewhere: "/driver/path=/node/path;..."
+
+
+def as_mounted_here(job: Job) -> Job:
+    """The job with the driver's paths rewritten as this node mounts them (PATH_MAP in the
+    node's environment); unchanged where it is not set."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    pairs = [item.split("=", 1) for item in os.environ.get(PATH_MAP, "").split(";") if "=" in item]
+    if not pairs:
+        return job
+
+    def here(path) -> Path:
+        text = str(path)
+        for driver, node in pairs:
+            if text == driver or text.startswith(driver.rstrip("/") + "/"):
+                return Path(node.rstrip("/") + text[len(driver.rstrip("/")):])
+        return Path(text)
+
+    return replace(job, input=here(job.input), outputs=tuple(replace(s, out=here(s.out)) for s in job.outputs),
+                   inputs=tuple({**e, "file": str(here(e["file"]))} for e in job.inputs))
+
+
 def _unit_task(job: Job, index: int, expected: dict) -> dict[str, Any]:
     """One attempt at unit `index`, on whichever node Ray chose."""
     import ray
 
+    job = as_mounted_here(job)
     import torch
 
     if job.options.torch_devices[0].type == "cpu":

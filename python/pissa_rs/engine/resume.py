@@ -3,17 +3,19 @@ identity (inputs and options), a lock, and journals of what was written."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from .._pissa_rs import Checkpoint, PissaError
-from ..constants import RUN_FILE
+from ..constants import LOCK_FILE, RUN_FILE
 
 
 
@@ -92,9 +94,24 @@ def identity_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
     return None
 
 
-def lock_output(out: Path) -> int:
-    """An exclusive lock on the directory itself, held until the returned fd is
-    closed (or the process dies): a second run on the same OUT is refused."""
+class OutputLock:
+    """A held output lock: `release()` it (the kernel releases an flock if the process dies)."""
+
+    def __init__(self, fd: int, path: Path | None = None):
+        self._fd, self._path = fd, path  # path: the lock file, where the filesystem has no flock
+
+    def release(self) -> None:
+        if self._fd is not None:
+            if self._path is not None:
+                self._path.unlink(missing_ok=True)
+            os.close(self._fd)
+            self._fd = None
+
+
+def lock_output(out: Path) -> OutputLock:
+    """An exclusive lock on the directory itself (flock), held until released or the
+    process dies: a second run on the same OUT is refused. Where the filesystem has no
+    flock (Lustre without -o flock, some NFS set-ups), a lock file instead."""
     fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -102,7 +119,43 @@ def lock_output(out: Path) -> int:
         os.close(fd)
         raise OutputLockedError(f"{out}: another pissa_rs run is writing to this directory; wait for it to end "
                                 "or choose another out") from None
-    return fd
+    except OSError as err:
+        os.close(fd)
+        if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise
+        return _lock_file(out)
+    return OutputLock(fd)
+
+
+def _lock_file(out: Path) -> OutputLock:
+    """O_EXCL on OUT/.pissa_lock, naming its holder. The same guarantee as flock where it can
+    be checked: a holder on this host that died is taken over; one on another host is named."""
+    path, me = out / LOCK_FILE, f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            host, _, pid = path.read_text().partition(" ") if path.exists() else ("", "", "")
+            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+                path.unlink(missing_ok=True)  # its holder died
+                continue
+            raise OutputLockedError(f"{out}: {LOCK_FILE} says pissa_rs process {pid or '?'} on {host or '?'} is "
+                                    "writing to this directory (this filesystem has no flock); wait for it to end, "
+                                    f"or remove {path} if that process is gone") from None
+        os.write(fd, me.encode())
+        os.fsync(fd)
+        return OutputLock(fd, path)
+    raise OutputLockedError(f"{out}: could not take {LOCK_FILE}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _json_lines(path: Path) -> list[dict[str, Any]]:

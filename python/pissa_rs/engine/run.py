@@ -5,6 +5,7 @@ interruption, what its journal proves written is adopted and only the rest is re
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -105,14 +106,20 @@ def _part_specs(spec: OutputSpec, index: int, dtype: str) -> list[tuple[str, str
 
 
 def _adopt_journaled(output: UnitOutput, journal: Path) -> None:
-    """Take back every tensor an interrupted run wrote whose bytes still match
-    the journal's checksum (the last line for a tensor wins)."""
-    writers = {w.path: w for w in output.writers}
-    missing = {path: set(w.missing()) for path, w in writers.items()}
-    latest = {(line["file"], line["tensor"]): line["crc32"] for line in read_journal(journal)}
-    for (file, tensor), crc in latest.items():
-        if tensor in missing.get(file, ()):
-            writers[file].adopt(tensor, crc)
+    """Take back every tensor an interrupted attempt wrote whose bytes still match the
+    journal's checksum (the last line for a tensor wins). Files are matched by their path
+    inside the output folder: the attempt may have run on a node that mounts it elsewhere."""
+    writers = {Path(os.path.relpath(w.path, output.spec.out)).as_posix(): w for w in output.writers}
+    missing = {rel: set(w.missing()) for rel, w in writers.items()}
+    latest = {}
+    for line in read_journal(journal):
+        parts = Path(line["file"]).parts
+        rel = next((r for r in ("/".join(parts[-k:]) for k in range(1, len(parts) + 1)) if r in writers), None)
+        if rel is not None:
+            latest[(rel, line["tensor"])] = line["crc32"]
+    for (rel, tensor), crc in latest.items():
+        if tensor in missing[rel]:
+            writers[rel].adopt(tensor, crc)
 
 
 def run_unit(job: Job, unit: Unit, progress: Callable[[int], None] | None = None,
