@@ -88,6 +88,9 @@ def test_a_ray_run_writes_the_bytes_of_a_local_run(cluster, llama, tmp_path, cas
     report = (remote[0] if isinstance(remote, list) else remote).report
     assert report["cluster"]["fingerprint"]["device"] == "cpu"
     assert len(report["cluster"]["nodes"]) == 2
+    largest = max(t["shape"][0] * t["shape"][1] for t in report["tensors"])
+    # the largest weight staged twice and copied to float32 four times, and a worker's torch
+    assert 16 * largest + (700 << 20) <= report["cluster"]["task_memory_bytes"] < 24 << 30
     assert sum(report["cluster"]["units_per_node"].values()) == len(list(Path(src).glob("*.safetensors")))
 
 

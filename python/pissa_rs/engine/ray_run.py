@@ -44,6 +44,19 @@ def environment_fingerprint(job: Job) -> dict[str, Any]:
     return fingerprint
 
 
+def host_memory_estimate(job: Job, gpu: bool) -> int:
+    """Host memory a unit task needs, for Ray's scheduler: the device runner's two staging
+    buffers of the largest weight, on a CPU also the SVD's float32 copies of it (about
+    four), and the worker's own torch (~0.7 GiB). Never more than the largest node has."""
+    from ..tensors import nbytes
+    from .devices import BUFFERS_PER_DEVICE
+
+    targets = job.outputs[0].plan.targets
+    largest = max((t.location.nbytes if t.location else nbytes(t.dtype, list(t.shape)) for t in targets), default=0)
+    elements = max((t.shape[0] * t.shape[1] for t in targets), default=0)
+    return BUFFERS_PER_DEVICE * largest + (0 if gpu else 4 * 4 * elements) + (700 << 20)
+
+
 def _import_ray():
     try:
         import ray
@@ -122,7 +135,9 @@ def run_on_ray(job: Job, address: str, progress: bool) -> dict[str, Any]:
     fingerprints = _node_fingerprints(ray, job, resources)
     expected = next(iter(fingerprints.values()))
     job_ref = ray.put(job)
-    task = ray.remote(_unit_task).options(max_retries=RETRIES, retry_exceptions=False, **resources)
+    largest = max((n for n in ray.nodes() if n.get("Alive")), key=lambda n: n.get("Resources", {}).get("memory", 0))
+    memory = min(host_memory_estimate(job, gpu), int(largest.get("Resources", {}).get("memory", 0)) or None)
+    task = ray.remote(_unit_task).options(max_retries=RETRIES, retry_exceptions=False, memory=memory, **resources)
     todo = sorted((u for u in job.units if not all(is_done(s.out, u) for s in job.outputs if not s.complete)),
                   key=lambda u: -u.nbytes)
     pending = {task.remote(job_ref, u.index, expected): u for u in todo}
@@ -146,7 +161,7 @@ def run_on_ray(job: Job, address: str, progress: bool) -> dict[str, Any]:
                 raise cause from None  # the task's own error, as a local run would raise it
             raise
     return {"address": address, "fingerprint": expected, "nodes": sorted(fingerprints), "units_per_node": per_node,
-            "seconds": time.perf_counter() - started}
+            "task_memory_bytes": memory, "seconds": time.perf_counter() - started}
 
 
 def _node_fingerprints(ray, job: Job, resources: dict) -> dict[str, dict]:
