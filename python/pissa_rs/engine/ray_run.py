@@ -104,10 +104,9 @@ def as_mounted_here(job: Job) -> Job:
 def _unit_task(job: Job, index: int, expected: dict) -> dict[str, Any]:
     """One attempt at unit `index`, on whichever node Ray chose."""
     import ray
-
-    job = as_mounted_here(job)
     import torch
 
+    job = as_mounted_here(job)
     if job.options.torch_devices[0].type == "cpu":
         torch.set_num_threads(job.threads)  # as the driver's process would compute: the same rounding
     node = ray.get_runtime_context().get_node_id()
@@ -136,7 +135,8 @@ def run_on_ray(job: Job, address: str, progress: bool) -> dict[str, Any]:
     expected = next(iter(fingerprints.values()))
     job_ref = ray.put(job)
     largest = max((n for n in ray.nodes() if n.get("Alive")), key=lambda n: n.get("Resources", {}).get("memory", 0))
-    memory = min(host_memory_estimate(job, gpu), int(largest.get("Resources", {}).get("memory", 0)) or None)
+    cap = int(largest.get("Resources", {}).get("memory", 0))  # 0: the cluster does not say
+    memory = min(host_memory_estimate(job, gpu), cap) if cap else host_memory_estimate(job, gpu)
     task = ray.remote(_unit_task).options(max_retries=RETRIES, retry_exceptions=False, memory=memory, **resources)
     todo = sorted((u for u in job.units if not all(is_done(s.out, u) for s in job.outputs if not s.complete)),
                   key=lambda u: -u.nbytes)
