@@ -126,12 +126,6 @@ model.save_pretrained(os.path.join(OUT, "pissa_init"))
 model = model.unload()
 model.save_pretrained(OUT)
 """),
-    "pissa_rs_warm": ("import torch, pissa_rs, transformers, peft", """
-pissa_rs.decompose_checkpoint(SRC, r=R, niter=NITER, target_modules=TARGETS, out=OUT, progress=False)
-"""),
-    "baseline": ("import torch, pissa_rs", """
-pissa_rs.decompose_checkpoint(SRC, r=R, niter=NITER, target_modules=TARGETS, out=OUT, progress=False)
-"""),
     "nf4": ("import torch, pissa_rs", """
 pissa_rs.decompose_checkpoint(SRC, r=R, niter=NITER, target_modules=TARGETS, out=OUT, progress=False,
                               quantize="nf4", measure_error=False)
@@ -151,6 +145,10 @@ for n, w in weights.items():
     principal_factors(w, R, scaling(R, R), niter=NITER, seed=tensor_seed(0, n))
 """),
 }
+
+# The same run, in a process that imported transformers and PEFT first, and as another version runs it
+RUNNERS["pissa_rs_warm"] = ("import torch, pissa_rs, transformers, peft", RUNNERS["pissa_rs"][1])
+RUNNERS["baseline"] = RUNNERS["pissa_rs"]
 
 HARNESS = """
 import json, sys, time

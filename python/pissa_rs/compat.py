@@ -17,17 +17,20 @@ class LibraryInternalsError(PissaError, ImportError):
 
 def _internal(module: str, name: str) -> Any:
     """`module.name`, or an error naming it and the installed version of its library."""
-    library = module.split(".", 1)[0]
     try:
         with quiet_library_noise():
             return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as err:
-        from importlib.metadata import version
+        raise _missing(f"{module}.{name}", err) from None
 
-        raise LibraryInternalsError(
-            f"{library} {version(library)} has no {module}.{name}, which pissa_rs uses ({err}); install the "
-            f"{library} version pissa_rs was tested with (see pissa_rs.requirements.FLOORS) or report it"
-        ) from None
+
+def _missing(what: str, err: Exception) -> LibraryInternalsError:
+    from importlib.metadata import version
+
+    library = what.split(".", 1)[0]
+    return LibraryInternalsError(
+        f"{library} {version(library)} has no {what}, which pissa_rs uses ({err}); install the {library} "
+        "version pissa_rs was tested with (see pissa_rs.requirements.FLOORS) or report it")
 
 
 # --- PEFT -----------------------------------------------------------------------------
@@ -61,9 +64,10 @@ def convert_config_for_transformers(lora_config, model) -> None:
 
 def swapped_in_out(param_wrapper) -> bool:
     """Whether PEFT's ParamWrapper stores its parameter in x out (GPT-OSS's experts)."""
-    if not hasattr(param_wrapper, "_did_swap_in_out_features"):
-        _internal("peft.tuners.lora.layer.ParamWrapper", "_did_swap_in_out_features")
-    return bool(param_wrapper._did_swap_in_out_features)
+    try:
+        return bool(param_wrapper._did_swap_in_out_features)
+    except AttributeError as err:
+        raise _missing("peft.tuners.lora.layer.ParamWrapper._did_swap_in_out_features", err) from None
 
 
 # --- transformers -----------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Every unit of a job as one Ray task on an existing cluster whose nodes share the input
-and output folders (same paths on every node): the job put in Ray's object store once,
-the most expensive units first, small summaries back, bulk data through the filesystem."""
+and output folders (at the driver's paths, or mapped with PISSA_RS_PATH_MAP): the job put
+in Ray's object store once, the most expensive units first, small summaries back, bulk
+data through the filesystem."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def environment_fingerprint(job: Job) -> dict[str, Any]:
 def host_memory_estimate(job: Job, gpu: bool) -> int:
     """Host memory a unit task needs, for Ray's scheduler: the device runner's two staging
     buffers of the largest weight, on a CPU also the SVD's float32 copies of it (about
-    four), and the worker's own torch (~0.7 GiB). Never more than the largest node has."""
+    four), and the worker's own torch (~0.7 GiB). run_on_ray caps it at the largest node's."""
     from ..tensors import nbytes
     from .devices import BUFFERS_PER_DEVICE
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .._pissa_rs import Checkpoint, Journal, Pipeline, ShardWriter
+from ..formats.peft_adapter import factor_shapes
 from ..options import ADAPTER_DTYPES
 from ..tensors import SAFETENSORS_DTYPES, as_numpy_bytes
 from .compute import Computed, compute_target
@@ -23,7 +24,7 @@ from .layout import Assembly, abandon, writers_like
 from .lease import Lease
 from .outdir import atomic_write_text
 from .resume import check_input_unchanged, fault_point, read_journal, read_records
-from .units import Job, OutputSpec, Unit, part_key, unit_file
+from .units import Job, OutputSpec, Unit, is_done, part_key, unit_file
 
 
 @dataclass
@@ -51,9 +52,6 @@ class UnitOutput:
 
     def needs(self, writer: ShardWriter | None, tensor: str) -> bool:
         return writer is not None and (writer.path, tensor) in self.pending
-
-    def pending_bytes(self) -> int:
-        return sum(end - start for w in self.writers for name, start, end in w.ranges() if (w.path, name) in self.pending)
 
     def record(self, record: dict) -> None:
         """Journal a target's report record (the commit gathers them)."""
@@ -98,11 +96,21 @@ def _open(checkpoint: Checkpoint, spec: OutputSpec, unit: Unit) -> UnitOutput:
     return output
 
 
+def _written_before(spec: OutputSpec, unit: Unit, output: UnitOutput | None) -> int:
+    """Bytes of `unit` an earlier run already wrote into `spec.out` (for the progress bar):
+    its finished files whole, and what the open writers adopted from the journal."""
+    finished = [spec.out / f for f in unit.files] + [unit_file(spec.out, unit, "adapter")]
+    total = sum(p.stat().st_size for p in finished if p.is_file())
+    if output is not None:
+        total += sum(end - start for w in output.writers for name, start, end in w.ranges()
+                     if (w.path, name) not in output.pending)
+    return total
+
+
 def _part_specs(spec: OutputSpec, index: int, dtype: str) -> list[tuple[str, str, list[int]]]:
     """Target `index`'s lora_A [r, in] and lora_B [out, r] in its unit's adapter part."""
-    t = spec.plan.targets[index]
-    rows, cols = (t.shape[1], t.shape[0]) if t.fan_in_fan_out else t.shape
-    return [(part_key(index, "lora_A"), dtype, [t.r, cols]), (part_key(index, "lora_B"), dtype, [rows, t.r])]
+    a, b = factor_shapes(spec.plan.targets[index])
+    return [(part_key(index, "lora_A"), dtype, list(a)), (part_key(index, "lora_B"), dtype, list(b))]
 
 
 def _adopt_journaled(output: UnitOutput, journal: Path) -> None:
@@ -131,15 +139,18 @@ def run_unit(job: Job, unit: Unit, progress: Callable[[int], None] | None = None
     check = lease.check if lease is not None else (lambda: None)
     started = time.perf_counter()
     checkpoint = Checkpoint(job.input)
-    active = [not spec.complete and not unit_file(spec.out, unit, "done").is_file() for spec in job.outputs]
+    report = progress or (lambda n: None)
+    active = [not spec.complete and not is_done(spec.out, unit) for spec in job.outputs]
     if not any(active):
+        report(sum(_written_before(s, unit, None) for s in job.outputs if not s.complete))
         return {"unit": unit.index, "status": "done before", "seconds": 0.0}
     outputs: list[UnitOutput | None] = []
     try:
         check()
         for spec, is_active in zip(job.outputs, active):
             outputs.append(_open(checkpoint, spec, unit) if is_active else None)
-        _run(checkpoint, job, unit, outputs, active, progress or (lambda n: None), check)
+        report(sum(_written_before(s, unit, o) for s, o in zip(job.outputs, outputs) if not s.complete))
+        _run(checkpoint, job, unit, outputs, active, report, check)
     finally:
         for output in outputs:
             if output is not None:

@@ -202,6 +202,13 @@ def lora_b_key(module: str) -> str:
     return f"base_model.model.{module}.lora_B.weight"
 
 
+def factor_shapes(t, experts: int = 1) -> tuple[tuple[int, int], tuple[int, int]]:
+    """lora_A [r*experts, in] and lora_B [out, r*experts] of target `t` (stored in x out
+    when fan_in_fan_out)."""
+    rows, cols = (t.shape[1], t.shape[0]) if t.fan_in_fan_out else t.shape
+    return (t.r * experts, cols), (rows, t.r * experts)
+
+
 def adapter_shapes(targets) -> list[tuple[str, tuple[int, int]]]:
     """(key, shape) of every adapter weight for these targets, as PEFT lays them out:
     lora_A [r, in] and lora_B [out, r] per layer; a layer over E experts (PEFT's
@@ -211,9 +218,8 @@ def adapter_shapes(targets) -> list[tuple[str, tuple[int, int]]]:
         if t.module in seen:
             continue
         seen.add(t.module)
-        rows, cols = (t.shape[1], t.shape[0]) if t.fan_in_fan_out else t.shape
-        shapes += [(lora_a_key(t.module), (t.r * t.num_experts, cols)),
-                   (lora_b_key(t.module), (rows, t.r * t.num_experts))]
+        a, b = factor_shapes(t, t.num_experts)
+        shapes += [(lora_a_key(t.module), a), (lora_b_key(t.module), b)]
     return shapes
 
 
