@@ -25,3 +25,21 @@ def test_the_module_map_names_every_module():
                      if p.name != "__init__.py" or p.parent == PACKAGE)
     missing = [m for m in modules if f"| `{m}` |" not in table]
     assert not missing, f"docs/design.md's module map lacks {missing}"
+
+
+def test_only_the_public_entry_points_import_the_driver():
+    """decompose.py (the driver) is imported by the package's front doors only: another
+    module that needs what it knows (where outputs go, say) gets it from the module that owns it."""
+    import ast
+
+    importers = []
+    for path in PACKAGE.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom) else
+                     [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            level = getattr(node, "level", 0)
+            if any(n == "decompose" and level == 1 and path.parent == PACKAGE or n.endswith("pissa_rs.decompose")
+                   or (n == "decompose" and level == 2) for n in names):
+                importers.append(path.relative_to(PACKAGE).as_posix())
+    assert sorted(set(importers)) == ["__init__.py", "cli.py"], importers

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from ._pissa_rs import Checkpoint, PissaError
 from .convert import convert_to_lora
-from .decompose import resolve_source, run_decomposition
+from .decompose import run_decomposition
+from .locations import resolve_source
 from .engine.outdir import human_bytes
 from .options import add_options, options_from_args
 from .dry_run import plan_decomposition

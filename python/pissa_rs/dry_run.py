@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ._pissa_rs import Checkpoint
-from .decompose import output_dirs, resolve_source
+from .locations import output_dirs, resolve_source
 from .engine.layout import output_bytes, residual_bytes
 from .engine.outdir import check_out_apart, free_bytes, human_bytes, out_dir_problem
 from .model_files import is_model_dir
