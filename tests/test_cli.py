@@ -219,3 +219,27 @@ def test_every_option_is_a_flag_generated_from_its_field():
         adapter_dtype="bfloat16", devices=["cpu", "cpu"], seed=3, use_rslora=True))
     with pytest.raises(TypeError, match="unknown option 'nitre'; did you mean 'niter'"):
         pissa_rs.decompose_checkpoint("m", r=4, nitre=2)
+
+
+def test_the_report_totals_and_the_printed_line_follow_from_the_records(tmp_path, capsys):
+    """The report's totals are what its per-tensor records add up to (mean energy kept, the
+    largest cast error, mean error reduction, counts), and the CLI prints the report's
+    numbers: a total computed another way (the largest instead of the mean) fails here."""
+    import json
+
+    model = save_tiny_model(tmp_path / "m", "llama", layers=2, dtype="bfloat16", decay=0.7)
+    proc = run_in_process(capsys, "decompose", str(model), "-r", "4", "-o", str(tmp_path / "o"), "--no-progress",
+                          "--quantize", "nf4")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "o" / "pissa_report.json").read_text())
+    records, totals = report["tensors"], report["totals"]
+    energies = [r["energy_kept"] for r in records]
+    assert len(set(energies)) > 1 and max(r["max_abs_error"] for r in records) > 0  # the totals can tell
+    assert totals["targets"] == len(records) == 14
+    assert totals["energy_kept_mean"] == pytest.approx(sum(energies) / len(energies), rel=1e-12)
+    assert totals["max_abs_error"] == max(r["max_abs_error"] for r in records)
+    reductions = [r["error_reduction"] for r in records if "error_reduction" in r]
+    assert reductions and totals["error_reduction_mean"] == pytest.approx(sum(reductions) / len(reductions), rel=1e-12)
+    assert (f"decomposed {len(records)} weights" in proc.stdout
+            and f"(mean energy kept {sum(energies) / len(energies):.3f})" in proc.stdout), proc.stdout
+    assert f"error vs QLoRA: {sum(reductions) / len(reductions):.1%} less" in proc.stdout, proc.stdout

@@ -363,6 +363,25 @@ def test_plan_shows_what_would_happen_and_writes_nothing(llama, tmp_path):
         pissa_rs.plan(llama, r=8, target_modules=["nope"])
 
 
+def test_a_several_rank_plan_needs_the_space_of_every_output(llama, tmp_path, monkeypatch, capsys):
+    """r=[2, 4] writes two complete outputs: the plan's sizes are the two single-rank plans'
+    sums, and a disk with room for one of them but not both DOES NOT FIT (exit 1)."""
+    import pissa_rs.dry_run as dry_run
+    from pissa_rs.cli import main
+
+    one = [pissa_rs.plan(llama, r=r, out=tmp_path / f"o{r}") for r in (2, 4)]
+    both = pissa_rs.plan(llama, r=[2, 4], out=tmp_path / "o{r}")
+    assert both.residual_bytes == sum(p.residual_bytes for p in one)
+    assert both.adapter_bytes == sum(p.adapter_bytes for p in one) and one[0].adapter_bytes < one[1].adapter_bytes
+    largest = one[1].residual_bytes + one[1].adapter_bytes
+    monkeypatch.setattr(dry_run, "free_bytes", lambda path: largest + 1)  # one output fits, two do not
+    assert all(p.fits_on_disk for p in [pissa_rs.plan(llama, r=r, out=tmp_path / f"o{r}") for r in (2, 4)])
+    assert not pissa_rs.plan(llama, r=[2, 4], out=tmp_path / "o{r}").fits_on_disk
+    code = main(["decompose", str(llama), "-r", "2,4", "-o", str(tmp_path / "o{r}"), "--dry-run"])
+    assert code == 1 and "DOES NOT FIT" in capsys.readouterr().out
+    assert not list(tmp_path.glob("o*"))
+
+
 def test_full_disk_is_refused_up_front_with_the_numbers(llama, tmp_path, monkeypatch):
     import shutil
     from collections import namedtuple

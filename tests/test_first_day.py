@@ -232,3 +232,21 @@ def test_a_custom_code_config_naming_no_transformers_class_fails_at_once(tmp_pat
     res = pissa_rs.decompose_checkpoint(src / "model.safetensors", r=2, target_modules=["q_b_proj"],
                                         out=tmp_path / "o", progress=False)
     assert res.report["totals"]["targets"] == 2
+
+
+# An entry that is a string suffix of module names but no dotted component of them ("proj"
+# ends "q_proj"): PEFT matches by "name == entry or name.endswith('.' + entry)", so it would
+# adapt nothing through it, silently. It is a typo to name, in folders and bare files alike.
+@pytest.mark.parametrize("entry", ["proj", "_proj", "j"])
+def test_a_string_suffix_that_is_no_dotted_name_is_a_typo(llama, tmp_path, entry):
+    shard = next(llama.glob("*.safetensors"))
+    for source in (llama, shard):
+        with pytest.raises(pissa_rs.TargetError, match=f"target_modules entry '{entry}' matched no module"):
+            pissa_rs.plan(source, r=2, target_modules=["q_proj", entry], out=tmp_path / "o")
+        with pytest.raises(pissa_rs.TargetError, match=f"exclude_modules entry '{entry}' matched no module"):
+            pissa_rs.plan(source, r=2, target_modules=["q_proj", "v_proj"], exclude_modules=[entry],
+                          out=tmp_path / "o")
+    # a dotted component (the module's own name, or a path of them) is matched as PEFT does
+    assert len(pissa_rs.plan(llama, r=2, target_modules=["self_attn.q_proj"], out=tmp_path / "o").targets) == 1
+    with pytest.raises(pissa_rs.TargetError, match="'attn.q_proj' matched no module"):
+        pissa_rs.plan(llama, r=2, target_modules=["attn.q_proj"], out=tmp_path / "o")
