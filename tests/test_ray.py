@@ -180,11 +180,11 @@ def test_a_bad_input_fails_once_and_fast_with_its_own_error(cluster, llama, tmp_
 
     real = ray_run.run_on_ray
 
-    def with_changed_input(job, address, progress):
+    def with_changed_input(job, address, progress, fingerprints):
         from dataclasses import replace
 
         changed = tuple({**e, "mtime_ns": e["mtime_ns"] - 10**9} for e in job.inputs)
-        return real(replace(job, inputs=changed), address, progress)
+        return real(replace(job, inputs=changed), address, progress, fingerprints)
 
     monkeypatch.setattr(ray_run, "run_on_ray", with_changed_input)
     started = time.time()
@@ -205,6 +205,34 @@ def test_a_node_that_would_write_other_bytes_is_refused_by_name(cluster, llama, 
         with pytest.raises(pissa_rs.EnvironmentMismatchError, match="cpu_kernels"):
             pissa_rs.decompose_checkpoint(llama, r=4, out=tmp_path / "o", progress=False, ray=cluster.address)
         assert not list((tmp_path / "o").glob("model-0*"))
+    finally:
+        ray.shutdown()
+        cluster.remove_node(odd)
+
+
+def test_a_node_that_rounds_differently_is_refused_unless_mixing_is_allowed(cluster, llama, tmp_path):
+    """Same versions, same CPU kernels, another rounding probe (the test hook stands for a CPU
+    whose MKL takes other GEMM code): refused by name before anything is written; with
+    allow_mixed_rounding the run goes on and the report says which node rounded how."""
+    os.environ["PISSA_RS_ROUNDING_PROBE_SALT"] = "another CPU model"
+    try:
+        odd = cluster.add_node(num_cpus=1)
+    finally:
+        del os.environ["PISSA_RS_ROUNDING_PROBE_SALT"]
+    cluster.wait_for_nodes()
+    try:
+        with pytest.raises(pissa_rs.EnvironmentMismatchError, match="rounding '[0-9a-f]+' vs '[0-9a-f]+'"):
+            pissa_rs.decompose_checkpoint(llama, r=4, out=tmp_path / "o", progress=False, ray=cluster.address)
+        assert not (tmp_path / "o").exists() or not list((tmp_path / "o").glob("model-0*"))
+        res = pissa_rs.decompose_checkpoint(llama, r=4, out=tmp_path / "o", progress=False, ray=cluster.address,
+                                            allow_mixed_rounding=True)
+        by_node = res.report["cluster"]["rounding_by_node"]
+        assert len(set(by_node.values())) == 2 and by_node[odd.node_id] != by_node[next(n for n in by_node
+                                                                                    if n != odd.node_id)]
+        rounding = res.report["rounding"]
+        used_odd = res.report["cluster"]["units_per_node"].get(odd.node_id, 0) > 0
+        assert rounding.get("mixed", False) == used_odd and (used_odd or rounding["probe"] in by_node.values())
+        assert pissa_rs.verify(res.out, against=llama).ok
     finally:
         ray.shutdown()
         cluster.remove_node(odd)

@@ -230,3 +230,35 @@ def test_a_tampered_journaled_tensor_is_recomputed_not_trusted(model, reference,
     partial.write_bytes(bytes(data))
     assert run_cli(model, out).returncode == 0
     same_output(out, reference)
+
+
+def _as_begun_elsewhere(out: Path, probe: str) -> None:
+    """Make OUT say what a machine whose rounding probe is `probe` leaves when it is
+    interrupted: the run's identity, each unit's stamp and each finished unit's mark."""
+    run = out / ".pissa_run.json"
+    identity = json.loads(run.read_text())
+    run.write_text(json.dumps({**identity, "rounding": probe}))
+    for stamp in (out / ".pissa_units").glob("*.rounding"):
+        stamp.write_text(probe)
+    for done in (out / ".pissa_units").glob("*.done"):
+        done.write_text(json.dumps({**json.loads(done.read_text()), "rounding": probe}))
+
+
+def test_a_run_begun_on_a_machine_that_rounds_differently_is_refused_or_mixed_by_name(model, reference, tmp_path):
+    out = tmp_path / "o"
+    assert run_cli(model, out, env={"PISSA_RS_SIGNAL_AT": "finalize:3"}).returncode == -signal.SIGKILL
+    done = sorted(p.name for p in (out / ".pissa_units").glob("*.done"))
+    assert done, "some units finished before the kill"
+    _as_begun_elsewhere(out, "elsewhere")
+    with pytest.raises(pissa_rs.RunMismatchError, match="rounds differently.*rounding probe elsewhere"):
+        pissa_rs.decompose_checkpoint(model, r=4, out=out, progress=False)
+    res = pissa_rs.decompose_checkpoint(model, r=4, out=out, progress=False, allow_mixed_rounding=True)
+    assert res.status == "resumed"
+    rounding = res.report["rounding"]
+    assert rounding["mixed"] and rounding["probe"] is None
+    by_probe = rounding["tensors_by_probe"]
+    here = json.loads((reference / "pissa_report.json").read_text())["rounding"]["probe"]
+    assert sorted(by_probe) == sorted(["elsewhere", here])
+    assert sorted(by_probe["elsewhere"] + by_probe[here]) == sorted(t["tensor"] for t in res.report["tensors"])
+    assert pissa_rs.verify(out, against=model).ok
+    same_output(out, reference)  # (really one machine: the bytes are the uninterrupted run's)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +19,13 @@ from .engine.outdir import prepare_out
 from .engine.resume import input_state, run_identity
 from .engine.run import run_unit
 from .engine.units import Job, OutputSpec, split_units
-from .hub import base_model_of, is_local, model_name, resolve_model
+from .hub import base_model_of
+from .locations import output_dirs, resolve_source
 from .options import DecomposeOptions
 from .planning.plan import PLAN_IN_CHILD_ABOVE_BYTES, PlanChecks, make_plan, make_plan_in_child
 from .quant import remember_choice
 from .report import OutputReport
+from .rounding import devices_probe
 
 
 @dataclass
@@ -32,26 +34,6 @@ class DecomposeResult:
     adapter: Path  # OUT/pissa_init
     report: dict[str, Any]  # the contents of OUT/pissa_report.json
     status: str = "fresh"  # "fresh", "resumed" (an interrupted run finished) or "complete" (nothing left to do)
-
-
-def resolve_source(path: str | os.PathLike[str], revision: str | None, out: Path | None, ranks: list[int],
-                   headers_only: bool = False) -> tuple[Path, Path | None]:
-    """The checkpoint to read (a local path as it is, or a Hub model ID's snapshot in
-    the Hugging Face cache; with `headers_only`, for a dry run, stand-ins holding only
-    the shards' headers when the weights are not cached) and the output directory: for
-    an ID, by default `./<name>-pissa-r<r>` in the current directory."""
-    source = resolve_model(path, revision, headers_only=headers_only)
-    if out is None and not is_local(path):
-        name = model_name(path)
-        out = Path.cwd() / (f"{name}-pissa-r{ranks[0]}" if len(ranks) == 1 else f"{name}-pissa-r{{r}}")
-    return source, out
-
-
-def default_out(path: Path, r: int) -> Path:
-    """`<name>-pissa-r<r>` beside the input."""
-    path = path.resolve()
-    stem = path.name[: -len(".safetensors")] if path.name.endswith(".safetensors") else path.name
-    return path.parent / f"{stem}-pissa-r{r}"
 
 
 def decompose_checkpoint(
@@ -125,16 +107,6 @@ def decompose_checkpoint(
                              origin=base_model_of(path, revision))
 
 
-def output_dirs(path: Path, ranks: list[int], out: Path | None) -> list[Path]:
-    """Where each rank's output goes: `out` for one rank; for several, `out`
-    must hold "{r}" (e.g. "runs/m-r{r}"); by default `<name>-pissa-r<r>`."""
-    if out is None:
-        return [default_out(path, r) for r in ranks]
-    if len(ranks) > 1 and "{r}" not in str(out):
-        raise ValueError(f"{out}: with several ranks, out must contain '{{r}}' (one directory per rank)")
-    return [Path(str(out).replace("{r}", str(r))) for r in ranks]
-
-
 def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None, overwrite: bool,
                       progress: bool, origin: dict[str, str | None] | None = None, ray: str | None = None
                       ) -> DecomposeResult | list[DecomposeResult]:
@@ -158,26 +130,37 @@ def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None
         plans, checks = make_plan(path, [asdict(o) for o in per_rank], outs), PlanChecks()
     if options.quantization is not None and plans[0].quantizer is not None:
         remember_choice(options.quantization, torch.device(options.device).type, plans[0].quantizer)
+    units = tuple(split_units(checkpoint, plans[0], options.stored_quantization))
+    job = Job(path, options, tuple(OutputSpec(o, plan, opts) for opts, o, plan in zip(per_rank, outs, plans)),
+              tuple(inputs), units, torch.get_num_threads())
+    # How the machines that will compute round, measured before anything is written: a resume
+    # and every Ray node must round as the run's identity says (or be allowed to mix, and say so).
+    fingerprints = None
     locks: list = []
     states: list[str] = []
     try:
+        if ray is None:
+            rounding = devices_probe(options, sorted({t.dtype for t in plans[0].targets}))
+        else:
+            from .engine.ray_run import cluster_rounding
+
+            rounding, fingerprints = cluster_rounding(job, ray)
         for opts, out_dir, plan in zip(per_rank, outs, plans):
             residual, adapter = output_bytes(checkpoint, plan, opts)
-            identity = run_identity(path, opts.identity_options(), inputs)
+            identity = run_identity(path, opts.identity_options(), inputs, rounding)
             # the adapter twice: the units' parts and the assembled file, until the commit
-            lock, state = prepare_out(out_dir, checkpoint, path, overwrite, residual + 2 * adapter, identity)
+            lock, state = prepare_out(out_dir, checkpoint, path, overwrite, residual + 2 * adapter, identity,
+                                      options.allow_mixed_rounding)
             locks.append(lock)
             states.append(state)
-        job = Job(path, options, tuple(OutputSpec(o, plan, opts, state == "complete")
-                                       for opts, o, plan, state in zip(per_rank, outs, plans, states)),
-                  tuple(inputs), tuple(split_units(checkpoint, plans[0], options.stored_quantization)),
-                  torch.get_num_threads())
+        job = replace(job, outputs=tuple(replace(spec, complete=state == "complete")
+                                         for spec, state in zip(job.outputs, states)), rounding=rounding)
         cluster = None
         if any(state != "complete" for state in states):
             if ray is not None:
                 from .engine.ray_run import run_on_ray
 
-                cluster = run_on_ray(job, ray, progress)
+                cluster = run_on_ray(job, ray, progress, fingerprints)
             else:
                 run_locally(job, checkpoint, progress)
         checks.wait()  # nothing is committed before every check of the plan passed

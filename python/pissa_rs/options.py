@@ -108,6 +108,10 @@ class DecomposeOptions:
     keep_source_format: bool = option(False, "an FP8 checkpoint (fine-grained block scales or compressed-tensors): "
                                       "store the residual re-quantized in that FP8 format instead of bfloat16 (half "
                                       "the bytes); the report gives the error re-quantization adds")
+    allow_mixed_rounding: bool = option(
+        False, "let a resumed run, or a Ray cluster's nodes, round differently from one another (their rounding "
+        "probes differ): the output is then no single machine's bytes; the report says which tensors came from "
+        "which probe")
 
     @classmethod
     def from_fields(cls, given: dict[str, Any]) -> DecomposeOptions:
@@ -183,9 +187,11 @@ class DecomposeOptions:
 
     def identity_options(self) -> dict[str, Any]:
         """The options as a resumed run must match them: which devices (and how
-        many) does not change the bytes, the kind of device (CPU or GPU) does."""
+        many) does not change the bytes, the kind of device (CPU or GPU) does; whether
+        mixed rounding is allowed is a permission, not a property of the output."""
         options = asdict(self)
         del options["devices"]
+        del options["allow_mixed_rounding"]  # checked against the identity's rounding probe instead
         options["device"] = torch.device(self.device).type
         return options
 

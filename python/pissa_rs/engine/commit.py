@@ -56,6 +56,7 @@ def commit(job: Job, spec: OutputSpec, started: float, origin: dict[str, str | N
                           sum(output_bytes(checkpoint, spec.plan, spec.options)), time.perf_counter() - started,
                           origin)
     report["run"] = read_identity(out, REPORT_NAME)  # what a rerun compares itself with
+    report["rounding"] = rounding_provenance(job, spec, report["run"].get("rounding", job.rounding))
     if cluster is not None:
         report["cluster"] = cluster
     atomic_write_text(out / REPORT_NAME, json.dumps(report, indent=1))
@@ -63,6 +64,21 @@ def commit(job: Job, spec: OutputSpec, started: float, origin: dict[str, str | N
     (out / RUN_FILE).unlink(missing_ok=True)
     checkpoint.release_all()  # opening it read the headers' pages (and, for small shards, more)
     return report
+
+
+def rounding_provenance(job: Job, spec: OutputSpec, begun_with: str) -> dict[str, Any]:
+    """How the output's bytes were rounded: one probe (the usual case, and the only one
+    unless mixing was allowed), or, for a mixed output, which tensors each probe wrote."""
+    by_probe: dict[str, list[str]] = {}
+    for unit in (u for u in job.units if u.targets):  # copies are the same bytes on any machine
+        done = json.loads(unit_file(spec.out, unit, "done").read_text())
+        probe = done.get("rounding") or begun_with  # units finished before probes were recorded
+        by_probe.setdefault(probe, []).extend(spec.plan.targets[i].tensor for i in unit.targets)
+    if len(by_probe) <= 1:
+        return {"probe": next(iter(by_probe), begun_with)}
+    return {"probe": None, "mixed": True, "tensors_by_probe": {p: sorted(t) for p, t in sorted(by_probe.items())},
+            "note": "allow_mixed_rounding: these tensors were computed by machines that round differently; the "
+                    "output is no single machine's bytes (each tensor is still a valid decomposition)"}
 
 
 def write_adapter(job: Job, spec: OutputSpec) -> None:

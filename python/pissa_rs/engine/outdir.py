@@ -82,7 +82,7 @@ def _check_space(out: Path, needed: int, reclaim: bool) -> None:
 
 
 def prepare_out(out: Path, checkpoint: Checkpoint, path: Path, overwrite: bool, needed: int,
-                identity: dict[str, Any]) -> tuple[OutputLock, str]:
+                identity: dict[str, Any], allow_mixed_rounding: bool = False) -> tuple[OutputLock, str]:
     """Refuse an out that is the input, holds foreign files or another run's
     output, or lacks room; lock it. Returns (lock, state): "fresh" (emptied,
     ready), "resumed" (an interrupted run of the same inputs and options) or
@@ -96,7 +96,7 @@ def prepare_out(out: Path, checkpoint: Checkpoint, path: Path, overwrite: bool, 
     try:
         old = read_identity(out, REPORT_NAME)
         if old is not None and not overwrite:
-            difference = identity_difference(old, identity)
+            difference = identity_difference(old, identity, allow_mixed_rounding)
             if difference:
                 raise RunMismatchError(
                     f"{out}: holds a run of other inputs or options ({difference}); pass overwrite=True "

@@ -26,23 +26,37 @@ class EnvironmentMismatchError(PissaError, RuntimeError):
     """The cluster's nodes would not all write the same bytes."""
 
 
+# What may differ between nodes with allow_mixed_rounding: how they round, not what they run.
+ROUNDING_KEYS = ("rounding", "cpu_kernels", "device_name")
+
+
 def environment_fingerprint(job: Job) -> dict[str, Any]:
     """What decides this node's bytes: versions, device kind and name, the CPU kernels torch
-    picks (they round differently) and, for QPiSSA, which quantizer runs."""
+    picks, for QPiSSA which quantizer runs, and what all of them come to: the rounding probe
+    (rounding.py), measured with the driver's thread count."""
     import torch
 
     from .. import __version__
+    from ..rounding import job_probe
 
     device = torch.device(job.options.device)
     fingerprint = {"pissa_rs": __version__, "torch": torch.__version__, "device": device.type}
     if device.type == "cuda":
         fingerprint.update(cuda=torch.version.cuda, device_name=torch.cuda.get_device_name(device))
     else:
+        torch.set_num_threads(job.threads)  # as the driver's process would compute: the same rounding
         fingerprint.update(cpu_kernels=torch.backends.cpu.get_cpu_capability(), machine=platform.machine())
     quant = job.options.quantization
     if quant is not None:  # this node's own check (bitsandbytes agrees with the reference, or not)
         fingerprint["quantizer"] = quant.choice(device.type).backend
+    fingerprint["rounding"] = job_probe(job.options, sorted({t.dtype for t in job.outputs[0].plan.targets}), device)
     return fingerprint
+
+
+def fingerprint_difference(a: dict, b: dict, allow_mixed_rounding: bool) -> str:
+    """What differs between two nodes' fingerprints that refuses them, in words ("" if nothing)."""
+    keys = sorted((set(a) | set(b)) - (set(ROUNDING_KEYS) if allow_mixed_rounding else set()))
+    return ", ".join(f"{k} {a.get(k)!r} vs {b.get(k)!r}" for k in keys if a.get(k) != b.get(k))
 
 
 def host_memory_estimate(job: Job, gpu: bool) -> int:
@@ -66,10 +80,6 @@ def _import_ray():
             "ray=... (--ray) runs the decomposition on a Ray cluster, and Ray is not installed: "
             "pip install 'pissa-rs[ray]'") from None
     return ray
-
-
-def _difference(a: dict, b: dict) -> str:
-    return ", ".join(f"{k} {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
 
 
 def _fingerprint_task(job: Job) -> tuple[str, dict]:
@@ -105,34 +115,47 @@ def as_mounted_here(job: Job) -> Job:
 def _unit_task(job: Job, index: int, expected: dict) -> dict[str, Any]:
     """One attempt at unit `index`, on whichever node Ray chose."""
     import ray
-    import torch
 
     job = as_mounted_here(job)
-    if job.options.torch_devices[0].type == "cpu":
-        torch.set_num_threads(job.threads)  # as the driver's process would compute: the same rounding
     node = ray.get_runtime_context().get_node_id()
-    found = environment_fingerprint(job)
-    if found != expected:
+    found = environment_fingerprint(job)  # sets the driver's thread count on a CPU
+    difference = fingerprint_difference(found, expected, job.options.allow_mixed_rounding)
+    if difference:
         raise EnvironmentMismatchError(f"node {node} would write other bytes than the cluster's other nodes "
-                                       f"({_difference(found, expected)}); refused before writing")
+                                       f"({difference}); refused before writing")
     unit = job.units[index]
-    summary = run_unit(job, unit, lease=Lease.take(job, unit))
+    summary = run_unit(job, unit, lease=Lease.take(job, unit), rounding=found["rounding"])
     return {**summary, "node": node, "bytes": unit.nbytes}
 
 
-def run_on_ray(job: Job, address: str, progress: bool) -> dict[str, Any]:
+def _resources(job: Job) -> dict[str, int]:
+    return {"num_gpus": 1} if job.options.torch_devices[0].type == "cuda" else {"num_cpus": 1}
+
+
+def cluster_rounding(job: Job, address: str) -> tuple[str, dict[str, dict]]:
+    """Connect to the cluster and fingerprint every node that can run a unit, before anything
+    is written: returns the rounding the run's identity records (the nodes' common probe; with
+    allow_mixed_rounding and nodes that differ, all of their probes) and the fingerprints."""
+    ray = _import_ray()
+    if not ray.is_initialized():
+        ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+    fingerprints = _node_fingerprints(ray, job, _resources(job))
+    return "+".join(sorted({f["rounding"] for f in fingerprints.values()})), fingerprints
+
+
+def run_on_ray(job: Job, address: str, progress: bool, fingerprints: dict[str, dict] | None = None
+               ) -> dict[str, Any]:
     """Run every unit of `job` not yet done as a Ray task; returns what the report records
     of the run (the nodes' fingerprint, units per node). A PissaError in a task (bad input,
     a wrong option) stops the run at once with its message; a node that dies has its unit
-    retried elsewhere, resuming from the unit's journal."""
+    retried elsewhere, resuming from the unit's journal. `fingerprints`: cluster_rounding's."""
     ray = _import_ray()
     from tqdm.auto import tqdm
 
-    if not ray.is_initialized():
-        ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+    if fingerprints is None:
+        fingerprints = cluster_rounding(job, address)[1]
     gpu = job.options.torch_devices[0].type == "cuda"
-    resources = {"num_gpus": 1} if gpu else {"num_cpus": 1}
-    fingerprints = _node_fingerprints(ray, job, resources)
+    resources = _resources(job)
     expected = next(iter(fingerprints.values()))
     job_ref = ray.put(job)
     largest = max((n for n in ray.nodes() if n.get("Alive")), key=lambda n: n.get("Resources", {}).get("memory", 0))
@@ -161,7 +184,10 @@ def run_on_ray(job: Job, address: str, progress: bool) -> dict[str, Any]:
             if isinstance(cause, PissaError):
                 raise cause from None  # the task's own error, as a local run would raise it
             raise
+    probes = sorted({f["rounding"] for f in fingerprints.values()})
     return {"address": address, "fingerprint": expected, "nodes": sorted(fingerprints), "units_per_node": per_node,
+            **({"rounding_by_node": {n: f["rounding"] for n, f in sorted(fingerprints.items())}}
+               if len(probes) > 1 else {}),
             "task_memory_bytes": memory, "seconds": time.perf_counter() - started}
 
 
@@ -181,8 +207,10 @@ def _node_fingerprints(ray, job: Job, resources: dict) -> dict[str, dict]:
     found = dict(ray.get(refs))
     first_node, first = next(iter(found.items()))
     for node, fingerprint in found.items():
-        if fingerprint != first:
+        difference = fingerprint_difference(first, fingerprint, job.options.allow_mixed_rounding)
+        if difference:
             raise EnvironmentMismatchError(
-                f"nodes {first_node} and {node} would write other bytes ({_difference(first, fingerprint)}); "
-                "give every node the same pissa_rs, torch, CUDA and device kind, or run on a uniform subset")
+                f"nodes {first_node} and {node} would write other bytes ({difference}); give every node the same "
+                "pissa_rs, torch, CUDA, device kind and CPU or GPU model, run on a uniform subset, or "
+                "allow_mixed_rounding=True (--allow-mixed-rounding) for an output that is no single machine's bytes")
     return found

@@ -55,14 +55,18 @@ def check_input_unchanged(state: list[dict[str, Any]]) -> None:
             )
 
 
-def run_identity(input_path: Path, options: dict[str, Any], inputs: list[dict[str, Any]]) -> dict[str, Any]:
+def run_identity(input_path: Path, options: dict[str, Any], inputs: list[dict[str, Any]], rounding: str
+                 ) -> dict[str, Any]:
+    """What a resumed run must match: inputs, options, pissa_rs, and how the machine that
+    began it rounds (`rounding`: its probe, rounding.py)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         ours = version("pissa-rs")
     except PackageNotFoundError:  # running from a source tree
         ours = "dev"
-    return {"pissa_rs": ours, "input": str(input_path.resolve()), "inputs": inputs, "options": options}
+    return {"pissa_rs": ours, "input": str(input_path.resolve()), "inputs": inputs, "options": options,
+            "rounding": rounding}
 
 
 def read_identity(out: Path, report_name: str) -> dict[str, Any] | None:
@@ -79,8 +83,9 @@ def read_identity(out: Path, report_name: str) -> dict[str, Any] | None:
     return None
 
 
-def identity_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
-    """What differs between two runs' identities, in words; None if nothing."""
+def identity_difference(old: dict[str, Any], new: dict[str, Any], allow_mixed_rounding: bool = False) -> str | None:
+    """What differs between two runs' identities, in words; None if nothing (rounding
+    probes may differ when mixing is allowed)."""
     if old.get("input") != new["input"]:
         return f"input {old.get('input')} (this run: {new['input']})"
     if old.get("inputs") != new["inputs"]:
@@ -91,6 +96,11 @@ def identity_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
             return f"option {key}={old_options.get(key)!r} (this run: {value!r})"
     if old.get("pissa_rs") != new["pissa_rs"]:
         return f"pissa_rs {old.get('pissa_rs')} (this run: {new['pissa_rs']})"
+    if old.get("rounding") != new["rounding"] and not allow_mixed_rounding:
+        return (f"it was begun on a machine that rounds differently (rounding probe {old.get('rounding')}, this "
+                f"machine: {new['rounding']}), so its finished parts are other bytes than this machine would "
+                "write; allow_mixed_rounding=True (--allow-mixed-rounding) keeps them, and the report says which "
+                "tensors came from which probe")
     return None
 
 

@@ -64,12 +64,21 @@ class UnitOutput:
             self.records_file = None
 
 
-def _open(checkpoint: Checkpoint, spec: OutputSpec, unit: Unit) -> UnitOutput:
-    """The unit's writers in one output: fresh, or resuming from the unit's journal."""
+def _open(checkpoint: Checkpoint, spec: OutputSpec, unit: Unit, rounding: str) -> UnitOutput:
+    """The unit's writers in one output: fresh, or resuming from the unit's journal when the
+    attempt that wrote it rounded as this one does (else its half-written bytes could pair a
+    factor of one machine with the residual of another: the unit starts over)."""
     output = UnitOutput(spec, unit)
     journal_path = unit_file(spec.out, unit, "journal")
     journal_path.parent.mkdir(exist_ok=True)
+    stamp = unit_file(spec.out, unit, "rounding")
     resume = journal_path.is_file()
+    if resume and (not stamp.is_file() or stamp.read_text() != rounding):
+        for kind in ("journal", "records", "adapter"):
+            unit_file(spec.out, unit, kind).unlink(missing_ok=True)
+        resume = False
+    if not resume:
+        atomic_write_text(stamp, rounding)
     try:
         journal = Journal(journal_path)
         files = [str(Path(checkpoint.root) / f) for f in unit.files]
@@ -131,12 +140,14 @@ def _adopt_journaled(output: UnitOutput, journal: Path) -> None:
 
 
 def run_unit(job: Job, unit: Unit, progress: Callable[[int], None] | None = None,
-             lease: Lease | None = None) -> dict[str, Any]:
+             lease: Lease | None = None, rounding: str | None = None) -> dict[str, Any]:
     """Run `unit` of `job` into every output that has not finished it. Any process that sees
     the input and the output folders can run it; the driver holds the folders' locks.
     `progress(n)`: n more bytes written. `lease`: this attempt's, checked before every step
-    that creates, finalizes or marks done (see lease.py). Returns a small summary."""
+    that creates, finalizes or marks done (see lease.py). `rounding`: this process's probe
+    (default: the driver's, job.rounding), kept in the unit's files. Returns a small summary."""
     check = lease.check if lease is not None else (lambda: None)
+    rounding = rounding or job.rounding
     started = time.perf_counter()
     checkpoint = Checkpoint(job.input)
     report = progress or (lambda n: None)
@@ -148,9 +159,9 @@ def run_unit(job: Job, unit: Unit, progress: Callable[[int], None] | None = None
     try:
         check()
         for spec, is_active in zip(job.outputs, active):
-            outputs.append(_open(checkpoint, spec, unit) if is_active else None)
+            outputs.append(_open(checkpoint, spec, unit, rounding) if is_active else None)
         report(sum(_written_before(s, unit, o) for s, o in zip(job.outputs, outputs) if not s.complete))
-        _run(checkpoint, job, unit, outputs, active, report, check)
+        _run(checkpoint, job, unit, outputs, active, report, check, rounding)
     finally:
         for output in outputs:
             if output is not None:
@@ -159,7 +170,7 @@ def run_unit(job: Job, unit: Unit, progress: Callable[[int], None] | None = None
 
 
 def _run(checkpoint: Checkpoint, job: Job, unit: Unit, outputs: list[UnitOutput | None], active: list[bool],
-         progress: Callable[[int], None], check: Callable[[], None]) -> None:
+         progress: Callable[[int], None], check: Callable[[], None], rounding: str) -> None:
     """The unit's targets through torch, its pass-through tensors copied, then its files
     finalized and marked done; on any failure or Ctrl-C the temporary files and the
     journal stay for the next run to resume."""
@@ -222,7 +233,8 @@ def _run(checkpoint: Checkpoint, job: Job, unit: Unit, outputs: list[UnitOutput 
                 writer.finalize()
                 fault_point("finalize")
             check()
-            atomic_write_text(unit_file(o.spec.out, unit, "done"), json.dumps({"targets": len(unit.targets)}))
+            atomic_write_text(unit_file(o.spec.out, unit, "done"),
+                              json.dumps({"targets": len(unit.targets), "rounding": rounding}))
     except BaseException as err:
         if runner is not None:
             runner.close()

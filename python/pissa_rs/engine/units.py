@@ -51,12 +51,14 @@ class Job:
     inputs: tuple[dict[str, Any], ...]  # size and mtime of every input file when planned
     units: tuple[Unit, ...]
     threads: int = 1  # torch's CPU threads in the driver: CPU results (and their rounding) depend on it
+    rounding: str = ""  # the driver's rounding probe (rounding.py): what a unit's process must round like
 
 
 def unit_file(out: Path, unit: Unit, kind: str) -> Path:
-    """A unit's own file in OUT: "journal", "records", "adapter" (its part), "done" or "lease"."""
+    """A unit's own file in OUT: "journal", "records", "adapter" (its part), "done", "lease" or
+    "rounding" (the probe of the process that began what the journal holds)."""
     suffix = {"journal": ".journal.jsonl", "records": ".records.jsonl", "adapter": ".adapter.safetensors",
-              "done": ".done", "lease": ".lease"}[kind]
+              "done": ".done", "lease": ".lease", "rounding": ".rounding"}[kind]
     return out / UNITS_DIR / f"{unit.name}{suffix}"
 
 
