@@ -194,13 +194,19 @@ def test_a_bad_input_fails_once_and_fast_with_its_own_error(cluster, llama, tmp_
     assert not list((tmp_path / "o").glob(".pissa_units/*.done"))
 
 
-def test_a_node_that_would_write_other_bytes_is_refused_by_name(cluster, llama, tmp_path):
-    os.environ["ATEN_CPU_CAPABILITY"] = "default"  # this node's torch picks other CPU kernels
+def _node_with(cluster, variable: str, value: str):
+    """A one-CPU node started with `variable` set in its environment."""
+    os.environ[variable] = value
     try:
         odd = cluster.add_node(num_cpus=1)
     finally:
-        del os.environ["ATEN_CPU_CAPABILITY"]
+        del os.environ[variable]
     cluster.wait_for_nodes()
+    return odd
+
+
+def test_a_node_that_would_write_other_bytes_is_refused_by_name(cluster, llama, tmp_path):
+    odd = _node_with(cluster, "ATEN_CPU_CAPABILITY", "default")  # this node's torch picks other CPU kernels
     try:
         with pytest.raises(pissa_rs.EnvironmentMismatchError, match="cpu_kernels"):
             pissa_rs.decompose_checkpoint(llama, r=4, out=tmp_path / "o", progress=False, ray=cluster.address)
@@ -214,12 +220,7 @@ def test_a_node_that_rounds_differently_is_refused_unless_mixing_is_allowed(clus
     """Same versions, same CPU kernels, another rounding probe (the test hook stands for a CPU
     whose MKL takes other GEMM code): refused by name before anything is written; with
     allow_mixed_rounding the run goes on and the report says which node rounded how."""
-    os.environ["PISSA_RS_ROUNDING_PROBE_SALT"] = "another CPU model"
-    try:
-        odd = cluster.add_node(num_cpus=1)
-    finally:
-        del os.environ["PISSA_RS_ROUNDING_PROBE_SALT"]
-    cluster.wait_for_nodes()
+    odd = _node_with(cluster, "PISSA_RS_ROUNDING_PROBE_SALT", "another CPU model")
     try:
         with pytest.raises(pissa_rs.EnvironmentMismatchError, match="rounding '[0-9a-f]+' vs '[0-9a-f]+'"):
             pissa_rs.decompose_checkpoint(llama, r=4, out=tmp_path / "o", progress=False, ray=cluster.address)
