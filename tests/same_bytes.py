@@ -84,10 +84,9 @@ def _signs(rows: int, n: int):
     """A rows x n matrix of +-1 from an integer hash: the same on every machine."""
     import torch
 
-    i = torch.arange(rows * n, dtype=torch.int64)
-    h = (i * 2654435761 + 97) % (1 << 32)
-    h = (h ^ (h >> 15)) * 2246822519 % (1 << 32)
-    return (((h >> 7) & 1) * 2 - 1).to(torch.float64).reshape(rows, n)
+    from pissa_rs.rounding import hashed_uniform
+
+    return torch.where(hashed_uniform(rows * n, 1 << 40) < 0, -1.0, 1.0).to(torch.float64).reshape(rows, n)
 
 
 def _positions(n: int, k: int):
@@ -142,11 +141,6 @@ def _sign_canonical(name: str, t):
     return t * torch.where(peak < 0, -1.0, 1.0).to(t.dtype)
 
 
-def _safetensors_dtype(torch_dtype: str) -> str:
-    return {"torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16",
-            "torch.float8_e4m3fn": "F8_E4M3", "torch.float8_e5m2": "F8_E5M2"}.get(torch_dtype, "F32")
-
-
 def value_problems(found: dict, recorded: dict) -> list[str]:
     """Where tensor_values of a run on a machine that rounds differently break the bound
     (module docstring): copies and integer tensors compared as they must be, floats by norm."""
@@ -154,6 +148,9 @@ def value_problems(found: dict, recorded: dict) -> list[str]:
     import math
 
     import numpy as np
+    import torch
+
+    from pissa_rs.tensors import SAFETENSORS_DTYPES
 
     problems = []
     if sorted(found) != sorted(recorded):
@@ -176,7 +173,8 @@ def value_problems(found: dict, recorded: dict) -> list[str]:
                     problems.append(f"{where}: {same:.0%} of the sampled bytes unchanged (needs {MIN_SAME_BYTES:.0%})")
             else:
                 scale = max(rec.get("reference_norm", 0.0), rec["norm"])
-                bound = (FLOAT_SLACK + HALF_ULP[_safetensors_dtype(rec["dtype"])]) * scale
+                dtype = SAFETENSORS_DTYPES[getattr(torch, rec["dtype"].removeprefix("torch."))]
+                bound = (FLOAT_SLACK + HALF_ULP[dtype]) * scale
                 sketch = [np.frombuffer(base64.b64decode(e["sketch"]), dtype=np.float64) for e in (got, rec)]
                 estimate = float(np.linalg.norm(sketch[0] - sketch[1])) / math.sqrt(SKETCH_ROWS)
                 if estimate > bound or abs(got["norm"] - rec["norm"]) > bound:
@@ -212,13 +210,12 @@ def fixed_spread(model, path, **kwargs) -> None:
     weights do, so the top-r subspace is well-posed and rounding moves it little."""
     import torch
 
+    from pissa_rs.rounding import hashed_uniform
+
     model = model.float().eval()
     with torch.no_grad():
         for k, (_, p) in enumerate(model.named_parameters()):
-            i = torch.arange(p.numel(), dtype=torch.int64) + k * 7_919_993
-            h = (i * 2654435761 + 12345) % (1 << 32)
-            h = (h ^ (h >> 13)) * 1274126177 % (1 << 32)
-            u = ((h >> 8).to(torch.float64) / float(1 << 24) - 0.5).reshape(p.shape)  # exact in float32
+            u = hashed_uniform(p.numel(), k * 7_919_993).reshape(p.shape)
             if p.dim() == 1:
                 p.copy_(1.0 + 0.2 * u)
             else:  # columns scaled down the line: separated leading singular values, a well-posed top-r

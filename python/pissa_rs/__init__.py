@@ -37,6 +37,7 @@ from .merge import merge_adapter
 from .qerror import measure_quantization_error
 from .quant import QuantError, Quantization
 from .requirements import DependencyVersionError
+from .rounding import RoundingMismatchError
 from .engine.resume import InputChangedError, OutputLockedError, RunMismatchError
 from .planning.targets import Target, TargetError, resolve_targets
 from .tensors import as_numpy_bytes, as_torch
@@ -77,6 +78,7 @@ __all__ = [
     "LeaseLostError",
     "EnvironmentMismatchError",
     "RayUnavailableError",
+    "RoundingMismatchError",
     "Factors",
     "HubError",
     "Target",

@@ -140,7 +140,7 @@ def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None
     states: list[str] = []
     try:
         if ray is None:
-            rounding = devices_probe(options, sorted({t.dtype for t in plans[0].targets}))
+            rounding = devices_probe(options, plans[0].targets)
         else:
             from .engine.ray_run import cluster_rounding
 

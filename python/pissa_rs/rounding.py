@@ -26,9 +26,11 @@ import torch
 from ._pissa_rs import PissaError
 from .factors import factors_at_ranks
 from .quant import Quantization, qpissa_factors_at_ranks
+from .tensors import TORCH_DTYPES
 
 if TYPE_CHECKING:
     from .options import DecomposeOptions
+    from .planning.targets import Target
 
 # (rows, cols, rank): tall, wide, medium, and long inner dimensions for both GEMMs of the
 # subspace iteration (A @ basis has inner dimension cols, A^T @ basis has rows).
@@ -48,13 +50,19 @@ class RoundingMismatchError(PissaError, RuntimeError):
     their probes differ, so they would write other bytes for the same input."""
 
 
-def fixed_weight(rows: int, cols: int, salt: int) -> torch.Tensor:
-    """A rows x cols float32 matrix of values in [-0.5, 0.5) from an integer hash: the same
-    bits on every machine (no random generator, no transcendental function)."""
-    i = torch.arange(rows * cols, dtype=torch.int64) + salt * 1_000_003
+def hashed_uniform(n: int, offset: int = 0) -> torch.Tensor:
+    """n float64 values in [-0.5, 0.5) from an integer hash of offset .. offset + n - 1: the
+    same bits on every machine (no random generator, no transcendental function), and 24
+    bits each, so exact in float32."""
+    i = torch.arange(n, dtype=torch.int64) + offset
     h = (i * 2654435761 + 12345) % (1 << 32)
     h = (h ^ (h >> 13)) * 1274126177 % (1 << 32)
-    values = (h >> 8).to(torch.float64) / float(1 << 24) - 0.5  # 24 bits: exact in float32
+    return (h >> 8).to(torch.float64) / float(1 << 24) - 0.5
+
+
+def fixed_weight(rows: int, cols: int, salt: int) -> torch.Tensor:
+    """A rows x cols float32 matrix of hashed_uniform values, the columns scaled down."""
+    values = hashed_uniform(rows * cols, salt * 1_000_003)
     # a decaying spectrum, like a trained weight's, so the leading singular values are separated
     scale = 1.0 / (1.0 + torch.arange(cols, dtype=torch.float64) / 8.0)
     return (values.reshape(rows, cols) * scale).to(torch.float32)
@@ -74,9 +82,6 @@ def rounding_probe(device: torch.device | str, dtypes: list[str], niter: int, ad
         return _cache[key]
 
 
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
 def _measure(device, dtypes, niter, adapter_dtype, quantization, quant_iters) -> str:
     digest = hashlib.sha256(os.environ.get(PROBE_SALT, "").encode())
 
@@ -86,7 +91,7 @@ def _measure(device, dtypes, niter, adapter_dtype, quantization, quant_iters) ->
 
     with torch.no_grad():
         for name in dtypes:
-            dtype = _DTYPES.get(name, torch.float32)
+            dtype = TORCH_DTYPES.get(name, torch.float32)
             for salt, (rows, cols, r) in enumerate(PROBE_SHAPES):
                 w = fixed_weight(rows, cols, salt).to(device=device, dtype=dtype)
                 f = factors_at_ranks(w, [(r, 2.0)], niter=niter, seed=PROBE_SEED + salt,
@@ -102,20 +107,20 @@ def _measure(device, dtypes, niter, adapter_dtype, quantization, quant_iters) ->
     return digest.hexdigest()[:24]
 
 
-def job_probe(options: DecomposeOptions, dtypes: list[str], device: torch.device | str) -> str:
-    """The probe of a decomposition with `options` over weights of `dtypes` (safetensors
-    names, as decoded), on `device`."""
+def job_probe(options: DecomposeOptions, targets: list[Target], device: torch.device | str) -> str:
+    """The probe of a decomposition with `options` of `targets` (their dtypes as decoded),
+    on `device`."""
     from .options import ADAPTER_DTYPES
 
-    return rounding_probe(device, dtypes, options.niter, ADAPTER_DTYPES[options.adapter_dtype],
-                          options.quantization, options.quant_iters)
+    return rounding_probe(device, sorted({t.dtype for t in targets}), options.niter,
+                          ADAPTER_DTYPES[options.adapter_dtype], options.quantization, options.quant_iters)
 
 
-def devices_probe(options: DecomposeOptions, dtypes: list[str]) -> str:
+def devices_probe(options: DecomposeOptions, targets: list[Target]) -> str:
     """The probe every device of `options` shares; refused, naming them, when two devices
     (GPUs of two models, say) would round differently: which tensor lands on which device
     is decided at run time, so a mix could not say which tensors came from where."""
-    probes = {str(d): job_probe(options, dtypes, d) for d in options.torch_devices}
+    probes = {str(d): job_probe(options, targets, d) for d in options.torch_devices}
     if len(set(probes.values())) > 1:
         raise RoundingMismatchError(
             "the devices " + ", ".join(probes) + " round differently (rounding probes "

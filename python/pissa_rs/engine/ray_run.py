@@ -49,7 +49,7 @@ def environment_fingerprint(job: Job) -> dict[str, Any]:
     quant = job.options.quantization
     if quant is not None:  # this node's own check (bitsandbytes agrees with the reference, or not)
         fingerprint["quantizer"] = quant.choice(device.type).backend
-    fingerprint["rounding"] = job_probe(job.options, sorted({t.dtype for t in job.outputs[0].plan.targets}), device)
+    fingerprint["rounding"] = job_probe(job.options, job.outputs[0].plan.targets, device)
     return fingerprint
 
 
