@@ -438,7 +438,7 @@ def test_peft_converts_a_trained_adapter_to_a_lora_of_the_original_model(llama, 
 
 
 def test_a_failure_mid_run_leaves_no_file_under_a_final_name(llama, tmp_path, monkeypatch):
-    import pissa_rs.engine.compute as driver
+    import pissa_rs.methods.pissa as driver  # the default method's SVD
 
     real = driver.factors_at_ranks
     calls = {"n": 0}

@@ -190,7 +190,7 @@ def test_an_interrupted_out_is_not_resumed_with_other_options(model, tmp_path):
 def test_an_input_that_changes_during_the_run_stops_it(model, tmp_path, monkeypatch):
     import shutil
 
-    import pissa_rs.engine.compute as driver
+    import pissa_rs.methods.pissa as driver  # the default method's SVD
 
     src = tmp_path / "m"
     shutil.copytree(model, src)

@@ -63,7 +63,7 @@ def test_a_journal_written_under_another_mount_point_is_adopted(llama, tmp_path,
     other absolute paths, and the next attempt still adopts what it proves written."""
     import json
 
-    import pissa_rs.engine.compute as compute
+    import pissa_rs.methods.pissa as compute  # the default method's SVD
 
     job = job_for(llama, tmp_path / "o")
     (tmp_path / "o").mkdir()

@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _decompose(args) -> int:
     options = options_from_args(args)
-    source, out = resolve_source(args.path, args.revision, args.out, options.ranks, headers_only=args.dry_run)
+    source, out = resolve_source(args.path, args.revision, args.out, options.ranks, headers_only=args.dry_run,
+                                 method=options.method)
     if args.dry_run:
         plan = replace(plan_decomposition(source, options, out), input=Path(args.path))
         print(plan.describe())

@@ -102,7 +102,7 @@ def decompose_checkpoint(
     then gives, per weight, the error that re-quantization adds.
     """
     opts = DecomposeOptions.from_fields({"r": r, **options})
-    source, out = resolve_source(path, revision, Path(out) if out else None, opts.ranks)
+    source, out = resolve_source(path, revision, Path(out) if out else None, opts.ranks, method=opts.method)
     return run_decomposition(source, opts, out=out, overwrite=overwrite, progress=progress, ray=ray,
                              origin=base_model_of(path, revision))
 
@@ -123,7 +123,7 @@ def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None
     checkpoint = Checkpoint(path)
     inputs = input_state(checkpoint)
     per_rank = [options.for_rank(r) for r in options.ranks]
-    outs = output_dirs(path, options.ranks, out)
+    outs = output_dirs(path, options.ranks, out, options.method)
     if sum(i.nbytes for i in checkpoint.tensors) > PLAN_IN_CHILD_ABOVE_BYTES:
         plans, checks = make_plan_in_child(path, [asdict(o) for o in per_rank], outs)
     else:

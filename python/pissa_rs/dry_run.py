@@ -87,14 +87,15 @@ def plan(path: str | os.PathLike[str], r: int | list[int] = 128, *, out: str | o
     targets with shapes and ranks, pass-through tensors, bytes in and out, and free disk
     (or why an output directory could not be created). Target mistakes raise here."""
     opts = DecomposeOptions.from_fields({"r": r, **options})
-    source, out = resolve_source(path, revision, Path(out) if out else None, opts.ranks, headers_only=True)
+    source, out = resolve_source(path, revision, Path(out) if out else None, opts.ranks, headers_only=True,
+                                 method=opts.method)
     return replace(plan_decomposition(source, opts, out), input=Path(path))
 
 
 def plan_decomposition(path: Path, opts: DecomposeOptions, out: Path | None) -> DecompositionPlan:
     """`plan` with options already validated (the CLI's --dry-run)."""
     checkpoint = Checkpoint(path)
-    outs = output_dirs(path, opts.ranks, out)
+    outs = output_dirs(path, opts.ranks, out, opts.method)
     plans = make_plan(path, [asdict(opts.for_rank(r)) for r in opts.ranks], outs)
     found = plans[-1]  # ranks ascend: the largest, whose SVD all share
     targets = {p.tensor for t in found.targets for p in t.weight_read(checkpoint).pieces}

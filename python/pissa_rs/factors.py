@@ -70,9 +70,11 @@ class Factors:
 
     lora_A: torch.Tensor  # r x in, adapter dtype
     lora_B: torch.Tensor  # out x r, adapter dtype
-    residual: torch.Tensor  # out x in (as stored: in x out for fan_in_fan_out), weight dtype
-    singular_values: torch.Tensor  # top-r singular values of W, float32, descending
-    energy_kept: float  # sum(S_r^2) / ||W||_F^2
+    # out x in (as stored: in x out for fan_in_fan_out), weight dtype; None for a method that
+    # leaves the base weight as it is (MiCA)
+    residual: torch.Tensor | None
+    singular_values: torch.Tensor  # the singular values of W the adapter starts from, float32 (empty: none, QR)
+    energy_kept: float  # the share of ||W||_F^2 in the adapter's column space: sum(S_r^2) / ||W||_F^2
     max_abs_error: float  # max |residual - (W - scale * B @ A)|, the difference in float32: the cast's error
 
 
@@ -104,22 +106,8 @@ def factors_at_ranks(
 ) -> list[Factors]:
     """PiSSA factors at several (rank, scale) pairs from one SVD at the largest
     rank: the smaller ranks take its leading singular triplets."""
-    if weight.dim() != 2:
-        raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
-    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"PiSSA needs a float32, float16 or bfloat16 weight, got {weight.dtype}")
-    w = weight.to(torch.float32)
-    if fan_in_fan_out:
-        w = w.T
-    rows, cols = w.shape
+    w, total = float32_oriented(weight, fan_in_fan_out, ranks)
     q = max(r for r, _ in ranks)
-    for r, _ in ranks:
-        if not 1 <= r <= min(rows, cols):
-            raise ValueError(f"rank {r} is not in [1, min({rows}, {cols})]")
-
-    flat = w.reshape(-1)
-    total = torch.dot(flat, flat).item()
-    del flat
     if niter == 0:
         U, S, Vh = torch.linalg.svd(w, full_matrices=False)
         U, S, Vh = U[:, :q], S[:q], Vh[:q]
@@ -132,9 +120,28 @@ def factors_at_ranks(
     del w
     oriented = weight.T if fan_in_fan_out else weight
     return [
-        _factors_from_triplets(oriented, U[:, :r], S[:r], Vh[:r], scale, adapter_dtype, fan_in_fan_out, total)
+        factors_from_triplets(oriented, U[:, :r], S[:r], Vh[:r], scale, adapter_dtype, fan_in_fan_out, total)
         for r, scale in ranks
     ]
+
+
+def float32_oriented(weight: torch.Tensor, fan_in_fan_out: bool, ranks: list[tuple[int, float]]
+                     ) -> tuple[torch.Tensor, float]:
+    """The weight in float32, out x in, and ||W||_F^2; its dtype, shape and the ranks checked."""
+    if weight.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
+    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"PiSSA needs a float32, float16 or bfloat16 weight, got {weight.dtype}")
+    w = weight.to(torch.float32)
+    if fan_in_fan_out:
+        w = w.T
+    rows, cols = w.shape
+    for r, _ in ranks:
+        if not 1 <= r <= min(rows, cols):
+            raise ValueError(f"rank {r} is not in [1, min({rows}, {cols})]")
+    flat = w.reshape(-1)
+    total = torch.dot(flat, flat).item()
+    return w, total
 
 
 # Rows of the residual computed at a time (about 16 MiB of float32 each): a weight costs
@@ -142,13 +149,20 @@ def factors_at_ranks(
 BLOCK_ELEMENTS = 1 << 22
 
 
-def _factors_from_triplets(oriented, U, S, Vh, scale, adapter_dtype, fan_in_fan_out, total) -> Factors:
-    """`oriented`: the weight (out x in, a view of the stored tensor) in its own dtype."""
-    dtype = oriented.dtype
+def factors_from_triplets(oriented, U, S, Vh, scale, adapter_dtype, fan_in_fan_out, total) -> Factors:
+    """PiSSA's split of singular triplets (any of W's, top or bottom): A = sqrt(S/s) Vh,
+    B = U sqrt(S/s), and the residual from them. `oriented`: the weight (out x in, a view
+    of the stored tensor) in its own dtype; `total`: ||W||_F^2."""
     sqrt_s = torch.sqrt(S / scale)
     lora_A = (sqrt_s[:, None] * Vh).to(adapter_dtype)
     lora_B = (U * sqrt_s[None, :]).to(adapter_dtype)
+    energy_kept = (S.double().square().sum().item() / total) if total > 0 else 1.0
+    return factors_with_residual(oriented, lora_A, lora_B, scale, fan_in_fan_out, S.to(torch.float32), energy_kept)
 
+
+def factors_with_residual(oriented, lora_A, lora_B, scale, fan_in_fan_out, singular_values, energy_kept) -> Factors:
+    """Factors as stored, and the residual W - s * B @ A computed from them."""
+    dtype = oriented.dtype
     # PEFT's expression, in float32 from the factors as stored, as one product (row blocks
     # of a product need not round as the whole product does).
     delta = (scale * lora_B.to(torch.float32)) @ lora_A.to(torch.float32)
@@ -164,14 +178,13 @@ def _factors_from_triplets(oriented, U, S, Vh, scale, adapter_dtype, fan_in_fan_
         if dtype != torch.float32 and block.numel():  # the cast's error |residual - (W - s*B@A)|
             max_abs_error = max(max_abs_error, block.to(torch.float32).sub_(difference).abs_().max().item())
     del delta
-    energy_kept = (S.double().square().sum().item() / total) if total > 0 else 1.0
     if fan_in_fan_out:
         residual = residual.T
     return Factors(
         lora_A=lora_A,
         lora_B=lora_B,
         residual=residual.contiguous(),
-        singular_values=S.to(torch.float32),
+        singular_values=singular_values,
         energy_kept=energy_kept,
         max_abs_error=max_abs_error,
     )

@@ -9,30 +9,30 @@ from .hub import is_local, model_name, resolve_model
 
 
 def resolve_source(path: str | os.PathLike[str], revision: str | None, out: Path | None, ranks: list[int],
-                   headers_only: bool = False) -> tuple[Path, Path | None]:
+                   headers_only: bool = False, method: str = "pissa") -> tuple[Path, Path | None]:
     """The checkpoint to read (a local path as it is, or a Hub model ID's snapshot in
     the Hugging Face cache; with `headers_only`, for a dry run, stand-ins holding only
     the shards' headers when the weights are not cached) and the output directory: for
-    an ID, by default `./<name>-pissa-r<r>` in the current directory."""
+    an ID, by default `./<name>-<method>-r<r>` in the current directory."""
     source = resolve_model(path, revision, headers_only=headers_only)
     if out is None and not is_local(path):
         name = model_name(path)
-        out = Path.cwd() / (f"{name}-pissa-r{ranks[0]}" if len(ranks) == 1 else f"{name}-pissa-r{{r}}")
+        out = Path.cwd() / (f"{name}-{method}-r{ranks[0]}" if len(ranks) == 1 else f"{name}-{method}-r{{r}}")
     return source, out
 
 
-def default_out(path: Path, r: int) -> Path:
-    """`<name>-pissa-r<r>` beside the input."""
+def default_out(path: Path, r: int, method: str = "pissa") -> Path:
+    """`<name>-<method>-r<r>` beside the input (`<name>-pissa-r8`)."""
     path = path.resolve()
     stem = path.name[: -len(".safetensors")] if path.name.endswith(".safetensors") else path.name
-    return path.parent / f"{stem}-pissa-r{r}"
+    return path.parent / f"{stem}-{method}-r{r}"
 
 
-def output_dirs(path: Path, ranks: list[int], out: Path | None) -> list[Path]:
+def output_dirs(path: Path, ranks: list[int], out: Path | None, method: str = "pissa") -> list[Path]:
     """Where each rank's output goes: `out` for one rank; for several, `out`
-    must hold "{r}" (e.g. "runs/m-r{r}"); by default `<name>-pissa-r<r>`."""
+    must hold "{r}" (e.g. "runs/m-r{r}"); by default `<name>-<method>-r<r>`."""
     if out is None:
-        return [default_out(path, r) for r in ranks]
+        return [default_out(path, r, method) for r in ranks]
     if len(ranks) > 1 and "{r}" not in str(out):
         raise ValueError(f"{out}: with several ranks, out must contain '{{r}}' (one directory per rank)")
     return [Path(str(out).replace("{r}", str(r))) for r in ranks]

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from .engine.devices import parse_devices
+from .methods import get_method, method_names
 from .quant import QUANT_TYPES, Quantization
 
 ADAPTER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -61,6 +62,8 @@ class DecomposeOptions:
 
     r: int | list[int] = option(128, "adapter rank r, or several (16,32,64,128): one SVD at the largest, one "
                                 "complete output per rank", parse=ranks_text, flag="--rank", short="-r")
+    method: str = option("pissa", "the initialization method: " + ", ".join(method_names())
+                         + " (docs: Methods)", parse=str)
     lora_alpha: float | None = option(None, "LoRA alpha; scale s = alpha / r (default: alpha = r, s = 1)", parse=float)
     niter: int = option(4, "subspace iterations of the randomized SVD (PEFT pissa_niter_K); 0 = exact SVD "
                         "(PEFT 'pissa')", parse=int)
@@ -128,6 +131,7 @@ class DecomposeOptions:
 
     def validate(self) -> DecomposeOptions:
         self.rank_pattern, self.alpha_pattern = dict(self.rank_pattern or {}), dict(self.alpha_pattern or {})
+        method = get_method(self.method)  # a typo is named with the list
         ranks = list(self.r) if isinstance(self.r, (list, tuple)) else [self.r]
         for r in ranks:
             if isinstance(r, bool) or not isinstance(r, int) or r < 1:
@@ -179,6 +183,7 @@ class DecomposeOptions:
             if self.device is None:
                 self.device = "cuda" if torch.cuda.is_available() else "cpu"
             self.device = str(parse_devices([self.device])[0])
+        method.check(self)
         return self
 
     @property
@@ -218,9 +223,15 @@ class DecomposeOptions:
         return replace(self, r=r, lora_alpha=alpha, svd_rank=max(self.ranks))
 
     @property
+    def init_method(self):
+        """The methods.Method this decomposition runs."""
+        return get_method(self.method)
+
+    @property
     def init_lora_weights(self) -> str:
-        """The PEFT init_lora_weights value this computes."""
-        return "pissa" if self.niter == 0 else f"pissa_niter_{self.niter}"
+        """The init this computes, as PEFT's init_lora_weights names it (pissa_niter_4, mica, olora;
+        MiLoRA, not in PEFT: milora)."""
+        return self.init_method.init_lora_weights(self.niter)
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:

@@ -236,16 +236,24 @@ def qpissa_factors_at_ranks(
     seed: int | None = None,
     adapter_dtype: torch.dtype = torch.float32,
     fan_in_fan_out: bool = False,
+    method=None,
 ) -> list[Factors]:
     """QPiSSA with `iters` iterations (docs/design.md): the first takes W's principal
-    factors; each next one takes those of W - deq(quant(W - s*B@A)). With one
+    factors (or `method`'s: a methods.Method; default PiSSA); each next one takes those of
+    W - deq(quant(W - s*B@A)). With one
     iteration the result is plain PiSSA (an unquantized residual, which loading
     in 4/8 bits quantizes); with more, the residual stored is deq(quant(W - s*B@A))
     in W's dtype and the adapter is the last A, B. Every rank iterates on its own
     from the shared first SVD."""
     if iters < 1:
         raise ValueError(f"quant_iters must be >= 1, got {iters}")
-    first = factors_at_ranks(weight, ranks, niter, seed, adapter_dtype, fan_in_fan_out)
+    def factorize(w, ranks, fan_in_fan_out):
+        if method is None:
+            return factors_at_ranks(w, ranks, niter, seed, adapter_dtype, fan_in_fan_out)
+        return method.factors_at_ranks(w, ranks, niter=niter, seed=seed, adapter_dtype=adapter_dtype,
+                                       fan_in_fan_out=fan_in_fan_out)
+
+    first = factorize(weight, ranks, fan_in_fan_out)
     if iters == 1:
         return first
     w = _oriented(weight, fan_in_fan_out).to(torch.float32)
@@ -254,7 +262,7 @@ def qpissa_factors_at_ranks(
         lora_A, lora_B = factors.lora_A, factors.lora_B
         for _ in range(iters - 1):
             deq = quant.project(w - scale * (lora_B.float() @ lora_A.float()), weight.dtype)
-            again = factors_at_ranks(w - deq.float(), [(r, scale)], niter, seed, adapter_dtype)[0]
+            again = factorize(w - deq.float(), [(r, scale)], False)[0]
             lora_A, lora_B = again.lora_A, again.lora_B
         target = w - scale * (lora_B.float() @ lora_A.float())
         residual = quant.project(target, weight.dtype)

@@ -78,6 +78,7 @@ def build_report(path: Path, out: Path, plan: Plan, options: DecomposeOptions, r
         "base_model": origin,  # what a LoRA converted from this adapter applies to (base_model_of)
         "architecture": plan.architecture,
         **({"config_note": plan.config_note} if plan.config_note else {}),
+        "method": options.method,
         "init_lora_weights": options.init_lora_weights,
         "svd_rank": options.svd_rank,  # larger than r when several ranks shared one SVD
         "options": asdict(options),

@@ -1,4 +1,4 @@
-"""How this process's torch rounds: the real decomposition (factors_at_ranks, QPiSSA when
+"""How this process's torch rounds: the real decomposition (the method's, QPiSSA when
 asked) run on small fixed inputs on a device and hashed. Two processes whose probes agree
 round the same way; two that disagree would write other bytes for the same input.
 
@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from ._pissa_rs import PissaError
-from .factors import factors_at_ranks
 from .quant import Quantization, qpissa_factors_at_ranks
 from .tensors import TORCH_DTYPES
 
@@ -69,20 +68,24 @@ def fixed_weight(rows: int, cols: int, salt: int) -> torch.Tensor:
 
 
 def rounding_probe(device: torch.device | str, dtypes: list[str], niter: int, adapter_dtype: torch.dtype,
-                   quantization: Quantization | None = None, quant_iters: int = 1) -> str:
+                   quantization: Quantization | None = None, quant_iters: int = 1, method: str = "pissa") -> str:
     """A hex digest of the decomposition's outputs on fixed inputs, computed on `device` in
     each weight dtype of `dtypes` ("F32", "F16", "BF16") with this process's torch threads.
+    `method`: the initialization method's own decomposition (methods/) is what is probed.
     Cached per process: the rounding of a process does not change while it runs."""
     device = torch.device(device)
     key = (str(device), tuple(sorted(set(dtypes))), niter, str(adapter_dtype),
-           quantization, quant_iters, torch.get_num_threads())
+           quantization, quant_iters, torch.get_num_threads(), method)
     with _lock:
         if key not in _cache:
-            _cache[key] = _measure(device, key[1], niter, adapter_dtype, quantization, quant_iters)
+            _cache[key] = _measure(device, key[1], niter, adapter_dtype, quantization, quant_iters, method)
         return _cache[key]
 
 
-def _measure(device, dtypes, niter, adapter_dtype, quantization, quant_iters) -> str:
+def _measure(device, dtypes, niter, adapter_dtype, quantization, quant_iters, method_name) -> str:
+    from .methods import get_method
+
+    method = get_method(method_name)
     digest = hashlib.sha256(os.environ.get(PROBE_SALT, "").encode())
 
     def absorb(*tensors: torch.Tensor) -> None:
@@ -94,15 +97,15 @@ def _measure(device, dtypes, niter, adapter_dtype, quantization, quant_iters) ->
             dtype = TORCH_DTYPES.get(name, torch.float32)
             for salt, (rows, cols, r) in enumerate(PROBE_SHAPES):
                 w = fixed_weight(rows, cols, salt).to(device=device, dtype=dtype)
-                f = factors_at_ranks(w, [(r, 2.0)], niter=niter, seed=PROBE_SEED + salt,
-                                     adapter_dtype=adapter_dtype)[0]
-                absorb(f.lora_A, f.lora_B, f.residual, f.singular_values,
+                f = method.factors_at_ranks(w, [(r, 2.0)], niter=niter, seed=PROBE_SEED + salt,
+                                            adapter_dtype=adapter_dtype, fan_in_fan_out=False)[0]
+                absorb(f.lora_A, f.lora_B, *([f.residual] if f.residual is not None else []), f.singular_values,
                        torch.tensor([f.energy_kept, f.max_abs_error], dtype=torch.float64))
             if quantization is not None:
                 rows, cols, r = QUANT_PROBE_SHAPE
                 w = fixed_weight(rows, cols, 99).to(device=device, dtype=dtype)
                 f = qpissa_factors_at_ranks(w, [(r, 2.0)], quantization, quant_iters, niter=niter,
-                                            seed=PROBE_SEED, adapter_dtype=adapter_dtype)[0]
+                                            seed=PROBE_SEED, adapter_dtype=adapter_dtype, method=method)[0]
                 absorb(f.lora_A, f.lora_B, f.residual)
     return digest.hexdigest()[:24]
 
@@ -113,7 +116,8 @@ def job_probe(options: DecomposeOptions, targets: list[Target], device: torch.de
     from .options import ADAPTER_DTYPES
 
     return rounding_probe(device, sorted({t.dtype for t in targets}), options.niter,
-                          ADAPTER_DTYPES[options.adapter_dtype], options.quantization, options.quant_iters)
+                          ADAPTER_DTYPES[options.adapter_dtype], options.quantization, options.quant_iters,
+                          options.method)
 
 
 def devices_probe(options: DecomposeOptions, targets: list[Target]) -> str:

@@ -16,6 +16,8 @@ from .hub import resolve_model
 from .constants import ADAPTER_SUBDIR, REPORT_NAME
 from .report import OutputReport
 from .formats.peft_adapter import ADAPTER_WEIGHTS, AdapterMismatchError, AdapterTarget, adapter_targets
+from .methods import get_method
+from .options import ADAPTER_DTYPES
 from .quant import Quantization
 from .tensors import as_torch
 
@@ -50,9 +52,16 @@ def verify(out: str | os.PathLike[str], against: str | os.PathLike[str], revisio
     held = OutputReport.read(out)
     stored = held.stored  # save_quantized: weights stored in bitsandbytes' format
     quant = held.residual_quantization
-    residual, original = Checkpoint(out), Checkpoint(against)
+    original = Checkpoint(against)
     adapter_dir = out / ADAPTER_SUBDIR
     adapter = Checkpoint(adapter_dir / ADAPTER_WEIGHTS)
+    method = get_method(held.options.get("method", "pissa"))
+    # the method's own structure (top or bottom triplets, Q and R) is checkable on a plain residual
+    dtype = ADAPTER_DTYPES[held.options.get("adapter_dtype", "float32")]
+    checks = MethodCheck(method, 4 * torch.finfo(dtype).eps + 1e-4) if quant is None else None
+    if not method.changes_base:  # the adapter alone, onto the original model
+        return _verify_adapter_only(out, against, original, adapter_dir, adapter, checks, report)
+    residual = Checkpoint(out)
 
     # What each original tensor became: itself, its serialized bitsandbytes form
     # (save_quantized), or its bfloat16 residual / nothing (an FP8 / MXFP4 source's codes / scales).
@@ -81,9 +90,12 @@ def verify(out: str | os.PathLike[str], against: str | os.PathLike[str], revisio
     # then fully checked (a layer's experts cover them; codes and scales make one weight).
     in_pieces: set[str] = set()
     for target in (t for t in all_targets if t.location is not None):
-        problem = _reconstruction_problem(target.tensor, target, target.weight(original),
-                                          target.weight(residual, residual=True), adapter,
+        w, w_res = target.weight(original), target.weight(residual, residual=True)
+        problem = _reconstruction_problem(target.tensor, target, w, w_res, adapter,
                                           quant if target.quantized_at_load else None, requantized=target.location)
+        kept_as_fp8 = target.location.decode is not None and target.location.out_pieces is None
+        if not problem and checks is not None and not kept_as_fp8:
+            problem = checks(target, w, w_res, adapter)
         if problem:
             report.problems.append(f"{problem} from {against}")
         report.checked_targets += 1
@@ -104,9 +116,11 @@ def verify(out: str | os.PathLike[str], against: str | os.PathLike[str], revisio
                 report.problems.append(f"{name}: pass-through tensor differs from {against}")
             report.checked_passthrough += 1
         else:
-            problem = _reconstruction_problem(name, target, as_torch(original.buffer(name)),
-                                              read_weight(residual, name, quant, stored), adapter,
+            w, w_res = as_torch(original.buffer(name)), read_weight(residual, name, quant, stored)
+            problem = _reconstruction_problem(name, target, w, w_res, adapter,
                                               quant if target.quantized_at_load else None)
+            if not problem and checks is not None:
+                problem = checks(target, w, w_res, adapter)
             if problem:
                 report.problems.append(f"{problem} from {against}")
             report.checked_targets += 1
@@ -159,3 +173,40 @@ def _reconstruction_problem(name: str, target: AdapterTarget, stored: torch.Tens
     worst = (error - bound).argmax().item()
     return (f"{name}: residual + s*B@A is not {what}: differs by {error.flatten()[worst].item():.3g} "
             f"(allowed {bound.flatten()[worst].item():.3g})")
+
+
+@dataclass
+class MethodCheck:
+    """One target's factors checked as the recorded method's (methods/: factor_problem)."""
+
+    method: object
+    tol: float
+
+    def __call__(self, target: AdapterTarget, w: torch.Tensor, w_res: torch.Tensor | None, adapter: Checkpoint
+                 ) -> str | None:
+        a, b = target.factors(adapter)
+        orient = (lambda m: m.float().T) if target.fan_in_fan_out else (lambda m: m.float())
+        eps = torch.finfo(w_res.dtype).eps if w_res is not None else 0.0
+        problem = self.method.factor_problem(orient(w), orient(w_res) if w_res is not None else None, a, b,
+                                             target.scale, self.tol, eps)
+        return f"{target.tensor}: {problem}" if problem else None
+
+
+def _verify_adapter_only(out: Path, against: Path, original: Checkpoint, adapter_dir: Path, adapter: Checkpoint,
+                         checks: MethodCheck, report: VerifyReport) -> VerifyReport:
+    """A method that leaves the base as it is (MiCA): OUT holds no model, and every adapter
+    module is checked against the original's weight as the method's init."""
+    stray = [p.name for p in out.glob("*.safetensors")]
+    if stray:
+        report.problems.append(f"{out}: holds {stray[:3]}, but a {checks.method.name} output is the adapter alone")
+    try:
+        targets = adapter_targets(adapter_dir, adapter, original, out)
+    except AdapterMismatchError as err:
+        report.problems.append(str(err))
+        return report
+    for target in targets:
+        problem = checks(target, target.weight(original), None, adapter)
+        if problem:
+            report.problems.append(f"{problem} from {against}")
+        report.checked_targets += 1
+    return report

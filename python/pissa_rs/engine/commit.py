@@ -13,7 +13,7 @@ import torch
 
 from .._pissa_rs import Checkpoint, PissaError, ShardWriter
 from ..constants import ADAPTER_CONFIG, ADAPTER_SUBDIR, ADAPTER_WEIGHTS, PARAM_WRAPPERS, REPORT_NAME, RUN_FILE, UNITS_DIR
-from ..formats.peft_adapter import adapter_shapes, lora_a_key, lora_b_key, param_wrappers_json
+from ..formats.peft_adapter import adapter_shapes, lora_a_key, lora_b_key, param_wrappers_json, with_base_model
 from ..options import ADAPTER_DTYPES
 from ..report import build_report
 from ..tensors import SAFETENSORS_DTYPES, as_numpy_bytes, as_torch
@@ -41,17 +41,21 @@ def commit(job: Job, spec: OutputSpec, started: float, origin: dict[str, str | N
     for unit in job.units:
         records_by_tensor.update(read_records(unit_file(out, unit, "records")))
     records = [records_by_tensor[t.tensor] for t in spec.plan.targets]
-    copied = copy_model_files(checkpoint, job.input, out)
-    if spec.options.save_quantized:  # the index names the tensors as stored; config.json how to load them
+    changes_base = spec.options.init_method.changes_base
+    # a method that leaves the base as it is (MiCA): no model here, the adapter names the original
+    copied = copy_model_files(checkpoint, job.input, out) if changes_base else []
+    config_json = spec.plan.adapter_config_json if changes_base else with_base_model(spec.plan.adapter_config_json,
+                                                                                      origin)
+    if changes_base and spec.options.save_quantized:  # the index names the tensors as stored; config.json how to load them
         write_index_like(checkpoint, out, spec.plan.stored_parts(spec.options.stored_quantization))
         set_quantization_config(out, spec.plan.quantization_config)
-    elif spec.plan.source_as:  # an FP8 / MXFP4 source: the residual's tensors and config say what they are now
+    elif changes_base and spec.plan.source_as:  # an FP8 / MXFP4 source: the residual's tensors and config say what they are now
         write_index_like(checkpoint, out, spec.plan.source_as)
         set_quantization_config(out, spec.plan.source_quantization_config)
     wrappers = param_wrappers_json(spec.plan.targets)
     if wrappers is not None:
         atomic_write_text(out / ADAPTER_SUBDIR / PARAM_WRAPPERS, wrappers)
-    atomic_write_text(out / ADAPTER_SUBDIR / ADAPTER_CONFIG, spec.plan.adapter_config_json)
+    atomic_write_text(out / ADAPTER_SUBDIR / ADAPTER_CONFIG, config_json)
     report = build_report(job.input, out, spec.plan, spec.options, records, copied,
                           sum(output_bytes(checkpoint, spec.plan, spec.options)), time.perf_counter() - started,
                           origin)

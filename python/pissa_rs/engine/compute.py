@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..factors import factors_at_ranks, scaling, tensor_seed
+from ..factors import scaling, tensor_seed
 from ..options import ADAPTER_DTYPES
 from ..quant import loftq_error, qpissa_factors_at_ranks, quantization_error
 from .units import OutputSpec
@@ -32,9 +32,9 @@ class Computed:
 
 def compute_target(index: int, weight: torch.Tensor, outputs: tuple[OutputSpec, ...], active: list[bool],
                    to_host) -> list[Computed | None]:
-    """Target `index` of the plans (its weight on its device, in its stored dtype): one SVD
-    at the largest rank, then factors, residual and report record for every active output
-    (None for the others). Runs on a device's worker thread."""
+    """Target `index` of the plans (its weight on its device, in its stored dtype): one
+    decomposition (the run's method's) at the largest rank, then factors, residual and report
+    record for every active output (None for the others). Runs on a device's worker thread."""
     t0 = time.perf_counter()
     first = outputs[0].options
     targets = [o.plan.targets[index] for o in outputs]
@@ -46,12 +46,14 @@ def compute_target(index: int, weight: torch.Tensor, outputs: tuple[OutputSpec, 
     # with bitsandbytes: plain PiSSA for them, whatever the quantization.
     quant = first.quantization if targets[0].quantized_at_load else None
     stored = next((w for w in outputs[0].plan.stored_quantized if w.tensor == targets[0].tensor), None)
+    method = first.init_method
     if quant is None:
-        all_factors = factors_at_ranks(weight, ranks, niter=first.niter, seed=seed, adapter_dtype=adapter_dtype,
-                                       fan_in_fan_out=fan_in_fan_out)
+        all_factors = method.factors_at_ranks(weight, ranks, niter=first.niter, seed=seed,
+                                              adapter_dtype=adapter_dtype, fan_in_fan_out=fan_in_fan_out)
     else:
         all_factors = qpissa_factors_at_ranks(weight, ranks, quant, first.quant_iters, niter=first.niter, seed=seed,
-                                              adapter_dtype=adapter_dtype, fan_in_fan_out=fan_in_fan_out)
+                                              adapter_dtype=adapter_dtype, fan_in_fan_out=fan_in_fan_out,
+                                              method=method)
     seconds = time.perf_counter() - t0
     computed: list[Computed | None] = []
     for is_active, target, scale, factors in zip(active, targets, scales, all_factors):
@@ -77,7 +79,9 @@ def compute_target(index: int, weight: torch.Tensor, outputs: tuple[OutputSpec, 
             **measured,
         }
         pieces = []
-        if target.location is not None:  # its bytes go where the read says, piece by piece
+        if factors.residual is None:  # the method leaves the base weight as it is: nothing to write
+            parts = []
+        elif target.location is not None:  # its bytes go where the read says, piece by piece
             if target.location.decode is not None and first.keep_source_format:
                 # back in the source's FP8, re-quantized; what re-quantizing costs, measured
                 flat = target.location.decode.encode(factors.residual)

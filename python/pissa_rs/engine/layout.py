@@ -129,12 +129,13 @@ def abandon(pipeline: Pipeline, writers, err: BaseException, keep: bool = False)
 
 
 def output_bytes(checkpoint: Checkpoint, plan, options) -> tuple[int, int]:
-    """(residual model, adapter) sizes in bytes: the residual has the input's
-    layout (less what is stored pre-quantized, plus its quantized form); the
+    """(residual model, adapter) sizes in bytes: the residual (none for a method that leaves
+    the base as it is) has the input's layout (less what is stored pre-quantized, plus its quantized form); the
     adapter holds r x in + out x r per target."""
     from ..options import ADAPTER_DTYPES
 
-    residual = residual_bytes(checkpoint, plan.stored_parts(options.stored_quantization))
+    residual = (residual_bytes(checkpoint, plan.stored_parts(options.stored_quantization))
+                if options.init_method.changes_base else 0)  # MiCA: the adapter alone
     itemsize = ADAPTER_DTYPES[options.adapter_dtype].itemsize
     adapter = sum(t.r * sum(t.shape) * itemsize for t in plan.targets)
     return residual, adapter

@@ -81,7 +81,8 @@ def _open(checkpoint: Checkpoint, spec: OutputSpec, unit: Unit, rounding: str) -
         atomic_write_text(stamp, rounding)
     try:
         journal = Journal(journal_path)
-        files = [str(Path(checkpoint.root) / f) for f in unit.files]
+        # a method that leaves the base as it is (MiCA) writes no residual: its units write adapter parts only
+        files = [str(Path(checkpoint.root) / f) for f in unit.files] if spec.options.init_method.changes_base else []
         stored_as = spec.plan.stored_parts(spec.options.stored_quantization)
         output.shard_writers = writers_like(checkpoint, spec.out, journal=journal, resume=resume, stored_as=stored_as,
                                             files=files)
@@ -184,7 +185,7 @@ def _run(checkpoint: Checkpoint, job: Job, unit: Unit, outputs: list[UnitOutput 
     files = {str(Path(checkpoint.root) / f) for f in unit.files}
     copies = [(i.name, o.shard_writers[i.file], i.name) for o in live for i in checkpoint.tensors
               if i.file in files and i.name not in read_names and i.name not in stored
-              and o.needs(o.shard_writers[i.file], i.name)]
+              and o.needs(o.shard_writers.get(i.file), i.name)]
     pipeline = Pipeline(checkpoint, copies)
     reported = [0]
 
@@ -277,7 +278,7 @@ def _start_assemblies(output: UnitOutput, computed: set[int]) -> None:
 
 def _needs_parts(output: UnitOutput, checkpoint: Checkpoint, tensor: str, parts: list[tuple]) -> bool:
     """Whether any tensor the input `tensor` is stored as is still to be written into `output`."""
-    writer = output.shard_writers[checkpoint.info(tensor).file]
+    writer = output.shard_writers.get(checkpoint.info(tensor).file)  # none: no residual written
     return any(output.needs(writer, name) for name, *_ in parts)
 
 

@@ -89,6 +89,11 @@ class AdapterTarget:
             b = b.view(b.shape[0], self.r, self.num_experts)[:, :, self.expert]
         return self.scale * b, a
 
+    def factors(self, adapter: Checkpoint) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) in float32, out x in orientation; for an expert, its own rows and columns."""
+        sb, a = self._factors(adapter)
+        return a, sb / self.scale
+
     def delta(self, adapter: Checkpoint):
         """s * B @ A in float32, laid out as the weight is stored."""
         sb, a = self._factors(adapter)
@@ -254,10 +259,12 @@ def adapter_config(
     fan_in_fan_out: bool,
     task_type: str | None,
     base_model_name_or_path: str,
+    init_lora_weights: bool | str = True,
 ):
-    """The config of an initialised PiSSA adapter, as PEFT expects to load it:
-    init_lora_weights=True (the SVD is already done) and no dropout (dropping
-    principal components at random would defeat PiSSA)."""
+    """The config of an initialised adapter, as PEFT expects to load it:
+    init_lora_weights=True (the SVD is already done; or the method's PEFT variant, MiCA's
+    "mica", which freezes lora_B) and no dropout (dropping principal components at random
+    would defeat PiSSA)."""
     with quiet_library_noise():
         from peft import LoraConfig
 
@@ -272,11 +279,19 @@ def adapter_config(
         use_rslora=use_rslora,
         fan_in_fan_out=fan_in_fan_out,
         lora_dropout=0.0,
-        init_lora_weights=True,
+        init_lora_weights=init_lora_weights,
         bias="none",
         task_type=task_type,
         base_model_name_or_path=base_model_name_or_path,
     )
+
+
+def with_base_model(config_json: str, origin: dict[str, str | None]) -> str:
+    """adapter_config.json's text naming `origin` (base_model_of's name_or_path and revision)
+    as the model the adapter applies to."""
+    data = json.loads(config_json)
+    data["base_model_name_or_path"], data["revision"] = origin["name_or_path"], origin.get("revision")
+    return json.dumps(data, indent=2, sort_keys=True)
 
 
 def adapter_config_json(config) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 from .._pissa_rs import Checkpoint
 from ..formats.bnb_serialized import StoredQuantized, quantization_config
 from .. import compat
+from ..methods import get_method
 from ..model_files import is_model_dir
 from ..noise import quiet_library_noise
 from .mapping import load_config, meta_model, param_on_disk
@@ -84,11 +85,20 @@ def make_plan(path: Path, options: list[dict], outs: list[Path], deferred: list 
             alpha_pattern=opts["alpha_pattern"], use_rslora=opts["use_rslora"], config_dir=config_dir,
             target_parameters=opts.get("target_parameters"), exclude_parameters=opts.get("exclude_parameters"),
         )
+        method = get_method(opts["method"])
+        if not method.adapts_parameters:  # what PEFT's expansion picked among parameters: left out, named
+            found = replace(found, targets=[t for t in found.targets if t.parameter is None], target_parameters=[],
+                            rank_pattern={k: v for k, v in found.rank_pattern.items() if k not in found.target_parameters},
+                            alpha_pattern={k: v for k, v in found.alpha_pattern.items()
+                                           if k not in found.target_parameters},
+                            left_out=found.left_out + [(p, f"PEFT has no {method.name} variant for parameters "
+                                                           "(ParamWrapper)") for p in found.target_parameters])
         config = adapter_config(
             r=opts["r"], lora_alpha=opts["lora_alpha"], **concrete_targets(found, opts),
             use_rslora=opts["use_rslora"],
             fan_in_fan_out=any(t.fan_in_fan_out for t in found.targets if t.parameter is None),
             task_type=found.task_type, base_model_name_or_path=str(out.resolve()),
+            init_lora_weights=method.config_init_lora_weights,
         )
         if config_dir is not None:
             check = functools.partial(check_adapter_layout, config, found, config_dir)

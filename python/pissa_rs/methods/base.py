@@ -1,0 +1,92 @@
+"""What an initialization method is: the one interface every method module implements, so
+the engine runs any of them out of core without knowing one by name."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+if TYPE_CHECKING:
+    from ..factors import Factors
+    from ..options import DecomposeOptions
+
+# What a method needs from each weight: the dry run's cost model and the memory it needs.
+RANDOMIZED_SVD, FULL_SVD, QR = "randomized top-r SVD", "full SVD", "QR"
+
+
+def adapter_singular_values(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """The singular values of s * B @ A, descending, from the thin factors alone (QR of B and
+    A^T, SVD of the r x r core): no m x n matrix."""
+    rb = torch.linalg.qr(b.double()).R
+    ra = torch.linalg.qr(a.double().T).R
+    return (scale * torch.linalg.svdvals(rb @ ra.T)).float()
+
+
+def orthonormal_problem(b: torch.Tensor, tol: float) -> str | None:
+    """None if B's columns are orthonormal within `tol`."""
+    gap = (b.double().T @ b.double() - torch.eye(b.shape[1], dtype=torch.float64)).abs().max().item()
+    return None if gap <= tol else f"lora_B's columns are not orthonormal (|B^T B - I| up to {gap:.3g})"
+
+
+class Method:
+    """One way to start an adapter from a weight: which decomposition of W it needs, how the
+    factors (and the residual W - s*B@A, if the base changes) follow from it, and what PEFT
+    must read in adapter_config.json to load and train it as that method."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]  # one line: --help and the docs
+    solver: ClassVar[str]  # RANDOMIZED_SVD, FULL_SVD or QR
+    changes_base: ClassVar[bool] = True  # False: no residual; the original model is the adapter's base
+    quantizable: ClassVar[bool] = True  # QPiSSA's alternation applies to its residual
+    adapts_parameters: ClassVar[bool] = True  # PEFT can train it on a ParamWrapper (MoE experts, routers)
+    peft_name: ClassVar[str | None] = None  # PEFT's init_lora_weights for the same init, where PEFT has it
+    # init_lora_weights in the adapter_config we write: True (the factors are final, PEFT must not
+    # initialize again on load), or the name of a PEFT variant that changes training (MiCA's frozen B)
+    config_init_lora_weights: ClassVar[bool | str] = True
+
+    def init_lora_weights(self, niter: int) -> str:
+        """The name the report records for this init (PEFT's where PEFT has one)."""
+        return self.peft_name or self.name
+
+    def check(self, options: DecomposeOptions) -> None:
+        """Refuse options that do not apply to this method (ValueError naming them)."""
+        if not self.adapts_parameters and options.target_parameters:
+            raise ValueError(f"method {self.name!r}: PEFT has no {self.name} variant for parameters (ParamWrapper: "
+                             f"MoE experts, routers), so target_parameters {options.target_parameters} cannot be "
+                             "trained as this method; leave them out or choose another method")
+        if not self.quantizable and (options.quantize or options.keep_source_format):
+            raise ValueError(f"method {self.name!r} leaves the base weight as it is: there is no residual to "
+                             "quantize or re-encode (quantize, save_quantized, keep_source_format do not apply)")
+
+    def factors_at_ranks(self, weight: torch.Tensor, ranks: list[tuple[int, float]], *, niter: int,
+                         seed: int | None, adapter_dtype: torch.dtype, fan_in_fan_out: bool) -> list[Factors]:
+        """The factors (and residual) of `weight` as stored (in x out when fan_in_fan_out) at
+        every (rank, scale) of `ranks`, from one decomposition at the largest rank."""
+        raise NotImplementedError
+
+    def factor_problem(self, w: torch.Tensor, w_res: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
+                       scale: float, tol: float, residual_eps: float = 0.0) -> str | None:
+        """What is wrong with (a, b) as this method's factors of `w` (all float32, out x in;
+        `w_res` the residual, None without one, stored with relative rounding `residual_eps`),
+        relative tolerance `tol`; None if nothing.
+        verify's check that an output holds this method's init, not another's."""
+        return None
+
+    def lora_of_original(self, a: torch.Tensor, b: torch.Tensor, a0: torch.Tensor, b0: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """After training: the factors (A', B') with s*B'@A' = what the trained adapter adds to
+        the ORIGINAL weight. A method that changes the base: s*B@A - s*B0@A0 = [B | -B0][A ; A0]
+        (PEFT's conversion, rank 2r)."""
+        return torch.cat([a, a0], dim=0), torch.cat([b, -b0], dim=1)
+
+    def cost(self, rows: int, cols: int, r: int, niter: int) -> tuple[float, int]:
+        """(floating-point operations, float32 bytes of device memory) of one weight's decomposition."""
+        m, n = max(rows, cols), min(rows, cols)
+        weight = 4 * rows * cols
+        if self.solver == RANDOMIZED_SVD:
+            # 2 products per iteration and the first, m*n*r each, QR of the sketches, the small SVD
+            return 2.0 * m * n * r * (2 * niter + 2) + 4.0 * (m + n) * r * r * (2 * niter + 2), weight + 4 * (m + n) * r * 3
+        if self.solver == FULL_SVD:  # Golub-Van Loan's thin R-SVD: ~6mn^2 + 20n^3, U (m x n) and Vh (n x n)
+            return 6.0 * m * n * n + 20.0 * n ** 3, 2 * weight + 4 * (m * n + n * n)
+        return 4.0 * m * n * n - 4.0 * n ** 3 / 3, 2 * weight + 4 * m * n  # Householder QR with Q formed
