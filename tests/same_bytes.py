@@ -277,6 +277,10 @@ def runs(root: Path) -> dict[str, dict[str, str]]:
     run("fp8", "fp8", r=4, niter=2, measure_error=False)
     run("fp8-keep", "fp8", r=4, niter=2, keep_source_format=True, measure_error=False)
     run("two-devices", "gpt-oss", r=4, niter=2, target_parameters=experts, devices=["cpu", "cpu"])
+    # the other methods: full SVDs (bottom triplets; MiCA's adapter alone) and QR, on experts stored in x out
+    run("milora", "llama", r=4, method="milora")
+    run("mica", "llama", r=4, method="mica")
+    run("olora", "gpt-oss", r=4, method="olora", target_parameters=experts)
     return results
 
 

@@ -268,3 +268,52 @@ def test_every_method_on_experts_and_an_fp8_source(tmp_path, source, method):
                                           subfolder="pissa_init")
         # an FP8 source: the residual is bfloat16, so within its rounding
         torch.testing.assert_close(logits(model), logits(base), atol=5e-2 if source == "fp8" else 1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["milora", "mica", "olora"])
+def test_to_lora_and_merge_use_the_methods_algebra(llama, outputs, method, tmp_path):
+    """Trained (a random move of what trains), then converted to a LoRA of the original model
+    and merged: both give the trained model's outputs. MiLoRA and OLoRA: PiSSA's [B | -B0][A ; A0]
+    at 2r; MiCA: the trained adapter already is a LoRA of the original, at r."""
+    res = outputs[method]
+    model = pissa_rs.load_for_training(res.out)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name and p.requires_grad:  # MiCA's B is frozen: it stays
+                p.add_(torch.randn_like(p) * 0.05)
+    trained = logits(model)
+    model.save_pretrained(tmp_path / "tuned")
+    converted = pissa_rs.convert_to_lora(res.adapter, tmp_path / "tuned", tmp_path / "lora")
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["init_lora_weights"] is True and config["base_model_name_or_path"] == str(llama.resolve())
+    assert set(converted.ranks.values()) == {R if method == "mica" else 2 * R} and config["r"] == max(
+        converted.ranks.values())
+    lora = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "lora")
+    torch.testing.assert_close(logits(lora), trained, atol=1e-4, rtol=0)
+    merged = pissa_rs.merge_adapter(res.out, tmp_path / "tuned", tmp_path / "merged")
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(merged)), trained, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["milora", "olora"])
+def test_qpissa_alternation_on_other_methods(llama, method, tmp_path):
+    """QPiSSA's T iterations with the method's own factors: the residual stored quantized, verify's
+    bound for it holds."""
+    res = pissa_rs.decompose_checkpoint(llama, r=4, method=method, quantize="nf4", quant_iters=2,
+                                        out=tmp_path / "o", progress=False)
+    assert res.report["method"] == method and "error_reduction" in res.report["tensors"][0]
+    checked = pissa_rs.verify(res.out, llama)
+    assert checked.ok, checked.problems[:3]
+
+
+def test_the_dry_run_shows_what_a_full_svd_costs(llama, capsys):
+    from pissa_rs.methods import get_method
+
+    milora, pissa = get_method("milora"), get_method("pissa")
+    # Llama-3-8B's down_proj at r=128, niter=4: the full SVD is far dearer than randomized top-r
+    full, randomized = milora.cost(4096, 14336, 128, 4), pissa.cost(4096, 14336, 128, 4)
+    assert full[0] > 10 * randomized[0] and full[1] > randomized[1]
+    assert main(["decompose", str(llama), "--rank", "4", "--method", "milora", "--dry-run"]) == 0
+    shown = capsys.readouterr().out
+    assert "method: milora" in shown and "compute: full SVD per weight" in shown and "x randomized top-r's" in shown
+    plan = pissa_rs.plan(llama, r=4, method="mica")
+    assert plan.residual_bytes == 0 and "tiny-mica-r4" in str(plan.outs[0])

@@ -3,6 +3,8 @@ as a rank-2r LoRA for the ORIGINAL model, streamed one module at a time.
 
     dW = B A - B0 A0 = [B | -B0] [A ; A0]
 
+(the initial adapter's method decides: MiLoRA and OLoRA share PiSSA's algebra; a MiCA adapter,
+whose base is the original model, already is that LoRA and keeps its rank)
 exactly what PEFT's `save_pretrained(out, path_initial_model_for_weight_conversion=init)`
 writes, without loading any model. With `compact=True` each module's dW is
 re-factored to its true rank (QR of the 2r factors, then an SVD of the small core)."""
@@ -46,8 +48,21 @@ def _adapter(directory: Path) -> tuple[Checkpoint, dict]:
     return Checkpoint(weights), json.loads(config.read_text())
 
 
-def _check_pair(init_dir: Path, init_cfg: dict, tuned_dir: Path, tuned_cfg: dict, init_mods, tuned_mods, init, tuned):
-    if str(init_cfg.get("init_lora_weights")).lower() != "true":
+def init_method(init_dir: Path, init_cfg: dict):
+    """The methods.Method that made an initial adapter: as the decomposition's report beside it
+    records, else as its adapter_config names a PEFT variant (MiCA's "mica"), else PiSSA's
+    algebra (which MiLoRA and OLoRA share)."""
+    from .methods import get_method
+
+    report = init_dir.parent / REPORT_NAME
+    if report.is_file():
+        return get_method(json.loads(report.read_text()).get("options", {}).get("method", "pissa"))
+    return get_method("mica" if init_cfg.get("init_lora_weights") == "mica" else "pissa")
+
+
+def _check_pair(init_dir: Path, init_cfg: dict, tuned_dir: Path, tuned_cfg: dict, init_mods, tuned_mods, init, tuned,
+                method):
+    if init_cfg.get("init_lora_weights") not in (True, method.config_init_lora_weights):
         raise AdapterMismatchError(
             f"{init_dir / ADAPTER_CONFIG}: init_lora_weights is {init_cfg.get('init_lora_weights')!r}; the initial "
             "adapter must be saved with init_lora_weights=True (as pissa_rs writes it), or PEFT would re-run the SVD "
@@ -131,7 +146,8 @@ def convert_to_lora(init_dir: str | os.PathLike[str], finetuned_dir: str | os.Pa
     init, init_cfg = _adapter(init_dir)
     tuned, tuned_cfg = _adapter(finetuned_dir)
     init_mods, tuned_mods = adapter_modules(init, init_dir), adapter_modules(tuned, finetuned_dir)
-    _check_pair(init_dir, init_cfg, finetuned_dir, tuned_cfg, init_mods, tuned_mods, init, tuned)
+    method = init_method(init_dir, init_cfg)
+    _check_pair(init_dir, init_cfg, finetuned_dir, tuned_cfg, init_mods, tuned_mods, init, tuned, method)
     base, base_revision = original_model(init_dir, init_cfg, base_model, revision)
 
     wrapped = param_wrappers(init_dir)  # module -> (parameter, experts) for PEFT's ParamWrapper layers
@@ -161,11 +177,11 @@ def convert_to_lora(init_dir: str | os.PathLike[str], finetuned_dir: str | os.Pa
         experts = experts_of(module)
         scale = module_scaling(pattern_key(module), r, alpha, rank_pattern, alpha_pattern, rslora)[2]
         if experts == 1:
-            new_a, new_b = torch.cat([a, a0], dim=0), torch.cat([b, -b0], dim=1)
+            new_a, new_b = method.lora_of_original(a, b, a0, b0)
             return _compact(new_a * scale, new_b, tol) if compact else (new_a, new_b)
         rank, n_in, n_out = a.shape[0] // experts, a.shape[1], b.shape[0]
-        pairs = [(torch.cat([a.view(experts, rank, n_in)[e], a0.view(experts, rank, n_in)[e]], dim=0),
-                  torch.cat([b.view(n_out, rank, experts)[:, :, e], -b0.view(n_out, rank, experts)[:, :, e]], dim=1))
+        pairs = [method.lora_of_original(a.view(experts, rank, n_in)[e], b.view(n_out, rank, experts)[:, :, e],
+                                         a0.view(experts, rank, n_in)[e], b0.view(n_out, rank, experts)[:, :, e])
                  for e in range(experts)]
         if compact:  # one rank for the layer: the largest any expert needs, the others padded with zeros
             pairs = [_compact(pa * scale, pb, tol) for pa, pb in pairs]
@@ -176,15 +192,17 @@ def convert_to_lora(init_dir: str | os.PathLike[str], finetuned_dir: str | os.Pa
         new_b = torch.stack([pb for _, pb in pairs], dim=2)  # out x k x experts
         return new_a.reshape(-1, n_in), new_b.reshape(n_out, -1)
 
-    # Shapes first (the writer lays the file out up front): 2r each, or with
-    # compact the kept ranks, from a first pass whose factors are dropped.
+    # Shapes first (the writer lays the file out up front): 2r each (r for a method whose base is
+    # the original: its adapter is a LoRA of it already), or with compact the kept ranks, from a
+    # first pass whose factors are dropped.
+    growth = method.lora_of_original(*[torch.zeros(1, 1)] * 4)[0].shape[0]
     ranks: dict[str, int] = {}
     specs = []
     for module, (a_key, b_key) in tuned_mods.items():
         (a_rows, in_f), (out_f, _) = tuple(tuned.info(a_key).shape), tuple(tuned.info(b_key).shape)
         dtype = SAFETENSORS_DTYPES[torch.promote_types(TORCH_DTYPES[tuned.info(a_key).dtype],
                                                        TORCH_DTYPES[init.info(init_mods[module][0]).dtype])]
-        k = delta_factors(module)[0].shape[0] if compact else 2 * a_rows
+        k = delta_factors(module)[0].shape[0] if compact else a_rows * growth
         ranks[pattern_key(module)] = k // experts_of(module)
         specs += [(a_key, dtype, [k, in_f]), (b_key, dtype, [out_f, k])]
 
@@ -194,7 +212,7 @@ def convert_to_lora(init_dir: str | os.PathLike[str], finetuned_dir: str | os.Pa
         config.use_rslora = False
         config.rank_pattern = {re.escape(m): k for m, k in ranks.items() if k != config.r}
         config.alpha_pattern = {re.escape(m): k for m, k in ranks.items() if k != config.r}
-    else:  # PEFT's doubling
+    elif growth == 2:  # PEFT's doubling
         config.r = 2 * r
         config.lora_alpha = alpha * (2**0.5 if config.use_rslora else 2)
         config.rank_pattern = {k: 2 * v for k, v in config.rank_pattern.items()}

@@ -24,6 +24,7 @@ from .locations import output_dirs, resolve_source
 from .options import DecomposeOptions
 from .planning.plan import PLAN_IN_CHILD_ABOVE_BYTES, PlanChecks, make_plan, make_plan_in_child
 from .quant import remember_choice
+from .rank_budget import budgeted_options, choose_ranks
 from .report import OutputReport
 from .rounding import devices_probe
 
@@ -122,17 +123,21 @@ def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None
     started = time.perf_counter()
     checkpoint = Checkpoint(path)
     inputs = input_state(checkpoint)
-    per_rank = [options.for_rank(r) for r in options.ranks]
     outs = output_dirs(path, options.ranks, out, options.method)
-    if sum(i.nbytes for i in checkpoint.tensors) > PLAN_IN_CHILD_ABOVE_BYTES:
-        plans, checks = make_plan_in_child(path, [asdict(o) for o in per_rank], outs)
-    else:
-        plans, checks = make_plan(path, [asdict(o) for o in per_rank], outs), PlanChecks()
+    report_extra = ()
+    if options.rank_budget and not options.budget_chosen:  # the ranks from a spectra pass, then the plan
+        plans, checks = _plan(path, checkpoint, [options.for_rank(options.ranks[0])], outs)
+        checks.close()
+        allocation = choose_ranks(path, plans[0].targets, options, progress)
+        options = budgeted_options(options, allocation)
+        report_extra = (("rank_budget", allocation.as_record()),)
+    per_rank = [options.for_rank(r) for r in options.ranks]
+    plans, checks = _plan(path, checkpoint, per_rank, outs)
     if options.quantization is not None and plans[0].quantizer is not None:
         remember_choice(options.quantization, torch.device(options.device).type, plans[0].quantizer)
     units = tuple(split_units(checkpoint, plans[0], options.stored_quantization))
     job = Job(path, options, tuple(OutputSpec(o, plan, opts) for opts, o, plan in zip(per_rank, outs, plans)),
-              tuple(inputs), units, torch.get_num_threads())
+              tuple(inputs), units, torch.get_num_threads(), report_extra=report_extra)
     # How the machines that will compute round, measured before anything is written: a resume
     # and every Ray node must round as the run's identity says (or be allowed to mix, and say so).
     fingerprints = None
@@ -177,6 +182,13 @@ def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None
         for lock in locks:
             lock.release()
     return results if options.several_ranks else results[0]
+
+
+def _plan(path: Path, checkpoint: Checkpoint, per_rank: list[DecomposeOptions], outs: list[Path]):
+    """The plans of every output, and the checks still running: in a child for big checkpoints."""
+    if sum(i.nbytes for i in checkpoint.tensors) > PLAN_IN_CHILD_ABOVE_BYTES:
+        return make_plan_in_child(path, [asdict(o) for o in per_rank], outs)
+    return make_plan(path, [asdict(o) for o in per_rank], outs), PlanChecks()
 
 
 def run_locally(job: Job, checkpoint: Checkpoint, progress: bool) -> None:

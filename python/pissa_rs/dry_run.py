@@ -17,6 +17,14 @@ from .formats.sources import source_format
 from .planning.targets import Target
 
 
+def human_flops(n: float) -> str:
+    """Floating-point operations with a unit: 3.2 GFLOP."""
+    for unit, size in (("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if n >= size:
+            return f"{n / size:,.1f} {unit}"
+    return f"{n / 1e3:,.1f} kFLOP"
+
+
 @dataclass
 class DecompositionPlan:
     input: Path
@@ -39,6 +47,38 @@ class DecompositionPlan:
     def fits_on_disk(self) -> bool:
         return not self.out_problems and self.residual_bytes + self.adapter_bytes <= self.free_bytes
 
+    def cost(self, t: Target) -> tuple[float, int]:
+        """(floating-point operations, working memory in bytes) of one target's decomposition
+        with this run's method, at the largest rank (methods.Method.cost)."""
+        rows, cols = (t.shape[1], t.shape[0]) if t.fan_in_fan_out else t.shape
+        return self.options.init_method.cost(rows, cols, t.r, self.options.niter)
+
+    def _cost_lines(self) -> list[str]:
+        """What the method costs: its decomposition per weight against randomized top-r's, and
+        the memory one weight's decomposition needs on the device (the host, on a CPU)."""
+        from .methods import get_method
+
+        method = self.options.init_method
+        flops = sum(self.cost(t)[0] for t in self.targets)
+        memory = max((self.cost(t)[1] for t in self.targets), default=0)
+        line = (f"compute: {method.solver} per weight, {human_flops(flops)} in all; up to "
+                f"{human_bytes(memory)} of {self.options.device.split(':')[0]} memory for one weight")
+        if method.solver != get_method("pissa").solver:
+            pissa = get_method("pissa")
+            randomized = sum(pissa.cost(*((t.shape[1], t.shape[0]) if t.fan_in_fan_out else t.shape), t.r,
+                                        self.options.niter or 4)[0] for t in self.targets)
+            line += f" ({flops / max(randomized, 1):,.1f}x randomized top-r's {human_flops(randomized)})"
+        lines = [line]
+        if self.options.rank_budget:
+            o = self.options
+            shapes = [((t.shape[1], t.shape[0]) if t.fan_in_fan_out else t.shape) for t in self.targets
+                      if t.parameter is None]
+            spectra = sum(method.cost(rows, cols, min(o.budget_cap, rows, cols), o.niter)[0] for rows, cols in shapes)
+            lines.append(f"ranks: chosen per module from its spectrum at run time, {o.budget_floor} to {o.budget_cap}, "
+                         f"for the parameters of r={o.ranks[0]} (a spectra pass first: {human_flops(spectra)}; "
+                         "experts and other parameters keep r); the ranks below are the uniform plan's")
+        return lines
+
     @property
     def _qpissa(self) -> str:
         o = self.options
@@ -53,8 +93,9 @@ class DecompositionPlan:
         lines = [f"input:  {self.input} ({human_bytes(self.input_bytes)})",
                  f"output: {', '.join(map(str, self.outs))} (residual {human_bytes(self.residual_bytes)} + adapter "
                  f"{human_bytes(self.adapter_bytes)}; {space})",
-                 f"method: {self.options.init_lora_weights}{self._qpissa}, device "
+                 f"method: {self.options.method} ({self.options.init_lora_weights}){self._qpissa}, device "
                  f"{','.join(map(str, self.options.torch_devices))}",
+                 *self._cost_lines(),
                  *([f"source: {self.source_format}; residual as " + ", as ".join(
                      f"{k}: {human_bytes(v)}" for k, v in self.source_sizes.items())] if self.source_format else []),
                  f"{len(self.targets)} targets"
@@ -67,7 +108,9 @@ class DecompositionPlan:
             shape = [t.num_experts, *t.shape] if t.expert is not None else list(t.shape)
             kind = (f" ({t.num_experts} experts, each its own split{', stored in x out' if t.fan_in_fan_out else ''})"
                     if t.expert is not None else " (Conv1D)" if t.fan_in_fan_out else "")
-            lines.append(f"  {name:<{width}}  {t.dtype:<5} {str(shape):<14} r={t.r} alpha={t.lora_alpha:g}{kind}")
+            flops = self.cost(t)[0] * (t.num_experts if t.expert is not None else 1)
+            lines.append(f"  {name:<{width}}  {t.dtype:<5} {str(shape):<14} r={t.r} alpha={t.lora_alpha:g} "
+                         f"{human_flops(flops)}{kind}")
         for t in shown:
             if t.module in self.rank_limited or t.parameter in self.rank_limited:
                 lines.append(f"  rank {t.r} for {t.parameter or t.module}: its smaller dimension is below r")

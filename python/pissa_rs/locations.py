@@ -1,4 +1,5 @@
-"""Where a run reads (a local path, or a Hub model's snapshot) and where each rank's output goes."""
+"""Where a run reads (a local path, or a Hub model's snapshot), where each rank's output goes, and
+which model an output's adapter applies to."""
 
 from __future__ import annotations
 
@@ -36,3 +37,17 @@ def output_dirs(path: Path, ranks: list[int], out: Path | None, method: str = "p
     if len(ranks) > 1 and "{r}" not in str(out):
         raise ValueError(f"{out}: with several ranks, out must contain '{{r}}' (one directory per rank)")
     return [Path(str(out).replace("{r}", str(r))) for r in ranks]
+
+
+def model_of_output(out: Path, revision: str | None = None) -> Path:
+    """The model folder an output's adapter applies to: the output itself (its residual), or,
+    for a method that leaves the base as it is (MiCA: no model in OUT), the original model
+    its report names. A folder that is no pissa_rs output is itself (a Hub ID at `revision`)."""
+    from .methods import get_method
+    from .report import OutputReport
+
+    held = OutputReport.read(Path(out)) if is_local(out) else None
+    if held is None or not held.exists or get_method(held.options.get("method", "pissa")).changes_base:
+        return resolve_model(out, revision)
+    origin = held.data.get("base_model") or {"name_or_path": held.data["input"], "revision": None}
+    return resolve_model(origin["name_or_path"], origin.get("revision"))

@@ -23,7 +23,7 @@ from .engine.layout import (
 from .model_files import is_model_dir
 from .report import OutputReport
 from .factors import round_difference
-from .hub import resolve_model
+from .locations import model_of_output
 from .formats.peft_adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterMismatchError, adapter_targets
 from .tensors import TORCH_DTYPES, as_numpy_bytes
 
@@ -35,8 +35,9 @@ def merge_adapter(residual_dir: str | os.PathLike[str], adapter_dir: str | os.Pa
     original model up to the weights' own rounding. A residual stored pre-quantized
     (save_quantized) is dequantized: the merged model has the original's layout and
     dtypes, and no quantization_config."""
-    # The residual model may be a Hub model ID (a published decomposition) at `revision`.
-    residual_dir, adapter_dir, out = resolve_model(residual_dir, revision), Path(adapter_dir), Path(out_dir)
+    # The residual model may be a Hub model ID (a published decomposition) at `revision`; the
+    # output of a method that keeps the base (MiCA) merges into the original model it names.
+    residual_dir, adapter_dir, out = model_of_output(residual_dir, revision), Path(adapter_dir), Path(out_dir)
     for needed in (adapter_dir / ADAPTER_WEIGHTS, adapter_dir / ADAPTER_CONFIG):
         if not needed.is_file():
             raise AdapterMismatchError(f"{needed}: missing")

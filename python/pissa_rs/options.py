@@ -84,6 +84,13 @@ class DecomposeOptions:
     alpha_pattern: dict[str, float] = option(help="per-module alphas as PEFT's alpha_pattern: NAME=A[,NAME=A...]",
                                              parse=pattern_text(float), factory=dict)
     use_rslora: bool = option(False, "rank-stabilized scale s = alpha / sqrt(r)")
+    rank_budget: bool = option(False, "choose each module's rank from its spectrum: the adapter parameters of a uniform "
+                               "--rank, spent where they keep the most of each module's energy (a spectra pass "
+                               "first; written as rank_pattern)")
+    rank_floor: int | None = option(None, "with rank_budget: the smallest rank a module gets (default r // 4, at "
+                                    "least 1)", parse=int)
+    rank_cap: int | None = option(None, "with rank_budget: the largest rank a module gets, and the rank the spectra "
+                                  "are measured to (default 2r)", parse=int)
     device: str | None = option(None, "torch device for the SVDs, e.g. cuda:0 (default: cuda if available, "
                                 "else cpu)", group="device")
     devices: list[str] | None = option(None, "several devices of one type sharing the weights, comma-separated "
@@ -93,6 +100,7 @@ class DecomposeOptions:
                        parse=int)
     adapter_dtype: str = option("float32", "dtype of lora_A / lora_B", choices=sorted(ADAPTER_DTYPES))
     svd_rank: int | None = option(None, "set by for_rank: the rank of the SVD all ranks share", cli=False)
+    budget_chosen: bool = option(False, "set by the driver: rank_pattern holds rank_budget's choice", cli=False)
     quantize: str | None = option(None, "QPiSSA: the bitsandbytes quantization training will load the residual "
                                   "with; the report gives each weight's quantization-error reduction against QLoRA",
                                   choices=list(QUANT_TYPES))
@@ -148,6 +156,7 @@ class DecomposeOptions:
             setattr(self, name, sorted(set(value)) if value else None)
         if self.several_ranks and self.rank_pattern:
             raise ValueError("rank_pattern cannot be combined with several ranks: give one rank per run")
+        self._check_budget()
         if self.lora_alpha is None and not self.several_ranks:
             self.lora_alpha = self.r
         if self.lora_alpha is not None and not self.lora_alpha > 0:
@@ -185,6 +194,31 @@ class DecomposeOptions:
             self.device = str(parse_devices([self.device])[0])
         method.check(self)
         return self
+
+    def _check_budget(self) -> None:
+        if not self.rank_budget:
+            if self.rank_floor is not None or self.rank_cap is not None:
+                raise ValueError("rank_floor and rank_cap apply with rank_budget only")
+            return
+        if self.several_ranks:
+            raise ValueError("rank_budget chooses the ranks of one output: give one rank")
+        if self.rank_pattern and not self.budget_chosen:
+            raise ValueError("rank_budget chooses the rank_pattern itself: give one or the other")
+        for name in ("rank_floor", "rank_cap"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not self.budget_floor <= self.ranks[0] <= self.budget_cap:
+            raise ValueError(f"rank_budget needs rank_floor <= r <= rank_cap, got {self.budget_floor} <= "
+                             f"{self.ranks[0]} <= {self.budget_cap}")
+
+    @property
+    def budget_floor(self) -> int:
+        return self.rank_floor if self.rank_floor is not None else max(1, self.ranks[0] // 4)
+
+    @property
+    def budget_cap(self) -> int:
+        return self.rank_cap if self.rank_cap is not None else 2 * self.ranks[0]
 
     @property
     def torch_devices(self) -> list[torch.device]:

@@ -30,7 +30,8 @@ def _by_layer_role(records: list[dict], key: str) -> dict[str, list[tuple[int, f
 def plot_report(out: str | Path, to: str | Path | None = None) -> list[Path]:
     """Write energy_kept.png (fraction of each weight's energy in its adapter, per
     layer and module type) and, when the report has quantization errors,
-    error_reduction.png, into `to` (default: OUT/pissa_plots, which merge does not
+    error_reduction.png, and with rank_budget spectra.png (each module's spectrum and chosen rank),
+    into `to` (default: OUT/pissa_plots, which merge does not
     copy into a merged model). Returns the files written."""
     try:
         import matplotlib
@@ -67,4 +68,34 @@ def plot_report(out: str | Path, to: str | Path | None = None) -> list[Path]:
         fig.savefig(to / file, dpi=120)
         plt.close(fig)
         written.append(to / file)
+    if "rank_budget" in report:
+        written.append(_plot_spectra(plt, report, to / "spectra.png"))
     return written
+
+
+def _plot_spectra(plt, report: dict, path: Path) -> Path:
+    """rank_budget: each module's energy kept against its rank (the spectrum, cumulative), its
+    chosen rank marked, one colour per module role."""
+    budget = report["rank_budget"]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    colours: dict[str, str] = {}
+    for key, gains in budget["spectra"].items():
+        match = LAYER.search(key)
+        role = key[match.end():] if match else key
+        cumulative = [sum(gains[: k + 1]) for k in range(len(gains))]
+        line, = ax.plot(range(1, len(gains) + 1), cumulative, linewidth=0.8, alpha=0.7, color=colours.get(role),
+                        label=None if role in colours else role)
+        colours.setdefault(role, line.get_color())
+        chosen = budget["ranks"][key]
+        ax.plot([chosen], [cumulative[chosen - 1]], marker="o", markersize=3, color=colours[role])
+    ax.axvline(report["options"]["r"], color="grey", linestyle=":", linewidth=1, label=f"uniform r={report['options']['r']}")
+    ax.set_xlabel("rank")
+    ax.set_ylabel("fraction of the weight's energy kept")
+    ax.set_title(f"{Path(report['input']).name}: ranks from the spectrum (dots: chosen), "
+                 f"{budget['used_parameters']:,} of {budget['budget_parameters']:,} parameters")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

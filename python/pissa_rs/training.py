@@ -11,6 +11,7 @@ import torch
 
 from ._pissa_rs import Checkpoint
 from .constants import ADAPTER_SUBDIR
+from .locations import model_of_output
 from .report import OutputReport
 from .planning.mapping import load_config, model_class_for
 from .formats.peft_adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterMismatchError, adapter_targets
@@ -51,8 +52,9 @@ def load_for_training(out: str | os.PathLike[str], quantize: str | None = None, 
             raise ValueError(f"{out}: its residual is stored quantized as {storage.kind}; it cannot be loaded as "
                              f"{quantize} (decompose again without save_quantized for that)")
         quantize = storage.kind
-    adapter_targets(adapter_dir, Checkpoint(adapter_dir / ADAPTER_WEIGHTS), Checkpoint(out), out)
-    config = copy.deepcopy(load_config(out)[0])  # never the checkpoint's own code (see load_config)
+    base = model_of_output(out)  # the residual here, or (MiCA) the original model the report names
+    adapter_targets(adapter_dir, Checkpoint(adapter_dir / ADAPTER_WEIGHTS), Checkpoint(base), out)
+    config = copy.deepcopy(load_config(base)[0])  # never the checkpoint's own code (see load_config)
     kwargs = {"config": config}
     if storage is not None:  # as stored, with our compute dtype
         if storage.kind != "int8":
@@ -65,8 +67,8 @@ def load_for_training(out: str | os.PathLike[str], quantize: str | None = None, 
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     # The class config.json names (a BertModel, a LLaVA...), as decomposition built it.
     model_class = model_class_for(config) or AutoModelForCausalLM
-    model = model_class.from_pretrained(out, device_map=device_map, dtype="auto", **kwargs)
+    model = model_class.from_pretrained(base, device_map=device_map, dtype="auto", **kwargs)
     if quantize:
         model = prepare_model_for_kbit_training(model)
     with quiet_library_noise():
-        return PeftModel.from_pretrained(model, out, subfolder=ADAPTER_SUBDIR, is_trainable=True)
+        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)

@@ -61,6 +61,7 @@ def commit(job: Job, spec: OutputSpec, started: float, origin: dict[str, str | N
                           origin)
     report["run"] = read_identity(out, REPORT_NAME)  # what a rerun compares itself with
     report["rounding"] = rounding_provenance(job, spec, report["run"].get("rounding", job.rounding))
+    report.update(job.report_extra)
     if cluster is not None:
         report["cluster"] = cluster
     atomic_write_text(out / REPORT_NAME, json.dumps(report, indent=1))

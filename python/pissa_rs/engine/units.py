@@ -52,6 +52,7 @@ class Job:
     units: tuple[Unit, ...]
     threads: int = 1  # torch's CPU threads in the driver: CPU results (and their rounding) depend on it
     rounding: str = ""  # the driver's rounding probe (rounding.py): what a unit's process must round like
+    report_extra: tuple[tuple[str, Any], ...] = ()  # (key, value) the commit adds to every report (rank_budget's)
 
 
 def unit_file(out: Path, unit: Unit, kind: str) -> Path:
