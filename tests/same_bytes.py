@@ -16,7 +16,8 @@ MKL_CBWR=AVX2), to see the comparison hold on a machine that rounds differently.
 
 The runs cover what the engine writes: dense sharded, several ranks, QPiSSA (T=2,
 save_quantized), MoE with experts fused on disk (GPT-OSS) and per expert (Mixtral), an FP8
-source (bf16 residual and keep_source_format), and two CPU devices.
+source (bf16 residual and keep_source_format), two CPU devices, and the other methods
+(MiLoRA, MiCA: full SVDs; OLoRA: QR on experts stored in x out).
 """
 
 from __future__ import annotations
@@ -310,7 +311,10 @@ def recording(found: dict[str, dict]) -> dict:
 
 
 if __name__ == "__main__":
-    workdir = Path(sys.argv[1])
+    places = [a for a in sys.argv[1:] if not a.startswith("-")]
+    if len(places) != 1:  # (a flag taken for WORKDIR would make the child record again, and so on)
+        sys.exit(__doc__)
+    workdir = Path(places[0])
     if "--record" in sys.argv:
         FIXTURE.parent.mkdir(exist_ok=True)
         FIXTURE.write_text(json.dumps(recording(run_pinned(workdir)), indent=1, sort_keys=True) + "\n")
