@@ -20,6 +20,8 @@ each in its own process so that peak RSS (VmHWM, file-backed pages included) is 
              the bf16 residual, which training quantizes at every load
 - nf4_saved: the same with save_quantized=True: the residual written in nf4
              (--methods pissa_rs,nf4,nf4_saved compares bytes written and wall time)
+- milora, mica, olora: pissa_rs with that --method; peft_mica, peft_olora: PEFT's own init
+             of the same method, the whole model in memory (MiLoRA is not in PEFT)
 
 --shapes llama3-8b uses Llama-3-8B's shapes instead (hidden 4096, intermediate 14336,
 32 heads, 8 kv heads, vocab 128256): with --layers 1 and 4, peak RSS per weight size;
@@ -146,6 +148,34 @@ for n, w in weights.items():
 """),
 }
 
+# The other methods (--methods mica,peft_mica,olora,peft_olora,milora): ours, and PEFT's own init of the
+# same method with the whole model in memory (MiLoRA is not in PEFT: compare it with pissa_rs)
+for _method in ("milora", "mica", "olora"):
+    RUNNERS[_method] = ("import torch, pissa_rs", f"""
+pissa_rs.decompose_checkpoint(SRC, r=R, target_modules=TARGETS, out=OUT, progress=False, method="{_method}")
+""")
+RUNNERS["peft_mica"] = ("import os, torch, peft, transformers", """
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(SRC, dtype=torch.bfloat16)
+config = LoraConfig(r=R, lora_alpha=R, lora_dropout=0.0, target_modules=TARGETS, init_lora_weights="mica",
+                    task_type="CAUSAL_LM")
+model = get_peft_model(model, config)
+model.save_pretrained(os.path.join(OUT, "pissa_init"))  # the base is unchanged: the adapter alone
+""")
+RUNNERS["peft_olora"] = ("import os, torch, peft, transformers", """
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(SRC, dtype=torch.bfloat16)
+config = LoraConfig(r=R, lora_alpha=R, lora_dropout=0.0, target_modules=TARGETS, init_lora_weights="olora",
+                    task_type="CAUSAL_LM")
+model = get_peft_model(model, config)
+model.peft_config["default"].init_lora_weights = True
+model.save_pretrained(os.path.join(OUT, "pissa_init"))
+model = model.unload()
+model.save_pretrained(OUT)
+""")
+
 # The same run, in a process that imported transformers and PEFT first, and as another version runs it
 RUNNERS["pissa_rs_warm"] = ("import torch, pissa_rs, transformers, peft", RUNNERS["pissa_rs"][1])
 RUNNERS["baseline"] = RUNNERS["pissa_rs"]
@@ -267,6 +297,11 @@ def main() -> None:
                 if "pissa_rs_warm" in results:
                     warm = results["pissa_rs_warm"]["wall_s"]
                     print(f"pissa_rs_warm / {other} wall: {warm / results[other]['wall_s']:.2f}x")
+    for method in ("mica", "olora"):
+        if {method, f"peft_{method}"} <= results.keys():
+            ours, theirs = results[method], results[f"peft_{method}"]
+            print(f"{method} / peft_{method}: wall {ours['wall_s'] / theirs['wall_s']:.2f}x, peak RSS "
+                  f"{ours['peak_rss_bytes'] / theirs['peak_rss_bytes']:.2f}x")
     if {"nf4", "nf4_saved"} <= results.keys():
         dense, saved = results["nf4"], results["nf4_saved"]
         print(f"save_quantized: {saved['bytes_written'] / dense['bytes_written']:.2f}x the bytes, "

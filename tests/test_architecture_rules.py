@@ -43,3 +43,27 @@ def test_only_the_public_entry_points_import_the_driver():
                    or (n == "decompose" and level == 2) for n in names):
                 importers.append(path.relative_to(PACKAGE).as_posix())
     assert sorted(set(importers)) == ["__init__.py", "cli.py"], importers
+
+
+def test_methods_are_reached_through_the_registry_only():
+    """Each method lives in methods/<name>.py; no module outside methods/ imports one by its
+    module, and the engine never names one: it runs whatever options.init_method is."""
+    import ast
+
+    from pissa_rs.methods import method_names
+
+    named = set(method_names())
+    assert named == {p.stem for p in (PACKAGE / "methods").glob("*.py")} - {"__init__", "base", "registry"}
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.parent.name == "methods":
+            continue
+        source = path.read_text()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[-1] in named:
+                offenders.append(f"{path.name} imports {node.module}")
+            if isinstance(node, ast.ImportFrom) and (node.module or "").endswith("methods"):
+                offenders += [f"{path.name} imports {a.name}" for a in node.names if a.name in named]
+        if path.parent.name == "engine":
+            offenders += [f"{path.name} names {m!r}" for m in named if f'"{m}"' in source or f"'{m}'" in source]
+    assert not offenders, offenders

@@ -13,10 +13,13 @@ BENCH = Path(__file__).parent.parent / "benches" / "bench_decompose.py"
 def test_benchmark_smoke(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(BENCH), "--smoke", "--workdir", str(tmp_path), "--json", str(out),
-                           "--methods", "pissa_rs,peft,floor,nf4,nf4_saved"], capture_output=True, text=True, timeout=600)
+                           "--methods", "pissa_rs,peft,floor,nf4,nf4_saved,milora,mica,peft_mica,olora,peft_olora"],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
-    assert set(report["results"]) == {"pissa_rs", "peft", "floor", "nf4", "nf4_saved"}
+    assert set(report["results"]) == {"pissa_rs", "peft", "floor", "nf4", "nf4_saved", "milora", "mica", "peft_mica",
+                                      "olora", "peft_olora"}
+    assert "mica / peft_mica: wall" in proc.stdout and "olora / peft_olora: wall" in proc.stdout
     assert report["results"]["nf4_saved"]["bytes_written"] < 0.6 * report["results"]["nf4"]["bytes_written"]
     assert "save_quantized:" in proc.stdout
     for result in report["results"].values():

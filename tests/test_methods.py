@@ -317,3 +317,14 @@ def test_the_dry_run_shows_what_a_full_svd_costs(llama, capsys):
     assert "method: milora" in shown and "compute: full SVD per weight" in shown and "x randomized top-r's" in shown
     plan = pissa_rs.plan(llama, r=4, method="mica")
     assert plan.residual_bytes == 0 and "tiny-mica-r4" in str(plan.outs[0])
+
+
+def test_mica_names_the_peft_it_needs(llama, tmp_path, monkeypatch):
+    """MiCA is PEFT 0.21's: with an older PEFT (the declared floor is 0.20) it is refused by name."""
+    import importlib.metadata
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.20.0" if name == "peft" else real(name))
+    with pytest.raises(ImportError, match=r"method 'mica'.*needs peft >= 0.21 \(found 0.20.0\)"):
+        pissa_rs.decompose_checkpoint(llama, r=4, method="mica", out=tmp_path / "o")
+    assert not (tmp_path / "o").exists()

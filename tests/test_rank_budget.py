@@ -120,3 +120,18 @@ def test_bad_budget_options(llama, tmp_path, kwargs, match):
         pissa_rs.decompose_checkpoint(llama, rank_budget=True, out=tmp_path / "o-{r}", **kwargs)
     with pytest.raises(ValueError, match="apply with rank_budget only"):
         pissa_rs.decompose_checkpoint(llama, r=8, rank_cap=12, out=tmp_path / "o")
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.lists(st.floats(0.0, 1.0), min_size=6, max_size=6), min_size=2, max_size=4),
+       st.integers(1, 2), st.integers(2, 4))
+def test_with_equal_costs_the_allocation_is_the_optimum(gains, floor, uniform):
+    """Every step costs the same: then greedy on the largest next gain is exactly optimal
+    (the best set is the largest gains beyond the floors, each group's taken in order)."""
+    groups = {f"g{k}": Group(f"g{k}", 5, 6, uniform, decreasing(g)) for k, g in enumerate(gains)}
+    ranks, budget, used = allocate(groups, floor)
+    chosen = sum(sum(groups[k].gains[:r]) for k, r in ranks.items())
+    beyond = sorted((v for g in groups.values() for v in g.gains[floor:]), reverse=True)
+    steps = budget // 5 - floor * len(groups)
+    best = sum(sum(g.gains[:floor]) for g in groups.values()) + sum(beyond[:steps])
+    assert chosen == pytest.approx(best, abs=1e-9)

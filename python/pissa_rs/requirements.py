@@ -38,6 +38,17 @@ def too_old(package: str, installed: str) -> bool:
     return _release(installed) < _release(FLOORS[package])
 
 
+def require_feature(package: str, floor: str, what: str) -> None:
+    """Raise DependencyVersionError when `what` needs a newer `package` than the declared floor
+    (a feature that raises no floor for everyone else, e.g. PEFT 0.21's MiCA)."""
+    from importlib.metadata import version
+
+    installed = version(package)
+    if _release(installed) < _release(floor):
+        raise DependencyVersionError(f'{what} needs {package} >= {floor} (found {installed}): '
+                                     f'pip install -U "{package}>={floor}"')
+
+
 @functools.cache
 def require_versions() -> None:
     """Raise DependencyVersionError naming the first library older than its floor, with

@@ -22,6 +22,12 @@ class MiCA(Method):
     peft_name = "mica"
     config_init_lora_weights = "mica"  # PEFT's MiCA variant freezes lora_B only when it reads this
 
+    def check(self, options):
+        from ..requirements import require_feature
+
+        super().check(options)
+        require_feature("peft", "0.21", "method 'mica' (PEFT's MiCA variant, which freezes lora_B)")
+
     def factors_at_ranks(self, weight, ranks, *, niter, seed, adapter_dtype, fan_in_fan_out):
         w, total = float32_oriented(weight, fan_in_fan_out, ranks)
         U, S, _ = torch.linalg.svd(w, full_matrices=False)
