@@ -119,3 +119,33 @@ def text(**extra) -> dict:
     """A tiny decoder's config fields (hidden 64, 2 layers, 4 heads / 2 kv heads), for any family."""
     return dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=64, **extra)
+
+
+def calibration_texts(count: int = 48) -> list[str]:
+    """Text this machine already has: the longer docstrings of torch's functions, in name order."""
+    import inspect
+
+    import torch
+
+    texts = []
+    for name in sorted(dir(torch)):
+        doc = inspect.getdoc(getattr(torch, name, None))
+        if doc and len(doc) > 200 and doc not in texts:
+            texts.append(doc)
+        if len(texts) == count:
+            break
+    return texts
+
+
+def save_tokenizer(path: Path, texts: list[str] | None = None):
+    """A small byte-level BPE tokenizer trained on `texts`, saved as transformers saves one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.train_from_iterator(texts or calibration_texts(),
+                                  trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(path)
+    return fast

@@ -13,6 +13,7 @@ import torch
 
 from ._pissa_rs import Checkpoint
 from .constants import ADAPTER_SUBDIR
+from .calibration.samples import model_calibration
 from .engine.commit import commit
 from .engine.layout import output_bytes
 from .engine.outdir import prepare_out
@@ -122,6 +123,12 @@ def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None
     cluster at that address ("auto": the one this machine belongs to)."""
     started = time.perf_counter()
     checkpoint = Checkpoint(path)
+    calibration = None
+    if options.init_method.calibration is not None:  # tokenized first: bad data fails before any write
+        if ray is not None:
+            raise ValueError(f"method {options.method!r} calibrates layer by layer in this process; Ray runs "
+                             "do not take calibration data yet")
+        calibration, options = model_calibration(path, options)
     inputs = input_state(checkpoint)
     outs = output_dirs(path, options.ranks, out, options.method)
     report_extra = ()
@@ -167,7 +174,8 @@ def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None
 
                 cluster = run_on_ray(job, ray, progress, fingerprints)
             else:
-                run_locally(job, checkpoint, progress)
+                extra = run_locally(job, checkpoint, progress, calibration)
+                job = replace(job, report_extra=job.report_extra + extra)
         checks.wait()  # nothing is committed before every check of the plan passed
         origin = origin or base_model_of(path, None)
         results = []
@@ -191,9 +199,21 @@ def _plan(path: Path, checkpoint: Checkpoint, per_rank: list[DecomposeOptions], 
     return make_plan(path, [asdict(o) for o in per_rank], outs), PlanChecks()
 
 
-def run_locally(job: Job, checkpoint: Checkpoint, progress: bool) -> None:
-    """Every unit, one after the other, in this process; one progress bar over the bytes."""
+def run_locally(job: Job, checkpoint: Checkpoint, progress: bool, calibration=None) -> tuple:
+    """Every unit, one after the other, in this process; one progress bar over the bytes.
+    With `calibration`, in layer order as the calibration reaches them. Returns what the
+    run adds to the reports."""
     from tqdm.auto import tqdm
+
+    if calibration is not None:
+        from .engine.sequential import run_calibrated
+
+        total = sum(sum(output_bytes(checkpoint, s.plan, s.options)) for s in job.outputs if not s.complete)
+        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="calibrated",
+                  disable=not progress) as bar:
+            record = run_calibrated(job, checkpoint, calibration, job.options.calibration_batch, bar.update)
+            bar.update(total - bar.n)
+        return (("calibration", record),)
 
     total = sum(sum(output_bytes(checkpoint, spec.plan, spec.options)) for spec in job.outputs if not spec.complete)
     targets = len(job.outputs[0].plan.targets)
@@ -203,3 +223,4 @@ def run_locally(job: Job, checkpoint: Checkpoint, progress: bool) -> None:
             run_unit(job, unit, progress=bar.update)
             bar.set_postfix_str(f"{k + 1}/{len(job.units)} units, {targets} targets", refresh=False)
         bar.update(total - bar.n)
+    return ()

@@ -6,6 +6,8 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import torch
+
 from ._pissa_rs import Checkpoint
 from .locations import output_dirs, resolve_source
 from .engine.layout import output_bytes, residual_bytes
@@ -69,6 +71,8 @@ class DecompositionPlan:
                                         self.options.niter or 4)[0] for t in self.targets)
             line += f" ({flops / max(randomized, 1):,.1f}x randomized top-r's {human_flops(randomized)})"
         lines = [line]
+        if method.calibration is not None:
+            lines.append(self._calibration_line())
         if self.options.rank_budget:
             o = self.options
             shapes = [((t.shape[1], t.shape[0]) if t.fan_in_fan_out else t.shape) for t in self.targets
@@ -78,6 +82,36 @@ class DecompositionPlan:
                          f"for the parameters of r={o.ranks[0]} (a spectra pass first: {human_flops(spectra)}; "
                          "experts and other parameters keep r); the ranks below are the uniform plan's")
         return lines
+
+    def _calibration_line(self) -> str:
+        """The memory plan of a layer-by-layer calibration (engine/sequential.py), from the
+        shapes alone: the carried hidden states, the covariances, one layer on the device."""
+        import re
+
+        from .planning.mapping import load_config
+        from .tensors import TORCH_DTYPES
+
+        o = self.options
+        config, _ = load_config(self.input)
+        hidden = getattr(config, "hidden_size", 0)
+        widest = max([hidden, getattr(config, "intermediate_size", 0) or 0])
+        dtype = self.targets[0].dtype if self.targets else "F32"
+        size = torch.empty(0, dtype=TORCH_DTYPES.get(dtype, torch.float32)).element_size()
+        tokens = o.calibration_samples * o.calibration_length
+        layer_of = lambda t: re.search(r"\.(\d+)\.", t.module)  # noqa: E731
+        per_layer: dict[str, list] = {}
+        for t in self.targets:
+            found = layer_of(t)
+            per_layer.setdefault(found.group(1) if found else "", []).append(t)
+        inputs = lambda ts: [(t.shape[0] if t.fan_in_fan_out else t.shape[1]) for t in ts]  # noqa: E731
+        covariances = max((sum(4 * n * n for n in inputs(ts)) for ts in per_layer.values()), default=0)
+        weights = max((sum(t.shape[0] * t.shape[1] * size for t in ts) for ts in per_layer.values()), default=0)
+        batch = o.calibration_batch * o.calibration_length * widest * 4 * 4  # a few float32 copies of the widest
+        return (f"calibration: up to {o.calibration_samples} samples x {o.calibration_length} tokens ({tokens:,}), "
+                f"batches of {o.calibration_batch}; host: hidden states {human_bytes(tokens * hidden * size)} (and "
+                f"as much on disk for resume) + covariances waiting for their shard, up to {human_bytes(covariances)} "
+                f"a layer; device: a layer's targets {human_bytes(weights)} + its covariances + a batch "
+                f"~{human_bytes(batch)}")
 
     @property
     def _qpissa(self) -> str:
@@ -138,6 +172,10 @@ def plan(path: str | os.PathLike[str], r: int | list[int] = 128, *, out: str | o
 def plan_decomposition(path: Path, opts: DecomposeOptions, out: Path | None) -> DecompositionPlan:
     """`plan` with options already validated (the CLI's --dry-run)."""
     checkpoint = Checkpoint(path)
+    if opts.init_method.calibration is not None:  # the data checked (and hashed) as a run checks it
+        from .calibration.samples import model_calibration
+
+        _, opts = model_calibration(path, opts)
     outs = output_dirs(path, opts.ranks, out, opts.method)
     plans = make_plan(path, [asdict(opts.for_rank(r)) for r in opts.ranks], outs)
     found = plans[-1]  # ranks ascend: the largest, whose SVD all share

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from .calibration.samples import DEFAULT_BATCH, DEFAULT_LENGTH, DEFAULT_SAMPLES
 from .engine.devices import parse_devices
 from .methods import get_method, method_names
 from .quant import QUANT_TYPES, Quantization
@@ -91,6 +92,16 @@ class DecomposeOptions:
                                     "least 1)", parse=int)
     rank_cap: int | None = option(None, "with rank_budget: the largest rank a module gets, and the rank the spectra "
                                   "are measured to (default 2r)", parse=int)
+    calibration: Any = option(None, "data-aware methods (corda-ipm, corda-kpm): calibration text, a text file (one "
+                              "sample per paragraph), a JSONL file with a 'text' field, or a saved datasets "
+                              "Dataset folder (API: also a Dataset or a list of strings)", parse=str)
+    calibration_samples: int | None = option(None, f"with calibration: the first N texts are the samples (default: "
+                                             f"up to {DEFAULT_SAMPLES})", parse=int)
+    calibration_length: int | None = option(None, f"with calibration: each sample truncated to this many tokens "
+                                            f"(default {DEFAULT_LENGTH}, or the model's context if shorter)", parse=int)
+    calibration_batch: int = option(DEFAULT_BATCH, "with calibration: samples per forward (right-padded; padding "
+                                    "never counts)", parse=int)
+    calibration_sha256: str | None = option(None, "set by the driver: the tokenized samples' hash", cli=False)
     device: str | None = option(None, "torch device for the SVDs, e.g. cuda:0 (default: cuda if available, "
                                 "else cpu)", group="device")
     devices: list[str] | None = option(None, "several devices of one type sharing the weights, comma-separated "
@@ -192,8 +203,27 @@ class DecomposeOptions:
             if self.device is None:
                 self.device = "cuda" if torch.cuda.is_available() else "cpu"
             self.device = str(parse_devices([self.device])[0])
+        self._check_calibration(method)
         method.check(self)
         return self
+
+    def _check_calibration(self, method) -> None:
+        if method.calibration is None:
+            if self.calibration is not None:
+                raise ValueError(f"calibration data is for the data-aware methods; method {self.method!r} "
+                                 "looks at the weights alone")
+            return
+        if self.calibration is None:
+            raise ValueError(f"method {self.method!r} needs calibration data (calibration=..., --calibration FILE)")
+        for name in ("calibration_samples", "calibration_length", "calibration_batch"):
+            value = getattr(self, name)
+            if value is None and name != "calibration_batch":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.rank_budget:
+            raise ValueError(f"rank_budget measures the weights' spectra; method {self.method!r} decomposes W·C: "
+                             "give ranks (rank_pattern) instead")
 
     def _check_budget(self) -> None:
         if not self.rank_budget:

@@ -237,6 +237,7 @@ def qpissa_factors_at_ranks(
     adapter_dtype: torch.dtype = torch.float32,
     fan_in_fan_out: bool = False,
     method=None,
+    statistic: torch.Tensor | None = None,
 ) -> list[Factors]:
     """QPiSSA with `iters` iterations (docs/design.md): the first takes W's principal
     factors (or `method`'s: a methods.Method; default PiSSA); each next one takes those of
@@ -251,7 +252,7 @@ def qpissa_factors_at_ranks(
         if method is None:
             return factors_at_ranks(w, ranks, niter, seed, adapter_dtype, fan_in_fan_out)
         return method.factors_at_ranks(w, ranks, niter=niter, seed=seed, adapter_dtype=adapter_dtype,
-                                       fan_in_fan_out=fan_in_fan_out)
+                                       fan_in_fan_out=fan_in_fan_out, statistic=statistic)
 
     first = factorize(weight, ranks, fan_in_fan_out)
     if iters == 1:

@@ -31,10 +31,11 @@ class Computed:
 
 
 def compute_target(index: int, weight: torch.Tensor, outputs: tuple[OutputSpec, ...], active: list[bool],
-                   to_host) -> list[Computed | None]:
+                   to_host, statistic: torch.Tensor | None = None) -> list[Computed | None]:
     """Target `index` of the plans (its weight on its device, in its stored dtype): one
     decomposition (the run's method's) at the largest rank, then factors, residual and report
-    record for every active output (None for the others). Runs on a device's worker thread."""
+    record for every active output (None for the others). `statistic`: what a data-aware
+    method needs of this target (on the host). Runs on a device's worker thread."""
     t0 = time.perf_counter()
     first = outputs[0].options
     targets = [o.plan.targets[index] for o in outputs]
@@ -47,13 +48,20 @@ def compute_target(index: int, weight: torch.Tensor, outputs: tuple[OutputSpec, 
     quant = first.quantization if targets[0].quantized_at_load else None
     stored = next((w for w in outputs[0].plan.stored_quantized if w.tensor == targets[0].tensor), None)
     method = first.init_method
-    if quant is None:
-        all_factors = method.factors_at_ranks(weight, ranks, niter=first.niter, seed=seed,
-                                              adapter_dtype=adapter_dtype, fan_in_fan_out=fan_in_fan_out)
-    else:
-        all_factors = qpissa_factors_at_ranks(weight, ranks, quant, first.quant_iters, niter=first.niter, seed=seed,
-                                              adapter_dtype=adapter_dtype, fan_in_fan_out=fan_in_fan_out,
-                                              method=method)
+    statistic = statistic.to(weight.device) if statistic is not None else None
+    try:
+        if quant is None:
+            all_factors = method.factors_at_ranks(weight, ranks, niter=first.niter, seed=seed,
+                                                  adapter_dtype=adapter_dtype, fan_in_fan_out=fan_in_fan_out,
+                                                  statistic=statistic)
+        else:
+            all_factors = qpissa_factors_at_ranks(weight, ranks, quant, first.quant_iters, niter=first.niter,
+                                                  seed=seed, adapter_dtype=adapter_dtype,
+                                                  fan_in_fan_out=fan_in_fan_out, method=method, statistic=statistic)
+    except ValueError as e:
+        if statistic is None:
+            raise
+        raise ValueError(f"{targets[0].tensor}: {e}") from e
     seconds = time.perf_counter() - t0
     computed: list[Computed | None] = []
     for is_active, target, scale, factors in zip(active, targets, scales, all_factors):

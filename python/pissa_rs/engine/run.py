@@ -141,7 +141,8 @@ def _adopt_journaled(output: UnitOutput, journal: Path) -> None:
 
 
 def run_unit(job: Job, unit: Unit, progress: Callable[[int], None] | None = None,
-             lease: Lease | None = None, rounding: str | None = None) -> dict[str, Any]:
+             lease: Lease | None = None, rounding: str | None = None,
+             statistics: dict[int, torch.Tensor] | None = None) -> dict[str, Any]:
     """Run `unit` of `job` into every output that has not finished it. Any process that sees
     the input and the output folders can run it; the driver holds the folders' locks.
     `progress(n)`: n more bytes written. `lease`: this attempt's, checked before every step
@@ -162,7 +163,7 @@ def run_unit(job: Job, unit: Unit, progress: Callable[[int], None] | None = None
         for spec, is_active in zip(job.outputs, active):
             outputs.append(_open(checkpoint, spec, unit, rounding) if is_active else None)
         report(sum(_written_before(s, unit, o) for s, o in zip(job.outputs, outputs) if not s.complete))
-        _run(checkpoint, job, unit, outputs, active, report, check, rounding)
+        _run(checkpoint, job, unit, outputs, active, report, check, rounding, statistics or {})
     finally:
         for output in outputs:
             if output is not None:
@@ -171,7 +172,8 @@ def run_unit(job: Job, unit: Unit, progress: Callable[[int], None] | None = None
 
 
 def _run(checkpoint: Checkpoint, job: Job, unit: Unit, outputs: list[UnitOutput | None], active: list[bool],
-         progress: Callable[[int], None], check: Callable[[], None], rounding: str) -> None:
+         progress: Callable[[int], None], check: Callable[[], None], rounding: str,
+         statistics: dict[int, torch.Tensor]) -> None:
     """The unit's targets through torch, its pass-through tensors copied, then its files
     finalized and marked done; on any failure or Ctrl-C the temporary files and the
     journal stay for the next run to resume."""
@@ -202,7 +204,7 @@ def _run(checkpoint: Checkpoint, job: Job, unit: Unit, outputs: list[UnitOutput 
 
     def compute(i, weight, to_host):
         if i < len(targets):
-            return compute_target(i, weight, job.outputs, active, to_host)
+            return compute_target(i, weight, job.outputs, active, to_host, statistics.get(i))
         return [(name, to_host(t)) for name, t in stored_only[i - len(targets)].serialize(weight, quant)]
 
     runner = None

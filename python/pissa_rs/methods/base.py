@@ -44,6 +44,9 @@ class Method:
     # init_lora_weights in the adapter_config we write: True (the factors are final, PEFT must not
     # initialize again on load), or the name of a PEFT variant that changes training (MiCA's frozen B)
     config_init_lora_weights: ClassVar[bool | str] = True
+    # What it needs from calibration data, per target: None (the weight alone) or "covariance"
+    # (X^T X of the target's inputs, in x in): the driver then runs the layer-sequential calibration.
+    calibration: ClassVar[str | None] = None
 
     def init_lora_weights(self, niter: int) -> str:
         """The name the report records for this init (PEFT's where PEFT has one)."""
@@ -60,9 +63,11 @@ class Method:
                              "quantize or re-encode (quantize, save_quantized, keep_source_format do not apply)")
 
     def factors_at_ranks(self, weight: torch.Tensor, ranks: list[tuple[int, float]], *, niter: int,
-                         seed: int | None, adapter_dtype: torch.dtype, fan_in_fan_out: bool) -> list[Factors]:
+                         seed: int | None, adapter_dtype: torch.dtype, fan_in_fan_out: bool,
+                         statistic: torch.Tensor | None = None) -> list[Factors]:
         """The factors (and residual) of `weight` as stored (in x out when fan_in_fan_out) at
-        every (rank, scale) of `ranks`, from one decomposition at the largest rank."""
+        every (rank, scale) of `ranks`, from one decomposition at the largest rank.
+        `statistic`: what `calibration` names, for this weight (on its device)."""
         raise NotImplementedError
 
     def factor_problem(self, w: torch.Tensor, w_res: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,

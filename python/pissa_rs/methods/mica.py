@@ -28,7 +28,7 @@ class MiCA(Method):
         super().check(options)
         require_feature("peft", "0.21", "method 'mica' (PEFT's MiCA variant, which freezes lora_B)")
 
-    def factors_at_ranks(self, weight, ranks, *, niter, seed, adapter_dtype, fan_in_fan_out):
+    def factors_at_ranks(self, weight, ranks, *, niter, seed, adapter_dtype, fan_in_fan_out, statistic=None):
         w, total = float32_oriented(weight, fan_in_fan_out, ranks)
         U, S, _ = torch.linalg.svd(w, full_matrices=False)
         k = S.shape[0]

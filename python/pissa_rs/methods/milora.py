@@ -17,7 +17,7 @@ class MiLoRA(Method):
     summary = "minor (bottom-r) singular triplets in the adapter, the principal part in the residual (full SVD)"
     solver = FULL_SVD
 
-    def factors_at_ranks(self, weight, ranks, *, niter, seed, adapter_dtype, fan_in_fan_out):
+    def factors_at_ranks(self, weight, ranks, *, niter, seed, adapter_dtype, fan_in_fan_out, statistic=None):
         w, total = float32_oriented(weight, fan_in_fan_out, ranks)
         U, S, Vh = torch.linalg.svd(w, full_matrices=False)
         del w

@@ -17,7 +17,7 @@ class OLoRA(Method):
     solver = QR
     peft_name = "olora"
 
-    def factors_at_ranks(self, weight, ranks, *, niter, seed, adapter_dtype, fan_in_fan_out):
+    def factors_at_ranks(self, weight, ranks, *, niter, seed, adapter_dtype, fan_in_fan_out, statistic=None):
         # PEFT's olora_init takes the QR of the weight as stored; for a Conv1D (fan_in_fan_out)
         # that is W^T, whose factors do not fit the layer: here always the out x in W.
         w, total = float32_oriented(weight, fan_in_fan_out, ranks)

@@ -18,7 +18,7 @@ class PiSSA(Method):
     def init_lora_weights(self, niter: int) -> str:
         return "pissa" if niter == 0 else f"pissa_niter_{niter}"
 
-    def factors_at_ranks(self, weight, ranks, *, niter, seed, adapter_dtype, fan_in_fan_out):
+    def factors_at_ranks(self, weight, ranks, *, niter, seed, adapter_dtype, fan_in_fan_out, statistic=None):
         return factors_at_ranks(weight, ranks, niter, seed, adapter_dtype, fan_in_fan_out)
 
     def factor_problem(self, w, w_res, a, b, scale, tol, residual_eps=0.0):

@@ -1,0 +1,161 @@
+"""Sequential onloading: the model class transformers builds from config.json, on the meta
+device, with only what one step needs made real from the checkpoint: the modules before
+the decoder layers (embeddings, rotary tables) once, then one decoder layer at a time.
+Each layer's arguments (masks, position embeddings) come from the model's own forward,
+recorded where it calls that layer, so no code is written per family."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._pissa_rs import Checkpoint
+from .samples import CalibrationError
+
+# The families whose layer-by-layer forward is tested against the whole model's (and PEFT's
+# calibration on it); others are refused by name rather than calibrated on trust.
+TESTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class _Stop(Exception):
+    """Raised by the recorder of the layer asked for: the model's forward goes no further."""
+
+
+class _Recorder(nn.Module):
+    """Stands in for a decoder layer during the recording pass: keeps the arguments the
+    model passes it and hands the hidden states on unchanged (or stops the forward)."""
+
+    def __init__(self, index: int, layer: nn.Module, state: dict):
+        super().__init__()
+        object.__setattr__(self, "_layer", layer)  # not a submodule: its weights stay out of this one
+        self.index, self.state = index, state
+
+    def __getattr__(self, name: str):  # attributes the model reads off its layers (attention_type, ...)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_layer"), name)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if self.index == self.state["stop_at"]:
+            self.state["call"] = (hidden_states, args, kwargs)
+            raise _Stop
+        return hidden_states
+
+
+def _decoder_layers(model) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of the model's decoder layers (the classes transformers never splits)."""
+    kinds = set(getattr(model, "_no_split_modules", None) or [])
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) and all(type(m).__name__ in kinds for m in module):
+            return name, module
+    raise CalibrationError(f"{type(model).__name__}: no list of decoder layers found to calibrate one at a time")
+
+
+class LayerStack:
+    """A model's decoder layers, made real one at a time from the checkpoint on `device`."""
+
+    def __init__(self, checkpoint: Checkpoint, config_dir: Path, device: torch.device):
+        from ..planning.mapping import checkpoint_mapping, load_config, model_class_for
+
+        config, _ = load_config(config_dir)
+        family = getattr(config, "model_type", None)
+        if family not in TESTED_FAMILIES:
+            raise CalibrationError(f"{config_dir / 'config.json'}: model_type {family!r} is not one whose layer-by-"
+                                   f"layer calibration is tested ({', '.join(TESTED_FAMILIES)})")
+        cls = model_class_for(config)
+        if cls is None:
+            raise CalibrationError(f"{config_dir / 'config.json'}: transformers has no class {config.architectures}")
+        with torch.device("meta"):
+            model = cls._from_config(config)
+        model.eval()
+        self.model, self.config, self.device, self.checkpoint = model, config, device, checkpoint
+        self.where = Path(checkpoint.root)
+        self.mapping = checkpoint_mapping(model, checkpoint)
+        self.layers_name, self.layers = _decoder_layers(model)
+        self.base = getattr(model, model.base_model_prefix, model)
+        embedding = self.base.get_input_embeddings()
+        self.dtype = self._stored_dtype(f"{self._name_of(embedding)}.weight")
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        skip = {id(m) for m in self.layers.modules()} | ({id(m) for m in head.modules()} if head is not None else set())
+        # The rest (embeddings, rotary tables, the final norm) is small: made real once.
+        for name, module in model.named_modules():
+            if id(module) not in skip:
+                self._materialize(name, module, recurse=False)
+        self.state: dict[str, Any] = {"stop_at": None, "call": None}
+        self.real = list(self.layers)
+        for k, layer in enumerate(self.real):
+            self.layers[k] = _Recorder(k, layer, self.state)
+
+    def __len__(self) -> int:
+        return len(self.real)
+
+    def _name_of(self, module: nn.Module) -> str:
+        return next(n for n, m in self.model.named_modules() if m is module)
+
+    def _stored_dtype(self, param: str) -> torch.dtype:
+        from ..tensors import TORCH_DTYPES
+
+        tensor = self.mapping.tensor_of.get(param)
+        if tensor is None:
+            raise CalibrationError(f"{self.where}: no checkpoint tensor holds {param}")
+        return TORCH_DTYPES[self.checkpoint.info(tensor).dtype]
+
+    def _read(self, param: str, shape: torch.Size) -> torch.Tensor:
+        from ..tensors import TORCH_DTYPES
+
+        tensor = self.mapping.tensor_of.get(param)
+        if tensor is None:
+            raise CalibrationError(f"{self.where}: no checkpoint tensor holds the model's {param} (calibration runs "
+                                   "the original model, so every weight of a layer must be in the checkpoint)")
+        info = self.checkpoint.info(tensor)
+        if info.dtype not in ("F32", "F16", "BF16"):
+            raise CalibrationError(f"{self.where}: {tensor} is {info.dtype}; calibration reads float weights only")
+        data = torch.empty(info.end - info.start, dtype=torch.uint8)
+        self.checkpoint.read_into(tensor, data.numpy())
+        value = data.view(TORCH_DTYPES[info.dtype]).reshape(list(info.shape))
+        if tuple(value.shape) != tuple(shape):
+            raise CalibrationError(f"{self.where}: {tensor} has shape {list(value.shape)}, the model's {param} "
+                                   f"{list(shape)}")
+        return value.to(self.device, self.dtype)
+
+    def _materialize(self, prefix: str, module: nn.Module, recurse: bool) -> None:
+        """`module`'s parameters from the checkpoint and its buffers as the model class makes them."""
+        for name, sub in (module.named_modules(prefix=prefix) if recurse else [(prefix, module)]):
+            params = list(sub.named_parameters(recurse=False))
+            buffers = list(sub.named_buffers(recurse=False))
+            if not params and not buffers:
+                continue
+            sub.to_empty(device=self.device, recurse=False)
+            if buffers:  # rotary tables and the like: computed, never stored
+                self.model._init_weights(sub)
+            for pname, p in params:
+                value = self._read(f"{name}.{pname}" if name else pname, p.shape)
+                setattr(sub, pname, nn.Parameter(value, requires_grad=False))
+
+    def layer(self, index: int) -> nn.Module:
+        """Decoder layer `index` with its original weights, on the device."""
+        layer = self.real[index]
+        self._materialize(f"{self.layers_name}.{index}", layer, recurse=True)
+        return layer
+
+    def release(self, index: int) -> None:
+        self.real[index].to("meta")
+
+    def call_of(self, index: int, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """(hidden states, args, kwargs) the model's forward passes layer `index` for this
+        batch (the hidden states are the embeddings' output; they matter for layer 0 only)."""
+        self.state["stop_at"], self.state["call"] = index, None
+        with torch.no_grad():
+            try:
+                self.base(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+                          use_cache=False)
+            except _Stop:
+                pass
+        call, self.state["call"] = self.state["call"], None
+        if call is None:
+            raise CalibrationError(f"{type(self.model).__name__}: its forward never reached decoder layer {index}")
+        return call

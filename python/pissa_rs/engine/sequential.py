@@ -1,0 +1,173 @@
+"""A data-aware run: the calibration samples through the original model one decoder layer
+at a time, each layer's input statistics into its targets' units as soon as every target
+of a unit has them, and the layer's outputs (from the original weights, as PEFT's
+calibration forward computes them) carried to the next layer. What is carried (and the
+statistics still pending) is saved after every layer, so a killed run resumes at the layer
+it was in."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from .._pissa_rs import Checkpoint
+from ..calibration.layers import LayerStack
+from ..calibration.samples import CalibrationError, CalibrationSet
+from ..calibration.statistics import CovarianceHooks
+from ..constants import UNITS_DIR
+from .resume import fault_point
+from .run import run_unit
+from .units import Job, Unit
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+CALIBRATION_DIR = "calibration"
+
+
+def target_layers(job: Job, layers_name: str) -> list[tuple[int, str]]:
+    """(decoder layer, module name within it) of every target; a target outside the layers
+    (or a parameter PEFT wraps) cannot be calibrated one layer at a time."""
+    found = []
+    for target in job.outputs[0].plan.targets:
+        head, _, rest = target.module.partition(layers_name + ".")
+        index, _, inner = rest.partition(".")
+        if head or not index.isdigit() or not inner or target.location is not None:
+            raise CalibrationError(f"{target.tensor}: not a linear module inside the decoder layers "
+                                   f"({layers_name}.N.*), which calibration reaches one layer at a time; "
+                                   "exclude it (exclude_modules)")
+        found.append((int(index), inner))
+    return found
+
+
+class _Carried:
+    """What a resume needs at a layer boundary: every batch's hidden states (the next
+    layer's input) and the statistics of targets whose units have not run yet; saved under
+    OUT/.pissa_units/calibration with the index of the next layer, replaced atomically."""
+
+    def __init__(self, folder: Path, digest: str):
+        self.folder, self.digest = folder, digest
+
+    def load(self) -> tuple[int, list[torch.Tensor], dict[int, torch.Tensor]] | None:
+        state = self.folder / "state.json"
+        if not state.is_file():
+            return None
+        from safetensors.torch import load_file
+
+        recorded = json.loads(state.read_text())
+        if recorded.get("calibration") != self.digest:
+            return None
+        tensors = load_file(str(self.folder / "carried.safetensors"))
+        hidden = [tensors[f"batch-{k:05d}"] for k in range(recorded["batches"])]
+        pending = {int(i): tensors[key] for i, key in recorded["pending"].items()}
+        return recorded["next_layer"], hidden, pending
+
+    def save(self, next_layer: int, hidden: list[torch.Tensor], pending: dict[int, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tensors = {f"batch-{k:05d}": h.contiguous() for k, h in enumerate(hidden)}
+        keys: dict[int, str] = {}  # modules sharing an input share one covariance: stored once
+        for i, t in pending.items():
+            keys.setdefault(id(t), f"target-{i}")
+            tensors[keys[id(t)]] = t.contiguous()
+        partial = self.folder / "carried.safetensors.partial"
+        save_file(tensors, str(partial))
+        os.replace(partial, self.folder / "carried.safetensors")
+        state = self.folder / "state.json.partial"
+        state.write_text(json.dumps({"next_layer": next_layer, "batches": len(hidden), "calibration": self.digest,
+                                     "pending": {str(i): keys[id(t)] for i, t in pending.items()}}))
+        os.replace(state, self.folder / "state.json")
+
+
+def _padded(calibration: CalibrationSet, batch: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """A batch right-padded, its attention mask and each sample's length (as PEFT's EVA dataloader pads)."""
+    lengths = [int(calibration.samples[k].numel()) for k in batch]
+    ids = torch.zeros(len(batch), max(lengths), dtype=torch.int64)
+    mask = torch.zeros_like(ids)
+    for row, (k, n) in enumerate(zip(batch, lengths)):
+        ids[row, :n], mask[row, :n] = calibration.samples[k], 1
+    return ids, mask, lengths
+
+
+def run_calibrated(job: Job, checkpoint: Checkpoint, calibration: CalibrationSet, batch_size: int,
+                   progress: Callable[[int], None] | None = None) -> dict:
+    """Every unit of `job`, in layer order, with the statistics its method needs; returns
+    what the report says of the calibration (seconds per phase)."""
+    import time
+
+    device = job.options.torch_devices[0]
+    stack = LayerStack(checkpoint, Path(checkpoint.root), device)
+    layers = target_layers(job, stack.layers_name)
+    by_layer: dict[int, dict[str, list[int]]] = {}
+    for index, (layer, inner) in enumerate(layers):
+        by_layer.setdefault(layer, {}).setdefault(inner, []).append(index)
+    last_layer = {unit.index: max((layers[i][0] for i in unit.targets), default=-1) for unit in job.units}
+    waiting: list[Unit] = list(job.units)
+    statistics: dict[int, torch.Tensor] = {}
+    carried = _Carried(job.outputs[0].out / UNITS_DIR / CALIBRATION_DIR, calibration.digest)
+    batches = calibration.batches(batch_size)
+    seconds = {"forward": 0.0, "statistics": 0.0, "units": 0.0, "saved": 0.0}
+
+    def run_ready(done_through: int) -> None:
+        t0 = time.perf_counter()
+        for unit in [u for u in waiting if last_layer[u.index] <= done_through]:
+            run_unit(job, unit, progress=progress, statistics=statistics)
+            waiting.remove(unit)
+            for i in unit.targets:
+                statistics.pop(i, None)
+        seconds["units"] += time.perf_counter() - t0
+
+    run_ready(-1)  # shards with no target: copies only
+    resumed = carried.load()
+    start, hidden = 0, None
+    if resumed is not None:
+        start, hidden, pending = resumed
+        statistics.update(pending)
+        run_ready(start - 1)  # finished before the kill: marked done, nothing is redone
+    for layer_index in range(start, len(stack)):
+        if not waiting:
+            break  # every unit written: the remaining layers calibrate nothing
+        t0 = time.perf_counter()
+        layer = stack.layer(layer_index)
+        wanted = by_layer.get(layer_index, {})
+        modules = {inner: layer.get_submodule(inner) for inner in wanted}
+        hooks = CovarianceHooks(modules)
+        outputs = []
+        try:
+            for k, batch in enumerate(batches):
+                ids, mask, lengths = _padded(calibration, batch)
+                given, args, kwargs = stack.call_of(layer_index, ids, mask)
+                x = given if hidden is None else hidden[k].to(device)
+                with torch.no_grad():
+                    out = layer(x, *args, **kwargs)
+                out = out[0] if isinstance(out, tuple) else out
+                t1 = time.perf_counter()
+                hooks.add_batch(lengths)
+                seconds["statistics"] += time.perf_counter() - t1
+                outputs.append(out.to("cpu") if device.type != "cpu" else out)
+                fault_point("calibrate")  # the crash tests: killed mid-layer
+        finally:
+            hooks.remove()
+        stack.release(layer_index)
+        covariances = hooks.covariances()
+        for inner, indices in wanted.items():
+            for i in indices:
+                statistics[i] = covariances[inner].to("cpu") if device.type != "cpu" else covariances[inner]
+        hidden = outputs
+        seconds["forward"] += time.perf_counter() - t0
+        run_ready(layer_index)
+        if waiting:  # a resume starts at the next layer
+            t0 = time.perf_counter()
+            carried.save(layer_index + 1, hidden, statistics)
+            seconds["saved"] += time.perf_counter() - t0
+    if waiting:
+        raise CalibrationError(f"units {[u.name for u in waiting]} were never reached by the calibration "
+                               "(their targets' layers were not run)")
+    seconds["forward"] -= seconds["statistics"]
+    return {**calibration.as_record(), "batch": batch_size, "layers": len(stack), "resumed_at_layer": start,
+            "seconds": seconds}

@@ -1,0 +1,294 @@
+"""Data-aware methods (CorDA IPM and KPM): the calibration samples run through the model one
+decoder layer at a time, and the output equals PEFT's own preprocess_corda + get_peft_model
+on the whole model fed the same samples one by one; bad calibration data is refused before
+anything is written; a run killed mid-layer resumes byte-identically."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import safetensors.torch
+import torch
+import transformers
+from helpers import calibration_texts, digest, load_output_without_key_warnings, save_tokenizer
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora.config import CordaConfig
+from peft.tuners.lora.corda import preprocess_corda
+
+import pissa_rs
+from pissa_rs.calibration.samples import CalibrationError
+
+FAMILIES = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+}
+LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+N, LENGTH, R = 12, 40, 4
+# samples of many lengths (10 to 40 tokens), so that batches are padded
+TEXTS = [t[: 30 + 19 * k] for k, t in enumerate(calibration_texts())]
+
+
+def save_model(path, family="llama", layers=2, seed=0, **save):
+    tokenizer = save_tokenizer(path, TEXTS)
+    config_cls, cls = FAMILIES[family]
+    torch.manual_seed(seed)
+    model = cls(config_cls(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128))
+    model.save_pretrained(path, **save)
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("calibrated")
+    return {family: save_model(root / family, family) for family in FAMILIES}
+
+
+def peft_corda(path, mode, texts=TEXTS[:N], length=LENGTH):
+    """PEFT's own CorDA on the whole model, each sample fed alone (its run_model callback)."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    config = LoraConfig(r=R, lora_alpha=R, target_modules=LINEAR, init_lora_weights="corda", lora_dropout=0.0,
+                        corda_config=CordaConfig(corda_method=mode), task_type="CAUSAL_LM")
+
+    def run_model():
+        for text in texts:
+            model(**tokenizer(text, truncation=True, max_length=length, return_tensors="pt"))
+
+    preprocess_corda(model, config, run_model=run_model)
+    return get_peft_model(model, config)
+
+
+def ours(path, out, mode, **options):
+    options = {"calibration": TEXTS, "calibration_samples": N, "calibration_length": LENGTH,
+               "calibration_batch": 1, **options}
+    return pissa_rs.decompose_checkpoint(path, r=R, method=f"corda-{mode}", out=out, progress=False, **options)
+
+
+def tensors_of(folder):
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in safetensors.torch.load_file(f).items()}
+
+
+def assert_close(mine, theirs, what, rtol=1e-6):
+    # Fed one sample at a time as PEFT's run_model feeds them, the same float32 operations in
+    # the same order: equal up to a last-bit difference. Batched (padded, masked attention),
+    # the hidden states round otherwise (~1e-7 relative), and the damped inverse and the SVD of
+    # W·C amplify that by their conditioning: hence a looser rtol there.
+    assert mine.shape == theirs.shape, what
+    gap = (mine.float() - theirs.float()).abs().max().item()
+    assert gap <= rtol * theirs.abs().max().item(), f"{what}: off by {gap:.3g}"
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("mode", ["ipm", "kpm"])
+def test_the_output_is_peft_own_corda(models, tmp_path, family, mode):
+    res = ours(models[family], tmp_path / "o", mode)
+    theirs = peft_corda(models[family], mode)
+    state = theirs.state_dict()
+    adapter = safetensors.torch.load_file(res.adapter / "adapter_model.safetensors")
+    assert sorted(adapter) == sorted(k.replace(".default.weight", ".weight") for k in state if ".lora_" in k)
+    for key, value in adapter.items():
+        assert_close(value, state[key.replace(".weight", ".default.weight")], key)
+    residual = tensors_of(res.out)
+    base = {k.replace(".base_layer", ""): v for k, v in theirs.base_model.model.state_dict().items() if "lora_" not in k}
+    assert set(base) <= set(residual) | {"lm_head.weight"}
+    for key, value in base.items():
+        if key in residual:
+            assert_close(residual[key], value, key)
+    config = json.loads((res.adapter / "adapter_config.json").read_text())
+    expected = json.loads(json.dumps(theirs.peft_config["default"].to_dict(), default=sorted))
+    # the factors are final: PEFT must not initialize again on load (nor warn of a corda_config it ignores)
+    expected.update(init_lora_weights=True, corda_config=None)
+    where = ("base_model_name_or_path", "revision", "target_modules", "peft_version")
+    assert {k: v for k, v in config.items() if k not in where} == {k: v for k, v in expected.items() if k not in where}
+    assert sorted(config["target_modules"]) == sorted(LINEAR)
+    assert res.report["method"] == "corda-" + mode and res.report["init_lora_weights"] == "corda"
+    calibration = res.report["calibration"]
+    assert calibration["samples"] == N and calibration["batch"] == 1 and len(calibration["sha256"]) == 64
+    assert calibration["lengths"] == [len(transformers.AutoTokenizer.from_pretrained(models[family])(
+        t, truncation=True, max_length=LENGTH)["input_ids"]) for t in TEXTS[:N]]
+
+
+def test_ipm_and_kpm_differ_and_the_logits_are_the_original(models, tmp_path, caplog):
+    path = models["llama"]
+    ipm, kpm = ours(path, tmp_path / "ipm", "ipm"), ours(path, tmp_path / "kpm", "kpm")
+    a_ipm = safetensors.torch.load_file(ipm.adapter / "adapter_model.safetensors")
+    a_kpm = safetensors.torch.load_file(kpm.adapter / "adapter_model.safetensors")
+    assert all(not torch.allclose(a_ipm[k], a_kpm[k]) for k in a_ipm)
+    # IPM holds the large triplets of W·C, KPM the small ones
+    q = "model.layers.0.self_attn.q_proj"
+    s_ipm = next(t["singular_values"] for t in ipm.report["tensors"] if t["module"] == q)
+    s_kpm = next(t["singular_values"] for t in kpm.report["tensors"] if t["module"] == q)
+    assert min(s_ipm) > max(s_kpm)
+    ids = torch.tensor([[1, 5, 9, 40, 77, 3]])
+    original = transformers.AutoModelForCausalLM.from_pretrained(path).eval()(ids).logits
+    for res in (ipm, kpm):
+        loaded = load_output_without_key_warnings(transformers.AutoModelForCausalLM, res.out, caplog)
+        assert torch.allclose(loaded(ids).logits, original, atol=1e-4)
+        trainable = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(res.out), res.adapter,
+                                              is_trainable=True)
+        loss = trainable(ids, labels=ids).loss
+        loss.backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in trainable.named_parameters()
+                   if "lora_" in n)
+        assert pissa_rs.verify(res.out, against=path).ok
+
+
+def test_padding_never_counts(models, tmp_path, monkeypatch):
+    """Batches of 1 and of 5 (right-padded, samples of 10 to 40 tokens) give every module the
+    same input covariance within float32 rounding (the masked attention path rounds otherwise)."""
+    from pissa_rs.calibration.statistics import CovarianceHooks
+
+    seen: list[dict] = []
+    real = CovarianceHooks.covariances
+    monkeypatch.setattr(CovarianceHooks, "covariances", lambda self: seen.append(real(self)) or seen[-1])
+    one = ours(models["llama"], tmp_path / "one", "ipm", calibration_batch=1)
+    five = ours(models["llama"], tmp_path / "five", "ipm", calibration_batch=5)
+    assert len(seen) == 4 and len({len(c) for c in seen}) == 1  # two layers, each run
+    for by_one, by_five in zip(seen[:2], seen[2:]):
+        for name, c in by_one.items():
+            gap = (c - by_five[name]).abs().max().item()
+            assert gap <= 1e-5 * c.abs().max().item(), f"{name}: the covariances differ by {gap:.3g}"
+    assert one.report["calibration"]["sha256"] == five.report["calibration"]["sha256"]
+    a, b = (safetensors.torch.load_file(r.adapter / "adapter_model.safetensors") for r in (one, five))
+    for key in a:  # IPM's top triplets: well separated, so the factors follow the covariances closely
+        assert_close(a[key], b[key], key, rtol=2e-3)
+
+
+def test_several_ranks_and_qpissa_from_one_calibration(models, tmp_path):
+    outs = pissa_rs.decompose_checkpoint(models["llama"], r=[2, 4], method="corda-ipm", out=tmp_path / "r{r}",
+                                         calibration=TEXTS, calibration_samples=N, calibration_length=LENGTH,
+                                         progress=False)
+    small = safetensors.torch.load_file(outs[0].adapter / "adapter_model.safetensors")
+    big = safetensors.torch.load_file(outs[1].adapter / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"
+    assert torch.allclose(small[key], big[key][:, :2])  # IPM's top triplets nest
+    quantized = ours(models["llama"], tmp_path / "q", "ipm", quantize="nf4", quant_iters=2, measure_error=False)
+    assert quantized.report["options"]["quantize"] == "nf4" and pissa_rs.verify(quantized.out, against=models["llama"]).ok
+
+
+@pytest.mark.parametrize("data, message", [
+    ([], r"0 samples, 12 asked for"),
+    ([""] * 12, r"sample 0 has no tokens"),
+    (TEXTS[:3], r"3 samples, 12 asked for"),
+    (["fine"] * 11 + [7], r"sample 11 is int, not text"),
+    ("missing.txt", r"missing.txt: no such file"),
+])
+def test_bad_calibration_data_is_named_before_anything_is_written(models, tmp_path, data, message):
+    with pytest.raises(CalibrationError, match=message):
+        ours(models["llama"], tmp_path / "o", "ipm", calibration=data if data != "missing.txt" else tmp_path / data)
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_files_and_contexts_are_named(models, tmp_path):
+    binary = tmp_path / "data.bin"
+    binary.write_bytes(bytes(range(256)))
+    with pytest.raises(CalibrationError, match=r"data.bin: not UTF-8 text"):
+        ours(models["llama"], tmp_path / "o", "ipm", calibration=binary)
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_text('{"text": "a"}\n{"content": "b"}\n')
+    with pytest.raises(CalibrationError, match=r"data.jsonl, line 2: needs a string field 'text'"):
+        ours(models["llama"], tmp_path / "o", "ipm", calibration=jsonl)
+    with pytest.raises(CalibrationError, match=r"calibration_length 4096 is longer than the model's context "
+                                               r"\(max_position_embeddings 128"):
+        ours(models["llama"], tmp_path / "o", "ipm", calibration_length=4096)
+    bare = tmp_path / "bare"
+    save_model(bare)
+    (bare / "tokenizer.json").unlink()
+    (bare / "tokenizer_config.json").unlink()
+    with pytest.raises(CalibrationError, match=r"bare: no tokenizer"):
+        ours(bare, tmp_path / "o", "ipm")
+    with pytest.raises(ValueError, match=r"method 'corda-kpm' needs calibration data"):
+        pissa_rs.decompose_checkpoint(models["llama"], r=4, method="corda-kpm", out=tmp_path / "o")
+    with pytest.raises(ValueError, match=r"method 'pissa' looks at the weights alone"):
+        pissa_rs.decompose_checkpoint(models["llama"], r=4, calibration=TEXTS, out=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_text_and_jsonl_files_give_the_samples_of_a_list(models, tmp_path):
+    text = tmp_path / "c.txt"
+    text.write_text("\n\n".join(TEXTS))
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    paragraphs = [p.strip() for p in "\n\n".join(TEXTS).split("\n\n") if p.strip()]  # a text file's samples
+    for data, texts in ((text, paragraphs), (jsonl, TEXTS)):
+        res = ours(models["llama"], tmp_path / data.suffix[1:], "ipm", calibration=data)
+        assert res.report["calibration"]["source"] == str(data)
+        listed = ours(models["llama"], tmp_path / f"list-{data.suffix[1:]}", "ipm", calibration=texts)
+        assert res.report["calibration"]["sha256"] == listed.report["calibration"]["sha256"]
+    assert paragraphs[:N] != TEXTS[:N]
+
+
+def test_the_dry_run_shows_the_memory_plan_and_checks_the_data(models, tmp_path, capsys):
+    plan = pissa_rs.plan(models["llama"], r=R, method="corda-kpm", calibration=TEXTS, calibration_samples=N,
+                         calibration_length=LENGTH, calibration_batch=4, out=tmp_path / "o")
+    shown = plan.describe()
+    assert "method: corda-kpm (corda)" in shown and "compute: full SVD per weight" in shown
+    # 12 x 40 tokens of hidden 64 in float32 = 120 KiB; down_proj's 96 x 96 covariance among a layer's
+    assert f"calibration: up to {N} samples x {LENGTH} tokens (480), batches of 4; host: hidden states 120.0 KiB" \
+        in shown, shown
+    assert plan.options.calibration == f"a list of {len(TEXTS)} texts" and len(plan.options.calibration_sha256) == 64
+    # the default length (2048, as PEFT's docs suggest) is cut to a shorter context; asked for, it is an error
+    # and the default sample count (256) to the texts there are
+    defaults = pissa_rs.plan(models["llama"], r=R, method="corda-kpm", calibration=TEXTS).options
+    assert (defaults.calibration_length, defaults.calibration_samples) == (128, len(TEXTS))
+    with pytest.raises(CalibrationError, match="3 samples, 12 asked for"):
+        pissa_rs.plan(models["llama"], r=R, method="corda-kpm", calibration=TEXTS[:3], calibration_samples=N)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_family_not_tested_is_refused_by_name(tmp_path):
+    path = tmp_path / "gpt2"
+    save_tokenizer(path, TEXTS)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=300, n_embd=32, n_layer=1, n_head=2)
+                                 ).save_pretrained(path)
+    with pytest.raises(CalibrationError, match=r"model_type 'gpt2' is not one whose layer-by-layer calibration"):
+        ours(path, tmp_path / "o", "ipm")
+
+
+CLI = [sys.executable, "-m", "pissa_rs.cli"]
+
+
+def run_cli(model, out, data, env=None):
+    return subprocess.run([*CLI, "decompose", str(model), "-r", str(R), "-o", str(out), "--no-progress",
+                           "--method", "corda-kpm", "--calibration", str(data), "--calibration-samples", str(N),
+                           "--calibration-length", str(LENGTH), "--calibration-batch", "3"],
+                          capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=300)
+
+
+@pytest.mark.parametrize("point", ["calibrate:9", "calibrate:14"])
+def test_sigkill_mid_layer_resumes_byte_identically(tmp_path, point):
+    """Four layers in shards of about one layer: killed in layer 2 (after the activations of
+    layer 1 were saved) or in layer 3, the rerun resumes there and writes the same bytes."""
+    model = save_model(tmp_path / "m", layers=4, max_shard_size="120KB")
+    assert len(list(model.glob("*.safetensors"))) >= 3
+    data = tmp_path / "c.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    reference = tmp_path / "ref"
+    assert run_cli(model, reference, data).returncode == 0
+    before = digest(model)
+    out = tmp_path / "o"
+    killed = run_cli(model, out, data, env={"PISSA_RS_SIGNAL_AT": point})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not (out / "pissa_report.json").exists()
+    assert (out / ".pissa_units" / "calibration" / "state.json").is_file()  # a layer's activations were kept
+    assert run_cli(model, out, data).returncode == 0
+    assert digest(model) == before
+    config = "pissa_init/adapter_config.json"  # names its own folder as the base: compared without it
+    ours_now, ref = digest(out), digest(reference)
+    assert {k: v for k, v in ours_now.items() if k not in ("pissa_report.json", config)} == \
+        {k: v for k, v in ref.items() if k not in ("pissa_report.json", config)}
+    strip = lambda folder: {k: v for k, v in json.loads((folder / config).read_text()).items()  # noqa: E731
+                            if k != "base_model_name_or_path"}
+    assert strip(out) == strip(reference)
+    report = json.loads((out / "pissa_report.json").read_text())
+    assert report["calibration"]["resumed_at_layer"] == {"calibrate:9": 2, "calibrate:14": 3}[point]
+    assert report["calibration"]["sha256"] == json.loads((reference / "pissa_report.json").read_text())[
+        "calibration"]["sha256"]
