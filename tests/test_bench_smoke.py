@@ -71,3 +71,16 @@ def test_moe_benchmark_smoke(tmp_path):
     assert report["moe"]["matrices"] == 4 + 1 + 4 * 2  # attention, router, each expert's gate_up and down
     assert report["dense"]["matrices"] == 7
     assert all(report[k]["wall_s"] > 0 and report[k]["peak_rss_bytes"] > 0 for k in ("moe", "dense"))
+
+
+def test_calibrated_benchmark_smoke(tmp_path):
+    """benches/bench_calibrated.py: CorDA through pissa_rs and through PEFT, tiny shapes."""
+    out = tmp_path / "calibrated.json"
+    proc = subprocess.run([sys.executable, str(BENCH.parent / "bench_calibrated.py"), "--smoke", "--workdir",
+                           str(tmp_path), "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"pissa_rs", "peft"} and "pissa_rs / peft: wall" in proc.stdout
+    assert set(report["results"]["pissa_rs"]["split_s"]) == {"forward", "statistics", "units", "saved"}
+    for result in report["results"].values():
+        assert result["wall_s"] > 0 and result["peak_rss_bytes"] > 0

@@ -292,3 +292,126 @@ def test_sigkill_mid_layer_resumes_byte_identically(tmp_path, point):
     assert report["calibration"]["resumed_at_layer"] == {"calibrate:9": 2, "calibrate:14": 3}[point]
     assert report["calibration"]["sha256"] == json.loads((reference / "pissa_report.json").read_text())[
         "calibration"]["sha256"]
+
+
+def peft_eva(path, rho, batch, texts=TEXTS[:N], whiten=False):
+    """PEFT's own EVA on the whole model: its dataloader of right-padded batches with the mask."""
+    from peft.tuners.lora.config import EvaConfig
+    from peft.tuners.lora.eva import initialize_lora_eva_weights
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    config = LoraConfig(r=R, lora_alpha=R, target_modules=LINEAR, init_lora_weights="eva", lora_dropout=0.0,
+                        eva_config=EvaConfig(rho=rho, whiten=whiten), task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
+    rows = [tokenizer(t, truncation=True, max_length=LENGTH)["input_ids"] for t in texts]
+    batches = []
+    for k in range(0, len(rows), batch):
+        chunk = rows[k:k + batch]
+        ids = torch.zeros(len(chunk), max(map(len, chunk)), dtype=torch.int64)
+        mask = torch.zeros_like(ids)
+        for i, row in enumerate(chunk):
+            ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), 1
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    initialize_lora_eva_weights(peft_model, batches, show_progress_bar=False)
+    return peft_model
+
+
+def ours_eva(path, out, **options):
+    return pissa_rs.decompose_checkpoint(path, r=R, method="eva", out=out, progress=False, calibration=TEXTS,
+                                         calibration_samples=N, calibration_length=LENGTH,
+                                         **{"calibration_batch": 4, **options})
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("whiten", [False, True])
+def test_eva_without_redistribution_is_peft_own(models, tmp_path, caplog, family, whiten):
+    """rho = 1: every module keeps r, and each module's incremental PCA sees the batches PEFT's
+    loop feeds it (cycling until its components converge): the same adapter, bit for bit."""
+    res = ours_eva(models[family], tmp_path / "o", eva_rho=1.0, eva_whiten=whiten)
+    theirs = peft_eva(models[family], 1.0, 4, whiten=whiten)
+    state = theirs.state_dict()
+    adapter = safetensors.torch.load_file(res.adapter / "adapter_model.safetensors")
+    assert sorted(adapter) == sorted(k.replace(".default.weight", ".weight") for k in state if ".lora_" in k)
+    # PEFT 0.21 whitens in place the components that modules sharing an input share, once per
+    # module (q, k, v: three times); here each module's once: compared where inputs are not shared
+    shared = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj") if whiten else ()
+    for key, value in adapter.items():
+        if not any(f".{m}." in key for m in shared):
+            assert_close(value, state[key.replace(".weight", ".default.weight")], key)
+    if whiten:
+        plain = safetensors.torch.load_file(ours_eva(models[family], tmp_path / "plain", eva_rho=1.0).adapter
+                                            / "adapter_model.safetensors")
+        key = "base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight"
+        norms = torch.linalg.vector_norm(plain[key] / adapter[key], dim=1)  # sqrt(singular value) per row
+        assert torch.allclose(norms, norms.sort(descending=True).values) and (norms > 1).all()
+    assert not list(res.out.glob("*.safetensors"))  # the base is the original model: no weights written
+    config = json.loads((res.adapter / "adapter_config.json").read_text())
+    expected = json.loads(json.dumps(theirs.peft_config["default"].to_dict(), default=sorted))
+    where = ("base_model_name_or_path", "revision", "target_modules", "peft_version")
+    assert {k: v for k, v in config.items() if k not in where} == {k: v for k, v in expected.items() if k not in where}
+    assert config["base_model_name_or_path"] == str(models[family])
+    # PEFT loads it onto the model it names, with no missing or unexpected keys, and trains it
+    from peft import AutoPeftModelForCausalLM
+
+    loaded = AutoPeftModelForCausalLM.from_pretrained(res.adapter, is_trainable=True)
+    ids = torch.tensor([[1, 5, 9, 40, 77, 3]])
+    original = transformers.AutoModelForCausalLM.from_pretrained(models[family]).eval()(ids).logits
+    assert torch.allclose(loaded(ids).logits, original)  # B = 0: the original model's output
+    loaded(ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for n, p in loaded.named_parameters() if "lora_B" in n)
+    assert pissa_rs.verify(res.out, against=models[family]).ok
+
+
+def test_eva_redistributes_ranks_within_the_budget(models, tmp_path):
+    """rho = 2: PEFT's redistribution (the largest explained-variance ratios, as many as the
+    uniform ranks add up to, at most 2r each, alpha scaled with the rank). Each module's
+    components are fit until all 2r converge, where PEFT stops a module once the share it has
+    at that step converged: a rank may differ by a few from PEFT's, the budget does not."""
+    res = ours_eva(models["llama"], tmp_path / "o", eva_rho=2.0)
+    ranks = res.report["eva"]["ranks"]
+    assert sum(ranks.values()) == R * len(ranks) and max(ranks.values()) <= 2 * R and len(set(ranks.values())) > 1
+    config = json.loads((res.adapter / "adapter_config.json").read_text())
+    assert config["rank_pattern"] == {m: k for m, k in ranks.items() if k != R}
+    assert config["alpha_pattern"] == {m: float(k) for m, k in ranks.items() if k != R}  # alpha * rank / r
+    adapter = safetensors.torch.load_file(res.adapter / "adapter_model.safetensors")
+    for module, rank in ranks.items():
+        assert adapter[f"base_model.model.{module}.lora_A.weight"].shape[0] == rank
+    theirs = peft_eva(models["llama"], 2.0, 4).peft_config["default"].rank_pattern
+    peft_ranks = {m: theirs.get(m, R) for m in ranks}
+    assert sum(abs(peft_ranks[m] - ranks[m]) for m in ranks) <= len(ranks)  # close to PEFT's choice
+    from peft import AutoPeftModelForCausalLM
+
+    AutoPeftModelForCausalLM.from_pretrained(res.adapter)  # PEFT builds every rank as chosen
+
+
+def test_eva_options_belong_to_eva(models, tmp_path):
+    with pytest.raises(ValueError, match=r"eva_rho apply to method 'eva', not 'corda-ipm'"):
+        ours(models["llama"], tmp_path / "o", "ipm", eva_rho=1.5)
+    with pytest.raises(ValueError, match=r"eva_rho must be >= 1"):
+        ours_eva(models["llama"], tmp_path / "o", eva_rho=0.5)
+    with pytest.raises(ValueError, match=r"give one rank"):
+        pissa_rs.decompose_checkpoint(models["llama"], r=[2, 4], method="eva", calibration=TEXTS,
+                                      out=tmp_path / "r{r}")
+    assert not (tmp_path / "o").exists()
+
+
+def test_eva_and_corda_convert_and_merge(models, tmp_path):
+    """After training: EVA's adapter already is a LoRA of the original (rank kept); CorDA's
+    converts as PiSSA's does (rank 2r); both merge into the logits of the tuned model."""
+    from helpers import move_adapters
+
+    ids = torch.tensor([[1, 5, 9, 40, 77, 3]])
+    for method, res in (("eva", ours_eva(models["llama"], tmp_path / "eva", eva_rho=1.0)),
+                        ("corda-kpm", ours(models["llama"], tmp_path / "kpm", "kpm"))):
+        tuned = pissa_rs.load_for_training(res.out, compute_dtype=torch.float32)
+        move_adapters(tuned)
+        tuned.save_pretrained(tmp_path / f"{method}-ft")
+        expected = tuned.eval()(ids).logits
+        lora = tmp_path / f"{method}-lora"
+        pissa_rs.convert_to_lora(res.adapter, tmp_path / f"{method}-ft", lora)
+        rank = json.loads((lora / "adapter_config.json").read_text())["r"]
+        assert rank == (R if method == "eva" else 2 * R)
+        on_original = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(models["llama"]),
+                                                lora).eval()
+        assert torch.allclose(on_original(ids).logits, expected, atol=1e-4)

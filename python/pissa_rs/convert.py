@@ -57,7 +57,11 @@ def init_method(init_dir: Path, init_cfg: dict):
     report = init_dir.parent / REPORT_NAME
     if report.is_file():
         return get_method(json.loads(report.read_text()).get("options", {}).get("method", "pissa"))
-    return get_method("mica" if init_cfg.get("init_lora_weights") == "mica" else "pissa")
+    from .methods import METHODS
+
+    named = init_cfg.get("init_lora_weights")
+    variant = [m for m in METHODS.values() if named is not True and m.config_init_lora_weights == named]
+    return variant[0] if variant else get_method("pissa")
 
 
 def _check_pair(init_dir: Path, init_cfg: dict, tuned_dir: Path, tuned_cfg: dict, init_mods, tuned_mods, init, tuned,
@@ -153,6 +157,7 @@ def convert_to_lora(init_dir: str | os.PathLike[str], finetuned_dir: str | os.Pa
     wrapped = param_wrappers(init_dir)  # module -> (parameter, experts) for PEFT's ParamWrapper layers
     config = LoraConfig.from_pretrained(str(finetuned_dir))
     config.init_lora_weights = True
+    config.eva_config = config.corda_config = None  # a plain LoRA now: nothing for PEFT to initialize (or warn of)
     config.inference_mode = True
     config.base_model_name_or_path, config.revision = base, base_revision
     # The fine-tuned adapter's scaling, kept before the config is rewritten below.

@@ -132,6 +132,17 @@ def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None
     inputs = input_state(checkpoint)
     outs = output_dirs(path, options.ranks, out, options.method)
     report_extra = ()
+    statistics = None
+    if calibration is not None and options.init_method.calibration == "components":
+        # ranks that follow from every layer's calibration (EVA): a pass first, then the plan
+        from .engine.sequential import collect_components
+
+        plans, checks = _plan(path, checkpoint, [options.for_rank(options.ranks[0])], outs)
+        checks.close()
+        found, record = collect_components(plans[0].targets, checkpoint, calibration, options)
+        options, statistics, chosen = options.init_method.options_from_statistics(options, plans[0].targets, found)
+        report_extra = (("calibration", record), (options.method, chosen))
+        calibration = None  # the statistics are ready: the units run as for any method
     if options.rank_budget and not options.budget_chosen:  # the ranks from a spectra pass, then the plan
         plans, checks = _plan(path, checkpoint, [options.for_rank(options.ranks[0])], outs)
         checks.close()
@@ -174,7 +185,7 @@ def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None
 
                 cluster = run_on_ray(job, ray, progress, fingerprints)
             else:
-                extra = run_locally(job, checkpoint, progress, calibration)
+                extra = run_locally(job, checkpoint, progress, calibration, statistics)
                 job = replace(job, report_extra=job.report_extra + extra)
         checks.wait()  # nothing is committed before every check of the plan passed
         origin = origin or base_model_of(path, None)
@@ -199,9 +210,10 @@ def _plan(path: Path, checkpoint: Checkpoint, per_rank: list[DecomposeOptions], 
     return make_plan(path, [asdict(o) for o in per_rank], outs), PlanChecks()
 
 
-def run_locally(job: Job, checkpoint: Checkpoint, progress: bool, calibration=None) -> tuple:
+def run_locally(job: Job, checkpoint: Checkpoint, progress: bool, calibration=None, statistics=None) -> tuple:
     """Every unit, one after the other, in this process; one progress bar over the bytes.
-    With `calibration`, in layer order as the calibration reaches them. Returns what the
+    With `calibration`, in layer order as the calibration reaches them; with `statistics`
+    (tensor -> what the method needs of it), each target given its own. Returns what the
     run adds to the reports."""
     from tqdm.auto import tqdm
 
@@ -219,8 +231,10 @@ def run_locally(job: Job, checkpoint: Checkpoint, progress: bool, calibration=No
     targets = len(job.outputs[0].plan.targets)
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="pissa", disable=not progress,
               postfix=f"0/{len(job.units)} units") as bar:
+        by_index = ({i: statistics[t.tensor] for i, t in enumerate(job.outputs[0].plan.targets)}
+                    if statistics is not None else None)
         for k, unit in enumerate(job.units):
-            run_unit(job, unit, progress=bar.update)
+            run_unit(job, unit, progress=bar.update, statistics=by_index)
             bar.set_postfix_str(f"{k + 1}/{len(job.units)} units, {targets} targets", refresh=False)
         bar.update(total - bar.n)
     return ()

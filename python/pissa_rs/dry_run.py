@@ -104,13 +104,19 @@ class DecompositionPlan:
             found = layer_of(t)
             per_layer.setdefault(found.group(1) if found else "", []).append(t)
         inputs = lambda ts: [(t.shape[0] if t.fan_in_fan_out else t.shape[1]) for t in ts]  # noqa: E731
-        covariances = max((sum(4 * n * n for n in inputs(ts)) for ts in per_layer.values()), default=0)
+        if self.options.init_method.calibration == "covariance":  # CorDA: in x in per input
+            statistic = lambda t, n: 4 * n * n  # noqa: E731
+        else:  # EVA: r * rho components of the input, and the incremental PCA's state as much again
+            statistic = lambda t, n: 2 * 4 * n * round(t.r * o.eva_rho)  # noqa: E731
+        covariances = max((sum(statistic(t, n) for t, n in zip(ts, inputs(ts))) for ts in per_layer.values()),
+                          default=0)
         weights = max((sum(t.shape[0] * t.shape[1] * size for t in ts) for ts in per_layer.values()), default=0)
         batch = o.calibration_batch * o.calibration_length * widest * 4 * 4  # a few float32 copies of the widest
         return (f"calibration: up to {o.calibration_samples} samples x {o.calibration_length} tokens ({tokens:,}), "
                 f"batches of {o.calibration_batch}; host: hidden states {human_bytes(tokens * hidden * size)} (and "
-                f"as much on disk for resume) + covariances waiting for their shard, up to {human_bytes(covariances)} "
-                f"a layer; device: a layer's targets {human_bytes(weights)} + its covariances + a batch "
+                f"as much on disk for resume) + {self.options.init_method.calibration} waiting for their shard, up to "
+                f"{human_bytes(covariances)} a layer; device: a layer's targets {human_bytes(weights)} + its "
+                f"{self.options.init_method.calibration} + a batch "
                 f"~{human_bytes(batch)}")
 
     @property

@@ -101,6 +101,13 @@ class DecomposeOptions:
                                             f"(default {DEFAULT_LENGTH}, or the model's context if shorter)", parse=int)
     calibration_batch: int = option(DEFAULT_BATCH, "with calibration: samples per forward (right-padded; padding "
                                     "never counts)", parse=int)
+    eva_rho: float = option(2.0, "method eva: ranks are redistributed by explained variance, each module's at most "
+                            "r * rho (1: no redistribution)", parse=float)
+    eva_tau: float = option(0.99, "method eva: the components have converged when their cosine similarity between "
+                            "two batches reaches tau", parse=float)
+    eva_whiten: bool = option(False, "method eva: whiten the components (divide by the square root of their singular "
+                              "values)")
+    eva_ranks_chosen: bool = option(False, "set by the driver: rank_pattern holds EVA's redistribution", cli=False)
     calibration_sha256: str | None = option(None, "set by the driver: the tokenized samples' hash", cli=False)
     device: str | None = option(None, "torch device for the SVDs, e.g. cuda:0 (default: cuda if available, "
                                 "else cpu)", group="device")
@@ -208,6 +215,13 @@ class DecomposeOptions:
         return self
 
     def _check_calibration(self, method) -> None:
+        from .methods import METHODS
+
+        defaults = {f.name: f.default for f in fields(self)}
+        for other in METHODS.values():
+            changed = [n for n in other.own_options if other is not method and getattr(self, n) != defaults[n]]
+            if changed:
+                raise ValueError(f"{', '.join(changed)} apply to method {other.name!r}, not {self.method!r}")
         if method.calibration is None:
             if self.calibration is not None:
                 raise ValueError(f"calibration data is for the data-aware methods; method {self.method!r} "

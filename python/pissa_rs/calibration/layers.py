@@ -67,10 +67,13 @@ class LayerStack:
             raise CalibrationError(f"{config_dir / 'config.json'}: model_type {family!r} is not one whose layer-by-"
                                    f"layer calibration is tested ({', '.join(TESTED_FAMILIES)})")
         cls = model_class_for(config)
-        if cls is None:
-            raise CalibrationError(f"{config_dir / 'config.json'}: transformers has no class {config.architectures}")
-        with torch.device("meta"):
-            model = cls._from_config(config)
+        with torch.device("meta"):  # a model of its own: its layers get replaced below
+            if cls is not None:
+                model = cls._from_config(config)
+            else:  # config.json names no class: what the auto class builds for the model type
+                from transformers import AutoModelForCausalLM
+
+                model = AutoModelForCausalLM.from_config(config)
         model.eval()
         self.model, self.config, self.device, self.checkpoint = model, config, device, checkpoint
         self.where = Path(checkpoint.root)

@@ -171,3 +171,73 @@ def run_calibrated(job: Job, checkpoint: Checkpoint, calibration: CalibrationSet
     seconds["forward"] -= seconds["statistics"]
     return {**calibration.as_record(), "batch": batch_size, "layers": len(stack), "resumed_at_layer": start,
             "seconds": seconds}
+
+
+# PEFT's EVA loop cycles the dataloader until every module has converged; a layer whose
+# components will not settle is stopped after this many passes over the samples.
+MOST_EVA_PASSES = 50
+
+
+def collect_components(targets, checkpoint: Checkpoint, calibration: CalibrationSet, options,
+                       ) -> tuple[list[tuple[int, str, torch.Tensor, torch.Tensor, torch.Tensor]], dict]:
+    """EVA's pass: for every target (plan order index), layer by layer, PEFT's incremental
+    PCA of its inputs until the components it may be given (r * rho) converge. Returns the
+    targets in the model's module order as (index, owner, components, explained variance
+    ratios, singular values) with `owner` the first module given the same input, and what
+    the report says of the pass."""
+    import time
+
+    from ..calibration.statistics import ComponentHooks
+
+    device = options.torch_devices[0]
+    stack = LayerStack(checkpoint, Path(checkpoint.root), device)
+    found = []
+    index_of = {}
+    for index, target in enumerate(targets):
+        head, _, rest = target.module.partition(stack.layers_name + ".")
+        layer, _, inner = rest.partition(".")
+        if head or not layer.isdigit() or not inner or target.location is not None:
+            raise CalibrationError(f"{target.tensor}: not a linear module inside the decoder layers "
+                                   f"({stack.layers_name}.N.*), which calibration reaches one layer at a time; "
+                                   "exclude it (exclude_modules)")
+        index_of[(int(layer), inner)] = index
+    batches = calibration.batches(options.calibration_batch)
+    hidden, passes, t0 = None, {}, time.perf_counter()
+    for layer_index in range(len(stack)):
+        wanted = {inner: i for (layer, inner), i in index_of.items() if layer == layer_index}
+        if not wanted and layer_index > max((layer for layer, _ in index_of), default=-1):
+            break
+        layer = stack.layer(layer_index)
+        modules = {name: m for name, m in layer.named_modules() if name in wanted}  # the model's order
+        components = {name: round(targets[wanted[name]].r * options.eva_rho) for name in modules}
+        hooks = ComponentHooks(modules, components, options.eva_tau)
+        outputs = []
+        try:
+            for cycle in range(MOST_EVA_PASSES):
+                for k, batch in enumerate(batches):
+                    if cycle > 0 and not hooks.wants_more():
+                        break
+                    ids, mask, lengths = _padded(calibration, batch)
+                    given, args, kwargs = stack.call_of(layer_index, ids, mask)
+                    x = given if hidden is None else hidden[k].to(device)
+                    hooks.before_batch(mask.to(device))
+                    with torch.no_grad():
+                        out = layer(x, *args, **kwargs)
+                    hooks.after_batch(mask.to(device))
+                    if cycle == 0:
+                        out = out[0] if isinstance(out, tuple) else out
+                        outputs.append(out.to("cpu") if device.type != "cpu" else out)
+                if not modules or not hooks.wants_more():
+                    break
+            passes[layer_index] = cycle + 1
+            results = hooks.results() if modules else {}
+        finally:
+            hooks.remove()
+        stack.release(layer_index)
+        for name, (comps, ratios, values) in results.items():
+            owner = hooks.owner[name]
+            found.append((wanted[name], f"{layer_index}.{owner}", comps.cpu(), ratios.cpu(), values.cpu()))
+        hidden = outputs
+    record = {**calibration.as_record(), "batch": options.calibration_batch, "layers": len(stack),
+              "passes": passes, "seconds": {"forward": time.perf_counter() - t0}}
+    return found, record

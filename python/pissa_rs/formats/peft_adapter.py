@@ -260,6 +260,7 @@ def adapter_config(
     task_type: str | None,
     base_model_name_or_path: str,
     init_lora_weights: bool | str = True,
+    **fields,
 ):
     """The config of an initialised adapter, as PEFT expects to load it:
     init_lora_weights=True (the SVD is already done; or the method's PEFT variant, MiCA's
@@ -283,6 +284,7 @@ def adapter_config(
         bias="none",
         task_type=task_type,
         base_model_name_or_path=base_model_name_or_path,
+        **fields,
     )
 
 

@@ -47,6 +47,18 @@ class Method:
     # What it needs from calibration data, per target: None (the weight alone) or "covariance"
     # (X^T X of the target's inputs, in x in): the driver then runs the layer-sequential calibration.
     calibration: ClassVar[str | None] = None
+    own_options: ClassVar[tuple[str, ...]] = ()  # DecomposeOptions fields only this method reads
+
+    def options_from_statistics(self, options: DecomposeOptions, targets: list, found: list
+                                ) -> tuple[DecomposeOptions, dict[str, torch.Tensor], dict]:
+        """A method whose ranks follow from the calibration of every layer (calibration
+        "components"): the options to plan with, each target tensor's statistic, and what the
+        report says of the choice."""
+        raise NotImplementedError
+
+    def config_fields(self, options: dict) -> dict:
+        """More LoraConfig fields this method's adapter_config carries (EVA's eva_config)."""
+        return {}
 
     def init_lora_weights(self, niter: int) -> str:
         """The name the report records for this init (PEFT's where PEFT has one)."""

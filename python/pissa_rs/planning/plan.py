@@ -98,7 +98,7 @@ def make_plan(path: Path, options: list[dict], outs: list[Path], deferred: list 
             use_rslora=opts["use_rslora"],
             fan_in_fan_out=any(t.fan_in_fan_out for t in found.targets if t.parameter is None),
             task_type=found.task_type, base_model_name_or_path=str(out.resolve()),
-            init_lora_weights=method.config_init_lora_weights,
+            init_lora_weights=method.config_init_lora_weights, **method.config_fields(opts),
         )
         if config_dir is not None:
             check = functools.partial(check_adapter_layout, config, found, config_dir)

@@ -1,0 +1,151 @@
+"""Benchmark: CorDA out of core (pissa_rs, one decoder layer at a time) against PEFT's own
+preprocess_corda + get_peft_model on the whole model, same checkpoint, same samples.
+
+    python benches/bench_calibrated.py [--layers 4] [--samples 64] [--length 256] [--methods pissa_rs,peft]
+                                       [--shapes tinyllama|llama3-8b] [--json OUT.json] [--smoke]
+
+The checkpoint is bench_decompose.py's synthetic one (TinyLlama-1.1B shapes by default, bf16,
+random weights) plus a byte-level BPE tokenizer trained on the docstrings of installed
+packages; the samples are those docstrings cut into chunks of about `length` tokens. Each
+method runs in its own process: wall time after imports, peak RSS (VmHWM). pissa_rs also
+reports its time split (calibration forward, covariances, decomposition and writing, saving
+the carried activations). `--methods pissa_rs` with `--layers 1` and `--layers 8` gives peak
+RSS against depth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_decompose import HARNESS, PROJECTIONS, machine, make_checkpoint, run_script  # noqa: E402
+
+RUNNERS = {
+    "pissa_rs": ("import os, torch, pissa_rs", """
+texts = json.load(open(os.environ["BENCH_CALIBRATION"]))
+res = pissa_rs.decompose_checkpoint(SRC, r=R, target_modules=TARGETS, out=OUT, progress=False, method="corda-ipm",
+                                    calibration=texts, calibration_samples=len(texts),
+                                    calibration_length=int(os.environ["BENCH_LENGTH"]))
+open(os.environ["BENCH_SPLIT"], "w").write(json.dumps(res.report["calibration"]["seconds"]))
+"""),
+    "peft": ("import os, torch, peft, transformers", """
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora.config import CordaConfig
+from peft.tuners.lora.corda import preprocess_corda
+from transformers import AutoModelForCausalLM, AutoTokenizer
+texts = json.load(open(os.environ["BENCH_CALIBRATION"]))
+length = int(os.environ["BENCH_LENGTH"])
+model = AutoModelForCausalLM.from_pretrained(SRC, dtype=torch.bfloat16).eval()
+tokenizer = AutoTokenizer.from_pretrained(SRC)
+config = LoraConfig(r=R, lora_alpha=R, lora_dropout=0.0, target_modules=TARGETS, init_lora_weights="corda",
+                    corda_config=CordaConfig(corda_method="ipm"), task_type="CAUSAL_LM")
+def run_model():
+    for text in texts:
+        model(**tokenizer(text, truncation=True, max_length=length, return_tensors="pt"))
+preprocess_corda(model, config, run_model=run_model)
+model = get_peft_model(model, config)
+model.peft_config["default"].init_lora_weights = True
+model.save_pretrained(os.path.join(OUT, "pissa_init"))
+model = model.unload()
+model.save_pretrained(OUT)
+"""),
+}
+
+
+def docstrings() -> str:
+    """Text this machine has: the docstrings of torch's and transformers' public names."""
+    import torch
+    import transformers
+
+    found = []
+    for module in (torch, torch.nn, torch.linalg, transformers):
+        for name in sorted(dir(module)):
+            try:
+                doc = inspect.getdoc(getattr(module, name))
+            except Exception:  # noqa: BLE001 - lazy modules may fail to import an attribute
+                continue
+            if doc and len(doc) > 200:
+                found.append(doc)
+    return "\n\n".join(dict.fromkeys(found))
+
+
+def add_tokenizer(path: Path, text: str, vocab: int) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.train_from_iterator([text], trainers.BpeTrainer(vocab_size=min(vocab, 8000),
+                                                              special_tokens=["<unk>", "<s>", "</s>"]))
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", type=Path)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--rank", type=int, default=128)
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--length", type=int, default=256)
+    ap.add_argument("--shapes", choices=["tinyllama", "llama3-8b"], default="tinyllama")
+    ap.add_argument("--methods", default="pissa_rs,peft")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script, not the speed")
+    args = ap.parse_args()
+    import os
+
+    if args.smoke:
+        dims = dict(hidden=128, intermediate=352, heads=4, kv_heads=2, vocab=512, layers=2)
+        rank, shard, samples, length = 8, 200_000, 4, 32
+    else:
+        dims = dict(hidden=2048, intermediate=5632, heads=32, kv_heads=4, vocab=32000, layers=args.layers)
+        if args.shapes == "llama3-8b":
+            dims = dict(hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=128256, layers=args.layers)
+        rank, shard, samples, length = args.rank, 1 << 30, args.samples, args.length
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        src = Path(tmp) / "model"
+        total = make_checkpoint(src, dims, shard)
+        config = json.loads((src / "config.json").read_text())
+        config["max_position_embeddings"] = max(config.get("max_position_embeddings", 0), length)
+        (src / "config.json").write_text(json.dumps(config))
+        text = docstrings()
+        add_tokenizer(src, text, dims["vocab"])
+        chunk = max(1, len(text) // samples)  # characters: ~4 per token, cut to `length` tokens anyway
+        texts = [text[k * chunk:(k + 1) * chunk] for k in range(samples)]
+        data = Path(tmp) / "calibration.json"
+        data.write_text(json.dumps(texts))
+        split = Path(tmp) / "split.json"
+        env = {**os.environ, "BENCH_CALIBRATION": str(data), "BENCH_LENGTH": str(length), "BENCH_SPLIT": str(split)}
+        results = {}
+        for method in args.methods.split(","):
+            imports, body = RUNNERS[method]
+            out = Path(tmp) / f"out-{method}"
+            t0 = time.perf_counter()
+            code = HARNESS.format(imports="import sys\n" + imports, body=body)
+            result = run_script(method, code, [str(src), str(out), str(rank), "0", json.dumps(PROJECTIONS)], env)
+            result["total_s"] = time.perf_counter() - t0
+            if method == "pissa_rs":
+                result["split_s"] = json.loads(split.read_text())
+            results[method] = result
+            print(method, result, file=sys.stderr)
+    print("| method | wall (s) | peak RSS (GiB) |\n|---|---:|---:|")
+    for method, r in results.items():
+        print(f"| {method} | {r['wall_s']:.1f} | {r['peak_rss_bytes'] / 2**30:.2f} |")
+    if {"pissa_rs", "peft"} <= results.keys():
+        ours, theirs = results["pissa_rs"], results["peft"]
+        print(f"pissa_rs / peft: wall {ours['wall_s'] / theirs['wall_s']:.2f}x, peak RSS "
+              f"{ours['peak_rss_bytes'] / theirs['peak_rss_bytes']:.2f}x")
+    print(f"machine: {machine()}; {dims['layers']} layers, {total / 2**30:.2f} GiB, {samples} x {length} tokens")
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine(), "dims": dims, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
