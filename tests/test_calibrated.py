@@ -415,3 +415,18 @@ def test_eva_and_corda_convert_and_merge(models, tmp_path):
         on_original = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(models["llama"]),
                                                 lora).eval()
         assert torch.allclose(on_original(ids).logits, expected, atol=1e-4)
+
+
+def test_an_fp8_source_is_refused_by_name(tmp_path):
+    """The calibration forward runs float weights only: an FP8 checkpoint's layer is named."""
+    from low_precision import save_fp8_block
+
+    path = tmp_path / "fp8"
+    tokenizer = save_tokenizer(path, TEXTS)
+    torch.manual_seed(0)
+    save_fp8_block(transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128)), path)
+    with pytest.raises(CalibrationError, match=r"fp8: .*FP8.*; calibration reads float weights only"):
+        ours(path, tmp_path / "o", "kpm")
+    assert not (tmp_path / "o").exists()

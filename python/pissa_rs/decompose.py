@@ -139,7 +139,11 @@ def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None
 
         plans, checks = _plan(path, checkpoint, [options.for_rank(options.ranks[0])], outs)
         checks.close()
-        found, record = collect_components(plans[0].targets, checkpoint, calibration, options)
+        import tempfile
+
+        outs[0].parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{outs[0].name}-calibration-", dir=outs[0].parent) as scratch:
+            found, record = collect_components(plans[0].targets, checkpoint, calibration, options, Path(scratch))
         options, statistics, chosen = options.init_method.options_from_statistics(options, plans[0].targets, found)
         report_extra = (("calibration", record), (options.method, chosen))
         calibration = None  # the statistics are ready: the units run as for any method

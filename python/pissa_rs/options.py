@@ -107,7 +107,6 @@ class DecomposeOptions:
                             "two batches reaches tau", parse=float)
     eva_whiten: bool = option(False, "method eva: whiten the components (divide by the square root of their singular "
                               "values)")
-    eva_ranks_chosen: bool = option(False, "set by the driver: rank_pattern holds EVA's redistribution", cli=False)
     calibration_sha256: str | None = option(None, "set by the driver: the tokenized samples' hash", cli=False)
     device: str | None = option(None, "torch device for the SVDs, e.g. cuda:0 (default: cuda if available, "
                                 "else cpu)", group="device")

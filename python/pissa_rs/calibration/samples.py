@@ -169,6 +169,12 @@ def model_calibration(path: Path, options) -> tuple[CalibrationSet, Any]:
                                "tokenizer files), not a bare .safetensors file")
     from dataclasses import replace
 
+    from ..formats.sources import source_format
+
+    fmt = source_format(path)
+    if fmt.kind is not None:
+        raise CalibrationError(f"{path}: {fmt.describe()}; calibration reads float weights only (run it on the "
+                               "bf16 model, e.g. dequantized with transformers)")
     config, _ = load_config(path)
     found = tokenized(options.calibration, path, samples=options.calibration_samples,
                       length=options.calibration_length,

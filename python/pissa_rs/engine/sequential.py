@@ -44,15 +44,60 @@ def target_layers(job: Job, layers_name: str) -> list[tuple[int, str]]:
     return found
 
 
+class HiddenStates:
+    """Every batch's hidden states at one layer boundary, in a file under
+    OUT/.pissa_units/calibration: written batch by batch as a layer produces them, read back
+    batch by batch by the next, so the host holds one batch of them (the page cache keeps
+    the file in memory where memory allows; where not, it is read from disk)."""
+
+    def __init__(self, path: Path, index: list[tuple[int, list[int]]] | None = None, dtype: str | None = None):
+        self.path, self.index, self.dtype = path, list(index or []), dtype
+        self._file = None
+
+    def append(self, hidden: torch.Tensor) -> None:
+        from ..tensors import as_numpy_bytes
+
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "wb")
+            self.dtype = str(hidden.dtype).removeprefix("torch.")
+        self.index.append((self._file.tell(), list(hidden.shape)))
+        self._file.write(as_numpy_bytes(hidden).data)
+
+    def finish(self, final: Path) -> HiddenStates:
+        """Flushed to disk and renamed to `final`: whole, or not there."""
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+        os.replace(self.path, final)
+        return HiddenStates(final, self.index, self.dtype)
+
+    def __getitem__(self, k: int) -> torch.Tensor:
+        offset, shape = self.index[k]
+        out = torch.empty(shape, dtype=getattr(torch, self.dtype))
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            f.readinto(out.view(-1).view(torch.uint8).numpy())
+        return out
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
 class _Carried:
-    """What a resume needs at a layer boundary: every batch's hidden states (the next
-    layer's input) and the statistics of targets whose units have not run yet; saved under
-    OUT/.pissa_units/calibration with the index of the next layer, replaced atomically."""
+    """What a resume needs at a layer boundary: the file of hidden states that are the next
+    layer's input, and the statistics of targets whose units have not run yet; recorded in
+    OUT/.pissa_units/calibration/state.json, replaced atomically."""
 
     def __init__(self, folder: Path, digest: str):
         self.folder, self.digest = folder, digest
 
-    def load(self) -> tuple[int, list[torch.Tensor], dict[int, torch.Tensor]] | None:
+    def hidden_file(self, layer: int) -> Path:
+        return self.folder / f"hidden-{layer:05d}.bin"
+
+    def load(self) -> tuple[int, HiddenStates, dict[int, torch.Tensor]] | None:
         state = self.folder / "state.json"
         if not state.is_file():
             return None
@@ -61,27 +106,32 @@ class _Carried:
         recorded = json.loads(state.read_text())
         if recorded.get("calibration") != self.digest:
             return None
-        tensors = load_file(str(self.folder / "carried.safetensors"))
-        hidden = [tensors[f"batch-{k:05d}"] for k in range(recorded["batches"])]
+        hidden = HiddenStates(self.hidden_file(recorded["next_layer"]), [tuple(i) for i in recorded["index"]],
+                              recorded["dtype"])
+        tensors = load_file(str(self.folder / "pending.safetensors")) if recorded["pending"] else {}
         pending = {int(i): tensors[key] for i, key in recorded["pending"].items()}
         return recorded["next_layer"], hidden, pending
 
-    def save(self, next_layer: int, hidden: list[torch.Tensor], pending: dict[int, torch.Tensor]) -> None:
+    def save(self, next_layer: int, hidden: HiddenStates, pending: dict[int, torch.Tensor]) -> None:
         from safetensors.torch import save_file
 
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tensors = {f"batch-{k:05d}": h.contiguous() for k, h in enumerate(hidden)}
         keys: dict[int, str] = {}  # modules sharing an input share one covariance: stored once
+        tensors = {}
         for i, t in pending.items():
             keys.setdefault(id(t), f"target-{i}")
             tensors[keys[id(t)]] = t.contiguous()
-        partial = self.folder / "carried.safetensors.partial"
-        save_file(tensors, str(partial))
-        os.replace(partial, self.folder / "carried.safetensors")
+        if tensors:
+            partial = self.folder / "pending.safetensors.partial"
+            save_file(tensors, str(partial))
+            os.replace(partial, self.folder / "pending.safetensors")
         state = self.folder / "state.json.partial"
-        state.write_text(json.dumps({"next_layer": next_layer, "batches": len(hidden), "calibration": self.digest,
+        state.write_text(json.dumps({"next_layer": next_layer, "index": hidden.index, "dtype": hidden.dtype,
+                                     "calibration": self.digest,
                                      "pending": {str(i): keys[id(t)] for i, t in pending.items()}}))
         os.replace(state, self.folder / "state.json")
+        for old in self.folder.glob("hidden-*.bin"):  # the boundaries before this one: never read again
+            if old != hidden.path:
+                old.unlink()
 
 
 def _padded(calibration: CalibrationSet, batch: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -137,7 +187,7 @@ def run_calibrated(job: Job, checkpoint: Checkpoint, calibration: CalibrationSet
         wanted = by_layer.get(layer_index, {})
         modules = {inner: layer.get_submodule(inner) for inner in wanted}
         hooks = CovarianceHooks(modules)
-        outputs = []
+        outputs = HiddenStates(carried.hidden_file(layer_index + 1).with_suffix(".partial"))
         try:
             for k, batch in enumerate(batches):
                 ids, mask, lengths = _padded(calibration, batch)
@@ -149,7 +199,7 @@ def run_calibrated(job: Job, checkpoint: Checkpoint, calibration: CalibrationSet
                 t1 = time.perf_counter()
                 hooks.add_batch(lengths)
                 seconds["statistics"] += time.perf_counter() - t1
-                outputs.append(out.to("cpu") if device.type != "cpu" else out)
+                outputs.append(out)
                 fault_point("calibrate")  # the crash tests: killed mid-layer
         finally:
             hooks.remove()
@@ -158,7 +208,7 @@ def run_calibrated(job: Job, checkpoint: Checkpoint, calibration: CalibrationSet
         for inner, indices in wanted.items():
             for i in indices:
                 statistics[i] = covariances[inner].to("cpu") if device.type != "cpu" else covariances[inner]
-        hidden = outputs
+        hidden = outputs.finish(carried.hidden_file(layer_index + 1))
         seconds["forward"] += time.perf_counter() - t0
         run_ready(layer_index)
         if waiting:  # a resume starts at the next layer
@@ -178,13 +228,14 @@ def run_calibrated(job: Job, checkpoint: Checkpoint, calibration: CalibrationSet
 MOST_EVA_PASSES = 50
 
 
-def collect_components(targets, checkpoint: Checkpoint, calibration: CalibrationSet, options,
+def collect_components(targets, checkpoint: Checkpoint, calibration: CalibrationSet, options, scratch: Path
                        ) -> tuple[list[tuple[int, str, torch.Tensor, torch.Tensor, torch.Tensor]], dict]:
     """EVA's pass: for every target (plan order index), layer by layer, PEFT's incremental
     PCA of its inputs until the components it may be given (r * rho) converge. Returns the
     targets in the model's module order as (index, owner, components, explained variance
     ratios, singular values) with `owner` the first module given the same input, and what
-    the report says of the pass."""
+    the report says of the pass. The hidden states between layers go through files in
+    `scratch`."""
     import time
 
     from ..calibration.statistics import ComponentHooks
@@ -211,7 +262,7 @@ def collect_components(targets, checkpoint: Checkpoint, calibration: Calibration
         modules = {name: m for name, m in layer.named_modules() if name in wanted}  # the model's order
         components = {name: round(targets[wanted[name]].r * options.eva_rho) for name in modules}
         hooks = ComponentHooks(modules, components, options.eva_tau)
-        outputs = []
+        outputs = HiddenStates(scratch / f"hidden-{layer_index + 1:05d}.bin.partial")
         try:
             for cycle in range(MOST_EVA_PASSES):
                 for k, batch in enumerate(batches):
@@ -225,8 +276,7 @@ def collect_components(targets, checkpoint: Checkpoint, calibration: Calibration
                         out = layer(x, *args, **kwargs)
                     hooks.after_batch(mask.to(device))
                     if cycle == 0:
-                        out = out[0] if isinstance(out, tuple) else out
-                        outputs.append(out.to("cpu") if device.type != "cpu" else out)
+                        outputs.append(out[0] if isinstance(out, tuple) else out)
                 if not modules or not hooks.wants_more():
                     break
             passes[layer_index] = cycle + 1
@@ -237,7 +287,11 @@ def collect_components(targets, checkpoint: Checkpoint, calibration: Calibration
         for name, (comps, ratios, values) in results.items():
             owner = hooks.owner[name]
             found.append((wanted[name], f"{layer_index}.{owner}", comps.cpu(), ratios.cpu(), values.cpu()))
-        hidden = outputs
+        previous, hidden = hidden, outputs.finish(scratch / f"hidden-{layer_index + 1:05d}.bin")
+        if previous is not None:
+            previous.path.unlink()
+    if hidden is not None:
+        hidden.path.unlink()
     record = {**calibration.as_record(), "batch": options.calibration_batch, "layers": len(stack),
               "passes": passes, "seconds": {"forward": time.perf_counter() - t0}}
     return found, record

@@ -51,7 +51,7 @@ class EVA(Method):
         dropped = sorted(m for m, k in ranks.items() if k == 0)
         chosen = replace(options, rank_pattern={m: k for m, k in ranks.items() if k and k != r},
                          alpha_pattern={m: a for m, a in alphas.items() if ranks[m] and a != alpha},
-                         target_modules=kept if dropped else options.target_modules, eva_ranks_chosen=True)
+                         target_modules=kept if dropped else options.target_modules)
         record = {"ranks": ranks, "dropped": dropped, "rho": options.eva_rho, "tau": options.eva_tau,
                   "whiten": options.eva_whiten}
         return chosen, {t: c for t, c in components.items() if c.shape[0]}, record
