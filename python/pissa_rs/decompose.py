@@ -4,6 +4,7 @@ A local run is every unit in this process, on this process's devices."""
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -139,8 +140,6 @@ def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None
 
         plans, checks = _plan(path, checkpoint, [options.for_rank(options.ranks[0])], outs)
         checks.close()
-        import tempfile
-
         outs[0].parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=f".{outs[0].name}-calibration-", dir=outs[0].parent) as scratch:
             found, record = collect_components(plans[0].targets, checkpoint, calibration, options, Path(scratch))
@@ -227,7 +226,7 @@ def run_locally(job: Job, checkpoint: Checkpoint, progress: bool, calibration=No
         total = sum(sum(output_bytes(checkpoint, s.plan, s.options)) for s in job.outputs if not s.complete)
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="calibrated",
                   disable=not progress) as bar:
-            record = run_calibrated(job, checkpoint, calibration, job.options.calibration_batch, bar.update)
+            record = run_calibrated(job, checkpoint, calibration, bar.update)
             bar.update(total - bar.n)
         return (("calibration", record),)
 

@@ -113,8 +113,9 @@ class DecompositionPlan:
         weights = max((sum(t.shape[0] * t.shape[1] * size for t in ts) for ts in per_layer.values()), default=0)
         batch = o.calibration_batch * o.calibration_length * widest * 4 * 4  # a few float32 copies of the widest
         return (f"calibration: up to {o.calibration_samples} samples x {o.calibration_length} tokens ({tokens:,}), "
-                f"batches of {o.calibration_batch}; host: hidden states {human_bytes(tokens * hidden * size)} (and "
-                f"as much on disk for resume) + {self.options.init_method.calibration} waiting for their shard, up to "
+                f"batches of {o.calibration_batch}; host: hidden states {human_bytes(tokens * hidden * size)} through "
+                f"a file on disk, a batch at a time in memory, + {self.options.init_method.calibration} waiting for "
+                f"their shard, up to "
                 f"{human_bytes(covariances)} a layer; device: a layer's targets {human_bytes(weights)} + its "
                 f"{self.options.init_method.calibration} + a batch "
                 f"~{human_bytes(batch)}")

@@ -23,6 +23,16 @@ def _shared(inputs: dict[str, torch.Tensor]) -> dict[str, str]:
     return owner
 
 
+def _recording_inputs(modules: dict[str, nn.Module], inputs: dict[str, torch.Tensor]) -> list:
+    """Forward hooks that keep each module's input tensor in `inputs` by name; their handles."""
+    def recorder(name: str):
+        def hook(module, args, output):
+            inputs[name] = args[0]
+        return hook
+
+    return [module.register_forward_hook(recorder(name)) for name, module in modules.items()]
+
+
 class CovarianceHooks:
     """Forward hooks on `modules` (name -> module of one decoder layer) that sum each
     sample's input covariance; padding never counts (`lengths` of the batch's samples)."""
@@ -32,24 +42,16 @@ class CovarianceHooks:
         self.key: dict[str, str] = {}
         self.samples = 0
         self._inputs: dict[str, torch.Tensor] = {}
-        self._handles = [module.register_forward_hook(self._hook(name)) for name, module in modules.items()]
-
-    def _hook(self, name: str):
-        def hook(module, args, output):
-            self._inputs[name] = args[0]
-        return hook
+        self._handles = _recording_inputs(modules, self._inputs)
 
     def add_batch(self, lengths: list[int]) -> None:
         """Fold the batch the layer just ran into the sums: a sample's rows beyond its length
         are padding."""
-        seen: list[tuple[torch.Tensor, str]] = []
+        owner = _shared(self._inputs)
         for name, x in self._inputs.items():
-            owner = next((key for other, key in seen if other is x), None)
-            if owner is not None:  # q/k/v, gate/up: the same input tensor, one covariance
-                self.key.setdefault(name, owner)
+            self.key.setdefault(name, owner[name])
+            if owner[name] != name:  # q/k/v, gate/up: the same input tensor, one covariance
                 continue
-            seen.append((x, name))
-            self.key.setdefault(name, name)
             key = self.key[name]
             total = self.sums.get(key)
             for row, length in enumerate(lengths):
@@ -84,13 +86,8 @@ class ComponentHooks:
         self.owner: dict[str, str] | None = None  # set by the first batch
         self.svd: dict[str, object] = {}
         self._inputs: dict[str, torch.Tensor] = {}
-        self._probe = [m.register_forward_hook(self._record(n)) for n, m in modules.items()]
+        self._probe = _recording_inputs(modules, self._inputs)
         self._handles: dict[str, object] = {}
-
-    def _record(self, name: str):
-        def hook(module, args, output):
-            self._inputs[name] = args[0]
-        return hook
 
     def wants_more(self) -> bool:
         if self.owner is None:

@@ -29,11 +29,11 @@ if TYPE_CHECKING:
 CALIBRATION_DIR = "calibration"
 
 
-def target_layers(job: Job, layers_name: str) -> list[tuple[int, str]]:
+def target_layers(targets, layers_name: str) -> list[tuple[int, str]]:
     """(decoder layer, module name within it) of every target; a target outside the layers
     (or a parameter PEFT wraps) cannot be calibrated one layer at a time."""
     found = []
-    for target in job.outputs[0].plan.targets:
+    for target in targets:
         head, _, rest = target.module.partition(layers_name + ".")
         index, _, inner = rest.partition(".")
         if head or not index.isdigit() or not inner or target.location is not None:
@@ -144,7 +144,22 @@ def _padded(calibration: CalibrationSet, batch: tuple[int, ...]) -> tuple[torch.
     return ids, mask, lengths
 
 
-def run_calibrated(job: Job, checkpoint: Checkpoint, calibration: CalibrationSet, batch_size: int,
+def _through_layer(stack: LayerStack, layer, layer_index: int, calibration: CalibrationSet, batch: tuple[int, ...],
+                   hidden: HiddenStates | None, k: int, device: torch.device, before=None):
+    """Batch `k` through decoder layer `layer_index` (its input: the embeddings for the first
+    layer, else the carried hidden states), with the arguments the model's forward gives it;
+    `before(mask)` runs just before the forward. Returns (output, mask, sample lengths)."""
+    ids, mask, lengths = _padded(calibration, batch)
+    given, args, kwargs = stack.call_of(layer_index, ids, mask)
+    x = given if hidden is None else hidden[k].to(device)
+    if before is not None:
+        before(mask.to(device))
+    with torch.no_grad():
+        out = layer(x, *args, **kwargs)
+    return (out[0] if isinstance(out, tuple) else out), mask, lengths
+
+
+def run_calibrated(job: Job, checkpoint: Checkpoint, calibration: CalibrationSet,
                    progress: Callable[[int], None] | None = None) -> dict:
     """Every unit of `job`, in layer order, with the statistics its method needs; returns
     what the report says of the calibration (seconds per phase)."""
@@ -152,7 +167,7 @@ def run_calibrated(job: Job, checkpoint: Checkpoint, calibration: CalibrationSet
 
     device = job.options.torch_devices[0]
     stack = LayerStack(checkpoint, Path(checkpoint.root), device)
-    layers = target_layers(job, stack.layers_name)
+    layers = target_layers(job.outputs[0].plan.targets, stack.layers_name)
     by_layer: dict[int, dict[str, list[int]]] = {}
     for index, (layer, inner) in enumerate(layers):
         by_layer.setdefault(layer, {}).setdefault(inner, []).append(index)
@@ -160,6 +175,7 @@ def run_calibrated(job: Job, checkpoint: Checkpoint, calibration: CalibrationSet
     waiting: list[Unit] = list(job.units)
     statistics: dict[int, torch.Tensor] = {}
     carried = _Carried(job.outputs[0].out / UNITS_DIR / CALIBRATION_DIR, calibration.digest)
+    batch_size = job.options.calibration_batch
     batches = calibration.batches(batch_size)
     seconds = {"forward": 0.0, "statistics": 0.0, "units": 0.0, "saved": 0.0}
 
@@ -190,12 +206,7 @@ def run_calibrated(job: Job, checkpoint: Checkpoint, calibration: CalibrationSet
         outputs = HiddenStates(carried.hidden_file(layer_index + 1).with_suffix(".partial"))
         try:
             for k, batch in enumerate(batches):
-                ids, mask, lengths = _padded(calibration, batch)
-                given, args, kwargs = stack.call_of(layer_index, ids, mask)
-                x = given if hidden is None else hidden[k].to(device)
-                with torch.no_grad():
-                    out = layer(x, *args, **kwargs)
-                out = out[0] if isinstance(out, tuple) else out
+                out, _, lengths = _through_layer(stack, layer, layer_index, calibration, batch, hidden, k, device)
                 t1 = time.perf_counter()
                 hooks.add_batch(lengths)
                 seconds["statistics"] += time.perf_counter() - t1
@@ -243,15 +254,7 @@ def collect_components(targets, checkpoint: Checkpoint, calibration: Calibration
     device = options.torch_devices[0]
     stack = LayerStack(checkpoint, Path(checkpoint.root), device)
     found = []
-    index_of = {}
-    for index, target in enumerate(targets):
-        head, _, rest = target.module.partition(stack.layers_name + ".")
-        layer, _, inner = rest.partition(".")
-        if head or not layer.isdigit() or not inner or target.location is not None:
-            raise CalibrationError(f"{target.tensor}: not a linear module inside the decoder layers "
-                                   f"({stack.layers_name}.N.*), which calibration reaches one layer at a time; "
-                                   "exclude it (exclude_modules)")
-        index_of[(int(layer), inner)] = index
+    index_of = {place: index for index, place in enumerate(target_layers(targets, stack.layers_name))}
     batches = calibration.batches(options.calibration_batch)
     hidden, passes, t0 = None, {}, time.perf_counter()
     for layer_index in range(len(stack)):
@@ -268,15 +271,11 @@ def collect_components(targets, checkpoint: Checkpoint, calibration: Calibration
                 for k, batch in enumerate(batches):
                     if cycle > 0 and not hooks.wants_more():
                         break
-                    ids, mask, lengths = _padded(calibration, batch)
-                    given, args, kwargs = stack.call_of(layer_index, ids, mask)
-                    x = given if hidden is None else hidden[k].to(device)
-                    hooks.before_batch(mask.to(device))
-                    with torch.no_grad():
-                        out = layer(x, *args, **kwargs)
+                    out, mask, _ = _through_layer(stack, layer, layer_index, calibration, batch, hidden, k, device,
+                                                  before=hooks.before_batch)
                     hooks.after_batch(mask.to(device))
                     if cycle == 0:
-                        outputs.append(out[0] if isinstance(out, tuple) else out)
+                        outputs.append(out)
                 if not modules or not hooks.wants_more():
                     break
             passes[layer_index] = cycle + 1
