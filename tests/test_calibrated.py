@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import warnings
 
 import pytest
 import safetensors.torch
@@ -18,7 +19,6 @@ import transformers
 from helpers import calibration_texts, digest, load_output_without_key_warnings, save_tokenizer
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.config import CordaConfig
-from peft.tuners.lora.corda import preprocess_corda
 
 import pissa_rs
 from pissa_rs.calibration.samples import CalibrationError
@@ -51,11 +51,14 @@ def models(tmp_path_factory):
     return {family: save_model(root / family, family) for family in FAMILIES}
 
 
-def peft_corda(path, mode, texts=TEXTS[:N], length=LENGTH):
+def peft_corda(path, mode, texts=TEXTS[:N], length=LENGTH, target_modules=LINEAR):
     """PEFT's own CorDA on the whole model, each sample fed alone (its run_model callback)."""
+    # imported here: PEFT 0.20's corda module imports `attr`, which PEFT does not declare
+    from peft.tuners.lora.corda import preprocess_corda
+
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
-    config = LoraConfig(r=R, lora_alpha=R, target_modules=LINEAR, init_lora_weights="corda", lora_dropout=0.0,
+    config = LoraConfig(r=R, lora_alpha=R, target_modules=target_modules, init_lora_weights="corda", lora_dropout=0.0,
                         corda_config=CordaConfig(corda_method=mode), task_type="CAUSAL_LM")
 
     def run_model():
@@ -116,6 +119,7 @@ def test_the_output_is_peft_own_corda(models, tmp_path, family, mode):
         t, truncation=True, max_length=LENGTH)["input_ids"]) for t in TEXTS[:N]]
 
 
+@pytest.mark.floor
 def test_ipm_and_kpm_differ_and_the_logits_are_the_original(models, tmp_path, caplog):
     path = models["llama"]
     ipm, kpm = ours(path, tmp_path / "ipm", "ipm"), ours(path, tmp_path / "kpm", "kpm")
@@ -251,6 +255,7 @@ def test_a_family_not_tested_is_refused_by_name(tmp_path):
                                  ).save_pretrained(path)
     with pytest.raises(CalibrationError, match=r"model_type 'gpt2' is not one whose layer-by-layer calibration"):
         ours(path, tmp_path / "o", "ipm")
+    assert not (tmp_path / "o").exists()  # refused before anything is written
 
 
 CLI = [sys.executable, "-m", "pissa_rs.cli"]
@@ -323,8 +328,8 @@ def ours_eva(path, out, **options):
                                          **{"calibration_batch": 4, **options})
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-@pytest.mark.parametrize("whiten", [False, True])
+@pytest.mark.parametrize("family, whiten", [pytest.param("llama", False, marks=pytest.mark.floor),
+                                            ("llama", True), ("qwen3", False), ("qwen3", True)])
 def test_eva_without_redistribution_is_peft_own(models, tmp_path, caplog, family, whiten):
     """rho = 1: every module keeps r, and each module's incremental PCA sees the batches PEFT's
     loop feeds it (cycling until its components converge): the same adapter, bit for bit."""
@@ -396,6 +401,7 @@ def test_eva_options_belong_to_eva(models, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.floor
 def test_eva_and_corda_convert_and_merge(models, tmp_path):
     """After training: EVA's adapter already is a LoRA of the original (rank kept); CorDA's
     converts as PiSSA's does (rank 2r); both merge into the logits of the tuned model."""
@@ -430,3 +436,181 @@ def test_an_fp8_source_is_refused_by_name(tmp_path):
     with pytest.raises(CalibrationError, match=r"fp8: .*FP8.*; calibration reads float weights only"):
         ours(path, tmp_path / "o", "kpm")
     assert not (tmp_path / "o").exists()
+
+
+MOE = {
+    "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM, {"num_local_experts": 4}),
+    "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM,
+                  {"num_experts": 4, "moe_intermediate_size": 48, "head_dim": 16}),
+}
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def save_moe(path, family, top_k=2):
+    tokenizer = save_tokenizer(path, TEXTS)
+    config_cls, cls, extra = MOE[family]
+    torch.manual_seed(0)
+    model = cls(config_cls(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                           num_experts_per_tok=top_k, **extra))
+    model.save_pretrained(path)
+    return model
+
+
+def routed_covariances(path, texts=TEXTS[:N], length=LENGTH):
+    """What PEFT's CorDA hooks would sum if they could hook each expert (and each router):
+    the whole model fed sample by sample, each expert's inputs taken from the eager loop as
+    transformers' Qwen3MoeExperts / MixtralExperts write it (the tokens routed to expert e,
+    then act(gate) * up for its down_proj), normalized per sample and averaged over the
+    samples that reached it."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    sums: dict[tuple[str, int], torch.Tensor] = {}
+    calls: dict[tuple[str, int], int] = {}
+
+    def add(key, x):
+        x = x.float() / torch.max(x.float()).abs()
+        sums[key] = sums.get(key, 0) + x.T @ x
+        calls[key] = calls.get(key, 0) + 1
+
+    def experts_hook(name):
+        def hook(experts, args):
+            hidden, top_k = args[0], args[1]
+            for e in range(experts.num_experts):
+                tokens = hidden[(top_k == e).any(dim=-1)]
+                if len(tokens):
+                    gate, up = torch.nn.functional.linear(tokens, experts.gate_up_proj[e]).chunk(2, dim=-1)
+                    add((f"{name}.gate_up_proj", e), tokens)
+                    add((f"{name}.down_proj", e), experts.act_fn(gate) * up)
+        return hook
+
+    def router_hook(name):
+        return lambda router, args: add((f"{name}.weight", None), args[0])
+
+    for name, module in model.named_modules():
+        if name.endswith("mlp.experts"):
+            module.register_forward_pre_hook(experts_hook(name))
+        elif name.endswith("mlp.gate") and not isinstance(module, torch.nn.Linear):
+            module.register_forward_pre_hook(router_hook(name))
+    with torch.no_grad():
+        for text in texts:
+            model(**tokenizer(text, truncation=True, max_length=length, return_tensors="pt"))
+    return {key: total / calls[key] for key, total in sums.items()}, model
+
+
+def expert_factors(adapter, t):
+    e, n, r = t["expert"], t["num_experts"], t["r"]
+    a = adapter[f"base_model.model.{t['module']}.lora_A.weight"].view(n, r, -1)[e]
+    b = adapter[f"base_model.model.{t['module']}.lora_B.weight"].view(-1, r, n)[:, :, e]
+    return a, b
+
+
+# qwen3_moe with samples of 4 tokens: some samples route none to an expert, whose mean is
+# then over the samples that reached it
+@pytest.mark.parametrize("family, length", [pytest.param("mixtral", LENGTH, marks=pytest.mark.floor),
+                                            ("qwen3_moe", 4)])
+@pytest.mark.parametrize("mode", ["ipm", "kpm"])
+def test_moe_experts_get_the_covariance_of_their_routed_tokens(tmp_path, family, length, mode):
+    """Attention: PEFT's own CorDA on the whole model (through the MoE layers, so the layer-by-
+    layer forward of the family is checked); experts and routers, which PEFT cannot hook: the
+    CorDA of each expert's matrix with the covariance of the tokens routed to it, by hand."""
+    from pissa_rs.methods.corda import damped_inverse
+
+    path = tmp_path / "m"
+    save_moe(path, family)
+    res = ours(path, tmp_path / "o", mode, calibration_length=length)
+    adapter = safetensors.torch.load_file(res.adapter / "adapter_model.safetensors")
+    theirs = peft_corda(path, mode, target_modules=ATTENTION, length=length).state_dict()
+    attention = [k for k in adapter if any(f".{m}." in k for m in ATTENTION)]
+    assert len(attention) == 2 * 4 * 2
+    for key in attention:
+        assert_close(adapter[key], theirs[key.replace(".weight", ".default.weight")], key, rtol=1e-5)
+
+    covariances, model = routed_covariances(path, length=length)
+    parameters = [t for t in res.report["tensors"] if t.get("parameter")]
+    assert {t["parameter"].rsplit(".", 2)[-2] for t in parameters} >= {"experts"}
+    assert len([t for t in parameters if t.get("expert") is not None]) == 2 * 2 * 4  # layers x matrices x experts
+    for t in parameters:
+        weight = model.get_parameter(t["parameter"]).detach()
+        weight = weight[t["expert"]] if t.get("expert") is not None else weight
+        fixed, inverse, _ = damped_inverse(covariances[(t["parameter"], t.get("expert"))])
+        u, s, vh = torch.linalg.svd(weight @ fixed, full_matrices=False)
+        r = t["r"]  # fused gate_up_proj: PEFT's rank_pattern gives it 2r
+        keep = slice(0, r) if mode == "ipm" else slice(len(s) - r, len(s))
+        expected = (u[:, keep] * s[keep]) @ (vh[keep] @ inverse)
+        if t.get("expert") is not None:
+            a, b = expert_factors(adapter, t)
+        else:
+            a, b = (adapter[f"base_model.model.{t['module']}.lora_{x}.weight"] for x in "AB")
+        delta = t["scale"] * b @ a
+        gap = (delta - expected).abs().max().item()
+        assert gap <= 1e-4 * expected.abs().max().item(), f"{t['tensor']}: off by {gap:.3g}"
+        assert torch.allclose(torch.tensor(t["singular_values"]), s[keep], rtol=1e-4)
+    experts = res.report["calibration"]["experts"]
+    assert not experts["all_experts"] and len(experts["parameters"]) == 4
+    reached = [n for seen in experts["parameters"].values() for n in seen["samples"]]
+    assert max(reached) == N and (min(reached) < N) == (length < LENGTH)
+    # PEFT loads it (experts as ParamWrapper LoRAs), the original logits come back, it trains
+    ids = torch.tensor([[1, 5, 9, 40, 77, 3]])
+    original = model(ids).logits
+    tuned = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(res.out), res.adapter,
+                                      is_trainable=True)
+    assert torch.allclose(tuned(ids).logits, original, atol=1e-4)
+    tuned(ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for n, p in tuned.named_parameters() if "lora_" in n)
+    assert pissa_rs.verify(res.out, against=path).ok
+
+
+def test_moe_every_token_to_every_expert_and_the_sparse_ones_named(tmp_path):
+    path = tmp_path / "m"
+    save_moe(path, "qwen3_moe")
+    routed = ours(path, tmp_path / "routed", "ipm")
+    every = ours(path, tmp_path / "every", "ipm", calibrate_all_experts=True)
+    tokens = sum(routed.report["calibration"]["lengths"])
+    for name, seen in every.report["calibration"]["experts"]["parameters"].items():
+        assert seen["tokens"] == [tokens] * 4 and not seen["damped"], name
+        assert sum(routed.report["calibration"]["experts"]["parameters"][name]["tokens"]) == 2 * tokens  # top-2
+    a, b = (safetensors.torch.load_file(r.adapter / "adapter_model.safetensors") for r in (routed, every))
+    key = "base_model.model.model.layers.1.mlp.experts.lora_A.weight"
+    assert not torch.allclose(a[key], b[key])
+    assert every.report["options"]["calibrate_all_experts"] is True
+    with pytest.raises(ValueError, match=r"calibrate_all_experts apply to methods 'corda-ipm', 'corda-kpm', not"):
+        pissa_rs.decompose_checkpoint(path, r=R, calibrate_all_experts=True, out=tmp_path / "p")
+    # two short samples: each expert sees fewer tokens than its input's width, and is named
+    few = ours(path, tmp_path / "few", "kpm", calibration_samples=2, calibration_length=12)
+    damped = few.report["calibration"]["experts"]["parameters"]["model.layers.0.mlp.experts.gate_up_proj"]
+    assert damped["damped"] == [0, 1, 2, 3] and sum(damped["tokens"]) == 2 * 2 * 12
+
+
+def test_moe_an_expert_no_token_reaches_is_named(tmp_path):
+    """Top-1 routing whose router can never pick experts 2 and 3 (their logits 0, one of
+    experts 0 and 1 always above): calibration cannot see those experts, and says so."""
+    path = tmp_path / "m"
+    model = save_moe(path, "mixtral", top_k=1)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            w = layer.mlp.gate.weight
+            v = torch.randn(w.shape[1])
+            w[0], w[1], w[2], w[3] = 100 * v, -100 * v, 0, 0
+    model.save_pretrained(path)
+    with pytest.raises(CalibrationError, match=r"model.layers.0.mlp.experts.\w+: no calibration token was "
+                                               r"routed to expert\(s\) \[2, 3\].*calibrate_all_experts"):
+        ours(path, tmp_path / "o", "ipm")
+    assert ours(path, tmp_path / "o2", "ipm", calibrate_all_experts=True).report["calibration"]["experts"]
+
+
+def test_eva_on_moe_adapts_the_linear_modules_and_names_the_experts(tmp_path):
+    from peft import AutoPeftModelForCausalLM
+
+    path = tmp_path / "m"
+    save_moe(path, "mixtral")
+    res = ours_eva(path, tmp_path / "o", eva_rho=1.0)
+    left = {item["name"]: item["why"] for item in res.report["left_out"]}
+    assert "PEFT has no eva variant" in left["gate_up_proj"]
+    adapter = safetensors.torch.load_file(res.adapter / "adapter_model.safetensors")
+    assert adapter and not [k for k in adapter if ".experts." in k or ".gate." in k]
+    config = json.loads((res.adapter / "adapter_config.json").read_text())
+    assert not config["rank_pattern"] and not config["target_parameters"]  # nothing left for the experts
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no pattern PEFT would find unused
+        AutoPeftModelForCausalLM.from_pretrained(res.adapter)

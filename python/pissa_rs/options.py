@@ -101,6 +101,9 @@ class DecomposeOptions:
                                             f"(default {DEFAULT_LENGTH}, or the model's context if shorter)", parse=int)
     calibration_batch: int = option(DEFAULT_BATCH, "with calibration: samples per forward (right-padded; padding "
                                     "never counts)", parse=int)
+    calibrate_all_experts: bool = option(False, "methods corda-ipm, corda-kpm on MoE experts: every token's "
+                                         "covariance goes to every expert (the model's output still follows its "
+                                         "routing), for experts the calibration text barely reaches")
     eva_rho: float = option(2.0, "method eva: ranks are redistributed by explained variance, each module's at most "
                             "r * rho (1: no redistribution)", parse=float)
     eva_tau: float = option(0.99, "method eva: the components have converged when their cosine similarity between "
@@ -217,10 +220,15 @@ class DecomposeOptions:
         from .methods import METHODS
 
         defaults = {f.name: f.default for f in fields(self)}
+        owners: dict[str, list[str]] = {}
         for other in METHODS.values():
-            changed = [n for n in other.own_options if other is not method and getattr(self, n) != defaults[n]]
-            if changed:
-                raise ValueError(f"{', '.join(changed)} apply to method {other.name!r}, not {self.method!r}")
+            for name in other.own_options:
+                owners.setdefault(name, []).append(repr(other.name))
+        changed = [n for n in owners if n not in method.own_options and getattr(self, n) != defaults[n]]
+        if changed:
+            names = owners[changed[0]]
+            raise ValueError(f"{', '.join(changed)} apply to method{'s' * (len(names) > 1)} {', '.join(names)}, "
+                             f"not {self.method!r}")
         if method.calibration is None:
             if self.calibration is not None:
                 raise ValueError(f"calibration data is for the data-aware methods; method {self.method!r} "

@@ -16,8 +16,18 @@ from .._pissa_rs import Checkpoint
 from .samples import CalibrationError
 
 # The families whose layer-by-layer forward is tested against the whole model's (and PEFT's
-# calibration on it); others are refused by name rather than calibrated on trust.
-TESTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+# calibration on it); others are refused by name rather than calibrated on trust. The MoE
+# ones route tokens through experts transformers' use_experts_implementation builds, whose
+# per-expert inputs calibration sees.
+TESTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
+
+
+def check_family(config, where: Path) -> None:
+    """Refuse a model family whose layer-by-layer calibration is not tested, naming it."""
+    family = getattr(config, "model_type", None)
+    if family not in TESTED_FAMILIES:
+        raise CalibrationError(f"{where / 'config.json'}: model_type {family!r} is not one whose layer-by-layer "
+                               f"calibration is tested ({', '.join(TESTED_FAMILIES)})")
 
 
 class _Stop(Exception):
@@ -62,10 +72,7 @@ class LayerStack:
         from ..planning.mapping import checkpoint_mapping, load_config, model_class_for
 
         config, _ = load_config(config_dir)
-        family = getattr(config, "model_type", None)
-        if family not in TESTED_FAMILIES:
-            raise CalibrationError(f"{config_dir / 'config.json'}: model_type {family!r} is not one whose layer-by-"
-                                   f"layer calibration is tested ({', '.join(TESTED_FAMILIES)})")
+        check_family(config, config_dir)
         cls = model_class_for(config)
         with torch.device("meta"):  # a model of its own: its layers get replaced below
             if cls is not None:
@@ -111,6 +118,12 @@ class LayerStack:
         from ..tensors import TORCH_DTYPES
 
         tensor = self.mapping.tensor_of.get(param)
+        if tensor is None and param in self.mapping.merged_by:  # experts stored one tensor each, merged at load
+            from ..planning.mapping import expert_reads
+
+            return torch.stack([read.read(self.checkpoint) for read in
+                                expert_reads(self.mapping, self.checkpoint, param, tuple(shape))]).to(self.device,
+                                                                                                       self.dtype)
         if tensor is None:
             raise CalibrationError(f"{self.where}: no checkpoint tensor holds the model's {param} (calibration runs "
                                    "the original model, so every weight of a layer must be in the checkpoint)")

@@ -175,7 +175,10 @@ def model_calibration(path: Path, options) -> tuple[CalibrationSet, Any]:
     if fmt.kind is not None:
         raise CalibrationError(f"{path}: {fmt.describe()}; calibration reads float weights only (run it on the "
                                "bf16 model, e.g. dequantized with transformers)")
+    from .layers import check_family
+
     config, _ = load_config(path)
+    check_family(config, path)
     found = tokenized(options.calibration, path, samples=options.calibration_samples,
                       length=options.calibration_length,
                       max_positions=getattr(config, "max_position_embeddings", None))

@@ -33,42 +33,130 @@ def _recording_inputs(modules: dict[str, nn.Module], inputs: dict[str, torch.Ten
     return [module.register_forward_hook(recorder(name)) for name, module in modules.items()]
 
 
-class CovarianceHooks:
-    """Forward hooks on `modules` (name -> module of one decoder layer) that sum each
-    sample's input covariance; padding never counts (`lengths` of the batch's samples)."""
+def _sample_covariance(sample: torch.Tensor, where: str) -> torch.Tensor:
+    """One sample's X^T X after PEFT's normalization (by |max| of the sample's own input)."""
+    sample = sample.float()
+    sample = sample / torch.max(sample).abs()
+    if torch.isnan(sample).any() or torch.isinf(sample).any():
+        raise ValueError(f"calibration: non-finite input to {where}")
+    return sample.T @ sample
 
-    def __init__(self, modules: dict[str, nn.Module]):
+
+def is_routed_experts(module: nn.Module) -> bool:
+    """A stack of experts as transformers' use_experts_implementation builds it: its forward
+    takes (tokens, top_k_index, top_k_weights), and its attributes say how to apply it."""
+    return all(hasattr(module, a) for a in ("num_experts", "has_gate", "has_bias", "is_transposed", "down_proj"))
+
+
+def _expert_up(experts: nn.Module, x: torch.Tensor, e: int) -> torch.Tensor:
+    """Expert e's gated intermediate activation for tokens x: the input of its down_proj,
+    computed as transformers' batched experts forward computes it, for any such stack."""
+    weight = experts.gate_up_proj[e] if experts.has_gate else experts.up_proj[e]
+    h = x @ weight if experts.is_transposed else x @ weight.T
+    if experts.has_bias:
+        h = h + (experts.gate_up_proj_bias[e] if experts.has_gate else experts.up_proj_bias[e])
+    return experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
+
+
+class CovarianceHooks:
+    """Forward hooks on one decoder layer that sum each sample's input covariance: of the
+    linear `modules` (name -> module), and of the `parameters` PEFT wraps (name within the
+    layer -> (owning module, attribute)): a router's input, or per expert the tokens routed
+    to it (every token with `all_experts`). Padding never counts (`lengths` of the samples)."""
+
+    def __init__(self, modules: dict[str, nn.Module], parameters: dict[str, tuple[nn.Module, str]] | None = None,
+                 all_experts: bool = False):
         self.sums: dict[str, torch.Tensor] = {}  # a module's key (the first of the modules sharing its input)
         self.key: dict[str, str] = {}
         self.samples = 0
+        self.all_experts = all_experts
+        self.tokens: dict[str, torch.Tensor] = {}  # an expert stack's parameter -> tokens each expert saw
+        self.reached: dict[str, torch.Tensor] = {}  # ... -> samples that routed a token to each expert
         self._inputs: dict[str, torch.Tensor] = {}
         self._handles = _recording_inputs(modules, self._inputs)
+        self._experts: dict[str, tuple[nn.Module, str]] = {}
+        self._routed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(experts module) -> (tokens, top-k)
+        for name, (owner, attr) in (parameters or {}).items():
+            if is_routed_experts(owner) and getattr(owner, attr).dim() == 3:
+                if attr not in ("gate_up_proj", "up_proj", "down_proj"):
+                    raise ValueError(f"calibration: {name}: an expert parameter whose inputs are not known "
+                                     "(gate_up_proj, up_proj and down_proj are)")
+                self._experts[name] = (owner, attr)
+                if not any(o is owner for o, _ in list(self._experts.values())[:-1]):
+                    self._handles.append(owner.register_forward_pre_hook(self._route_recorder(owner)))
+            elif getattr(owner, attr).dim() == 2:  # a router's weight: the module's input, flattened or not
+                self._handles += _recording_inputs({name: owner}, self._inputs)
+            else:
+                raise ValueError(f"calibration: {name} is a {getattr(owner, attr).dim()}-D parameter of "
+                                 f"{type(owner).__name__}, whose inputs calibration cannot see")
+
+    def _route_recorder(self, experts: nn.Module):
+        def hook(module, args, kwargs=None):
+            self._routed[id(experts)] = (args[0], args[1])
+        return hook
 
     def add_batch(self, lengths: list[int]) -> None:
         """Fold the batch the layer just ran into the sums: a sample's rows beyond its length
         are padding."""
+        width = max(lengths)
         owner = _shared(self._inputs)
         for name, x in self._inputs.items():
             self.key.setdefault(name, owner[name])
             if owner[name] != name:  # q/k/v, gate/up: the same input tensor, one covariance
                 continue
-            key = self.key[name]
-            total = self.sums.get(key)
+            if x.dim() == 2:  # tokens flattened (a router's input): rows are (sample, position)
+                if x.shape[0] != len(lengths) * width:
+                    raise ValueError(f"calibration: {name}'s input has {x.shape[0]} rows, the batch "
+                                     f"{len(lengths)} x {width} tokens")
+                x = x.view(len(lengths), width, -1)
+            total = self.sums.get(name)
             for row, length in enumerate(lengths):
-                sample = x[row, :length].float()
-                sample = sample / torch.max(sample).abs()  # PEFT's normalization, per sample
-                if torch.isnan(sample).any() or torch.isinf(sample).any():
-                    raise ValueError(f"calibration: non-finite input to {name} (sample {self.samples + row} of "
-                                     "the batch's first)")
-                covariance = sample.T @ sample
+                covariance = _sample_covariance(x[row, :length], f"{name} (sample {self.samples + row})")
                 total = covariance if total is None else total + covariance
-            self.sums[key] = total
+            self.sums[name] = total
+        for name, (experts, attr) in self._experts.items():
+            self._add_experts(name, experts, attr, lengths, width)
         self.samples += len(lengths)
         self._inputs.clear()
+        self._routed.clear()
+
+    def _add_experts(self, name: str, experts: nn.Module, attr: str, lengths: list[int], width: int) -> None:
+        """Per expert, per sample: the covariance of the inputs its `attr` matrix sees (the
+        tokens routed to it, or their gated activation for down_proj)."""
+        if id(experts) not in self._routed:
+            raise ValueError(f"calibration: {name}: the layer's forward never called its experts")
+        x, top_k = self._routed[id(experts)]
+        if x.shape[0] != len(lengths) * width:
+            raise ValueError(f"calibration: {name}: the experts got {x.shape[0]} tokens, the batch "
+                             f"{len(lengths)} x {width}")
+        x, top_k = x.view(len(lengths), width, -1), top_k.view(len(lengths), width, -1)
+        count = experts.num_experts
+        dim = getattr(experts, attr).shape[-1 if not experts.is_transposed else -2]
+        total = self.sums.get(name)
+        if total is None:
+            total = torch.zeros(count, dim, dim, dtype=torch.float32, device=x.device)
+            self.tokens[name] = torch.zeros(count, dtype=torch.int64)
+            self.reached[name] = torch.zeros(count, dtype=torch.int64)
+        with torch.no_grad():
+            for row, length in enumerate(lengths):
+                for e in range(count):
+                    picked = (top_k[row, :length] == e).any(dim=-1)
+                    tokens = x[row, :length] if self.all_experts else x[row, :length][picked]
+                    if tokens.shape[0] == 0:
+                        continue
+                    inputs = _expert_up(experts, tokens, e) if attr == "down_proj" else tokens
+                    total[e] += _sample_covariance(inputs, f"{name}[{e}] (sample {self.samples + row})")
+                    self.tokens[name][e] += tokens.shape[0]
+                    self.reached[name][e] += 1
+        self.sums[name] = total
+        self.key[name] = name
 
     def covariances(self) -> dict[str, torch.Tensor]:
-        """Each module's covariance, the mean over samples (shared between modules of one input)."""
-        means = {key: total / self.samples for key, total in self.sums.items()}
+        """Each module's covariance, the mean over samples (shared between modules of one
+        input); an expert stack's parameter: experts x in x in, each expert's the mean over
+        the samples that reached it (as a hook on that expert alone would count its calls)."""
+        means = {key: total / (self.reached[key].clamp(min=1).to(total)[:, None, None] if key in self.reached
+                               else self.samples) for key, total in self.sums.items()}
         return {name: means[key] for name, key in self.key.items()}
 
     def remove(self) -> None:

@@ -29,18 +29,21 @@ if TYPE_CHECKING:
 CALIBRATION_DIR = "calibration"
 
 
-def target_layers(targets, layers_name: str) -> list[tuple[int, str]]:
-    """(decoder layer, module name within it) of every target; a target outside the layers
-    (or a parameter PEFT wraps) cannot be calibrated one layer at a time."""
+def target_layers(targets, layers_name: str) -> list[tuple[int, str, int | None]]:
+    """(decoder layer, name within it, expert) of every target: a linear module's name, or
+    for a parameter PEFT wraps (MoE experts, routers) the parameter's, with the expert's
+    index. A target outside the decoder layers cannot be calibrated one layer at a time."""
     found = []
     for target in targets:
-        head, _, rest = target.module.partition(layers_name + ".")
+        name = target.module if target.parameter is None else target.parameter
+        head, _, rest = name.partition(layers_name + ".")
         index, _, inner = rest.partition(".")
-        if head or not index.isdigit() or not inner or target.location is not None:
-            raise CalibrationError(f"{target.tensor}: not a linear module inside the decoder layers "
+        encoded = target.parameter is None and target.location is not None
+        if head or not index.isdigit() or not inner or encoded:
+            raise CalibrationError(f"{target.tensor}: not a module or parameter inside the decoder layers "
                                    f"({layers_name}.N.*), which calibration reaches one layer at a time; "
                                    "exclude it (exclude_modules)")
-        found.append((int(index), inner))
+        found.append((int(index), inner, target.expert))
     return found
 
 
@@ -168,9 +171,11 @@ def run_calibrated(job: Job, checkpoint: Checkpoint, calibration: CalibrationSet
     device = job.options.torch_devices[0]
     stack = LayerStack(checkpoint, Path(checkpoint.root), device)
     layers = target_layers(job.outputs[0].plan.targets, stack.layers_name)
-    by_layer: dict[int, dict[str, list[int]]] = {}
-    for index, (layer, inner) in enumerate(layers):
-        by_layer.setdefault(layer, {}).setdefault(inner, []).append(index)
+    by_layer: dict[int, dict[str, list[tuple[int, int | None]]]] = {}
+    for index, (layer, inner, expert) in enumerate(layers):
+        by_layer.setdefault(layer, {}).setdefault(inner, []).append((index, expert))
+    parameters = {i for i, t in enumerate(job.outputs[0].plan.targets) if t.parameter is not None}
+    experts_record: dict[str, dict] = {}
     last_layer = {unit.index: max((layers[i][0] for i in unit.targets), default=-1) for unit in job.units}
     waiting: list[Unit] = list(job.units)
     statistics: dict[int, torch.Tensor] = {}
@@ -201,8 +206,10 @@ def run_calibrated(job: Job, checkpoint: Checkpoint, calibration: CalibrationSet
         t0 = time.perf_counter()
         layer = stack.layer(layer_index)
         wanted = by_layer.get(layer_index, {})
-        modules = {inner: layer.get_submodule(inner) for inner in wanted}
-        hooks = CovarianceHooks(modules)
+        modules = {inner: layer.get_submodule(inner) for inner, at in wanted.items() if at[0][0] not in parameters}
+        owned = {inner: (layer.get_submodule(inner.rpartition(".")[0]), inner.rpartition(".")[2])
+                 for inner, at in wanted.items() if at[0][0] in parameters}
+        hooks = CovarianceHooks(modules, owned, all_experts=job.options.calibrate_all_experts)
         outputs = HiddenStates(carried.hidden_file(layer_index + 1).with_suffix(".partial"))
         try:
             for k, batch in enumerate(batches):
@@ -216,9 +223,11 @@ def run_calibrated(job: Job, checkpoint: Checkpoint, calibration: CalibrationSet
             hooks.remove()
         stack.release(layer_index)
         covariances = hooks.covariances()
-        for inner, indices in wanted.items():
-            for i in indices:
-                statistics[i] = covariances[inner].to("cpu") if device.type != "cpu" else covariances[inner]
+        for inner, at in wanted.items():
+            covariance = covariances[inner].to("cpu") if device.type != "cpu" else covariances[inner]
+            for i, expert in at:
+                statistics[i] = covariance if expert is None else covariance[expert]
+        experts_record.update(_experts_record(f"{stack.layers_name}.{layer_index}", hooks))
         hidden = outputs.finish(carried.hidden_file(layer_index + 1))
         seconds["forward"] += time.perf_counter() - t0
         run_ready(layer_index)
@@ -230,8 +239,27 @@ def run_calibrated(job: Job, checkpoint: Checkpoint, calibration: CalibrationSet
         raise CalibrationError(f"units {[u.name for u in waiting]} were never reached by the calibration "
                                "(their targets' layers were not run)")
     seconds["forward"] -= seconds["statistics"]
-    return {**calibration.as_record(), "batch": batch_size, "layers": len(stack), "resumed_at_layer": start,
-            "seconds": seconds}
+    record = {**calibration.as_record(), "batch": batch_size, "layers": len(stack), "resumed_at_layer": start,
+              "seconds": seconds}
+    if experts_record:
+        record["experts"] = {"all_experts": job.options.calibrate_all_experts, "parameters": experts_record}
+    return record
+
+
+def _experts_record(prefix: str, hooks: CovarianceHooks) -> dict[str, dict]:
+    """Per expert stack: the tokens each expert saw (and in how many samples), the experts that saw fewer tokens
+    than their input has dimensions (a covariance short of full rank: CorDA's damping makes
+    it invertible; the report names them). An expert no token reached cannot be calibrated."""
+    found = {}
+    for name, tokens in hooks.tokens.items():
+        dim = hooks.sums[name].shape[-1]
+        never = [e for e, n in enumerate(tokens.tolist()) if n == 0]
+        if never:
+            raise CalibrationError(f"{prefix}.{name}: no calibration token was routed to expert(s) {never}; give "
+                                   "more samples, or route every token to every expert (calibrate_all_experts)")
+        found[f"{prefix}.{name}"] = {"tokens": tokens.tolist(), "samples": hooks.reached[name].tolist(),
+                                     "damped": [e for e, n in enumerate(tokens.tolist()) if n < dim]}
+    return found
 
 
 # PEFT's EVA loop cycles the dataloader until every module has converged; a layer whose
@@ -254,7 +282,7 @@ def collect_components(targets, checkpoint: Checkpoint, calibration: Calibration
     device = options.torch_devices[0]
     stack = LayerStack(checkpoint, Path(checkpoint.root), device)
     found = []
-    index_of = {place: index for index, place in enumerate(target_layers(targets, stack.layers_name))}
+    index_of = {(layer, inner): index for index, (layer, inner, _) in enumerate(target_layers(targets, stack.layers_name))}
     batches = calibration.batches(options.calibration_batch)
     hidden, passes, t0 = None, {}, time.perf_counter()
     for layer_index in range(len(stack)):

@@ -40,7 +40,10 @@ class _CorDA(Method):
     solver = FULL_SVD
     peft_name = "corda"
     calibration = "covariance"
-    adapts_parameters = False  # PEFT's CorDA hooks nn.Linear / Conv1D only: MoE experts are left out
+    # PEFT's CorDA hooks nn.Linear / Conv1D only; here experts get their routed tokens' covariance
+    # (and routers their input's), and the factors train as a plain LoRA on PEFT's ParamWrapper.
+    adapts_parameters = True
+    own_options = ("calibrate_all_experts",)
     keep: str  # "top" or "bottom"
 
     def factors_at_ranks(self, weight, ranks, *, niter, seed, adapter_dtype, fan_in_fan_out, statistic=None):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import multiprocessing
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -87,10 +88,12 @@ def make_plan(path: Path, options: list[dict], outs: list[Path], deferred: list 
         )
         method = get_method(opts["method"])
         if not method.adapts_parameters:  # what PEFT's expansion picked among parameters: left out, named
+            modules = [t.module for t in found.targets if t.parameter is None]
+            # patterns that only parameters used (PEFT's 2r for fused gate_up_proj): dropped with them
+            used = lambda key: any(re.match(rf"(.*\.)?({key})$", m) for m in modules)  # noqa: E731
             found = replace(found, targets=[t for t in found.targets if t.parameter is None], target_parameters=[],
-                            rank_pattern={k: v for k, v in found.rank_pattern.items() if k not in found.target_parameters},
-                            alpha_pattern={k: v for k, v in found.alpha_pattern.items()
-                                           if k not in found.target_parameters},
+                            rank_pattern={k: v for k, v in found.rank_pattern.items() if used(k)},
+                            alpha_pattern={k: v for k, v in found.alpha_pattern.items() if used(k)},
                             left_out=found.left_out + [(p, f"PEFT has no {method.name} variant for parameters "
                                                            "(ParamWrapper)") for p in found.target_parameters])
         config = adapter_config(
