@@ -41,7 +41,8 @@ PINNED_ENV = {
     "MKL_NUM_THREADS": "1",
     "CUDA_VISIBLE_DEVICES": "",
 }
-VOLATILE = ("seconds", "input", "out", "run", "quantizer", "base_model")
+# keys whose values say when, where or with which library version, not what was computed
+VOLATILE = ("seconds", "input", "out", "run", "quantizer", "base_model", "transformers_version")
 SKETCH_ROWS = 32  # a Johnson-Lindenstrauss sketch: ||S d|| / sqrt(32) estimates ||d|| within ~1.5x
 SAMPLED_BYTES = 256  # integer tensors (packed 4-bit codes): bytes kept at fixed positions
 # The bound a tensor computed on a machine that rounds differently must keep:
