@@ -261,9 +261,9 @@ def test_a_family_not_tested_is_refused_by_name(tmp_path):
 CLI = [sys.executable, "-m", "pissa_rs.cli"]
 
 
-def run_cli(model, out, data, env=None):
+def run_cli(model, out, data, env=None, method="corda-kpm"):
     return subprocess.run([*CLI, "decompose", str(model), "-r", str(R), "-o", str(out), "--no-progress",
-                           "--method", "corda-kpm", "--calibration", str(data), "--calibration-samples", str(N),
+                           "--method", method, "--calibration", str(data), "--calibration-samples", str(N),
                            "--calibration-length", str(LENGTH), "--calibration-batch", "3"],
                           capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=300)
 
@@ -614,3 +614,27 @@ def test_eva_on_moe_adapts_the_linear_modules_and_names_the_experts(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # no pattern PEFT would find unused
         AutoPeftModelForCausalLM.from_pretrained(res.adapter)
+
+
+def test_eva_pass_killed_mid_layer_resumes_there(tmp_path):
+    """EVA's pass (before the plan): killed in its second layer, the rerun starts at that
+    layer from the kept hidden states and components, and writes the same adapter."""
+    model = save_model(tmp_path / "m", layers=4)
+    data = tmp_path / "c.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    reference = tmp_path / "ref"
+    assert run_cli(model, reference, data, method="eva").returncode == 0
+    out = tmp_path / "o"
+    killed = run_cli(model, out, data, env={"PISSA_RS_SIGNAL_AT": "calibrate:70"}, method="eva")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    scratch = tmp_path / ".o-eva-pass"
+    state = json.loads((scratch / "state.json").read_text())
+    assert state["next_layer"] >= 1 and not (out / "pissa_report.json").exists()
+    assert run_cli(model, out, data, method="eva").returncode == 0
+    assert not scratch.exists()
+    config = "pissa_init/adapter_config.json"
+    assert {k: v for k, v in digest(out).items() if k not in ("pissa_report.json", config)} == \
+        {k: v for k, v in digest(reference).items() if k not in ("pissa_report.json", config)}
+    mine, ref = (json.loads((f / "pissa_report.json").read_text()) for f in (out, reference))
+    assert mine["calibration"]["resumed_at_layer"] == state["next_layer"] and mine["eva"] == ref["eva"]
+    assert mine["calibration"]["passes"] == ref["calibration"]["passes"]

@@ -3,8 +3,10 @@ A local run is every unit in this process, on this process's devices."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-import tempfile
+import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -140,9 +142,14 @@ def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None
 
         plans, checks = _plan(path, checkpoint, [options.for_rank(options.ranks[0])], outs)
         checks.close()
-        outs[0].parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=f".{outs[0].name}-calibration-", dir=outs[0].parent) as scratch:
-            found, record = collect_components(plans[0].targets, checkpoint, calibration, options, Path(scratch))
+        # beside the output, named after it: a pass killed mid-layer resumes there when run again
+        scratch = outs[0].parent / f".{outs[0].name}-eva-pass"
+        identity = hashlib.sha256(json.dumps(
+            {"calibration": calibration.digest, "inputs": inputs, "targets": [[t.tensor, t.r] for t in plans[0].targets],
+             **{k: getattr(options, k) for k in ("eva_rho", "eva_tau", "calibration_batch", "device")}},
+            sort_keys=True).encode()).hexdigest()
+        found, record = collect_components(plans[0].targets, checkpoint, calibration, options, scratch, identity)
+        shutil.rmtree(scratch)
         options, statistics, chosen = options.init_method.options_from_statistics(options, plans[0].targets, found)
         report_extra = (("calibration", record), (options.method, chosen))
         calibration = None  # the statistics are ready: the units run as for any method

@@ -100,7 +100,7 @@ class _Carried:
     def hidden_file(self, layer: int) -> Path:
         return self.folder / f"hidden-{layer:05d}.bin"
 
-    def load(self) -> tuple[int, HiddenStates, dict[int, torch.Tensor]] | None:
+    def load(self) -> tuple[int, HiddenStates, dict[int, torch.Tensor], dict] | None:
         state = self.folder / "state.json"
         if not state.is_file():
             return None
@@ -113,9 +113,10 @@ class _Carried:
                               recorded["dtype"])
         tensors = load_file(str(self.folder / "pending.safetensors")) if recorded["pending"] else {}
         pending = {int(i): tensors[key] for i, key in recorded["pending"].items()}
-        return recorded["next_layer"], hidden, pending
+        return recorded["next_layer"], hidden, pending, recorded.get("record", {})
 
-    def save(self, next_layer: int, hidden: HiddenStates, pending: dict[int, torch.Tensor]) -> None:
+    def save(self, next_layer: int, hidden: HiddenStates, pending: dict[int, torch.Tensor],
+             record: dict | None = None) -> None:
         from safetensors.torch import save_file
 
         keys: dict[int, str] = {}  # modules sharing an input share one covariance: stored once
@@ -129,7 +130,7 @@ class _Carried:
             os.replace(partial, self.folder / "pending.safetensors")
         state = self.folder / "state.json.partial"
         state.write_text(json.dumps({"next_layer": next_layer, "index": hidden.index, "dtype": hidden.dtype,
-                                     "calibration": self.digest,
+                                     "calibration": self.digest, "record": record or {},
                                      "pending": {str(i): keys[id(t)] for i, t in pending.items()}}))
         os.replace(state, self.folder / "state.json")
         for old in self.folder.glob("hidden-*.bin"):  # the boundaries before this one: never read again
@@ -197,7 +198,7 @@ def run_calibrated(job: Job, checkpoint: Checkpoint, calibration: CalibrationSet
     resumed = carried.load()
     start, hidden = 0, None
     if resumed is not None:
-        start, hidden, pending = resumed
+        start, hidden, pending, _ = resumed
         statistics.update(pending)
         run_ready(start - 1)  # finished before the kill: marked done, nothing is redone
     for layer_index in range(start, len(stack)):
@@ -267,15 +268,18 @@ def _experts_record(prefix: str, hooks: CovarianceHooks) -> dict[str, dict]:
 MOST_EVA_PASSES = 50
 
 
-def collect_components(targets, checkpoint: Checkpoint, calibration: CalibrationSet, options, scratch: Path
-                       ) -> tuple[list[tuple[int, str, torch.Tensor, torch.Tensor, torch.Tensor]], dict]:
+def collect_components(targets, checkpoint: Checkpoint, calibration: CalibrationSet, options, scratch: Path,
+                       identity: str) -> tuple[list[tuple[int, str, torch.Tensor, torch.Tensor, torch.Tensor]], dict]:
     """EVA's pass: for every target (plan order index), layer by layer, PEFT's incremental
     PCA of its inputs until the components it may be given (r * rho) converge. Returns the
     targets in the model's module order as (index, owner, components, explained variance
     ratios, singular values) with `owner` the first module given the same input, and what
-    the report says of the pass. The hidden states between layers go through files in
-    `scratch`."""
+    the report says of the pass. The hidden states between layers, and each finished
+    layer's components, go into `scratch`: a pass killed mid-layer and started again with
+    the same `identity` resumes at that layer."""
     import time
+
+    from safetensors.torch import load_file, save_file
 
     from ..calibration.statistics import ComponentHooks
 
@@ -284,8 +288,24 @@ def collect_components(targets, checkpoint: Checkpoint, calibration: Calibration
     found = []
     index_of = {(layer, inner): index for index, (layer, inner, _) in enumerate(target_layers(targets, stack.layers_name))}
     batches = calibration.batches(options.calibration_batch)
-    hidden, passes, t0 = None, {}, time.perf_counter()
-    for layer_index in range(len(stack)):
+    carried = _Carried(scratch, identity)
+    scratch.mkdir(parents=True, exist_ok=True)
+    kinds = ("components", "ratios", "values")
+    resumed = carried.load()
+    start, hidden, passes = 0, None, {}
+    if resumed is not None:
+        start, hidden, _, record = resumed
+        passes = {int(k): v for k, v in record["passes"].items()}
+        for layer_index in range(start):
+            saved = scratch / f"components-{layer_index:05d}.safetensors"
+            if not saved.is_file():
+                continue
+            tensors = load_file(str(saved))
+            for i, owner in record["owners"][str(layer_index)]:
+                found.append((i, owner, *(tensors[f"{i}.{kind}"] for kind in kinds)))
+    owners: dict[str, list] = dict(resumed[3]["owners"]) if resumed is not None else {}
+    t0 = time.perf_counter()
+    for layer_index in range(start, len(stack)):
         wanted = {inner: i for (layer, inner), i in index_of.items() if layer == layer_index}
         if not wanted and layer_index > max((layer for layer, _ in index_of), default=-1):
             break
@@ -293,7 +313,7 @@ def collect_components(targets, checkpoint: Checkpoint, calibration: Calibration
         modules = {name: m for name, m in layer.named_modules() if name in wanted}  # the model's order
         components = {name: round(targets[wanted[name]].r * options.eva_rho) for name in modules}
         hooks = ComponentHooks(modules, components, options.eva_tau)
-        outputs = HiddenStates(scratch / f"hidden-{layer_index + 1:05d}.bin.partial")
+        outputs = HiddenStates(carried.hidden_file(layer_index + 1).with_suffix(".partial"))
         try:
             for cycle in range(MOST_EVA_PASSES):
                 for k, batch in enumerate(batches):
@@ -304,6 +324,7 @@ def collect_components(targets, checkpoint: Checkpoint, calibration: Calibration
                     hooks.after_batch(mask.to(device))
                     if cycle == 0:
                         outputs.append(out)
+                    fault_point("calibrate")  # the crash tests: killed mid-layer
                 if not modules or not hooks.wants_more():
                     break
             passes[layer_index] = cycle + 1
@@ -311,14 +332,20 @@ def collect_components(targets, checkpoint: Checkpoint, calibration: Calibration
         finally:
             hooks.remove()
         stack.release(layer_index)
+        layer_found, tensors = [], {}
         for name, (comps, ratios, values) in results.items():
-            owner = hooks.owner[name]
-            found.append((wanted[name], f"{layer_index}.{owner}", comps.cpu(), ratios.cpu(), values.cpu()))
-        previous, hidden = hidden, outputs.finish(scratch / f"hidden-{layer_index + 1:05d}.bin")
-        if previous is not None:
-            previous.path.unlink()
-    if hidden is not None:
-        hidden.path.unlink()
+            entry = (wanted[name], f"{layer_index}.{hooks.owner[name]}")
+            layer_found.append(entry)
+            found.append((*entry, comps.cpu(), ratios.cpu(), values.cpu()))
+            for kind, value in zip(kinds, found[-1][2:]):
+                tensors[f"{entry[0]}.{kind}"] = value.contiguous().clone()  # modules sharing an input share these
+        if tensors:
+            partial = scratch / f"components-{layer_index:05d}.safetensors.partial"
+            save_file(tensors, str(partial))
+            os.replace(partial, scratch / f"components-{layer_index:05d}.safetensors")
+        owners[str(layer_index)] = layer_found
+        hidden = outputs.finish(carried.hidden_file(layer_index + 1))
+        carried.save(layer_index + 1, hidden, {}, record={"passes": passes, "owners": owners})
     record = {**calibration.as_record(), "batch": options.calibration_batch, "layers": len(stack),
-              "passes": passes, "seconds": {"forward": time.perf_counter() - t0}}
+              "passes": passes, "resumed_at_layer": start, "seconds": {"forward": time.perf_counter() - t0}}
     return found, record
