@@ -75,12 +75,13 @@ def test_compact_conversion_keeps_the_logits_with_ranks_at_most_2r(trained, tmp_
 
 
 def test_compact_finds_the_true_rank():
-    from pissa_rs.convert import _compact
+    from pissa_rs.convert import Truncation, _compact
 
     g = torch.Generator().manual_seed(0)
     b = torch.randn(40, 3, generator=g) @ torch.randn(3, 8, generator=g)  # rank 3 spread over 8 columns
     a = torch.randn(8, 30, generator=g)
-    new_a, new_b = _compact(a, b, 1e-6)
+    new_a, new_b, s, keep = _compact(a, b, Truncation(1e-6))
+    assert keep == 3 and s.shape == (8,)
     assert new_a.shape == (3, 30) and new_b.shape == (40, 3)
     torch.testing.assert_close(new_b @ new_a, b @ a, atol=1e-4, rtol=1e-4)
 

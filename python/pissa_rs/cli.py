@@ -75,6 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="re-factor each module's update to its numerical rank (a smaller LoRA)")
     conv.add_argument("--tol", type=float, default=1e-6,
                       help="with --compact: drop singular values below TOL x |B'| |A'| (default %(default)s)")
+    conv.add_argument("--rank", type=int, metavar="R",
+                      help="each module's best rank-R approximation, from the factors alone (its numerical rank "
+                      "where smaller); the dropped energy per module is printed and written to pissa_conversion.json")
+    conv.add_argument("--energy", type=float, metavar="E",
+                      help="per module the fewest triplets keeping E (0 < E <= 1) of the update's energy, written as "
+                      "rank_pattern / alpha_pattern")
+    conv.add_argument("--serve", choices=["vllm"],
+                      help="for a server's fixed ranks: re-factored (at most rank 512 for vllm), and the "
+                      "--max-lora-rank to start it with printed")
     conv.add_argument("--base-model",
                       help="the original model the LoRA applies to, as its adapter_config.json names it (a path or "
                       "model ID; default: the one INIT's decomposition report records)")
@@ -172,14 +181,20 @@ def _inspect(args) -> int:
 
 def _to_lora(args) -> int:
     result = convert_to_lora(args.init, args.finetuned, args.out, compact=args.compact, tol=args.tol,
+                             rank=args.rank, energy=args.energy, serve=args.serve,
                              base_model=args.base_model, revision=args.revision)
     _completed(what="the LoRA is complete")
     ranks = sorted(set(result.ranks.values()))
     print(f"LoRA for the original model {result.base_model}: {result.out} ({len(result.ranks)} modules, rank "
           f"{ranks[0] if len(ranks) == 1 else f'{ranks[0]}..{ranks[-1]}'})")
-    if args.compact:
+    if result.dropped is not None:
         for module, rank in result.ranks.items():
-            print(f"  {module}: {rank}")
+            print(f"  {module}: rank {rank}, {100 * result.dropped[module]:.3g}% of its update's energy dropped")
+        worst = max(result.dropped, key=result.dropped.get)
+        print(f"most dropped: {100 * result.dropped[worst]:.3g}% ({worst})")
+    if result.max_lora_rank is not None:
+        print(f"serve with: vllm serve {result.base_model} --enable-lora --max-lora-rank {result.max_lora_rank} "
+              f"--lora-modules adapter={result.out}")
     return 0
 
 

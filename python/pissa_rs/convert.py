@@ -33,11 +33,17 @@ from .constants import REPORT_NAME
 from .tensors import SAFETENSORS_DTYPES, TORCH_DTYPES, as_numpy_bytes, as_torch
 from .noise import quiet_library_noise
 
+CONVERSION_REPORT = "pissa_conversion.json"  # what a re-factored conversion dropped, per module
+
 @dataclass
 class ConversionResult:
     out: Path
-    ranks: dict[str, int]  # module -> rank of its LoRA (2r, or the kept rank with compact)
+    ranks: dict[str, int]  # module -> rank of its LoRA (2r, or the kept rank when re-factored)
     base_model: str  # the original model it applies to, as adapter_config.json names it
+    # re-factored (compact, rank, energy, serve): module -> share of its update's squared
+    # Frobenius norm the LoRA drops (0 where it is exact); the largest expert's for experts
+    dropped: dict[str, float] | None = None
+    max_lora_rank: int | None = None  # with serve: the rank to start the server with
 
 
 def _adapter(directory: Path) -> tuple[Checkpoint, dict]:
@@ -92,19 +98,56 @@ def _check_pair(init_dir: Path, init_cfg: dict, tuned_dir: Path, tuned_cfg: dict
             )
 
 
-def _compact(a: torch.Tensor, b: torch.Tensor, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """B A re-factored at its numerical rank: QR of B and A^T, SVD of the 2r x 2r core."""
+# The ranks vLLM takes for --max-lora-rank (it pre-allocates LoRA buffers at that rank).
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+SERVERS = {"vllm": VLLM_RANKS}
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """How each module's update is re-factored: at its numerical rank (singular values
+    below `tol` x |B| |A| are zero), at most `rank`, or the fewest triplets that keep
+    `energy` of its squared Frobenius norm (PEFT's convert_to_lora threshold)."""
+
+    tol: float = 1e-6
+    rank: int | None = None
+    energy: float | None = None
+
+    def __post_init__(self):
+        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int)
+                                      or self.rank < 1):
+            raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
+        if self.energy is not None and (isinstance(self.energy, bool) or not 0 < self.energy <= 1):
+            raise ValueError(f"energy must be in (0, 1], got {self.energy!r}")
+        if self.rank is not None and self.energy is not None:
+            raise ValueError("give rank or energy, not both")
+
+    def keep(self, s: torch.Tensor, reference: torch.Tensor) -> int:
+        numerical = max(1, int((s > self.tol * reference).sum()))  # beyond it: rounding, never shipped
+        if self.rank is not None:
+            return min(self.rank, numerical)
+        if self.energy is not None:
+            cumulative = torch.cumsum(s.double() ** 2, dim=0)
+            return min(int(torch.searchsorted(cumulative, self.energy * cumulative[-1]).item()) + 1, numerical)
+        return numerical
+
+
+def _compact(a: torch.Tensor, b: torch.Tensor, truncation: Truncation
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """B A re-factored as `truncation` says, from the factors alone: QR of B and A^T, SVD of
+    the 2r x 2r core (no out x in matrix is formed). Returns (A', B', B A's singular values,
+    the rank kept); B' A' is the best approximation of B A at that rank."""
     qb, rb = torch.linalg.qr(b.double())
     qa, ra = torch.linalg.qr(a.double().T)
     u, s, vh = torch.linalg.svd(rb @ ra.T)
     # Relative to |B| |A|, not to the largest singular value: an update that
     # cancels out (fine-tuned == initial) must compact to nothing, not to noise.
     reference = torch.linalg.matrix_norm(rb) * torch.linalg.matrix_norm(ra)
-    keep = max(1, int((s > tol * reference).sum()))
+    keep = truncation.keep(s, reference)
     root = torch.sqrt(s[:keep])
     new_b = (qb @ u[:, :keep]) * root
     new_a = root[:, None] * (vh[:keep] @ qa.T)
-    return new_a.to(a.dtype), new_b.to(b.dtype)
+    return new_a.to(a.dtype), new_b.to(b.dtype), s, keep
 
 
 def original_model(init_dir: Path, init_cfg: dict, base_model: str | os.PathLike[str] | None,
@@ -129,6 +172,7 @@ def original_model(init_dir: Path, init_cfg: dict, base_model: str | os.PathLike
 
 def convert_to_lora(init_dir: str | os.PathLike[str], finetuned_dir: str | os.PathLike[str],
                     out_dir: str | os.PathLike[str], *, compact: bool = False, tol: float = 1e-6,
+                    rank: int | None = None, energy: float | None = None, serve: str | None = None,
                     base_model: str | os.PathLike[str] | None = None, revision: str | None = None
                     ) -> ConversionResult:
     """Write the LoRA of the original model that equals `finetuned` on the residual model.
@@ -136,6 +180,13 @@ def convert_to_lora(init_dir: str | os.PathLike[str], finetuned_dir: str | os.Pa
     The result matches PEFT's own conversion (same keys, shapes, values and config
     fields). `compact=True` drops singular values below `tol` x |B'| |A'|, per module,
     and records each module's kept rank in rank_pattern (scale folded into the factors).
+    `rank=R`: each module's best rank-R approximation (its numerical rank where that is
+    smaller: no zeros are shipped); `energy=E` (0 < E <= 1): per module the fewest triplets
+    keeping E of the update's squared Frobenius norm. Both computed from the factors alone
+    (QR of the thin factors, SVD of the small core), the dropped share per module in
+    `OUT/pissa_conversion.json` and the result. `serve="vllm"`: re-factored as for compact
+    (at most rank 512, the largest vLLM takes), and `max_lora_rank` the smallest rank vLLM
+    accepts that holds every module.
 
     The LoRA's adapter_config.json names the original model as its base
     (base_model_name_or_path and revision), so `AutoPeftModelForCausalLM.from_pretrained(out_dir)`
@@ -150,6 +201,14 @@ def convert_to_lora(init_dir: str | os.PathLike[str], finetuned_dir: str | os.Pa
     init, init_cfg = _adapter(init_dir)
     tuned, tuned_cfg = _adapter(finetuned_dir)
     init_mods, tuned_mods = adapter_modules(init, init_dir), adapter_modules(tuned, finetuned_dir)
+    truncation = Truncation(tol, rank, energy)  # bad values refused before anything is read or written
+    if serve is not None and serve not in SERVERS:
+        raise ValueError(f"serve must be one of {', '.join(SERVERS)}, got {serve!r}")
+    if serve is not None and rank is not None and rank > SERVERS[serve][-1]:
+        raise ValueError(f"rank {rank}: {serve} serves LoRAs of rank {SERVERS[serve][-1]} at most")
+    if serve is not None and rank is None and energy is None:
+        truncation = Truncation(tol, SERVERS[serve][-1])
+    refactor = compact or rank is not None or energy is not None or serve is not None
     method = init_method(init_dir, init_cfg)
     _check_pair(init_dir, init_cfg, finetuned_dir, tuned_cfg, init_mods, tuned_mods, init, tuned, method)
     base, base_revision = original_model(init_dir, init_cfg, base_model, revision)
@@ -172,8 +231,17 @@ def convert_to_lora(init_dir: str | os.PathLike[str], finetuned_dir: str | os.Pa
     def experts_of(module: str) -> int:
         return wrapped.get(module.removeprefix("base_model.model."), (None, 1))[1]
 
+    dropped: dict[str, float] = {}
+
+    def refactored(a: torch.Tensor, b: torch.Tensor, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        new_a, new_b, s, keep = _compact(a, b, truncation)
+        energy_of = s.double() ** 2
+        share = float(energy_of[keep:].sum() / energy_of.sum()) if energy_of.sum() > 0 else 0.0
+        dropped[module] = max(dropped.get(module, 0.0), share)
+        return new_a, new_b
+
     def delta_factors(module: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """[A ; A0] and [B | -B0] for one module, compacted if asked; for a layer over
+        """[A ; A0] and [B | -B0] for one module, re-factored if asked; for a layer over
         E experts, per expert, in PEFT's layout (expert-major rows of A, expert-minor
         columns of B): PEFT's own conversion concatenates the whole matrices, which
         mixes the experts up."""
@@ -183,13 +251,14 @@ def convert_to_lora(init_dir: str | os.PathLike[str], finetuned_dir: str | os.Pa
         scale = module_scaling(pattern_key(module), r, alpha, rank_pattern, alpha_pattern, rslora)[2]
         if experts == 1:
             new_a, new_b = method.lora_of_original(a, b, a0, b0)
-            return _compact(new_a * scale, new_b, tol) if compact else (new_a, new_b)
+            return refactored(new_a * scale, new_b, module) if refactor else (new_a, new_b)
         rank, n_in, n_out = a.shape[0] // experts, a.shape[1], b.shape[0]
         pairs = [method.lora_of_original(a.view(experts, rank, n_in)[e], b.view(n_out, rank, experts)[:, :, e],
                                          a0.view(experts, rank, n_in)[e], b0.view(n_out, rank, experts)[:, :, e])
                  for e in range(experts)]
-        if compact:  # one rank for the layer: the largest any expert needs, the others padded with zeros
-            pairs = [_compact(pa * scale, pb, tol) for pa, pb in pairs]
+        if refactor:  # one rank for the layer (PEFT's ParamWrapper): the largest any expert needs, the others
+            # padded with zeros
+            pairs = [refactored(pa * scale, pb, module) for pa, pb in pairs]
             k = max(pa.shape[0] for pa, _ in pairs)
             pairs = [(torch.nn.functional.pad(pa, (0, 0, 0, k - pa.shape[0])),
                       torch.nn.functional.pad(pb, (0, k - pb.shape[1]))) for pa, pb in pairs]
@@ -207,11 +276,15 @@ def convert_to_lora(init_dir: str | os.PathLike[str], finetuned_dir: str | os.Pa
         (a_rows, in_f), (out_f, _) = tuple(tuned.info(a_key).shape), tuple(tuned.info(b_key).shape)
         dtype = SAFETENSORS_DTYPES[torch.promote_types(TORCH_DTYPES[tuned.info(a_key).dtype],
                                                        TORCH_DTYPES[init.info(init_mods[module][0]).dtype])]
-        k = delta_factors(module)[0].shape[0] if compact else a_rows * growth
+        k = delta_factors(module)[0].shape[0] if refactor else a_rows * growth
         ranks[pattern_key(module)] = k // experts_of(module)
         specs += [(a_key, dtype, [k, in_f]), (b_key, dtype, [out_f, k])]
 
-    if compact:
+    max_lora_rank = None
+    if serve is not None:
+        largest = max(ranks.values())
+        max_lora_rank = next(k for k in SERVERS[serve] if k >= largest)  # truncation kept it <= the largest
+    if refactor:
         config.r = max(ranks.values())
         config.lora_alpha = config.r
         config.use_rslora = False
@@ -230,4 +303,12 @@ def convert_to_lora(init_dir: str | os.PathLike[str], finetuned_dir: str | os.Pa
             writer.write(a_key, as_numpy_bytes(new_a))
             writer.write(b_key, as_numpy_bytes(new_b))
     config.save_pretrained(str(out_dir))
-    return ConversionResult(out_dir, ranks, base)
+    if refactor:
+        record = {"truncation": {"tol": tol, "rank": rank, "energy": energy, "serve": serve},
+                  "max_lora_rank": max_lora_rank,
+                  "modules": {pattern_key(m): {"rank": ranks[pattern_key(m)], "dropped": dropped[m]} for m in tuned_mods}}
+        (out_dir / CONVERSION_REPORT).write_text(json.dumps(record, indent=1) + "\n")
+    else:
+        (out_dir / CONVERSION_REPORT).unlink(missing_ok=True)
+    return ConversionResult(out_dir, ranks, base, dropped={pattern_key(m): d for m, d in dropped.items()}
+                            if refactor else None, max_lora_rank=max_lora_rank)
