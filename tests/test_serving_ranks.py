@@ -185,3 +185,54 @@ def test_moe_experts_are_truncated_per_expert(tmp_path):
             mine = b.view(-1, k_cut, n)[:, :, e] @ a.view(n, k_cut, -1)[e]
             assert torch.allclose(mine, best, atol=1e-6 * s[0].item() + 1e-9), (key, e)
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "src"), tmp_path / "cut")
+
+
+def test_verify_lora_checks_each_module_against_the_best_at_its_rank(tuned, tmp_path):
+    """verify-lora: a truncated LoRA passes (its error is the best at its rank, and what was
+    recorded); a LoRA whose factors were damaged, or whose record understates the drop,
+    or a truncated one without its record, is named."""
+    for options in ({}, {"rank": 2}, {"energy": 0.9}, {"serve": "vllm"}):
+        out = tmp_path / f"lora-{len(list(tmp_path.iterdir()))}"
+        convert_to_lora(tuned["init"], tuned["ft"], out, **options)
+        report = pissa_rs.verify_lora(out, tuned["init"], tuned["ft"])
+        assert report.ok and report.checked_targets == 14, (options, report.problems)
+    exact = tmp_path / "exact"
+    convert_to_lora(tuned["init"], tuned["ft"], exact)
+    weights = safetensors.torch.load_file(exact / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    weights[key][0] *= 1 + 1e-3  # a small damage (~1e-7 of the energy), far above float32 rounding
+    safetensors.torch.save_file(weights, exact / "adapter_model.safetensors", metadata={"format": "pt"})
+    problems = pissa_rs.verify_lora(exact, tuned["init"], tuned["ft"]).problems
+    assert problems and all("layers.0.self_attn.q_proj: drops" in p for p in problems)
+    out = tmp_path / "cut"
+    convert_to_lora(tuned["init"], tuned["ft"], out, rank=2)
+    weights = safetensors.torch.load_file(out / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"
+    weights[key] = weights[key].flip(0)  # the two triplets' A rows swapped: no longer the best rank-2 LoRA
+    safetensors.torch.save_file(weights, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    problems = pissa_rs.verify_lora(out, tuned["init"], tuned["ft"]).problems
+    assert any("model.layers.1.mlp.down_proj: drops" in p and "the best rank-2 LoRA drops" in p for p in problems)
+    assert all("layers.1.mlp.down_proj" in p for p in problems)
+    (out / "pissa_conversion.json").unlink()  # a truncated LoRA that claims to be exact
+    convert_to_lora(tuned["init"], tuned["ft"], tmp_path / "c2", rank=2)
+    (tmp_path / "c2" / "pissa_conversion.json").unlink()
+    problems = pissa_rs.verify_lora(tmp_path / "c2", tuned["init"], tuned["ft"]).problems
+    assert problems and all("an exact conversion says 0" in p for p in problems)
+    done = subprocess.run([sys.executable, "-m", "pissa_rs.cli", "verify-lora", str(tmp_path / "c2"),
+                           str(tuned["init"]), str(tuned["ft"])], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "MISMATCH" in done.stdout and "FAILED" in done.stdout
+
+
+def test_verify_lora_on_experts(tmp_path):
+    torch.manual_seed(0)
+    save_spread(transformers.MixtralForCausalLM(transformers.MixtralConfig(**text(num_local_experts=4,
+                                                                                  num_experts_per_tok=2))),
+                tmp_path / "src")
+    res = pissa_rs.decompose_checkpoint(tmp_path / "src", r=R, niter=0, out=tmp_path / "o", progress=False)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(res.out), res.adapter, is_trainable=True)
+    move_adapters(model)
+    model.save_pretrained(tmp_path / "ft")
+    for options in ({}, {"rank": 3}, {"energy": 0.8}):
+        convert_to_lora(res.adapter, tmp_path / "ft", tmp_path / "lora", **options)
+        report = pissa_rs.verify_lora(tmp_path / "lora", res.adapter, tmp_path / "ft")
+        assert report.ok, (options, report.problems)

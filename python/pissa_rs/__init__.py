@@ -43,6 +43,7 @@ from .planning.targets import Target, TargetError, resolve_targets
 from .tensors import as_numpy_bytes, as_torch
 from .training import load_for_training
 from .verify import VerifyReport, verify
+from .verify_lora import verify_lora
 
 try:
     __version__ = _version("pissa-rs")
@@ -51,6 +52,7 @@ except _NotInstalled:  # imported from a source tree that was never installed
 
 __all__ = [
     "__version__",
+    "verify_lora",
     "DependencyVersionError",
     "AdapterMismatchError",
     "ConversionResult",

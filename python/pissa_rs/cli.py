@@ -22,6 +22,7 @@ from .hub import base_model_of, resolve_model
 from .merge import merge_adapter
 from .engine.resume import fault_point
 from .verify import verify
+from .verify_lora import verify_lora
 from .model_files import is_model_dir
 from .planning.targets import target_choices
 
@@ -94,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     mrg.add_argument("--revision", help="with a model ID: branch, tag or commit")
     mrg.add_argument("adapter", type=Path, help="the adapter to merge (pissa_init or a fine-tuned one)")
     mrg.add_argument("out", type=Path, help="where to write the merged model")
+
+    vl = sub.add_parser("verify-lora", help="check a LoRA from to-lora (exact or truncated) against the adapters it "
+                        "came from: no more error than the best LoRA of its rank, and the dropped energy as recorded; "
+                        "exit 1 on any mismatch, naming the module")
+    vl.add_argument("lora", type=Path, help="the LoRA to-lora wrote")
+    vl.add_argument("init", type=Path, help="the initial adapter (OUT/pissa_init of the decomposition)")
+    vl.add_argument("finetuned", type=Path, help="the fine-tuned adapter")
 
     ver = sub.add_parser("verify", help="check a decomposition against its original, out of core; exit 1 on any "
                          "mismatch, naming the tensors")
@@ -189,7 +197,7 @@ def _to_lora(args) -> int:
           f"{ranks[0] if len(ranks) == 1 else f'{ranks[0]}..{ranks[-1]}'})")
     if result.dropped is not None:
         for module, rank in result.ranks.items():
-            print(f"  {module}: rank {rank}, {100 * result.dropped[module]:.3g}% of its update's energy dropped")
+            print(f"  {module}: {rank} ({100 * result.dropped[module]:.3g}% of its update's energy dropped)")
         worst = max(result.dropped, key=result.dropped.get)
         print(f"most dropped: {100 * result.dropped[worst]:.3g}% ({worst})")
     if result.max_lora_rank is not None:
@@ -203,6 +211,14 @@ def _merge(args) -> int:
     _completed(what="the merged model is complete")
     print(f"merged model: {merged}")
     return 0
+
+
+def _verify_lora(args) -> int:
+    report = verify_lora(args.lora, args.init, args.finetuned)
+    for problem in report.problems:
+        print(f"MISMATCH {problem}")
+    print(f"{'OK' if report.ok else 'FAILED'}: {report.checked_targets} modules checked against the exact update")
+    return 0 if report.ok else 1
 
 
 def _verify(args) -> int:
@@ -259,7 +275,7 @@ def main(argv: list[str] | None = None, *, keep_signal_handlers: bool = False) -
     previous = signal.getsignal(signal.SIGINT)
     try:
         return {"decompose": _decompose, "inspect": _inspect, "to-lora": _to_lora, "merge": _merge,
-                "verify": _verify, "qerror": _qerror, "plot": _plot}[args.command](args)
+                "verify": _verify, "verify-lora": _verify_lora, "qerror": _qerror, "plot": _plot}[args.command](args)
     except (PissaError, ValueError, OSError, ImportError) as err:
         if debug:
             traceback.print_exc()

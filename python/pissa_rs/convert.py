@@ -122,8 +122,10 @@ class Truncation:
         if self.rank is not None and self.energy is not None:
             raise ValueError("give rank or energy, not both")
 
-    def keep(self, s: torch.Tensor, reference: torch.Tensor) -> int:
-        numerical = max(1, int((s > self.tol * reference).sum()))  # beyond it: rounding, never shipped
+    def keep(self, s: torch.Tensor, numerical: int) -> int:
+        """How many of the update's triplets (singular values `s`, `numerical` of them above
+        rounding) the LoRA keeps: at least one, so that every module stays in the adapter."""
+        numerical = max(1, numerical)  # beyond it: rounding, never shipped
         if self.rank is not None:
             return min(self.rank, numerical)
         if self.energy is not None:
@@ -135,19 +137,20 @@ class Truncation:
 def _compact(a: torch.Tensor, b: torch.Tensor, truncation: Truncation
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """B A re-factored as `truncation` says, from the factors alone: QR of B and A^T, SVD of
-    the 2r x 2r core (no out x in matrix is formed). Returns (A', B', B A's singular values,
-    the rank kept); B' A' is the best approximation of B A at that rank."""
+    the 2r x 2r core (no out x in matrix is formed). Returns (A', B', B A's singular values
+    above rounding, the rank kept); B' A' is the best approximation of B A at that rank."""
     qb, rb = torch.linalg.qr(b.double())
     qa, ra = torch.linalg.qr(a.double().T)
     u, s, vh = torch.linalg.svd(rb @ ra.T)
     # Relative to |B| |A|, not to the largest singular value: an update that
     # cancels out (fine-tuned == initial) must compact to nothing, not to noise.
     reference = torch.linalg.matrix_norm(rb) * torch.linalg.matrix_norm(ra)
-    keep = truncation.keep(s, reference)
+    numerical = int((s > truncation.tol * reference).sum())
+    keep = truncation.keep(s, numerical)
     root = torch.sqrt(s[:keep])
     new_b = (qb @ u[:, :keep]) * root
     new_a = root[:, None] * (vh[:keep] @ qa.T)
-    return new_a.to(a.dtype), new_b.to(b.dtype), s, keep
+    return new_a.to(a.dtype), new_b.to(b.dtype), s[:numerical], keep
 
 
 def original_model(init_dir: Path, init_cfg: dict, base_model: str | os.PathLike[str] | None,
@@ -168,6 +171,55 @@ def original_model(init_dir: Path, init_cfg: dict, base_model: str | os.PathLike
         f"{init_dir}: no {REPORT_NAME} beside it says which model it was decomposed from, and the LoRA must name "
         "that original model (not the residual); pass base_model= (--base-model) with its path or Hub ID"
     )
+
+
+class AdapterPair:
+    """An initial adapter and the same adapter fine-tuned, checked to belong together: per
+    module, the update as the factors of a LoRA of the original model (the initial
+    adapter's method decides the algebra), per expert for PEFT's ParamWrapper layers."""
+
+    def __init__(self, init_dir: str | os.PathLike[str], finetuned_dir: str | os.PathLike[str]):
+        self.init_dir, self.finetuned_dir = Path(init_dir), Path(finetuned_dir)
+        self.init, self.init_cfg = _adapter(self.init_dir)
+        self.tuned, self.tuned_cfg = _adapter(self.finetuned_dir)
+        self.init_mods = adapter_modules(self.init, self.init_dir)
+        self.tuned_mods = adapter_modules(self.tuned, self.finetuned_dir)
+        self.method = init_method(self.init_dir, self.init_cfg)
+        _check_pair(self.init_dir, self.init_cfg, self.finetuned_dir, self.tuned_cfg, self.init_mods,
+                    self.tuned_mods, self.init, self.tuned, self.method)
+        self.wrapped = param_wrappers(self.init_dir)  # module -> (parameter, experts) for ParamWrapper layers
+
+    def pattern_key(self, module: str) -> str:
+        """What rank_pattern matches for a layer: its name, or for a ParamWrapper its parameter's."""
+        name = module.removeprefix("base_model.model.")
+        return self.wrapped[name][0] if name in self.wrapped else name
+
+    def experts_of(self, module: str) -> int:
+        return self.wrapped.get(module.removeprefix("base_model.model."), (None, 1))[1]
+
+    def scale(self, module: str) -> float:
+        """The fine-tuned adapter's scaling of `module` (alpha / r, rank and alpha patterns, rsLoRA)."""
+        c = self.tuned_cfg
+        return module_scaling(self.pattern_key(module), c["r"], c["lora_alpha"], dict(c.get("rank_pattern") or {}),
+                              dict(c.get("alpha_pattern") or {}), bool(c.get("use_rslora")))[2]
+
+    def updates(self, module: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(A, B) of `module`'s update, scale not applied, one pair per expert ([A ; A0] and
+        [B | -B0] for PiSSA's algebra): PEFT's layout stacks experts' rows of A and
+        interleaves their columns of B."""
+        a0, b0 = (as_torch(self.init.buffer(k)) for k in self.init_mods[module])
+        a, b = (as_torch(self.tuned.buffer(k)) for k in self.tuned_mods[module])
+        experts = self.experts_of(module)
+        if experts == 1:
+            return [self.method.lora_of_original(a, b, a0, b0)]
+        return [self.method.lora_of_original(*expert_factors(a, b, experts, e), *expert_factors(a0, b0, experts, e))
+                for e in range(experts)]
+
+
+def expert_factors(a: torch.Tensor, b: torch.Tensor, experts: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert e's (A, B) of a ParamWrapper layer's lora_A [E*r, in] and lora_B [out, r*E]."""
+    rank = a.shape[0] // experts
+    return a.view(experts, rank, a.shape[1])[e], b.view(b.shape[0], rank, experts)[:, :, e]
 
 
 def convert_to_lora(init_dir: str | os.PathLike[str], finetuned_dir: str | os.PathLike[str],
@@ -197,10 +249,7 @@ def convert_to_lora(init_dir: str | os.PathLike[str], finetuned_dir: str | os.Pa
     with quiet_library_noise():
         from peft import LoraConfig
 
-    init_dir, finetuned_dir, out_dir = Path(init_dir), Path(finetuned_dir), Path(out_dir)
-    init, init_cfg = _adapter(init_dir)
-    tuned, tuned_cfg = _adapter(finetuned_dir)
-    init_mods, tuned_mods = adapter_modules(init, init_dir), adapter_modules(tuned, finetuned_dir)
+    out_dir = Path(out_dir)
     truncation = Truncation(tol, rank, energy)  # bad values refused before anything is read or written
     if serve is not None and serve not in SERVERS:
         raise ValueError(f"serve must be one of {', '.join(SERVERS)}, got {serve!r}")
@@ -209,34 +258,24 @@ def convert_to_lora(init_dir: str | os.PathLike[str], finetuned_dir: str | os.Pa
     if serve is not None and rank is None and energy is None:
         truncation = Truncation(tol, SERVERS[serve][-1])
     refactor = compact or rank is not None or energy is not None or serve is not None
-    method = init_method(init_dir, init_cfg)
-    _check_pair(init_dir, init_cfg, finetuned_dir, tuned_cfg, init_mods, tuned_mods, init, tuned, method)
-    base, base_revision = original_model(init_dir, init_cfg, base_model, revision)
+    pair = AdapterPair(init_dir, finetuned_dir)
+    init, tuned, init_mods, tuned_mods, method = pair.init, pair.tuned, pair.init_mods, pair.tuned_mods, pair.method
+    base, base_revision = original_model(pair.init_dir, pair.init_cfg, base_model, revision)
 
-    wrapped = param_wrappers(init_dir)  # module -> (parameter, experts) for PEFT's ParamWrapper layers
-    config = LoraConfig.from_pretrained(str(finetuned_dir))
+    config = LoraConfig.from_pretrained(str(pair.finetuned_dir))
     config.init_lora_weights = True
     config.eva_config = config.corda_config = None  # a plain LoRA now: nothing for PEFT to initialize (or warn of)
     config.inference_mode = True
     config.base_model_name_or_path, config.revision = base, base_revision
-    # The fine-tuned adapter's scaling, kept before the config is rewritten below.
-    r, alpha, rslora = config.r, config.lora_alpha, config.use_rslora
-    rank_pattern, alpha_pattern = dict(config.rank_pattern), dict(config.alpha_pattern)
-
-    def pattern_key(module: str) -> str:
-        """What rank_pattern matches for a layer: its name, or for a ParamWrapper its parameter's."""
-        name = module.removeprefix("base_model.model.")
-        return wrapped[name][0] if name in wrapped else name
-
-    def experts_of(module: str) -> int:
-        return wrapped.get(module.removeprefix("base_model.model."), (None, 1))[1]
+    r, alpha = config.r, config.lora_alpha
+    pattern_key, experts_of = pair.pattern_key, pair.experts_of
 
     dropped: dict[str, float] = {}
 
     def refactored(a: torch.Tensor, b: torch.Tensor, module: str) -> tuple[torch.Tensor, torch.Tensor]:
         new_a, new_b, s, keep = _compact(a, b, truncation)
         energy_of = s.double() ** 2
-        share = float(energy_of[keep:].sum() / energy_of.sum()) if energy_of.sum() > 0 else 0.0
+        share = float(energy_of[keep:].sum() / energy_of.sum()) if energy_of.sum() > 0 else 0.0  # zero: none
         dropped[module] = max(dropped.get(module, 0.0), share)
         return new_a, new_b
 
@@ -245,17 +284,12 @@ def convert_to_lora(init_dir: str | os.PathLike[str], finetuned_dir: str | os.Pa
         E experts, per expert, in PEFT's layout (expert-major rows of A, expert-minor
         columns of B): PEFT's own conversion concatenates the whole matrices, which
         mixes the experts up."""
-        a0, b0 = (as_torch(init.buffer(k)) for k in init_mods[module])
-        a, b = (as_torch(tuned.buffer(k)) for k in tuned_mods[module])
-        experts = experts_of(module)
-        scale = module_scaling(pattern_key(module), r, alpha, rank_pattern, alpha_pattern, rslora)[2]
+        experts, scale = experts_of(module), pair.scale(module)
+        pairs = pair.updates(module)
         if experts == 1:
-            new_a, new_b = method.lora_of_original(a, b, a0, b0)
+            new_a, new_b = pairs[0]
             return refactored(new_a * scale, new_b, module) if refactor else (new_a, new_b)
-        rank, n_in, n_out = a.shape[0] // experts, a.shape[1], b.shape[0]
-        pairs = [method.lora_of_original(a.view(experts, rank, n_in)[e], b.view(n_out, rank, experts)[:, :, e],
-                                         a0.view(experts, rank, n_in)[e], b0.view(n_out, rank, experts)[:, :, e])
-                 for e in range(experts)]
+        n_in, n_out = pairs[0][0].shape[1], pairs[0][1].shape[0]
         if refactor:  # one rank for the layer (PEFT's ParamWrapper): the largest any expert needs, the others
             # padded with zeros
             pairs = [refactored(pa * scale, pb, module) for pa, pb in pairs]
