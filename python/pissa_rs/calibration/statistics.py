@@ -112,7 +112,11 @@ class CovarianceHooks:
             total = self.sums.get(name)
             for row, length in enumerate(lengths):
                 covariance = _sample_covariance(x[row, :length], f"{name} (sample {self.samples + row})")
-                total = covariance if total is None else total + covariance
+                if total is None:
+                    total = covariance
+                else:  # in place: the same sums as PEFT's +=, without a second in x in tensor
+                    total += covariance
+                del covariance
             self.sums[name] = total
         for name, (experts, attr) in self._experts.items():
             self._add_experts(name, experts, attr, lengths, width)

@@ -21,16 +21,23 @@ def damped_inverse(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     """(C + damp * mean(diag C) * I, its inverse, damp), as PEFT's CorDA damps C."""
     c = covariance.to(torch.float32)
     n = c.shape[0]
-    eye = torch.eye(n, dtype=torch.float32, device=c.device)
     mean_diagonal = torch.mean(torch.diag(c))
     if not torch.isfinite(mean_diagonal) or mean_diagonal.item() <= 0:
         raise ValueError(f"the input covariance has mean diagonal {mean_diagonal.item()}: the calibration samples "
                          "never reached this module with a nonzero input")
     damp = FIRST_DAMP
     for _ in range(MOST_DOUBLINGS):
-        fixed = c + torch.diag(torch.ones(n, device=c.device) * mean_diagonal * damp)
+        # PEFT's C + diag(damp * mean) and ||C_fix C_fix^-1 - I||_F, with the diagonal changed in
+        # place (the same values bit for bit) rather than through n x n identity and diagonal
+        # matrices: for an 8B down_proj each is 0.8 GB
+        fixed = c.clone()
+        fixed.diagonal().add_(torch.ones(n, device=c.device) * mean_diagonal * damp)
         inverse = torch.linalg.inv(fixed)
-        if torch.dist(fixed @ inverse, eye).item() < INVERSE_TOLERANCE:
+        product = fixed @ inverse
+        product.diagonal().sub_(1.0)
+        off = torch.linalg.vector_norm(product).item()
+        del product
+        if off < INVERSE_TOLERANCE:
             return fixed, inverse, damp
         damp *= 2
     raise ValueError(f"the input covariance would not invert within {INVERSE_TOLERANCE} after damping by {damp}")
