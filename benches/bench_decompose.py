@@ -208,8 +208,10 @@ def run_script(name: str, code: str, args: list[str], env: dict | None = None) -
     return result
 
 
-def run_method(name: str, src: Path, out: Path, r: int, niter: int, baseline: Path | None = None) -> dict:
-    """wall_s is timed inside the process after its imports."""
+def run_method(name: str, src: Path, out: Path, r: int, niter: int, baseline: Path | None = None,
+               profile: bool = False) -> dict:
+    """wall_s is timed inside the process after its imports. `profile`: pissa_rs's runs
+    record their timeline (PISSA_RS_PROFILE), summarized under "timeline"."""
     import os
 
     imports, body = RUNNERS[name]
@@ -218,8 +220,16 @@ def run_method(name: str, src: Path, out: Path, r: int, niter: int, baseline: Pa
         if baseline is None:
             raise SystemExit("--methods baseline needs --baseline DIR (another version's python/ folder)")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(baseline), os.environ.get("PYTHONPATH", "")])}
+    timeline = out.parent / f"timeline-{name}.jsonl"
+    if profile and name.startswith("pissa_rs"):
+        timeline.unlink(missing_ok=True)
+        env = {**(env or os.environ), "PISSA_RS_PROFILE": str(timeline)}
     result = run_script(name, HARNESS.format(imports=imports, body=body),
                         [str(src), str(out), str(r), str(niter), json.dumps(PROJECTIONS)], env)
+    if profile and timeline.is_file():
+        from pissa_rs.engine.timeline import summary
+
+        result["timeline"] = summary(timeline)
     result["bytes_written"] = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.is_dir() else 0
     return result
 
@@ -251,6 +261,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--baseline", type=Path, help="for --methods ...,baseline: another pissa_rs version's python/ "
                     "folder (with its compiled module), e.g. from `git worktree add`")
+    ap.add_argument("--profile", action="store_true", help="pissa_rs's runs record their timeline: seconds computing, "
+                    "reading, waiting for input and for the writer")
     ap.add_argument("--repeat", type=int, default=1, help="run the methods this many times, interleaved; the table "
                     "gives each method's fastest")
     args = ap.parse_args()
@@ -279,7 +291,7 @@ def main() -> None:
                     import shutil
 
                     shutil.rmtree(out)
-                run = run_method(method, src, out, rank, args.niter, args.baseline)
+                run = run_method(method, src, out, rank, args.niter, args.baseline, args.profile)
                 print(method, run, file=sys.stderr)
                 if method not in results or run["wall_s"] < results[method]["wall_s"]:
                     results[method] = run
@@ -289,6 +301,12 @@ def main() -> None:
     print("| method | wall (s) | peak RSS (GiB) | written (GiB) |\n|---|---:|---:|---:|")
     for method, r in results.items():
         print(f"| {method} | {r['wall_s']:.1f} | {r['peak_rss_bytes'] / 2**30:.2f} | {r['bytes_written'] / 2**30:.2f} |")
+    for method, r in results.items():
+        if "timeline" in r:
+            t = r["timeline"]
+            print(f"{method} timeline: {t['weights']} weights over {t['wall_s']:.1f} s; "
+                  + ", ".join(f"{kind} {seconds:.1f} s" for kind, seconds in t["seconds"].items())
+                  + f"; devices computing {100 * t['device_compute_share']:.0f}% of their time")
     if "pissa_rs" in results:
         ours = results["pissa_rs"]["wall_s"]
         for other in ("peft", "floor", "baseline"):

@@ -13,7 +13,8 @@ BENCH = Path(__file__).parent.parent / "benches" / "bench_decompose.py"
 def test_benchmark_smoke(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(BENCH), "--smoke", "--workdir", str(tmp_path), "--json", str(out),
-                           "--methods", "pissa_rs,peft,floor,nf4,nf4_saved,milora,mica,peft_mica,olora,peft_olora"],
+                           "--methods", "pissa_rs,peft,floor,nf4,nf4_saved,milora,mica,peft_mica,olora,peft_olora",
+                           "--profile"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
@@ -25,6 +26,9 @@ def test_benchmark_smoke(tmp_path):
     for result in report["results"].values():
         assert result["wall_s"] > 0 and result["peak_rss_bytes"] > 0
     assert "| pissa_rs |" in proc.stdout
+    timeline = report["results"]["pissa_rs"]["timeline"]  # --profile: the run's own timeline, summarized
+    assert timeline["weights"] == 14 and timeline["seconds"]["compute"] > 0 and timeline["seconds"]["read"] > 0
+    assert "pissa_rs timeline: 14 weights" in proc.stdout
 
 
 def test_70b_benchmark_smoke(tmp_path):

@@ -23,6 +23,7 @@ import torch
 from .._pissa_rs import Checkpoint
 from ..planning.mapping import WeightRead
 from ..tensors import TORCH_DTYPES
+from .timeline import TIMELINE
 
 POLL_SECONDS = 0.1  # how often a blocked thread looks whether the run stopped
 BUFFERS_PER_DEVICE = 2  # the weight a device works on (or uploads) and the next one
@@ -197,12 +198,14 @@ class DeviceRunner:
             dtype, shape = (info.dtype, tuple(info.shape)) if read is None else (read.dtype, read.shape)
             if dtype not in TORCH_DTYPES and (read is None or read.decode is None):
                 raise TypeError(f"tensor '{info.name}' of {info.file}: dtype {dtype} has no torch equivalent")
-            buffer = self.buffers.acquire()
+            with TIMELINE.span("wait_buffer", index):
+                buffer = self.buffers.acquire()
             data = buffer[: self._nbytes(item)]
-            if read is None:
-                self._checkpoint.read_into(item, data.numpy())
-            else:  # an expert's matrix, or codes and scales: its pieces, one after the other
-                read.read_into(self._checkpoint, data)
+            with TIMELINE.span("read", index):
+                if read is None:
+                    self._checkpoint.read_into(item, data.numpy())
+                else:  # an expert's matrix, or codes and scales: its pieces, one after the other
+                    read.read_into(self._checkpoint, data)
             self._staged.put(_Staged(index, TORCH_DTYPES[dtype], shape, buffer, data, read and read.decode))
         for _ in self._devices:
             self._staged.put(_END)
@@ -226,7 +229,8 @@ class DeviceRunner:
         with context:
             while True:
                 if pending is None:
-                    item = _END if ended else self._next_staged(block=True)
+                    with TIMELINE.span("wait_input", -1):
+                        item = _END if ended else self._next_staged(block=True)
                     if item is _END:
                         return
                     pending = self._upload(item, device, side)
@@ -238,8 +242,10 @@ class DeviceRunner:
                         ended = True
                     elif item is not None:
                         ahead = self._upload(item, device, side)
-                result = self._run_one(pending, device)
-                self._hand_over(pending.staged.index, result, previous)
+                with TIMELINE.span("compute", pending.staged.index):
+                    result = self._run_one(pending, device)
+                with TIMELINE.span("wait_writer", pending.staged.index):
+                    self._hand_over(pending.staged.index, result, previous)
                 previous, pending = pending.staged.index, ahead
 
     def _upload(self, staged: _Staged, device: torch.device, side) -> _Uploaded:

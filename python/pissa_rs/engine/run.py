@@ -24,6 +24,7 @@ from .layout import Assembly, abandon, writers_like
 from .lease import Lease
 from .outdir import atomic_write_text
 from .resume import check_input_unchanged, fault_point, read_journal, read_records
+from .timeline import TIMELINE
 from .units import Job, OutputSpec, Unit, is_done, part_key, unit_file
 
 
@@ -211,17 +212,19 @@ def _run(checkpoint: Checkpoint, job: Job, unit: Unit, outputs: list[UnitOutput 
     try:
         runner = DeviceRunner(checkpoint, work, job.options.torch_devices, compute=compute)
         for index, result in runner.results():
-            if index < len(targets):
-                _write_target(checkpoint, index, outputs, result, pipeline)
-            else:
-                file = checkpoint.info(stored_only[index - len(targets)].tensor).file
-                for o in live:
-                    _submit_parts(o, o.shard_writers[file], result, pipeline)
+            with TIMELINE.span("write", index):
+                if index < len(targets):
+                    _write_target(checkpoint, index, outputs, result, pipeline)
+                else:
+                    file = checkpoint.info(stored_only[index - len(targets)].tensor).file
+                    for o in live:
+                        _submit_parts(o, o.shard_writers[file], result, pipeline)
             check_input_unchanged(job.inputs)
             if index < len(targets):
                 fault_point("target")
             report_progress()
         runner.close()
+        TIMELINE.flush()
         pipeline.close()
         while not pipeline.done:  # pass-through copies may still be running: show them too
             report_progress()
