@@ -24,7 +24,7 @@ from ._pissa_rs import (
     WriterError,
 )
 from .convert import AdapterMismatchError, ConversionResult, convert_to_lora
-from .decompose import DecomposeResult, decompose_checkpoint
+from .decompose import DecomposeResult, decompose_checkpoint, extract_lora
 from .engine.lease import LeaseLostError
 from .engine.outdir import DiskSpaceError, OutputDirError
 from .engine.ray_run import EnvironmentMismatchError, RayUnavailableError
@@ -44,6 +44,7 @@ from .tensors import as_numpy_bytes, as_torch
 from .training import load_for_training
 from .verify import VerifyReport, verify
 from .verify_lora import verify_lora
+from .extraction import ExtractionError
 
 try:
     __version__ = _version("pissa-rs")
@@ -53,6 +54,8 @@ except _NotInstalled:  # imported from a source tree that was never installed
 __all__ = [
     "__version__",
     "verify_lora",
+    "extract_lora",
+    "ExtractionError",
     "DependencyVersionError",
     "AdapterMismatchError",
     "ConversionResult",

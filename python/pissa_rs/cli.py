@@ -96,6 +96,22 @@ def build_parser() -> argparse.ArgumentParser:
     mrg.add_argument("adapter", type=Path, help="the adapter to merge (pissa_init or a fine-tuned one)")
     mrg.add_argument("out", type=Path, help="where to write the merged model")
 
+    ext = sub.add_parser("extract-lora", help="a LoRA of BASE from a fully fine-tuned model: the top-r triplets of "
+                         "each target's W_ft - W_base, out of core",
+                         description="Writes OUT/pissa_init (a LoRA that PEFT loads onto BASE) and "
+                         "OUT/pissa_report.json (per module the share of the difference kept; tensors that differ "
+                         "but are not adapted, such as embeddings or norms, listed under 'extract').")
+    ext.add_argument("base", type=Path, help="the model the fine-tuning started from (a folder)")
+    ext.add_argument("finetuned", type=Path, help="the fully fine-tuned model (a folder, same architecture)")
+    ext.add_argument("out", type=Path, help="where to write the LoRA and its report")
+    ext.add_argument("--rank", "-r", type=int, default=128, help="the LoRA's rank (default %(default)s)")
+    ext.add_argument("--niter", type=int, default=4, help="randomized SVD iterations; 0: exact SVD (default "
+                     "%(default)s)")
+    ext.add_argument("--target-modules", help="comma-separated, as PEFT's target_modules (default: all-linear)")
+    ext.add_argument("--device", help="torch device for the SVDs (default: cuda if available, else cpu)")
+    ext.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    ext.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
     vl = sub.add_parser("verify-lora", help="check a LoRA from to-lora (exact or truncated) against the adapters it "
                         "came from: no more error than the best LoRA of its rank, and the dropped energy as recorded; "
                         "exit 1 on any mismatch, naming the module")
@@ -213,6 +229,27 @@ def _merge(args) -> int:
     return 0
 
 
+def _extract_lora(args) -> int:
+    from .decompose import extract_lora
+
+    options = {"niter": args.niter, "device": args.device}
+    if args.target_modules:
+        options["target_modules"] = [m.strip() for m in args.target_modules.split(",") if m.strip()]
+    result = extract_lora(args.base, args.finetuned, args.out, r=args.rank, overwrite=args.overwrite,
+                          progress=not args.no_progress, **options)
+    _completed(what="the LoRA is complete")
+    tensors = result.report["tensors"]
+    kept = [t["energy_kept"] for t in tensors]
+    worst = min(tensors, key=lambda t: t["energy_kept"])
+    print(f"LoRA of {args.base} (rank {args.rank}, {len(tensors)} weights): {result.adapter}")
+    print(f"  share of W_ft - W_base kept: mean {sum(kept) / len(kept):.4f}, least {worst['energy_kept']:.4f} "
+          f"({worst['module']})")
+    extract = result.report["extract"]
+    if extract["not_adapted_but_different"]:
+        print(f"  differ but not adapted (not in the LoRA): {', '.join(extract['not_adapted_but_different'])}")
+    return 0
+
+
 def _verify_lora(args) -> int:
     report = verify_lora(args.lora, args.init, args.finetuned)
     for problem in report.problems:
@@ -275,7 +312,7 @@ def main(argv: list[str] | None = None, *, keep_signal_handlers: bool = False) -
     previous = signal.getsignal(signal.SIGINT)
     try:
         return {"decompose": _decompose, "inspect": _inspect, "to-lora": _to_lora, "merge": _merge,
-                "verify": _verify, "verify-lora": _verify_lora, "qerror": _qerror, "plot": _plot}[args.command](args)
+                "verify": _verify, "verify-lora": _verify_lora, "extract-lora": _extract_lora, "qerror": _qerror, "plot": _plot}[args.command](args)
     except (PissaError, ValueError, OSError, ImportError) as err:
         if debug:
             traceback.print_exc()

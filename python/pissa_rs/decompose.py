@@ -112,6 +112,19 @@ def decompose_checkpoint(
                              origin=base_model_of(path, revision))
 
 
+def extract_lora(base, finetuned, out=None, *, r: int = 128, overwrite: bool = False, progress: bool = True,
+                 **options):
+    """A LoRA of `base` from the fully fine-tuned `finetuned` (folders, same architecture):
+    per target weight (PEFT's target selection, "all-linear" by default), the top-r triplets
+    of W_ft - W_base (randomized SVD, `niter`; 0: exact), out of core with the decomposition's
+    engine (units, resume, progress, FP8 sources decoded). Writes OUT/pissa_init (the
+    adapter, naming `base` as its base model) and OUT/pissa_report.json (per module the share
+    of the difference kept, `energy_kept`; the tensors that differ but are not adapted,
+    under `extract`). Returns the DecomposeResult."""
+    return decompose_checkpoint(finetuned, r=r, out=out, overwrite=overwrite, progress=progress, method="extract",
+                                extract_base=str(base), **options)
+
+
 def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None, overwrite: bool,
                       progress: bool, origin: dict[str, str | None] | None = None, ray: str | None = None
                       ) -> DecomposeResult | list[DecomposeResult]:
@@ -132,6 +145,14 @@ def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None
             raise ValueError(f"method {options.method!r} calibrates layer by layer in this process; Ray runs "
                              "do not take calibration data yet")
         calibration, options = model_calibration(path, options)
+    if options.init_method.reads_base:  # extract: a LoRA of the base the fine-tuned model started from
+        if ray is not None:
+            raise ValueError("method 'extract' reads the base model in this process; not on Ray yet")
+        base = Path(options.extract_base).resolve()
+        if not base.exists():
+            raise FileNotFoundError(f"{base}: the base model to extract a LoRA of is not there")
+        options = replace(options, extract_base=str(base), extract_base_state=input_state(Checkpoint(base)))
+        origin = base_model_of(base, None)  # the adapter applies to the base, not to the input
     inputs = input_state(checkpoint)
     outs = output_dirs(path, options.ranks, out, options.method)
     report_extra = ()
@@ -161,6 +182,15 @@ def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None
         report_extra = (("rank_budget", allocation.as_record()),)
     per_rank = [options.for_rank(r) for r in options.ranks]
     plans, checks = _plan(path, checkpoint, per_rank, outs)
+    if options.init_method.reads_base:
+        from .extraction import BaseWeights
+
+        try:  # the pair checked (shapes, dtypes, tensors) before anything is written
+            statistics = BaseWeights(Path(options.extract_base), checkpoint, plans[0].targets)
+        except BaseException:
+            checks.close()
+            raise
+        report_extra = report_extra + (("extract", statistics.as_record()),)
     if options.quantization is not None and plans[0].quantizer is not None:
         remember_choice(options.quantization, torch.device(options.device).type, plans[0].quantizer)
     units = tuple(split_units(checkpoint, plans[0], options.stored_quantization))
@@ -220,6 +250,17 @@ def _plan(path: Path, checkpoint: Checkpoint, per_rank: list[DecomposeOptions], 
     return make_plan(path, [asdict(o) for o in per_rank], outs), PlanChecks()
 
 
+class _ByIndex:
+    """Target index -> its statistic, looked up (or read, for a base model's weights) when
+    the unit computing that target asks: never all at once."""
+
+    def __init__(self, statistics, targets):
+        self.statistics, self.targets = statistics, targets
+
+    def get(self, index: int):
+        return self.statistics[self.targets[index].tensor] if index < len(self.targets) else None
+
+
 def run_locally(job: Job, checkpoint: Checkpoint, progress: bool, calibration=None, statistics=None) -> tuple:
     """Every unit, one after the other, in this process; one progress bar over the bytes.
     With `calibration`, in layer order as the calibration reaches them; with `statistics`
@@ -241,8 +282,7 @@ def run_locally(job: Job, checkpoint: Checkpoint, progress: bool, calibration=No
     targets = len(job.outputs[0].plan.targets)
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="pissa", disable=not progress,
               postfix=f"0/{len(job.units)} units") as bar:
-        by_index = ({i: statistics[t.tensor] for i, t in enumerate(job.outputs[0].plan.targets)}
-                    if statistics is not None else None)
+        by_index = _ByIndex(statistics, job.outputs[0].plan.targets) if statistics is not None else None
         for k, unit in enumerate(job.units):
             run_unit(job, unit, progress=bar.update, statistics=by_index)
             bar.set_postfix_str(f"{k + 1}/{len(job.units)} units, {targets} targets", refresh=False)

@@ -111,6 +111,10 @@ class DecomposeOptions:
     eva_whiten: bool = option(False, "method eva: whiten the components (divide by the square root of their singular "
                               "values)")
     calibration_sha256: str | None = option(None, "set by the driver: the tokenized samples' hash", cli=False)
+    extract_base: str | None = option(None, "method extract: the base model the fine-tuned input started from (a "
+                                      "folder); the adapter is a LoRA of it", parse=str)
+    extract_base_state: list | None = option(None, "set by the driver: the base's files (size, mtime), so a resume "
+                                             "notices a changed base", cli=False)
     device: str | None = option(None, "torch device for the SVDs, e.g. cuda:0 (default: cuda if available, "
                                 "else cpu)", group="device")
     devices: list[str] | None = option(None, "several devices of one type sharing the weights, comma-separated "

@@ -60,7 +60,9 @@ def verify(out: str | os.PathLike[str], against: str | os.PathLike[str], revisio
     dtype = ADAPTER_DTYPES[held.options.get("adapter_dtype", "float32")]
     checks = MethodCheck(method, 4 * torch.finfo(dtype).eps + 1e-4) if quant is None else None
     if not method.changes_base:  # the adapter alone, onto the original model
-        return _verify_adapter_only(out, against, original, adapter_dir, adapter, checks, report)
+        # extract: the adapter holds W_ft - W_base, the fine-tuned model the input the report names
+        finetuned = Checkpoint(held.data["input"]) if method.reads_base else None
+        return _verify_adapter_only(out, against, original, adapter_dir, adapter, checks, report, finetuned)
     residual = Checkpoint(out)
 
     # What each original tensor became: itself, its serialized bitsandbytes form
@@ -193,9 +195,11 @@ class MethodCheck:
 
 
 def _verify_adapter_only(out: Path, against: Path, original: Checkpoint, adapter_dir: Path, adapter: Checkpoint,
-                         checks: MethodCheck, report: VerifyReport) -> VerifyReport:
+                         checks: MethodCheck, report: VerifyReport, finetuned: Checkpoint | None = None
+                         ) -> VerifyReport:
     """A method that leaves the base as it is (MiCA): OUT holds no model, and every adapter
-    module is checked against the original's weight as the method's init."""
+    module is checked against the original's weight as the method's init (an extracted
+    LoRA: against the fine-tuned weight minus the base's, `original` being the base)."""
     stray = [p.name for p in out.glob("*.safetensors")]
     if stray:
         report.problems.append(f"{out}: holds {stray[:3]}, but a {checks.method.name} output is the adapter alone")
@@ -205,7 +209,10 @@ def _verify_adapter_only(out: Path, against: Path, original: Checkpoint, adapter
         report.problems.append(str(err))
         return report
     for target in targets:
-        problem = checks(target, target.weight(original), None, adapter)
+        weight = target.weight(original)
+        if finetuned is not None:
+            weight = target.weight(finetuned).float() - weight.float()
+        problem = checks(target, weight, None, adapter)
         if problem:
             report.problems.append(f"{problem} from {against}")
         report.checked_targets += 1

@@ -48,6 +48,9 @@ class Method:
     # (X^T X of the target's inputs, in x in): the driver then runs the layer-sequential calibration.
     calibration: ClassVar[str | None] = None
     own_options: ClassVar[tuple[str, ...]] = ()  # DecomposeOptions fields only this method reads
+    # True: each target's statistic is the base model's matrix of the same tensor (extract: a
+    # LoRA of the difference), read by the driver from options.extract_base as the unit needs it
+    reads_base: ClassVar[bool] = False
 
     def options_from_statistics(self, options: DecomposeOptions, targets: list, found: list
                                 ) -> tuple[DecomposeOptions, dict[str, torch.Tensor], dict]:

@@ -1,0 +1,68 @@
+"""The base model paired with a fine-tuned one for `extract-lora`: checked to belong together
+before anything is written (the same tensors, shapes and dtypes; a mismatch named), each
+target's base matrix read when its unit needs it, and the tensors that differ but are not
+adapted (embeddings, norms, a head) listed for the report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ._pissa_rs import Checkpoint, PissaError
+
+COMPARE_CHUNK = 64 << 20  # bytes of each model held at once while comparing a tensor
+
+
+class ExtractionError(PissaError, ValueError):
+    """A base and a fine-tuned model that do not belong together."""
+
+
+class BaseWeights:
+    """Target tensor name -> the base model's matrix of it, read on demand (the same pieces
+    and decoding as the fine-tuned model's: the layouts are checked to be the same)."""
+
+    def __init__(self, base: Path, finetuned: Checkpoint, targets):
+        self.base = Checkpoint(base)
+        self.path = base
+        self.targets = {t.tensor: t for t in targets}
+        ours = {t.name: t for t in finetuned.tensors}
+        theirs = {t.name: t for t in self.base.tensors}
+        for name in sorted(set(ours) & set(theirs)):
+            a, b = ours[name], theirs[name]
+            if (a.dtype, tuple(a.shape)) != (b.dtype, tuple(b.shape)):
+                raise ExtractionError(f"{b.file}: tensor '{name}' is {b.dtype} {list(b.shape)}, but {a.dtype} "
+                                      f"{list(a.shape)} in {a.file}: the fine-tuned model did not start from this "
+                                      "base (another size or vocabulary?)")
+        for t in targets:
+            for piece in t.weight_read(finetuned).pieces:
+                if piece.tensor not in theirs:
+                    raise ExtractionError(f"{base}: no tensor '{piece.tensor}' (the fine-tuned model's "
+                                          f"{t.tensor} has no base to be a LoRA of)")
+        held = {p.tensor for t in targets for p in t.weight_read(finetuned).pieces}
+        self.only_finetuned = sorted(set(ours) - set(theirs))
+        self.only_base = sorted(set(theirs) - set(ours))
+        self.differing = [name for name in sorted(set(ours) & set(theirs) - held)
+                          if not _same_bytes(finetuned, self.base, name)]
+
+    def __getitem__(self, tensor: str) -> torch.Tensor:
+        target = self.targets[tensor]
+        return target.weight_read(self.base).read(self.base)
+
+    def as_record(self) -> dict:
+        return {"base": str(self.path), "not_adapted_but_different": self.differing,
+                "only_in_finetuned": self.only_finetuned, "only_in_base": self.only_base}
+
+
+def _same_bytes(a: Checkpoint, b: Checkpoint, name: str) -> bool:
+    size = a.info(name).nbytes
+    left = torch.empty(min(size, COMPARE_CHUNK), dtype=torch.uint8)
+    right = torch.empty_like(left)
+    for offset in range(0, size, COMPARE_CHUNK):
+        n = min(COMPARE_CHUNK, size - offset)
+        a.read_range_into(name, offset, left[:n].numpy())
+        b.read_range_into(name, offset, right[:n].numpy())
+        if not torch.equal(left[:n], right[:n]):
+            return False
+    return True
+

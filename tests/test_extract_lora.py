@@ -1,0 +1,135 @@
+"""extract-lora: a LoRA of BASE from a fully fine-tuned model, the top-r triplets of each
+target's W_ft - W_base, out of core; PEFT loads it onto BASE by its folder; a base that does
+not belong is named before anything is written; what differs but is not adapted is listed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import safetensors.torch
+import torch
+import transformers
+from helpers import save_spread, text
+from peft import AutoPeftModelForCausalLM
+
+import pissa_rs
+from pissa_rs.extraction import ExtractionError
+
+R = 4
+IDS = torch.randint(0, 90, (2, 10), generator=torch.Generator().manual_seed(0))
+
+
+def pair(root, change_rank=3, noise=0.0, embeddings=False):
+    """A tiny Llama and a 'fine-tuned' copy: every linear weight moved by a random rank-3
+    change (plus full-rank noise if asked), the embeddings too if asked."""
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(transformers.LlamaConfig(**text()))
+    save_spread(base, root / "base")  # spread in place, then saved: the model in memory is the base
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if name.endswith("proj.weight"):
+                out_f, in_f = p.shape
+                p += 0.05 * torch.randn(out_f, change_rank, generator=g) @ torch.randn(change_rank, in_f, generator=g)
+                p += noise * torch.randn(p.shape, generator=g)
+        if embeddings:
+            base.model.embed_tokens.weight[:5] += 0.1
+    base.save_pretrained(root / "ft", max_shard_size="60KB")
+    return root / "base", root / "ft"
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def test_the_lora_is_the_top_r_of_each_difference_and_loads_onto_the_base(tmp_path):
+    base, ft = pair(tmp_path)
+    res = pissa_rs.extract_lora(base, ft, tmp_path / "o", r=R, niter=0, progress=False)
+    assert res.report["options"]["method"] == "extract" and not list(res.out.glob("*.safetensors"))
+    adapter = safetensors.torch.load_file(res.adapter / "adapter_model.safetensors")
+    b_model = transformers.AutoModelForCausalLM.from_pretrained(base)
+    f_model = transformers.AutoModelForCausalLM.from_pretrained(ft)
+    for t in res.report["tensors"]:
+        diff = (f_model.get_parameter(t["tensor"]) - b_model.get_parameter(t["tensor"])).detach().double()
+        u, s, vh = torch.linalg.svd(diff)
+        best = (u[:, :R] * s[:R]) @ vh[:R]  # the rank-3 change, exactly
+        a = adapter[f"base_model.model.{t['module']}.lora_A.weight"].double()
+        b = adapter[f"base_model.model.{t['module']}.lora_B.weight"].double()
+        assert torch.allclose(t["scale"] * b @ a, best, atol=1e-6), t["tensor"]
+        assert t["energy_kept"] == pytest.approx(1.0, abs=1e-6)
+    config = json.loads((res.adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(base.resolve()) and config["init_lora_weights"] is True
+    loaded = AutoPeftModelForCausalLM.from_pretrained(res.adapter)  # by folder: onto BASE
+    assert torch.allclose(logits(loaded), logits(f_model.eval()), atol=1e-4)
+    assert not res.report["extract"]["not_adapted_but_different"]
+    assert pissa_rs.verify(res.out, against=base).ok
+    key = "base_model.model.model.layers.1.mlp.up_proj.lora_A.weight"  # one module's A: not the difference's
+    adapter[key] = torch.randn(adapter[key].shape, generator=torch.Generator().manual_seed(5)) * adapter[key].std()
+    safetensors.torch.save_file(adapter, res.adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+    problems = pissa_rs.verify(res.out, against=base).problems
+    assert len(problems) == 1 and "model.layers.1.mlp.up_proj.weight" in problems[0] and "W_ft - W_base" in problems[0]
+
+
+def test_a_full_rank_change_is_cut_at_r_with_the_share_kept_reported(tmp_path):
+    base, ft = pair(tmp_path, noise=0.01, embeddings=True)
+    res = pissa_rs.extract_lora(base, ft, tmp_path / "o", r=R, niter=0, progress=False)
+    b_model = transformers.AutoModelForCausalLM.from_pretrained(base)
+    f_model = transformers.AutoModelForCausalLM.from_pretrained(ft)
+    for t in res.report["tensors"]:
+        diff = (f_model.get_parameter(t["tensor"]) - b_model.get_parameter(t["tensor"])).detach().double()
+        s = torch.linalg.svdvals(diff)
+        assert t["energy_kept"] == pytest.approx(((s[:R] ** 2).sum() / (s ** 2).sum()).item(), rel=1e-5)
+        assert t["energy_kept"] < 1
+    assert res.report["extract"]["not_adapted_but_different"] == ["model.embed_tokens.weight"]
+    # randomized (niter 4) against exact: the same subspace for a well separated top-r
+    fast = pissa_rs.extract_lora(base, ft, tmp_path / "fast", r=R, progress=False)
+    exact = {t["tensor"]: t["energy_kept"] for t in res.report["tensors"]}
+    for t in fast.report["tensors"]:
+        assert t["energy_kept"] == pytest.approx(exact[t["tensor"]], rel=1e-3)
+    assert pissa_rs.verify(fast.out, against=base).ok
+
+
+def test_a_base_that_does_not_belong_is_named_before_anything_is_written(tmp_path):
+    _, ft = pair(tmp_path)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**text(), "vocab_size": 120})).save_pretrained(
+        tmp_path / "other")
+    with pytest.raises(ExtractionError, match=r"other/model.safetensors: tensor 'lm_head.weight' is F32 \[120, 64\], but F32 "
+                                              r"\[96, 64\].*did not start from this base"):
+        pissa_rs.extract_lora(tmp_path / "other", ft, tmp_path / "o", r=R, progress=False)
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(FileNotFoundError, match="the base model to extract a LoRA of is not there"):
+        pissa_rs.extract_lora(tmp_path / "nope", ft, tmp_path / "o", r=R, progress=False)
+    with pytest.raises(ValueError, match="method 'extract' needs the base model"):
+        pissa_rs.decompose_checkpoint(ft, r=R, method="extract", out=tmp_path / "o")
+    with pytest.raises(ValueError, match=r"extract_base apply to method 'extract', not 'pissa'"):
+        pissa_rs.decompose_checkpoint(ft, r=R, extract_base=str(tmp_path / "base"), out=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_extract_lora_from_the_shell_and_its_resume(tmp_path):
+    base, ft = pair(tmp_path, noise=0.01, embeddings=True)
+    cli = [sys.executable, "-m", "pissa_rs.cli", "extract-lora", str(base), str(ft), str(tmp_path / "o"),
+           "--rank", str(R), "--no-progress"]
+    done = subprocess.run(cli, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "share of W_ft - W_base kept: mean" in done.stdout
+    assert "differ but not adapted (not in the LoRA): model.embed_tokens.weight" in done.stdout
+    again = subprocess.run(cli, capture_output=True, text=True, timeout=300)  # complete: nothing to redo
+    assert again.returncode == 0, again.stderr
+    other = cli[:-4] + [str(tmp_path / "k"), "--rank", str(R), "--no-progress"]
+    killed = subprocess.run(other, env={**os.environ, "PISSA_RS_SIGNAL_AT": "target:5"},
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not (tmp_path / "k" / "pissa_report.json").exists()
+    resumed = subprocess.run(other, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = (safetensors.torch.load_file(p / "pissa_init" / "adapter_model.safetensors")
+            for p in (tmp_path / "o", tmp_path / "k"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
