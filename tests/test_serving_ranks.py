@@ -151,19 +151,27 @@ def test_bad_truncations_are_refused_before_anything_is_written(tuned, tmp_path,
     assert not (tmp_path / "lora").exists()
 
 
-def test_moe_experts_are_truncated_per_expert(tmp_path):
-    """Mixtral: each expert's update gets its own best rank-k approximation (PEFT's conversion
-    does not take ParamWrapper layers; checked against the dense SVD per expert)."""
+@pytest.fixture(scope="module")
+def tuned_moe(tmp_path_factory):
+    """A tiny Mixtral decomposed, its adapter (experts included) moved at random."""
+    root = tmp_path_factory.mktemp("serving-moe")
     torch.manual_seed(0)
     save_spread(transformers.MixtralForCausalLM(transformers.MixtralConfig(**text(num_local_experts=4,
                                                                                   num_experts_per_tok=2))),
-                tmp_path / "src")
-    res = pissa_rs.decompose_checkpoint(tmp_path / "src", r=R, niter=0, out=tmp_path / "o", progress=False)
+                root / "src")
+    res = pissa_rs.decompose_checkpoint(root / "src", r=R, niter=0, out=root / "o", progress=False)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(res.out), res.adapter, is_trainable=True)
     move_adapters(model)
-    model.save_pretrained(tmp_path / "ft")
-    exact = convert_to_lora(res.adapter, tmp_path / "ft", tmp_path / "exact")
-    cut = convert_to_lora(res.adapter, tmp_path / "ft", tmp_path / "cut", rank=3)
+    model.save_pretrained(root / "ft")
+    return root, res
+
+
+def test_moe_experts_are_truncated_per_expert(tuned_moe, tmp_path):
+    """Mixtral: each expert's update gets its own best rank-k approximation (PEFT's conversion
+    does not take ParamWrapper layers; checked against the dense SVD per expert)."""
+    root, res = tuned_moe
+    exact = convert_to_lora(res.adapter, root / "ft", tmp_path / "exact")
+    cut = convert_to_lora(res.adapter, root / "ft", tmp_path / "cut", rank=3)
     experts = {m: k for m, k in exact.ranks.items() if "experts" in m}
     assert experts and all(cut.ranks[m] == 3 for m in experts)
     full = safetensors.torch.load_file(tmp_path / "exact" / "adapter_model.safetensors")
@@ -184,7 +192,7 @@ def test_moe_experts_are_truncated_per_expert(tmp_path):
             best = (u[:, :3] * s[:3]) @ vh[:3]
             mine = b.view(-1, k_cut, n)[:, :, e] @ a.view(n, k_cut, -1)[e]
             assert torch.allclose(mine, best, atol=1e-6 * s[0].item() + 1e-9), (key, e)
-    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "src"), tmp_path / "cut")
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(root / "src"), tmp_path / "cut")
 
 
 def test_verify_lora_checks_each_module_against_the_best_at_its_rank(tuned, tmp_path):
@@ -223,16 +231,9 @@ def test_verify_lora_checks_each_module_against_the_best_at_its_rank(tuned, tmp_
     assert done.returncode == 1 and "MISMATCH" in done.stdout and "FAILED" in done.stdout
 
 
-def test_verify_lora_on_experts(tmp_path):
-    torch.manual_seed(0)
-    save_spread(transformers.MixtralForCausalLM(transformers.MixtralConfig(**text(num_local_experts=4,
-                                                                                  num_experts_per_tok=2))),
-                tmp_path / "src")
-    res = pissa_rs.decompose_checkpoint(tmp_path / "src", r=R, niter=0, out=tmp_path / "o", progress=False)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(res.out), res.adapter, is_trainable=True)
-    move_adapters(model)
-    model.save_pretrained(tmp_path / "ft")
+def test_verify_lora_on_experts(tuned_moe, tmp_path):
+    root, res = tuned_moe
     for options in ({}, {"rank": 3}, {"energy": 0.8}):
-        convert_to_lora(res.adapter, tmp_path / "ft", tmp_path / "lora", **options)
-        report = pissa_rs.verify_lora(tmp_path / "lora", res.adapter, tmp_path / "ft")
+        convert_to_lora(res.adapter, root / "ft", tmp_path / "lora", **options)
+        report = pissa_rs.verify_lora(tmp_path / "lora", res.adapter, root / "ft")
         assert report.ok, (options, report.problems)
