@@ -34,12 +34,13 @@ class BaseWeights:
                 raise ExtractionError(f"{b.file}: tensor '{name}' is {b.dtype} {list(b.shape)}, but {a.dtype} "
                                       f"{list(a.shape)} in {a.file}: the fine-tuned model did not start from this "
                                       "base (another size or vocabulary?)")
+        held = set()  # the tensors the targets are read from
         for t in targets:
             for piece in t.weight_read(finetuned).pieces:
                 if piece.tensor not in theirs:
                     raise ExtractionError(f"{base}: no tensor '{piece.tensor}' (the fine-tuned model's "
                                           f"{t.tensor} has no base to be a LoRA of)")
-        held = {p.tensor for t in targets for p in t.weight_read(finetuned).pieces}
+                held.add(piece.tensor)
         self.only_finetuned = sorted(set(ours) - set(theirs))
         self.only_base = sorted(set(theirs) - set(ours))
         self.differing = [name for name in sorted(set(ours) & set(theirs) - held)

@@ -13,17 +13,13 @@ import torch
 
 from .convert import CONVERSION_REPORT, AdapterPair, _adapter, expert_factors
 from .formats.peft_adapter import adapter_modules, module_scaling
+from .methods.base import factor_core
 from .tensors import as_torch
 from .verify import VerifyReport
 
 # float32 factors: the error of a rounded factorization, relative to the update, is ~1e-7;
 # as a share of energy (squared) far below this
 SHARE_SLACK = 1e-8
-
-
-def _core(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The small core whose singular values are B @ A's: R_B R_A^T (QR of B and A^T)."""
-    return torch.linalg.qr(b.double())[1] @ torch.linalg.qr(a.double().T)[1].T
 
 
 def verify_lora(lora: str | os.PathLike[str], init: str | os.PathLike[str],
@@ -54,9 +50,9 @@ def verify_lora(lora: str | os.PathLike[str], init: str | os.PathLike[str],
         worst = 0.0
         for e, (ea, eb) in enumerate(pair.updates(module)):
             la, lb = expert_factors(a, b, experts, e) if experts > 1 else (a, b)
-            s = torch.linalg.svdvals(_core(ea * exact_scale, eb))
+            s = torch.linalg.svdvals(factor_core(ea * exact_scale, eb))
             total = float((s ** 2).sum())
-            error = torch.linalg.matrix_norm(_core(torch.cat([ea.double() * exact_scale, la.double() * scale]),
+            error = torch.linalg.matrix_norm(factor_core(torch.cat([ea.double() * exact_scale, la.double() * scale]),
                                                    torch.cat([eb.double(), -lb.double()], dim=1)))
             share = float(error ** 2) / total if total > 0 else float(error ** 2)
             rank = int((la.abs().sum(dim=1) > 0).sum())  # an expert's rows past its own rank: padding zeros

@@ -81,9 +81,9 @@ class CovarianceHooks:
                 if attr not in ("gate_up_proj", "up_proj", "down_proj"):
                     raise ValueError(f"calibration: {name}: an expert parameter whose inputs are not known "
                                      "(gate_up_proj, up_proj and down_proj are)")
-                self._experts[name] = (owner, attr)
-                if not any(o is owner for o, _ in list(self._experts.values())[:-1]):
+                if all(other is not owner for other, _ in self._experts.values()):  # one recorder per stack
                     self._handles.append(owner.register_forward_pre_hook(self._route_recorder(owner)))
+                self._experts[name] = (owner, attr)
             elif getattr(owner, attr).dim() == 2:  # a router's weight: the module's input, flattened or not
                 self._handles += _recording_inputs({name: owner}, self._inputs)
             else:

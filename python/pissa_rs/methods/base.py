@@ -15,12 +15,16 @@ if TYPE_CHECKING:
 RANDOMIZED_SVD, FULL_SVD, QR = "randomized top-r SVD", "full SVD", "QR"
 
 
+def factor_core(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The r x r core R_B R_A^T (QR of B and A^T, float64) with B @ A's singular values and
+    Frobenius norm: no m x n matrix."""
+    return torch.linalg.qr(b.double()).R @ torch.linalg.qr(a.double().T).R.T
+
+
 def adapter_singular_values(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """The singular values of s * B @ A, descending, from the thin factors alone (QR of B and
-    A^T, SVD of the r x r core): no m x n matrix."""
-    rb = torch.linalg.qr(b.double()).R
-    ra = torch.linalg.qr(a.double().T).R
-    return (scale * torch.linalg.svdvals(rb @ ra.T)).float()
+    """The singular values of s * B @ A, descending, from the thin factors alone (the SVD of
+    their core)."""
+    return (scale * torch.linalg.svdvals(factor_core(a, b))).float()
 
 
 def orthonormal_problem(b: torch.Tensor, tol: float) -> str | None:
