@@ -123,6 +123,12 @@ def test_extract_lora_from_the_shell_and_its_resume(tmp_path):
     assert "differ but not adapted (not in the LoRA): model.embed_tokens.weight" in done.stdout
     again = subprocess.run(cli, capture_output=True, text=True, timeout=300)  # complete: nothing to redo
     assert again.returncode == 0, again.stderr
+    chosen = subprocess.run(cli[:-4] + [str(tmp_path / "e"), "--rank", "6", "--energy", "0.9", "--save-modules",
+                                        "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert chosen.returncode == 0, chosen.stderr
+    assert "ranks chosen for 0.9 of each difference (rank: modules): 3: 14;" in chosen.stdout
+    assert "saved whole (modules_to_save): model.embed_tokens" in chosen.stdout
+    assert "differ but not adapted" not in chosen.stdout
     other = cli[:-4] + [str(tmp_path / "k"), "--rank", str(R), "--no-progress"]
     killed = subprocess.run(other, env={**os.environ, "PISSA_RS_SIGNAL_AT": "target:5"},
                             capture_output=True, text=True, timeout=300)
@@ -133,3 +139,99 @@ def test_extract_lora_from_the_shell_and_its_resume(tmp_path):
     a, b = (safetensors.torch.load_file(p / "pissa_init" / "adapter_model.safetensors")
             for p in (tmp_path / "o", tmp_path / "k"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def shares(diff: torch.Tensor) -> torch.Tensor:
+    """The share of ||diff||^2 its leading k singular triplets keep, k = 1, 2, ..."""
+    s2 = torch.linalg.svdvals(diff.double()) ** 2
+    return torch.cumsum(s2, 0) / s2.sum()
+
+
+def test_energy_keeps_each_modules_fewest_triplets_and_peft_loads_those_ranks(tmp_path):
+    base, ft = pair(tmp_path, noise=0.03)  # a rank-3 change in noise: the modules need different ranks
+    energy, cap = 0.9, 8
+    res = pissa_rs.extract_lora(base, ft, tmp_path / "o", r=cap, energy=energy, niter=0, progress=False)
+    adapter = safetensors.torch.load_file(res.adapter / "adapter_model.safetensors")
+    b_model = transformers.AutoModelForCausalLM.from_pretrained(base)
+    f_model = transformers.AutoModelForCausalLM.from_pretrained(ft)
+    expected = transformers.AutoModelForCausalLM.from_pretrained(base)  # the base plus each best rank-k change
+    ranks = {}
+    for t in res.report["tensors"]:
+        diff = (f_model.get_parameter(t["tensor"]) - b_model.get_parameter(t["tensor"])).detach().double()
+        share = shares(diff)
+        k = min(int((share < energy - 1e-6).sum()) + 1, cap)  # the fewest that keep 90%
+        assert (t["r"], t["rank_chosen_from"]) == (k, cap), t["tensor"]
+        assert t["energy_kept"] == pytest.approx(share[k - 1].item(), rel=1e-5)
+        a = adapter[f"base_model.model.{t['module']}.lora_A.weight"].double()
+        b = adapter[f"base_model.model.{t['module']}.lora_B.weight"].double()
+        assert a.shape[0] == b.shape[1] == k
+        u, s, vh = torch.linalg.svd(diff)
+        best = (u[:, :k] * s[:k]) @ vh[:k]
+        assert torch.allclose(t["scale"] * b @ a, best, atol=1e-6), t["tensor"]
+        with torch.no_grad():
+            expected.get_parameter(t["tensor"]).add_(best.float())
+        ranks[t["module"]] = k
+    assert len(set(ranks.values())) > 1, ranks  # else the test would not tell a rank pattern from r
+    config = json.loads((res.adapter / "adapter_config.json").read_text())
+    assert config["r"] == max(ranks.values())
+    loaded = AutoPeftModelForCausalLM.from_pretrained(res.adapter)
+    for module, k in ranks.items():  # PEFT reads each module's rank and scale from the patterns
+        layer = loaded.get_submodule(f"base_model.model.{module}")
+        assert layer.r["default"] == k and layer.scaling["default"] == pytest.approx(
+            next(t["scale"] for t in res.report["tensors"] if t["module"] == module))
+    assert torch.allclose(logits(loaded), logits(expected.eval()), atol=1e-4)
+    assert pissa_rs.verify(res.out, against=base).ok
+    # E = 1 keeps each difference's true rank, never the cap's rounding-level triplets
+    exact_base, exact_ft = pair(tmp_path / "exact")
+    whole = pissa_rs.extract_lora(exact_base, exact_ft, tmp_path / "all", r=cap, energy=1.0, niter=0, progress=False)
+    assert {t["r"] for t in whole.report["tensors"]} == {3}
+    assert json.loads((whole.adapter / "adapter_config.json").read_text())["r"] == 3
+
+
+def test_bad_energy_or_save_modules_are_refused_before_anything_is_written(tmp_path):
+    base, ft = pair(tmp_path, embeddings=True)
+    for energy in (0, 1.5, -0.1, True):
+        with pytest.raises(ValueError, match=r"extract_energy must be in \(0, 1\]"):
+            pissa_rs.extract_lora(base, ft, tmp_path / "o", r=R, energy=energy, progress=False)
+    with pytest.raises(ValueError, match="give one rank"):
+        pissa_rs.extract_lora(base, ft, tmp_path / "o", r=[2, 4], energy=0.9, progress=False)
+    with pytest.raises(ExtractionError, match=r"no module 'embed_tokenz' to save; did you mean model.embed_tokens"):
+        pissa_rs.extract_lora(base, ft, tmp_path / "o", r=R, save_modules=["embed_tokenz"], progress=False)
+    with pytest.raises(ExtractionError, match="module 'q_proj' is adapted"):
+        pissa_rs.extract_lora(base, ft, tmp_path / "o", r=R, save_modules=["q_proj"], progress=False)
+    with pytest.raises(ValueError, match="extract_energy apply to method 'extract', not 'pissa'"):
+        pissa_rs.decompose_checkpoint(ft, r=R, extract_energy=0.5, out=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_save_modules_carries_what_differs_and_peft_gives_the_finetuned_logits(tmp_path, tied):
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**text(tie_word_embeddings=tied)))
+    model.save_pretrained(tmp_path / "base")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # rank-2 changes of the projections, and the embeddings and one norm changed
+        for name, p in model.named_parameters():
+            if name.endswith("proj.weight"):
+                p += 0.05 * torch.randn(p.shape[0], 2, generator=g) @ torch.randn(2, p.shape[1], generator=g)
+        model.model.embed_tokens.weight[:5] += 0.1
+        model.model.layers[1].input_layernorm.weight += 0.05
+    model.save_pretrained(tmp_path / "ft", max_shard_size="60KB")
+    base, ft = tmp_path / "base", tmp_path / "ft"
+    res = pissa_rs.extract_lora(base, ft, tmp_path / "o", r=R, niter=0, save_modules=True, progress=False)
+    saved = ["model.embed_tokens", "model.layers.1.input_layernorm"]
+    assert res.report["extract"]["saved_whole"] == sorted(saved)
+    config = json.loads((res.adapter / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == sorted(saved) and config.get("ensure_weight_tying", False) == tied
+    adapter = safetensors.torch.load_file(res.adapter / "adapter_model.safetensors")
+    finetuned = {k: v for f in ft.glob("*.safetensors") for k, v in safetensors.torch.load_file(f).items()}
+    for name in ("model.embed_tokens.weight", "model.layers.1.input_layernorm.weight"):
+        assert torch.equal(adapter[f"base_model.model.{name}"], finetuned[name])
+    assert ("base_model.model.lm_head.weight" in adapter) == tied  # PEFT saves (and reads) the tied head too
+    loaded = AutoPeftModelForCausalLM.from_pretrained(res.adapter)
+    f_model = transformers.AutoModelForCausalLM.from_pretrained(ft).eval()
+    assert torch.allclose(logits(loaded), logits(f_model), atol=1e-4)
+    assert pissa_rs.verify(res.out, against=base).ok
+    named = pissa_rs.extract_lora(base, ft, tmp_path / "named", r=R, niter=0, save_modules=["embed_tokens"],
+                                  progress=False)
+    assert named.report["extract"]["saved_whole"] == ["model.embed_tokens"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import signal
@@ -104,7 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("base", type=Path, help="the model the fine-tuning started from (a folder)")
     ext.add_argument("finetuned", type=Path, help="the fully fine-tuned model (a folder, same architecture)")
     ext.add_argument("out", type=Path, help="where to write the LoRA and its report")
-    ext.add_argument("--rank", "-r", type=int, default=128, help="the LoRA's rank (default %(default)s)")
+    ext.add_argument("--rank", "-r", type=int, default=128, help="the LoRA's rank; with --energy the largest a "
+                     "module gets (default %(default)s)")
+    ext.add_argument("--energy", type=float, help="per module the fewest triplets that keep this share (0 < E <= 1) "
+                     "of ||W_ft - W_base||^2, written as rank_pattern")
+    ext.add_argument("--save-modules", nargs="?", const="all", metavar="NAMES",
+                     help="carry modules whole as PEFT's modules_to_save: comma-separated names or suffixes "
+                     "(embed_tokens,lm_head); alone: every module that differs and is not adapted")
     ext.add_argument("--niter", type=int, default=4, help="randomized SVD iterations; 0: exact SVD (default "
                      "%(default)s)")
     ext.add_argument("--target-modules", help="comma-separated, as PEFT's target_modules (default: all-linear)")
@@ -235,18 +242,33 @@ def _extract_lora(args) -> int:
     options = {"niter": args.niter, "device": args.device}
     if args.target_modules:
         options["target_modules"] = [m.strip() for m in args.target_modules.split(",") if m.strip()]
-    result = extract_lora(args.base, args.finetuned, args.out, r=args.rank, overwrite=args.overwrite,
-                          progress=not args.no_progress, **options)
+    saved = [m.strip() for m in args.save_modules.split(",") if m.strip()] if args.save_modules else None
+    result = extract_lora(args.base, args.finetuned, args.out, r=args.rank, energy=args.energy, save_modules=saved,
+                          overwrite=args.overwrite, progress=not args.no_progress, **options)
     _completed(what="the LoRA is complete")
     tensors = result.report["tensors"]
     kept = [t["energy_kept"] for t in tensors]
     worst = min(tensors, key=lambda t: t["energy_kept"])
-    print(f"LoRA of {args.base} (rank {args.rank}, {len(tensors)} weights): {result.adapter}")
+    ranks = sorted({t["r"] for t in tensors})
+    rank = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
+    print(f"LoRA of {args.base} ({rank}, {len(tensors)} weights): {result.adapter}")
     print(f"  share of W_ft - W_base kept: mean {sum(kept) / len(kept):.4f}, least {worst['energy_kept']:.4f} "
           f"({worst['module']})")
+    if args.energy is not None:
+        short = [t["module"] for t in tensors if t["energy_kept"] < args.energy - 1e-6]
+        counts = collections.Counter(t["r"] for t in tensors)
+        print(f"  ranks chosen for {args.energy:g} of each difference (rank: modules): " + ", ".join(
+            f"{k}: {counts[k]}" for k in sorted(counts)) + f"; per module in {result.out / 'pissa_report.json'}")
+        if short:
+            print(f"  {len(short)} module(s) keep less than {args.energy:g} at rank {args.rank} (raise --rank): "
+                  + ", ".join(short))
     extract = result.report["extract"]
-    if extract["not_adapted_but_different"]:
-        print(f"  differ but not adapted (not in the LoRA): {', '.join(extract['not_adapted_but_different'])}")
+    if extract["saved_whole"]:
+        print(f"  saved whole (modules_to_save): {', '.join(extract['saved_whole'])}")
+    left = [n for n in extract["not_adapted_but_different"]
+            if not any(n.startswith(f"{m}.") for m in extract["saved_whole"])]
+    if left:
+        print(f"  differ but not adapted (not in the LoRA): {', '.join(left)}")
     return 0
 
 

@@ -112,7 +112,8 @@ def decompose_checkpoint(
                              origin=base_model_of(path, revision))
 
 
-def extract_lora(base, finetuned, out=None, *, r: int = 128, overwrite: bool = False, progress: bool = True,
+def extract_lora(base, finetuned, out=None, *, r: int = 128, energy: float | None = None,
+                 save_modules: bool | list[str] | None = None, overwrite: bool = False, progress: bool = True,
                  **options):
     """A LoRA of `base` from the fully fine-tuned `finetuned` (folders, same architecture):
     per target weight (PEFT's target selection, "all-linear" by default), the top-r triplets
@@ -120,9 +121,17 @@ def extract_lora(base, finetuned, out=None, *, r: int = 128, overwrite: bool = F
     engine (units, resume, progress, FP8 sources decoded). Writes OUT/pissa_init (the
     adapter, naming `base` as its base model) and OUT/pissa_report.json (per module the share
     of the difference kept, `energy_kept`; the tensors that differ but are not adapted,
-    under `extract`). Returns the DecomposeResult."""
+    under `extract`). `energy=E` (0 < E <= 1): per module the fewest of the r triplets that keep
+    E of ||W_ft - W_base||^2 (rank_pattern; r is the cap). `save_modules`: modules carried
+    whole as PEFT's modules_to_save, names or suffixes (True: every one that differs and is not
+    adapted). Returns the DecomposeResult."""
+    if save_modules is True:
+        save_modules = ["all"]
+    elif isinstance(save_modules, str):
+        save_modules = [save_modules]
     return decompose_checkpoint(finetuned, r=r, out=out, overwrite=overwrite, progress=progress, method="extract",
-                                extract_base=str(base), **options)
+                                extract_base=str(base), extract_energy=energy,
+                                extract_save_modules=list(save_modules) if save_modules else None, **options)
 
 
 def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None, overwrite: bool,
@@ -187,6 +196,10 @@ def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None
 
         try:  # the pair checked (shapes, dtypes, tensors) before anything is written
             statistics = BaseWeights(Path(options.extract_base), checkpoint, plans[0].targets)
+            if options.extract_save_modules:  # the names resolved to modules: what the identity records
+                statistics.saved = statistics.modules_to_save(options.extract_save_modules, checkpoint)
+                options = replace(options, extract_save_modules=statistics.saved)
+                per_rank = [replace(o, extract_save_modules=statistics.saved) for o in per_rank]
         except BaseException:
             checks.close()
             raise

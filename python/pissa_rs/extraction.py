@@ -5,6 +5,7 @@ adapted (embeddings, norms, a head) listed for the report."""
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
 import torch
@@ -34,17 +35,40 @@ class BaseWeights:
                 raise ExtractionError(f"{b.file}: tensor '{name}' is {b.dtype} {list(b.shape)}, but {a.dtype} "
                                       f"{list(a.shape)} in {a.file}: the fine-tuned model did not start from this "
                                       "base (another size or vocabulary?)")
-        held = set()  # the tensors the targets are read from
+        self.held = held = set()  # the tensors the targets are read from
         for t in targets:
             for piece in t.weight_read(finetuned).pieces:
                 if piece.tensor not in theirs:
                     raise ExtractionError(f"{base}: no tensor '{piece.tensor}' (the fine-tuned model's "
                                           f"{t.tensor} has no base to be a LoRA of)")
                 held.add(piece.tensor)
+        self.saved: list[str] = []  # modules carried whole (modules_to_save), set by the driver
         self.only_finetuned = sorted(set(ours) - set(theirs))
         self.only_base = sorted(set(theirs) - set(ours))
         self.differing = [name for name in sorted(set(ours) & set(theirs) - held)
                           if not _same_bytes(finetuned, self.base, name)]
+
+    def modules_to_save(self, requested: list[str], finetuned: Checkpoint) -> list[str]:
+        """The modules `requested` names (full names or name suffixes, as PEFT's modules_to_save
+        matches them; 'all': every module with a differing tensor that is not adapted), by full
+        name. A name that picks no module, or picks an adapted one, is refused by name."""
+        adapted = {name.rsplit(".", 1)[0] for name in self.held}
+        modules = sorted({name.rsplit(".", 1)[0] for name in finetuned.names() if "." in name} - adapted)
+        if list(requested) == ["all"]:
+            return sorted({name.rsplit(".", 1)[0] for name in self.differing if "." in name} - adapted)
+        picked = set()
+        for key in requested:
+            picks = lambda m: m == key or m.endswith(f".{key}")  # noqa: E731
+            if any(picks(m) for m in adapted):
+                raise ExtractionError(f"module '{key}' is adapted (its difference is in the LoRA): it cannot "
+                                      "also be saved whole")
+            found = [m for m in modules if picks(m)]
+            if not found:
+                close = difflib.get_close_matches(key, modules, n=3)
+                raise ExtractionError(f"{finetuned.root}: no module '{key}' to save"
+                                      + (f"; did you mean {', '.join(close)}?" if close else ""))
+            picked.update(found)
+        return sorted(picked)
 
     def __getitem__(self, tensor: str) -> torch.Tensor:
         target = self.targets[tensor]
@@ -52,6 +76,7 @@ class BaseWeights:
 
     def as_record(self) -> dict:
         return {"base": str(self.path), "not_adapted_but_different": self.differing,
+                "saved_whole": self.saved,
                 "only_in_finetuned": self.only_finetuned, "only_in_base": self.only_base}
 
 

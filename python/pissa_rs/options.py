@@ -115,6 +115,13 @@ class DecomposeOptions:
                                       "folder); the adapter is a LoRA of it", parse=str)
     extract_base_state: list | None = option(None, "set by the driver: the base's files (size, mtime), so a resume "
                                              "notices a changed base", cli=False)
+    extract_energy: float | None = option(None, "method extract: per module the fewest of the r triplets that keep "
+                                          "this share (0 < E <= 1) of ||W_ft - W_base||^2, as rank_pattern; r is "
+                                          "then the largest rank a module gets", parse=float)
+    extract_save_modules: list[str] | None = option(None, "method extract: modules of the fine-tuned model carried "
+                                                    "whole as PEFT's modules_to_save (names or name suffixes, "
+                                                    "comma-separated; 'all': every one that differs from the base "
+                                                    "and is not adapted)", parse=names_text)
     device: str | None = option(None, "torch device for the SVDs, e.g. cuda:0 (default: cuda if available, "
                                 "else cpu)", group="device")
     devices: list[str] | None = option(None, "several devices of one type sharing the weights, comma-separated "

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +20,7 @@ from ..options import ADAPTER_DTYPES
 from ..report import build_report
 from ..tensors import SAFETENSORS_DTYPES, as_numpy_bytes, as_torch
 from .layout import copy_model_files, output_bytes, set_quantization_config, write_index_like
+from .chosen_ranks import with_chosen_ranks
 from .outdir import atomic_write_text
 from .resume import read_identity, read_records
 from .units import Job, OutputSpec, is_done, part_key, unit_file
@@ -36,12 +39,19 @@ def commit(job: Job, spec: OutputSpec, started: float, origin: dict[str, str | N
         raise UnfinishedUnitsError(f"{out}: {len(unfinished)} unit(s) not finished ({', '.join(unfinished[:3])})")
     checkpoint = Checkpoint(job.input)
     (out / ADAPTER_SUBDIR).mkdir(exist_ok=True)
-    write_adapter(job, spec)
     records_by_tensor: dict[str, dict] = {}
     for unit in job.units:
         records_by_tensor.update(read_records(unit_file(out, unit, "records")))
     records = [records_by_tensor[t.tensor] for t in spec.plan.targets]
-    changes_base = spec.options.init_method.changes_base
+    method = spec.options.init_method
+    chosen = method.commit_ranks(spec.options, spec.plan.targets, records)
+    if chosen:
+        spec, records = with_chosen_ranks(spec, records, chosen)
+    saved, tied = method.modules_to_save(spec.options), False
+    if saved:
+        spec, tied = with_modules_to_save(spec, saved, Path(checkpoint.root))
+    write_adapter(job, spec, saved_tensors(checkpoint, saved, tied))
+    changes_base = method.changes_base
     # a method that leaves the base as it is (MiCA): no model here, the adapter names the original
     copied = copy_model_files(checkpoint, job.input, out) if changes_base else []
     config_json = spec.plan.adapter_config_json if changes_base else with_base_model(spec.plan.adapter_config_json,
@@ -86,12 +96,49 @@ def rounding_provenance(job: Job, spec: OutputSpec, begun_with: str) -> dict[str
                     "output is no single machine's bytes (each tensor is still a valid decomposition)"}
 
 
-def write_adapter(job: Job, spec: OutputSpec) -> None:
+def saved_tensors(checkpoint: Checkpoint, modules: list[str], tied: bool = False) -> list[tuple[str, str]]:
+    """(adapter key, input tensor) for every tensor of these modules, as PEFT saves a
+    modules_to_save module: base_model.model.<its name in the model>; `tied`: the saved
+    embedding once more as the head tied to it (PEFT saves both, and reads both)."""
+    prefixes = tuple(f"{m}." for m in modules)
+    names = checkpoint.names()
+    found = [(f"base_model.model.{name}", name) for name in names if name.startswith(prefixes)]
+    if tied and "lm_head.weight" not in names:
+        embedding = next((name for _, name in found if name.endswith("embed_tokens.weight")), None)
+        if embedding is not None:
+            found.append(("base_model.model.lm_head.weight", embedding))
+    return found
+
+
+# The modules PEFT re-ties to a tied input embedding when they are saved (ensure_weight_tying):
+# peft.utils.constants.EMBEDDING_LAYER_NAMES
+TIED_EMBEDDING_NAMES = ("embed_tokens", "lm_head")
+
+
+def with_modules_to_save(spec: OutputSpec, modules: list[str], model_dir: Path) -> tuple[OutputSpec, bool]:
+    """adapter_config.json naming `modules` as modules_to_save; where the model ties its word
+    embeddings and one of them is saved, ensure_weight_tying, or PEFT would leave the tied head
+    on the base's embedding."""
+    config = json.loads(spec.plan.adapter_config_json)
+    config["modules_to_save"] = sorted(modules)
+    model_config = Path(model_dir) / "config.json"
+    model = json.loads(model_config.read_text()) if model_config.is_file() else {}
+    tied = model.get("tie_word_embeddings", (model.get("text_config") or {}).get("tie_word_embeddings", False))
+    tied = bool(tied) and any(m.rsplit(".", 1)[-1] in TIED_EMBEDDING_NAMES for m in modules)
+    if tied:
+        config["ensure_weight_tying"] = True
+    return replace(spec, plan=replace(spec.plan, adapter_config_json=json.dumps(config, indent=2, sort_keys=True))), tied
+
+
+def write_adapter(job: Job, spec: OutputSpec, saved: list[tuple[str, str]] = ()) -> None:
     """OUT/pissa_init/adapter_model.safetensors from the units' parts: a layer's factors as
-    they are; a layer over E experts (PEFT's ParamWrapper) holds expert e's rows of A and
-    every E-th column of B."""
+    they are (their leading triplets where the commit chose a smaller rank); a layer over E
+    experts (PEFT's ParamWrapper) holds expert e's rows of A and every E-th column of B.
+    `saved`: (key, tensor) copied whole from the input (modules_to_save)."""
     dtype = ADAPTER_DTYPES[spec.options.adapter_dtype]
     shapes = adapter_shapes(spec.plan.targets)
+    source = Checkpoint(job.input) if saved else None
+    carried = [(key, source.info(name).dtype, list(source.info(name).shape)) for key, name in saved]
     parts = {}  # target -> its unit's adapter part
     for unit in job.units:
         if unit.targets:
@@ -103,14 +150,22 @@ def write_adapter(job: Job, spec: OutputSpec) -> None:
     shape_of = dict(shapes)
     # finalized on leaving the block, removed on an error
     with ShardWriter(spec.out / ADAPTER_SUBDIR / ADAPTER_WEIGHTS,
-                     [(key, SAFETENSORS_DTYPES[dtype], list(shape)) for key, shape in shapes],
+                     [(key, SAFETENSORS_DTYPES[dtype], list(shape)) for key, shape in shapes] + carried,
                      metadata={"format": "pt"}) as writer:
+        for key, name in saved:
+            writer.copy_from(source, name, key)
         for module, indices in by_module.items():
             a_key, b_key = lora_a_key(module), lora_b_key(module)
             first = spec.plan.targets[indices[0]]
             if first.num_experts == 1:
-                writer.copy_from(parts[indices[0]], part_key(indices[0], "lora_A"), a_key)
-                writer.copy_from(parts[indices[0]], part_key(indices[0], "lora_B"), b_key)
+                part, i = parts[indices[0]], indices[0]
+                if tuple(part.info(part_key(i, "lora_A")).shape) == tuple(shape_of[a_key]):
+                    writer.copy_from(part, part_key(i, "lora_A"), a_key)
+                    writer.copy_from(part, part_key(i, "lora_B"), b_key)
+                else:  # a rank chosen at the commit: the leading triplets
+                    writer.write(a_key, as_numpy_bytes(as_torch(part.buffer(part_key(i, "lora_A")))[:first.r]))
+                    writer.write(b_key, as_numpy_bytes(
+                        as_torch(part.buffer(part_key(i, "lora_B")))[:, :first.r].contiguous()))
                 continue
             a = torch.empty(shape_of[a_key], dtype=dtype)
             b = torch.empty(shape_of[b_key], dtype=dtype)

@@ -63,6 +63,15 @@ class Method:
         report says of the choice."""
         raise NotImplementedError
 
+    def commit_ranks(self, options: DecomposeOptions, targets: list, records: list[dict]) -> dict[int, int]:
+        """Ranks chosen from the results (target index -> rank, at most its planned r): the
+        commit keeps that many leading triplets of each, and adapter_config says so. None by default."""
+        return {}
+
+    def modules_to_save(self, options: DecomposeOptions) -> list[str]:
+        """Modules of the input the adapter carries whole (PEFT's modules_to_save), by full name."""
+        return []
+
     def config_fields(self, options: dict) -> dict:
         """More LoraConfig fields this method's adapter_config carries (EVA's eva_config)."""
         return {}

@@ -1,7 +1,9 @@
 """A LoRA extracted from a fully fine-tuned model: per target weight, the top-r singular
 triplets of W_ft - W_base (lora_B = U sqrt(S/s), lora_A = sqrt(S/s) Vh, randomized SVD;
 niter=0: exact), an adapter onto BASE; nothing else is written. What it drops of the
-difference is the record's 1 - energy_kept."""
+difference is the record's 1 - energy_kept. With extract_energy, each module keeps the fewest
+of those triplets that hold that share of the difference (chosen at the commit, from the
+records); with extract_save_modules, the adapter carries those modules whole."""
 
 from __future__ import annotations
 
@@ -12,6 +14,23 @@ from .base import RANDOMIZED_SVD, Method
 from .registry import register
 
 CAPTURED_SHARE = 0.9  # verify: the share of the best rank-r capture an extracted adapter must reach
+# extract_energy: a share within this (relative to the difference's squared norm) of the one asked
+# for counts as reached, so that E = 1 keeps the numerical rank, not the float32 rounding below it
+ENERGY_SLACK = 1e-6
+
+
+def energy_rank(singular_values: list[float], energy_kept: float, energy: float) -> int:
+    """The fewest leading triplets (of those found, singular values descending) that keep
+    `energy` of the difference's squared Frobenius norm, which the found ones keep
+    `energy_kept` of; all of them when they keep less."""
+    s2 = torch.tensor(singular_values, dtype=torch.float64).square()
+    held = s2.sum().item()
+    if held == 0 or energy_kept <= 0:
+        return 1  # no change at all: one (zero) triplet keeps the module in the adapter
+    total = held / energy_kept
+    cumulative = torch.cumsum(s2, dim=0)
+    k = int(torch.searchsorted(cumulative, (energy - ENERGY_SLACK) * total).item()) + 1
+    return min(k, len(singular_values))
 
 
 @register
@@ -23,13 +42,34 @@ class Extract(Method):
     changes_base = False
     quantizable = False
     reads_base = True  # each target's statistic: BASE's matrix of the same tensor
-    own_options = ("extract_base",)
+    own_options = ("extract_base", "extract_energy", "extract_save_modules")
 
     def check(self, options):
         super().check(options)
         if not options.extract_base:
             raise ValueError("method 'extract' needs the base model the fine-tuned one started from "
                              "(extract_base=..., pissa-rs extract-lora BASE FINETUNED OUT)")
+        energy = options.extract_energy
+        if energy is not None:
+            if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0 < energy <= 1:
+                raise ValueError(f"extract_energy must be in (0, 1], got {energy!r}")
+            if options.several_ranks:
+                raise ValueError("extract_energy chooses each module's rank up to r: give one rank (the largest)")
+        saved = options.extract_save_modules
+        if saved is not None and (isinstance(saved, str) or not all(isinstance(m, str) and m for m in saved)):
+            raise ValueError(f"extract_save_modules must be a list of module names (or ['all']), got {saved!r}")
+
+    def commit_ranks(self, options, targets, records):
+        """extract_energy: per module (not per expert: a ParamWrapper layer has one rank, which
+        PEFT re-derives for fused experts on load), the fewest of its r triplets that keep that
+        share of ||W_ft - W_base||^2; a module whose r triplets keep less keeps all r."""
+        if options.extract_energy is None:
+            return {}
+        return {i: energy_rank(record["singular_values"], record["energy_kept"], options.extract_energy)
+                for i, (target, record) in enumerate(zip(targets, records)) if target.parameter is None}
+
+    def modules_to_save(self, options):
+        return list(options.extract_save_modules or [])
 
     def factors_at_ranks(self, weight, ranks, *, niter, seed, adapter_dtype, fan_in_fan_out, statistic=None):
         if statistic is None:
