@@ -31,6 +31,22 @@ def test_benchmark_smoke(tmp_path):
     assert "pissa_rs timeline: 14 weights" in proc.stdout
 
 
+def test_serving_benchmark_smoke(tmp_path):
+    """benches/bench_serving.py: to-lora against PEFT's save_as_lora, extract-lora against mergekit's."""
+    out = tmp_path / "serving.json"
+    proc = subprocess.run([sys.executable, str(BENCH.parent / "bench_serving.py"), "--smoke", "--workdir", str(tmp_path),
+                           "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"to_lora", "peft_to_lora", "extract", "extract_exact", "mergekit"}
+    for result in results.values():
+        assert result["wall_s"] > 0 and result["peak_rss_bytes"] > 0 and 0 < result["error"] < 1
+    # the same best rank-r approximations: PEFT's and ours of one update, ours exact and mergekit's of one change
+    assert abs(results["to_lora"]["error"] - results["peft_to_lora"]["error"]) < 1e-4
+    assert abs(results["extract_exact"]["error"] - results["mergekit"]["error"]) < 1e-4
+    assert "to_lora / peft_to_lora: wall" in proc.stdout and "extract / mergekit: wall" in proc.stdout
+
+
 def test_70b_benchmark_smoke(tmp_path):
     """benches/bench_70b.py at 1/64 of Llama-3-70B's sizes on the CPU: copy baseline, run, report."""
     out = tmp_path / "bench70.json"

@@ -78,9 +78,19 @@ def test_the_lora_is_the_top_r_of_each_difference_and_loads_onto_the_base(tmp_pa
 
 def test_a_full_rank_change_is_cut_at_r_with_the_share_kept_reported(tmp_path):
     base, ft = pair(tmp_path, noise=0.01, embeddings=True)
-    res = pissa_rs.extract_lora(base, ft, tmp_path / "o", r=R, niter=0, progress=False)
+    res = pissa_rs.extract_lora(base, ft, tmp_path / "o", r=R, niter=0, logit_check=3, progress=False)
     b_model = transformers.AutoModelForCausalLM.from_pretrained(base)
     f_model = transformers.AutoModelForCausalLM.from_pretrained(ft)
+    # the logit change against FINETUNED on 3 random sequences, as computed by hand
+    change = json.loads((res.out / "pissa_report.json").read_text())["logit_change"]
+    ids = torch.randint(0, 96, (3, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = f_model.eval()(input_ids=ids).logits.double()
+        cand = AutoPeftModelForCausalLM.from_pretrained(res.adapter)(input_ids=ids).logits.double()
+    kl = (ref.softmax(-1) * (ref.log_softmax(-1) - cand.log_softmax(-1))).sum(-1).mean().item()
+    assert change["kl"] == pytest.approx(kl, rel=1e-6) and change["kl"] > 1e-6  # the embeddings' change is missing
+    assert change["max_abs"] == pytest.approx((ref - cand).abs().max().item(), rel=1e-6)
+    assert change["top1_agreement"] == pytest.approx((ref.argmax(-1) == cand.argmax(-1)).double().mean().item())
     for t in res.report["tensors"]:
         diff = (f_model.get_parameter(t["tensor"]) - b_model.get_parameter(t["tensor"])).detach().double()
         s = torch.linalg.svdvals(diff)
@@ -235,3 +245,32 @@ def test_save_modules_carries_what_differs_and_peft_gives_the_finetuned_logits(t
     named = pissa_rs.extract_lora(base, ft, tmp_path / "named", r=R, niter=0, save_modules=["embed_tokens"],
                                   progress=False)
     assert named.report["extract"]["saved_whole"] == ["model.embed_tokens"]
+
+
+def test_the_same_reconstruction_error_as_mergekits_extract_lora(tmp_path):
+    """mergekit-extract-lora (pinned in the test extra) on the same pair: per module the same
+    rank-R error ||D - s B A|| / ||D|| within 1% (exact: within float32 rounding), and both
+    adapters, loaded by PEFT onto BASE, give the same logits."""
+    base, ft = pair(tmp_path, noise=0.03, embeddings=True)
+    done = subprocess.run([sys.executable, "-m", "mergekit.scripts.extract_lora", "--model", str(ft.resolve()),
+                           "--base-model", str(base.resolve()), "--out-path", str(tmp_path / "mergekit"),
+                           "--max-rank", str(R)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    theirs = safetensors.torch.load_file(tmp_path / "mergekit" / "adapter_model.safetensors")
+    b_model = transformers.AutoModelForCausalLM.from_pretrained(base)
+    f_model = transformers.AutoModelForCausalLM.from_pretrained(ft)
+    for niter, slack in ((0, 1e-5), (4, 1e-2)):
+        res = pissa_rs.extract_lora(base, ft, tmp_path / f"ours{niter}", r=R, niter=niter, save_modules=True,
+                                    progress=False)
+        ours = safetensors.torch.load_file(res.adapter / "adapter_model.safetensors")
+        for t in res.report["tensors"]:
+            diff = (f_model.get_parameter(t["tensor"]) - b_model.get_parameter(t["tensor"])).detach().double()
+            a_key, b_key = (f"base_model.model.{t['module']}.lora_{x}.weight" for x in "AB")
+            error = {who: torch.linalg.matrix_norm(diff - scale * d[b_key].double() @ d[a_key].double()).item()
+                     for who, d, scale in (("ours", ours, t["scale"]), ("mergekit", theirs, 1.0))}
+            assert error["ours"] == pytest.approx(error["mergekit"], rel=slack), (t["tensor"], niter)
+            assert error["mergekit"] > 0.1 * torch.linalg.matrix_norm(diff).item()  # a real truncation
+    loaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "ours0" / "pissa_init")  # exact: the same LoRA
+    theirs_loaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "mergekit")
+    assert torch.allclose(logits(loaded), logits(theirs_loaded), atol=1e-3)

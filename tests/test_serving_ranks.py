@@ -75,7 +75,15 @@ def peft_converted(tuned, rank):
 
 @pytest.mark.parametrize("rank", [1, 3, 6])
 def test_rank_r_is_peft_convert_to_lora_from_the_factors_alone(tuned, tmp_path, rank):
-    result = convert_to_lora(tuned["init"], tuned["ft"], tmp_path / "lora", rank=rank)
+    result = convert_to_lora(tuned["init"], tuned["ft"], tmp_path / "lora", rank=rank, logit_check=2 * (rank == 1))
+    if rank == 1:  # what cutting to rank 1 changes, against the fine-tuned adapter on the residual model, by hand
+        ids = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0))
+        tuned_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tuned["init"].parent), tuned["ft"])
+        cut = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "lora")
+        with torch.no_grad():
+            ref, cand = (m.eval()(input_ids=ids).logits.double() for m in (tuned_model, cut))
+        kl = (ref.softmax(-1) * (ref.log_softmax(-1) - cand.log_softmax(-1))).sum(-1).mean().item()
+        assert result.logit_change["kl"] == pytest.approx(kl, rel=1e-6) and kl > 1e-9
     _, theirs = peft_converted(tuned, rank)
     ours, exact = deltas(tmp_path / "lora"), deltas(tuned["exact"])
     assert sorted(ours) == sorted(theirs) == sorted(exact)
@@ -95,8 +103,12 @@ def test_rank_r_is_peft_convert_to_lora_from_the_factors_alone(tuned, tmp_path, 
 
 
 def test_a_rank_above_the_true_rank_is_exact_without_padding(tuned, tmp_path):
-    result = convert_to_lora(tuned["init"], tuned["ft"], tmp_path / "lora", rank=100)
+    result = convert_to_lora(tuned["init"], tuned["ft"], tmp_path / "lora", rank=100, logit_check=2)
     assert set(result.ranks.values()) == {2 * R} and max(result.dropped.values()) < 1e-12
+    # against the fine-tuned adapter on the residual model: the same logits, within float32 rounding
+    assert result.logit_change["kl"] < 1e-9 and result.logit_change["top1_agreement"] == 1.0
+    assert result.logit_change["max_abs"] < 1e-4 < result.logit_change["reference_mean_abs"]
+    assert json.loads((tmp_path / "lora" / "pissa_conversion.json").read_text())["logit_change"] == result.logit_change
     exact, ours = deltas(tuned["exact"]), deltas(tmp_path / "lora")
     for module, delta in ours.items():
         assert torch.allclose(delta, exact[module], atol=1e-6)

@@ -16,6 +16,7 @@ from ._pissa_rs import Checkpoint, PissaError
 from .convert import convert_to_lora
 from .decompose import run_decomposition
 from .locations import resolve_source
+from .logit_check import describe as describe_logit_change
 from .engine.outdir import human_bytes
 from .options import add_options, options_from_args
 from .dry_run import plan_decomposition
@@ -90,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the original model the LoRA applies to, as its adapter_config.json names it (a path or "
                       "model ID; default: the one INIT's decomposition report records)")
     conv.add_argument("--revision", help="with a model ID for --base-model: branch, tag or commit")
+    conv.add_argument("--logit-check", type=int, default=0, metavar="N",
+                      help="N random token sequences through the original model with the LoRA and through the "
+                      "exact reference (the fine-tuned adapter on the residual model): KL, top-1 agreement, logit "
+                      "differences (loads each model whole, one at a time)")
 
     mrg = sub.add_parser("merge", help="merge an adapter into its residual model (a plain model, out of core)")
     mrg.add_argument("residual", type=Path, help="the residual model (a decomposition's OUT, or a model ID)")
@@ -109,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "module gets (default %(default)s)")
     ext.add_argument("--energy", type=float, help="per module the fewest triplets that keep this share (0 < E <= 1) "
                      "of ||W_ft - W_base||^2, written as rank_pattern")
+    ext.add_argument("--logit-check", type=int, default=0, metavar="N",
+                     help="N random token sequences through BASE with the LoRA and through FINETUNED: KL, top-1 "
+                     "agreement, logit differences, in the report (loads each model whole, one at a time)")
     ext.add_argument("--save-modules", nargs="?", const="all", metavar="NAMES",
                      help="carry modules whole as PEFT's modules_to_save: comma-separated names or suffixes "
                      "(embed_tokens,lm_head); alone: every module that differs and is not adapted")
@@ -213,7 +221,7 @@ def _inspect(args) -> int:
 def _to_lora(args) -> int:
     result = convert_to_lora(args.init, args.finetuned, args.out, compact=args.compact, tol=args.tol,
                              rank=args.rank, energy=args.energy, serve=args.serve,
-                             base_model=args.base_model, revision=args.revision)
+                             base_model=args.base_model, revision=args.revision, logit_check=args.logit_check)
     _completed(what="the LoRA is complete")
     ranks = sorted(set(result.ranks.values()))
     print(f"LoRA for the original model {result.base_model}: {result.out} ({len(result.ranks)} modules, rank "
@@ -226,6 +234,8 @@ def _to_lora(args) -> int:
     if result.max_lora_rank is not None:
         print(f"serve with: vllm serve {result.base_model} --enable-lora --max-lora-rank {result.max_lora_rank} "
               f"--lora-modules adapter={result.out}")
+    if result.logit_change is not None:
+        print(describe_logit_change(result.logit_change))
     return 0
 
 
@@ -244,7 +254,8 @@ def _extract_lora(args) -> int:
         options["target_modules"] = [m.strip() for m in args.target_modules.split(",") if m.strip()]
     saved = [m.strip() for m in args.save_modules.split(",") if m.strip()] if args.save_modules else None
     result = extract_lora(args.base, args.finetuned, args.out, r=args.rank, energy=args.energy, save_modules=saved,
-                          overwrite=args.overwrite, progress=not args.no_progress, **options)
+                          logit_check=args.logit_check, overwrite=args.overwrite, progress=not args.no_progress,
+                          **options)
     _completed(what="the LoRA is complete")
     tensors = result.report["tensors"]
     kept = [t["energy_kept"] for t in tensors]
@@ -269,6 +280,8 @@ def _extract_lora(args) -> int:
             if not any(n.startswith(f"{m}.") for m in extract["saved_whole"])]
     if left:
         print(f"  differ but not adapted (not in the LoRA): {', '.join(left)}")
+    if "logit_change" in result.report:
+        print(f"  {describe_logit_change(result.report['logit_change'])}")
     return 0
 
 

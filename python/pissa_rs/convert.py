@@ -44,6 +44,7 @@ class ConversionResult:
     # Frobenius norm the LoRA drops (0 where it is exact); the largest expert's for experts
     dropped: dict[str, float] | None = None
     max_lora_rank: int | None = None  # with serve: the rank to start the server with
+    logit_change: dict | None = None  # with logit_check: logit_check.logit_change against the exact reference
 
 
 def _adapter(directory: Path) -> tuple[Checkpoint, dict]:
@@ -225,8 +226,8 @@ def expert_factors(a: torch.Tensor, b: torch.Tensor, experts: int, e: int) -> tu
 def convert_to_lora(init_dir: str | os.PathLike[str], finetuned_dir: str | os.PathLike[str],
                     out_dir: str | os.PathLike[str], *, compact: bool = False, tol: float = 1e-6,
                     rank: int | None = None, energy: float | None = None, serve: str | None = None,
-                    base_model: str | os.PathLike[str] | None = None, revision: str | None = None
-                    ) -> ConversionResult:
+                    base_model: str | os.PathLike[str] | None = None, revision: str | None = None,
+                    logit_check: int = 0) -> ConversionResult:
     """Write the LoRA of the original model that equals `finetuned` on the residual model.
 
     The result matches PEFT's own conversion (same keys, shapes, values and config
@@ -245,6 +246,11 @@ def convert_to_lora(init_dir: str | os.PathLike[str], finetuned_dir: str | os.Pa
     loads it onto that model: by default the one the decomposition's report records;
     `base_model` (a path or Hub ID, at `revision`) names it where the report is not beside
     `init_dir` or the original has moved.
+
+    `logit_check=N`: N random token sequences through the original model with the LoRA and
+    through the exact reference (the fine-tuned adapter on the residual model), one model in
+    memory at a time: KL, top-1 agreement and |logit| differences, in the result and in
+    `OUT/pissa_conversion.json`.
     """
     with quiet_library_noise():
         from peft import LoraConfig
@@ -337,12 +343,19 @@ def convert_to_lora(init_dir: str | os.PathLike[str], finetuned_dir: str | os.Pa
             writer.write(a_key, as_numpy_bytes(new_a))
             writer.write(b_key, as_numpy_bytes(new_b))
     config.save_pretrained(str(out_dir))
-    if refactor:
-        record = {"truncation": {"tol": tol, "rank": rank, "energy": energy, "serve": serve},
-                  "max_lora_rank": max_lora_rank,
-                  "modules": {pattern_key(m): {"rank": ranks[pattern_key(m)], "dropped": dropped[m]} for m in tuned_mods}}
+    change = None
+    if logit_check:
+        from .logit_check import logit_change
+
+        reference = pair.init_dir.parent if method.changes_base else base  # what the fine-tuned adapter was trained on
+        change = logit_change((reference, pair.finetuned_dir), (base, out_dir), samples=logit_check)
+    if refactor or change is not None:
+        record = {"truncation": {"tol": tol, "rank": rank, "energy": energy, "serve": serve} if refactor else None,
+                  "max_lora_rank": max_lora_rank, "logit_change": change,
+                  "modules": {pattern_key(m): {"rank": ranks[pattern_key(m)], "dropped": dropped.get(m, 0.0)}
+                              for m in tuned_mods}}
         (out_dir / CONVERSION_REPORT).write_text(json.dumps(record, indent=1) + "\n")
     else:
         (out_dir / CONVERSION_REPORT).unlink(missing_ok=True)
     return ConversionResult(out_dir, ranks, base, dropped={pattern_key(m): d for m, d in dropped.items()}
-                            if refactor else None, max_lora_rank=max_lora_rank)
+                            if refactor else None, max_lora_rank=max_lora_rank, logit_change=change)

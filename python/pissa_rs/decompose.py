@@ -113,8 +113,8 @@ def decompose_checkpoint(
 
 
 def extract_lora(base, finetuned, out=None, *, r: int = 128, energy: float | None = None,
-                 save_modules: bool | list[str] | None = None, overwrite: bool = False, progress: bool = True,
-                 **options):
+                 save_modules: bool | list[str] | None = None, logit_check: int = 0, overwrite: bool = False,
+                 progress: bool = True, **options):
     """A LoRA of `base` from the fully fine-tuned `finetuned` (folders, same architecture):
     per target weight (PEFT's target selection, "all-linear" by default), the top-r triplets
     of W_ft - W_base (randomized SVD, `niter`; 0: exact), out of core with the decomposition's
@@ -124,14 +124,24 @@ def extract_lora(base, finetuned, out=None, *, r: int = 128, energy: float | Non
     under `extract`). `energy=E` (0 < E <= 1): per module the fewest of the r triplets that keep
     E of ||W_ft - W_base||^2 (rank_pattern; r is the cap). `save_modules`: modules carried
     whole as PEFT's modules_to_save, names or suffixes (True: every one that differs and is not
-    adapted). Returns the DecomposeResult."""
+    adapted). `logit_check=N`: N random token sequences through BASE with the LoRA and through
+    FINETUNED (one whole model in memory at a time), the change in the report's `logit_change`.
+    Returns the DecomposeResult."""
     if save_modules is True:
         save_modules = ["all"]
     elif isinstance(save_modules, str):
         save_modules = [save_modules]
-    return decompose_checkpoint(finetuned, r=r, out=out, overwrite=overwrite, progress=progress, method="extract",
-                                extract_base=str(base), extract_energy=energy,
-                                extract_save_modules=list(save_modules) if save_modules else None, **options)
+    result = decompose_checkpoint(finetuned, r=r, out=out, overwrite=overwrite, progress=progress, method="extract",
+                                  extract_base=str(base), extract_energy=energy,
+                                  extract_save_modules=list(save_modules) if save_modules else None, **options)
+    if logit_check:
+        from .constants import REPORT_NAME
+        from .engine.outdir import atomic_write_text
+        from .logit_check import logit_change
+
+        result.report["logit_change"] = logit_change((finetuned, None), (base, result.adapter), samples=logit_check)
+        atomic_write_text(result.out / REPORT_NAME, json.dumps(result.report, indent=1))
+    return result
 
 
 def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None, overwrite: bool,
