@@ -94,6 +94,18 @@ def test_a_ray_run_writes_the_bytes_of_a_local_run(cluster, llama, tmp_path, cas
     assert sum(report["cluster"]["units_per_node"].values()) == len(list(Path(src).glob("*.safetensors")))
 
 
+def test_extract_lora_on_ray_writes_the_bytes_of_a_local_run(cluster, llama, tmp_path):
+    """extract-lora's units on the cluster: each node reads its targets' base matrices itself."""
+    base = save_tiny_model(tmp_path / "base", "llama", layers=2, shard_size="150KB", seed=1)
+    options = dict(r=4, energy=0.5, save_modules=True, progress=False)
+    local = pissa_rs.extract_lora(base, llama, tmp_path / "local", **options)
+    remote = pissa_rs.extract_lora(base, llama, tmp_path / "ray", ray=cluster.address, **options)
+    mine, theirs = digest(remote.out), digest(local.out)  # the adapter names BASE in both: every file but the report
+    assert mine.pop("pissa_report.json") and theirs.pop("pissa_report.json") and mine == theirs
+    assert [t["r"] for t in remote.report["tensors"]] == [t["r"] for t in local.report["tensors"]]
+    assert len(remote.report["cluster"]["nodes"]) == 2 and remote.report["extract"]["saved_whole"]
+
+
 @pytest.mark.parametrize("sig", ["KILL", "BUS"])
 def test_a_worker_killed_mid_unit_is_retried_and_adopts_what_its_journal_holds(cluster, llama, tmp_path, sig):
     """The fault hook kills the worker at its 2nd target (SIGKILL; SIGBUS, what a soft NFS

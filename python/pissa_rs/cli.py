@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "module gets (default %(default)s)")
     ext.add_argument("--energy", type=float, help="per module the fewest triplets that keep this share (0 < E <= 1) "
                      "of ||W_ft - W_base||^2, written as rank_pattern")
+    ext.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
+                     help="run the units as Ray tasks on an existing cluster (as decompose --ray); both models' "
+                     "folders must be readable on every node")
     ext.add_argument("--logit-check", type=int, default=0, metavar="N",
                      help="N random token sequences through BASE with the LoRA and through FINETUNED: KL, top-1 "
                      "agreement, logit differences, in the report (loads each model whole, one at a time)")
@@ -255,7 +258,7 @@ def _extract_lora(args) -> int:
     saved = [m.strip() for m in args.save_modules.split(",") if m.strip()] if args.save_modules else None
     result = extract_lora(args.base, args.finetuned, args.out, r=args.rank, energy=args.energy, save_modules=saved,
                           logit_check=args.logit_check, overwrite=args.overwrite, progress=not args.no_progress,
-                          **options)
+                          ray=args.ray, **options)
     _completed(what="the LoRA is complete")
     tensors = result.report["tensors"]
     kept = [t["energy_kept"] for t in tensors]

@@ -165,8 +165,6 @@ def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None
                              "do not take calibration data yet")
         calibration, options = model_calibration(path, options)
     if options.init_method.reads_base:  # extract: a LoRA of the base the fine-tuned model started from
-        if ray is not None:
-            raise ValueError("method 'extract' reads the base model in this process; not on Ray yet")
         base = Path(options.extract_base).resolve()
         if not base.exists():
             raise FileNotFoundError(f"{base}: the base model to extract a LoRA of is not there")

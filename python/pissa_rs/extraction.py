@@ -19,6 +19,19 @@ class ExtractionError(PissaError, ValueError):
     """A base and a fine-tuned model that do not belong together."""
 
 
+class TargetBases:
+    """Target index -> the base model's matrix of that target, read when a unit asks (on a Ray
+    node too: the pair was checked by the driver)."""
+
+    def __init__(self, base: Path, targets):
+        self.base, self.targets = Checkpoint(base), list(targets)
+
+    def get(self, index: int) -> torch.Tensor | None:
+        if index >= len(self.targets):
+            return None
+        return self.targets[index].weight_read(self.base).read(self.base)
+
+
 class BaseWeights:
     """Target tensor name -> the base model's matrix of it, read on demand (the same pieces
     and decoding as the fine-tuned model's: the layouts are checked to be the same)."""

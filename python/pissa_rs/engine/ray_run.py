@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+from pathlib import Path
 from typing import Any
 
 from .._pissa_rs import PissaError
@@ -95,7 +96,6 @@ def as_mounted_here(job: Job) -> Job:
     """The job with the driver's paths rewritten as this node mounts them (PATH_MAP in the
     node's environment); unchanged where it is not set."""
     from dataclasses import replace
-    from pathlib import Path
 
     pairs = [item.split("=", 1) for item in os.environ.get(PATH_MAP, "").split(";") if "=" in item]
     if not pairs:
@@ -108,7 +108,11 @@ def as_mounted_here(job: Job) -> Job:
                 return Path(node.rstrip("/") + text[len(driver.rstrip("/")):])
         return Path(text)
 
-    return replace(job, input=here(job.input), outputs=tuple(replace(s, out=here(s.out)) for s in job.outputs),
+    def options_here(options):  # extract's base model is a folder the nodes read too
+        return replace(options, extract_base=str(here(options.extract_base))) if options.extract_base else options
+
+    return replace(job, input=here(job.input), options=options_here(job.options),
+                   outputs=tuple(replace(s, out=here(s.out), options=options_here(s.options)) for s in job.outputs),
                    inputs=tuple({**e, "file": str(here(e["file"]))} for e in job.inputs))
 
 
@@ -124,7 +128,12 @@ def _unit_task(job: Job, index: int, expected: dict) -> dict[str, Any]:
         raise EnvironmentMismatchError(f"node {node} would write other bytes than the cluster's other nodes "
                                        f"({difference}); refused before writing")
     unit = job.units[index]
-    summary = run_unit(job, unit, lease=Lease.take(job, unit), rounding=found["rounding"])
+    statistics = None
+    if job.options.init_method.reads_base:  # extract: each target's base matrix, read here as the unit needs it
+        from ..extraction import TargetBases
+
+        statistics = TargetBases(Path(job.options.extract_base), job.outputs[0].plan.targets)
+    summary = run_unit(job, unit, lease=Lease.take(job, unit), rounding=found["rounding"], statistics=statistics)
     return {**summary, "node": node, "bytes": unit.nbytes}
 
 
