@@ -249,3 +249,12 @@ def test_verify_lora_on_experts(tuned_moe, tmp_path):
         convert_to_lora(res.adapter, root / "ft", tmp_path / "lora", **options)
         report = pissa_rs.verify_lora(tmp_path / "lora", res.adapter, root / "ft")
         assert report.ok, (options, report.problems)
+
+
+def test_factors_kept_from_the_shapes_pass_are_the_bytes_computed_again(tuned, tmp_path, monkeypatch):
+    kept = convert_to_lora(tuned["init"], tuned["ft"], tmp_path / "kept", energy=0.9)
+    monkeypatch.setattr(pissa_rs.convert, "REFACTORED_CACHE_BYTES", 0)  # every module computed again
+    again = convert_to_lora(tuned["init"], tuned["ft"], tmp_path / "again", energy=0.9)
+    assert kept.ranks == again.ranks
+    assert ((tmp_path / "kept" / "adapter_model.safetensors").read_bytes()
+            == (tmp_path / "again" / "adapter_model.safetensors").read_bytes())

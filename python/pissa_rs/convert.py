@@ -99,6 +99,8 @@ def _check_pair(init_dir: Path, init_cfg: dict, tuned_dir: Path, tuned_cfg: dict
             )
 
 
+REFACTORED_CACHE_BYTES = 1 << 30  # re-factored LoRA factors kept from the shapes pass to the writing pass
+
 # The ranks vLLM takes for --max-lora-rank (it pre-allocates LoRA buffers at that rank).
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 SERVERS = {"vllm": VLLM_RANKS}
@@ -308,15 +310,25 @@ def convert_to_lora(init_dir: str | os.PathLike[str], finetuned_dir: str | os.Pa
 
     # Shapes first (the writer lays the file out up front): 2r each (r for a method whose base is
     # the original: its adapter is a LoRA of it already), or with compact the kept ranks, from a
-    # first pass whose factors are dropped.
+    # first pass whose factors are kept while they fit in REFACTORED_CACHE_BYTES (the second pass
+    # computes only the rest again: the same bytes either way).
     growth = method.lora_of_original(*[torch.zeros(1, 1)] * 4)[0].shape[0]
     ranks: dict[str, int] = {}
     specs = []
+    cached: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    room = REFACTORED_CACHE_BYTES
     for module, (a_key, b_key) in tuned_mods.items():
         (a_rows, in_f), (out_f, _) = tuple(tuned.info(a_key).shape), tuple(tuned.info(b_key).shape)
         dtype = SAFETENSORS_DTYPES[torch.promote_types(TORCH_DTYPES[tuned.info(a_key).dtype],
                                                        TORCH_DTYPES[init.info(init_mods[module][0]).dtype])]
-        k = delta_factors(module)[0].shape[0] if refactor else a_rows * growth
+        if refactor:
+            found = delta_factors(module)
+            size = sum(t.numel() * t.element_size() for t in found)
+            if size <= room:
+                cached[module], room = found, room - size
+            k = found[0].shape[0]
+        else:
+            k = a_rows * growth
         ranks[pattern_key(module)] = k // experts_of(module)
         specs += [(a_key, dtype, [k, in_f]), (b_key, dtype, [out_f, k])]
 
@@ -339,7 +351,7 @@ def convert_to_lora(init_dir: str | os.PathLike[str], finetuned_dir: str | os.Pa
     out_dir.mkdir(parents=True, exist_ok=True)
     with ShardWriter(out_dir / ADAPTER_WEIGHTS, specs, metadata={"format": "pt"}) as writer:  # aborts on error
         for module, (a_key, b_key) in tuned_mods.items():
-            new_a, new_b = delta_factors(module)
+            new_a, new_b = cached.pop(module) if module in cached else delta_factors(module)
             writer.write(a_key, as_numpy_bytes(new_a))
             writer.write(b_key, as_numpy_bytes(new_b))
     config.save_pretrained(str(out_dir))
