@@ -642,3 +642,27 @@ def test_eva_pass_killed_mid_layer_resumes_there(tmp_path):
     mine, ref = (json.loads((f / "pissa_report.json").read_text()) for f in (out, reference))
     assert mine["calibration"]["resumed_at_layer"] == state["next_layer"] and mine["eva"] == ref["eva"]
     assert mine["calibration"]["passes"] == ref["calibration"]["passes"]
+
+
+def test_covariances_waiting_for_their_unit_are_held_as_views_of_their_saved_file(tmp_path, monkeypatch):
+    """One shard over 4 layers: the covariances of layers 0-2 wait for layer 3. Once saved for
+    resume they are held as views of that file (host memory does not grow with the layers
+    waiting), and the output is byte for byte that of holding the tensors themselves."""
+    from make_tiny_model import save_tiny_model
+
+    import pissa_rs.engine.sequential as sequential
+
+    src = save_tiny_model(tmp_path / "m", "llama", layers=4, shard_size="10MB")
+    options = dict(r=4, method="corda-ipm", calibration=calibration_texts(8), calibration_length=32, progress=False)
+    views, mapped = [], sequential._Carried._mapped
+    monkeypatch.setattr(sequential._Carried, "_mapped", lambda self, keys: views.append(mapped(self, keys)) or views[-1])
+    viewed = pissa_rs.decompose_checkpoint(src, out=tmp_path / "viewed", **options)
+    assert [len(v) for v in views] == [7, 14, 21]  # each layer's 7 targets join the waiting ones
+    save = sequential._Carried.save
+    monkeypatch.setattr(sequential._Carried, "save", lambda self, next_layer, hidden, pending, *rest, **kw: (
+        save(self, next_layer, hidden, pending, *rest, **kw), pending)[1])  # the tensors themselves kept
+    held = pissa_rs.decompose_checkpoint(src, out=tmp_path / "held", **options)
+    own = ("pissa_report.json", "pissa_init/adapter_config.json")  # timings; the config names its own folder
+    mine, theirs = digest(viewed.out), digest(held.out)
+    assert set(mine) == set(theirs)
+    assert {k: v for k, v in mine.items() if k not in own} == {k: v for k, v in theirs.items() if k not in own}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,7 @@ from ..calibration.layers import LayerStack
 from ..calibration.samples import CalibrationError, CalibrationSet
 from ..calibration.statistics import CovarianceHooks
 from ..constants import UNITS_DIR
+from ..tensors import as_torch
 from .resume import fault_point
 from .run import run_unit
 from .units import Job, Unit
@@ -89,6 +91,15 @@ class HiddenStates:
         return len(self.index)
 
 
+class _TakenOnce(dict):
+    """Target index -> its statistic, each taken (not just looked up) by the computation of its
+    target: a covariance, or the resident pages of its file view, goes as soon as the last
+    target sharing it is computed, not when its whole unit is."""
+
+    def get(self, key, default=None):
+        return self.pop(key, default)
+
+
 class _Carried:
     """What a resume needs at a layer boundary: the file of hidden states that are the next
     layer's input, and the statistics of targets whose units have not run yet; recorded in
@@ -96,6 +107,7 @@ class _Carried:
 
     def __init__(self, folder: Path, digest: str):
         self.folder, self.digest = folder, digest
+        self._saved: list[tuple[weakref.ref, str, str]] = []  # (view, file, key) of statistics already on disk
 
     def hidden_file(self, layer: int) -> Path:
         return self.folder / f"hidden-{layer:05d}.bin"
@@ -104,38 +116,62 @@ class _Carried:
         state = self.folder / "state.json"
         if not state.is_file():
             return None
-        from safetensors.torch import load_file
-
         recorded = json.loads(state.read_text())
         if recorded.get("calibration") != self.digest:
             return None
         hidden = HiddenStates(self.hidden_file(recorded["next_layer"]), [tuple(i) for i in recorded["index"]],
                               recorded["dtype"])
-        tensors = load_file(str(self.folder / "pending.safetensors")) if recorded["pending"] else {}
-        pending = {int(i): tensors[key] for i, key in recorded["pending"].items()}
+        pending = self._mapped({int(i): tuple(at) for i, at in recorded["pending"].items()})
         return recorded["next_layer"], hidden, pending, recorded.get("record", {})
 
+    def _mapped(self, places: dict[int, tuple[str, str]]) -> dict[int, torch.Tensor]:
+        """The saved pending statistics as read-only views of their files: resident only while
+        a unit reads them, so that host memory does not grow with the layers still waiting for
+        their shard's last layer (an 8B down_proj's covariance is 0.8 GB)."""
+        files = {f: Checkpoint(self.folder / f) for f in {f for f, _ in places.values()}}
+        views = {at: as_torch(files[at[0]].buffer(at[1])) for at in set(places.values())}  # shared inputs: one view
+        self._saved = [(ref, f, k) for ref, f, k in self._saved if ref() is not None]
+        self._saved += [(weakref.ref(v), *at) for at, v in views.items()]
+        return {i: views[at] for i, at in places.items()}
+
+    def _place_of(self, t: torch.Tensor) -> tuple[str, str] | None:
+        return next(((f, k) for ref, f, k in self._saved if ref() is t), None)
+
     def save(self, next_layer: int, hidden: HiddenStates, pending: dict[int, torch.Tensor],
-             record: dict | None = None) -> None:
+             record: dict | None = None) -> dict[int, torch.Tensor]:
+        """Saves the state: the statistics not on disk yet into this boundary's own file (those
+        saved before stay where they are, not read again here); returns `pending` as views of
+        their files (the same values), to hold instead of the tensors."""
         from safetensors.torch import save_file
 
-        keys: dict[int, str] = {}  # modules sharing an input share one covariance: stored once
+        places: dict[int, tuple[str, str]] = {}
+        new: dict[int, str] = {}  # id -> key: modules sharing an input share one covariance, stored once
         tensors = {}
+        name = f"pending-{next_layer:05d}.safetensors"
         for i, t in pending.items():
-            keys.setdefault(id(t), f"target-{i}")
-            tensors[keys[id(t)]] = t.contiguous()
+            place = self._place_of(t)
+            if place is None:
+                key = new.setdefault(id(t), f"target-{i}")
+                tensors[key] = t.contiguous()
+                place = (name, key)
+            places[i] = place
         if tensors:
-            partial = self.folder / "pending.safetensors.partial"
+            partial = self.folder / f"{name}.partial"
             save_file(tensors, str(partial))
-            os.replace(partial, self.folder / "pending.safetensors")
+            os.replace(partial, self.folder / name)
         state = self.folder / "state.json.partial"
         state.write_text(json.dumps({"next_layer": next_layer, "index": hidden.index, "dtype": hidden.dtype,
                                      "calibration": self.digest, "record": record or {},
-                                     "pending": {str(i): keys[id(t)] for i, t in pending.items()}}))
+                                     "pending": {str(i): list(at) for i, at in places.items()}}))
         os.replace(state, self.folder / "state.json")
         for old in self.folder.glob("hidden-*.bin"):  # the boundaries before this one: never read again
             if old != hidden.path:
                 old.unlink()
+        held = {f for f, _ in places.values()}
+        for old in self.folder.glob("pending-*.safetensors"):  # every target of it computed
+            if old.name not in held:
+                old.unlink()
+        return self._mapped(places)
 
 
 def _padded(calibration: CalibrationSet, batch: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -179,7 +215,7 @@ def run_calibrated(job: Job, checkpoint: Checkpoint, calibration: CalibrationSet
     experts_record: dict[str, dict] = {}
     last_layer = {unit.index: max((layers[i][0] for i in unit.targets), default=-1) for unit in job.units}
     waiting: list[Unit] = list(job.units)
-    statistics: dict[int, torch.Tensor] = {}
+    statistics = _TakenOnce()
     carried = _Carried(job.outputs[0].out / UNITS_DIR / CALIBRATION_DIR, calibration.digest)
     batch_size = job.options.calibration_batch
     batches = calibration.batches(batch_size)
@@ -234,7 +270,7 @@ def run_calibrated(job: Job, checkpoint: Checkpoint, calibration: CalibrationSet
         run_ready(layer_index)
         if waiting:  # a resume starts at the next layer
             t0 = time.perf_counter()
-            carried.save(layer_index + 1, hidden, statistics)
+            statistics.update(carried.save(layer_index + 1, hidden, statistics))  # held as file views from here
             seconds["saved"] += time.perf_counter() - t0
     if waiting:
         raise CalibrationError(f"units {[u.name for u in waiting]} were never reached by the calibration "
