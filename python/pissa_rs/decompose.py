@@ -21,7 +21,7 @@ from .engine.commit import commit
 from .engine.layout import output_bytes
 from .engine.outdir import prepare_out
 from .engine.resume import input_state, run_identity
-from .engine.run import run_unit
+from .engine.run import ByIndex, run_unit
 from .engine.units import Job, OutputSpec, split_units
 from .hub import base_model_of
 from .locations import output_dirs, resolve_source
@@ -271,17 +271,6 @@ def _plan(path: Path, checkpoint: Checkpoint, per_rank: list[DecomposeOptions], 
     return make_plan(path, [asdict(o) for o in per_rank], outs), PlanChecks()
 
 
-class _ByIndex:
-    """Target index -> its statistic, looked up (or read, for a base model's weights) when
-    the unit computing that target asks: never all at once."""
-
-    def __init__(self, statistics, targets):
-        self.statistics, self.targets = statistics, targets
-
-    def get(self, index: int):
-        return self.statistics[self.targets[index].tensor] if index < len(self.targets) else None
-
-
 def run_locally(job: Job, checkpoint: Checkpoint, progress: bool, calibration=None, statistics=None) -> tuple:
     """Every unit, one after the other, in this process; one progress bar over the bytes.
     With `calibration`, in layer order as the calibration reaches them; with `statistics`
@@ -303,7 +292,7 @@ def run_locally(job: Job, checkpoint: Checkpoint, progress: bool, calibration=No
     targets = len(job.outputs[0].plan.targets)
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="pissa", disable=not progress,
               postfix=f"0/{len(job.units)} units") as bar:
-        by_index = _ByIndex(statistics, job.outputs[0].plan.targets) if statistics is not None else None
+        by_index = ByIndex(statistics, job.outputs[0].plan.targets) if statistics is not None else None
         for k, unit in enumerate(job.units):
             run_unit(job, unit, progress=bar.update, statistics=by_index)
             bar.set_postfix_str(f"{k + 1}/{len(job.units)} units, {targets} targets", refresh=False)

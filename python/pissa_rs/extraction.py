@@ -19,27 +19,24 @@ class ExtractionError(PissaError, ValueError):
     """A base and a fine-tuned model that do not belong together."""
 
 
-class TargetBases:
-    """Target index -> the base model's matrix of that target, read when a unit asks (on a Ray
-    node too: the pair was checked by the driver)."""
+class BaseReads:
+    """Target tensor name -> the base model's matrix of it, read on demand (the same pieces
+    and decoding as the fine-tuned model's); on a Ray node too, the pair checked by the driver."""
 
     def __init__(self, base: Path, targets):
-        self.base, self.targets = Checkpoint(base), list(targets)
+        self.base, self.path = Checkpoint(base), base
+        self.targets = {t.tensor: t for t in targets}
 
-    def get(self, index: int) -> torch.Tensor | None:
-        if index >= len(self.targets):
-            return None
-        return self.targets[index].weight_read(self.base).read(self.base)
+    def __getitem__(self, tensor: str) -> torch.Tensor:
+        return self.targets[tensor].weight_read(self.base).read(self.base)
 
 
-class BaseWeights:
-    """Target tensor name -> the base model's matrix of it, read on demand (the same pieces
-    and decoding as the fine-tuned model's: the layouts are checked to be the same)."""
+class BaseWeights(BaseReads):
+    """BaseReads of a pair checked to belong together (the layouts the same) before anything is
+    written, with what differs but is not adapted."""
 
     def __init__(self, base: Path, finetuned: Checkpoint, targets):
-        self.base = Checkpoint(base)
-        self.path = base
-        self.targets = {t.tensor: t for t in targets}
+        super().__init__(base, targets)
         ours = {t.name: t for t in finetuned.tensors}
         theirs = {t.name: t for t in self.base.tensors}
         for name in sorted(set(ours) & set(theirs)):
@@ -82,10 +79,6 @@ class BaseWeights:
                                       + (f"; did you mean {', '.join(close)}?" if close else ""))
             picked.update(found)
         return sorted(picked)
-
-    def __getitem__(self, tensor: str) -> torch.Tensor:
-        target = self.targets[tensor]
-        return target.weight_read(self.base).read(self.base)
 
     def as_record(self) -> dict:
         return {"base": str(self.path), "not_adapted_but_different": self.differing,

@@ -50,7 +50,7 @@ def commit(job: Job, spec: OutputSpec, started: float, origin: dict[str, str | N
     saved, tied = method.modules_to_save(spec.options), False
     if saved:
         spec, tied = with_modules_to_save(spec, saved, Path(checkpoint.root))
-    write_adapter(job, spec, saved_tensors(checkpoint, saved, tied))
+    write_adapter(job, spec, checkpoint, saved_tensors(checkpoint, saved, tied))
     changes_base = method.changes_base
     # a method that leaves the base as it is (MiCA): no model here, the adapter names the original
     copied = copy_model_files(checkpoint, job.input, out) if changes_base else []
@@ -130,14 +130,13 @@ def with_modules_to_save(spec: OutputSpec, modules: list[str], model_dir: Path) 
     return replace(spec, plan=replace(spec.plan, adapter_config_json=json.dumps(config, indent=2, sort_keys=True))), tied
 
 
-def write_adapter(job: Job, spec: OutputSpec, saved: list[tuple[str, str]] = ()) -> None:
+def write_adapter(job: Job, spec: OutputSpec, source: Checkpoint, saved: list[tuple[str, str]] = ()) -> None:
     """OUT/pissa_init/adapter_model.safetensors from the units' parts: a layer's factors as
     they are (their leading triplets where the commit chose a smaller rank); a layer over E
     experts (PEFT's ParamWrapper) holds expert e's rows of A and every E-th column of B.
-    `saved`: (key, tensor) copied whole from the input (modules_to_save)."""
+    `saved`: (key, tensor) copied whole from the input, `source` (modules_to_save)."""
     dtype = ADAPTER_DTYPES[spec.options.adapter_dtype]
     shapes = adapter_shapes(spec.plan.targets)
-    source = Checkpoint(job.input) if saved else None
     carried = [(key, source.info(name).dtype, list(source.info(name).shape)) for key, name in saved]
     parts = {}  # target -> its unit's adapter part
     for unit in job.units:

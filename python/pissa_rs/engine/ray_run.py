@@ -13,7 +13,7 @@ from typing import Any
 
 from .._pissa_rs import PissaError
 from .lease import Lease
-from .run import run_unit
+from .run import ByIndex, run_unit
 from .units import Job, is_done
 
 RETRIES = 3  # attempts after the first, when a node or worker dies (never for a PissaError)
@@ -130,9 +130,10 @@ def _unit_task(job: Job, index: int, expected: dict) -> dict[str, Any]:
     unit = job.units[index]
     statistics = None
     if job.options.init_method.reads_base:  # extract: each target's base matrix, read here as the unit needs it
-        from ..extraction import TargetBases
+        from ..extraction import BaseReads
 
-        statistics = TargetBases(Path(job.options.extract_base), job.outputs[0].plan.targets)
+        targets = job.outputs[0].plan.targets
+        statistics = ByIndex(BaseReads(Path(job.options.extract_base), targets), targets)
     summary = run_unit(job, unit, lease=Lease.take(job, unit), rounding=found["rounding"], statistics=statistics)
     return {**summary, "node": node, "bytes": unit.nbytes}
 

@@ -141,6 +141,17 @@ def _adopt_journaled(output: UnitOutput, journal: Path) -> None:
             writers[rel].adopt(tensor, crc)
 
 
+class ByIndex:
+    """Target index -> its statistic from a mapping by tensor name, looked up (or read, for a
+    base model's weights) when the unit computing that target asks: never all at once."""
+
+    def __init__(self, statistics, targets):
+        self.statistics, self.targets = statistics, targets
+
+    def get(self, index: int):
+        return self.statistics[self.targets[index].tensor] if index < len(self.targets) else None
+
+
 def run_unit(job: Job, unit: Unit, progress: Callable[[int], None] | None = None,
              lease: Lease | None = None, rounding: str | None = None,
              statistics: dict[int, torch.Tensor] | None = None) -> dict[str, Any]:
