@@ -309,6 +309,12 @@ def peft_eva(path, rho, batch, texts=TEXTS[:N], whiten=False):
     config = LoraConfig(r=R, lora_alpha=R, target_modules=LINEAR, init_lora_weights="eva", lora_dropout=0.0,
                         eva_config=EvaConfig(rho=rho, whiten=whiten), task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, config)
+    initialize_lora_eva_weights(peft_model, padded_batches(tokenizer, texts, batch), show_progress_bar=False)
+    return peft_model
+
+
+def padded_batches(tokenizer, texts, batch):
+    """PEFT's EVA dataloader: the samples in batches, right-padded, with the attention mask."""
     rows = [tokenizer(t, truncation=True, max_length=LENGTH)["input_ids"] for t in texts]
     batches = []
     for k in range(0, len(rows), batch):
@@ -318,8 +324,7 @@ def peft_eva(path, rho, batch, texts=TEXTS[:N], whiten=False):
         for i, row in enumerate(chunk):
             ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), 1
         batches.append({"input_ids": ids, "attention_mask": mask})
-    initialize_lora_eva_weights(peft_model, batches, show_progress_bar=False)
-    return peft_model
+    return batches
 
 
 def ours_eva(path, out, **options):
@@ -366,6 +371,88 @@ def test_eva_without_redistribution_is_peft_own(models, tmp_path, caplog, family
     loaded(ids, labels=ids).loss.backward()
     assert all(p.grad is not None for n, p in loaded.named_parameters() if "lora_B" in n)
     assert pissa_rs.verify(res.out, against=models[family]).ok
+
+
+# An encoder: BERT as transformers saves a masked-LM, its linear layers inside the encoder
+# layers (the MLM head's transform sits after them and is left out, as calibration reaches
+# the layers one at a time).
+BERT_TARGETS = dict(target_modules=["query", "key", "value", "dense"], exclude_modules=["cls.predictions.transform.dense"])
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    path = tmp_path_factory.mktemp("calibrated") / "bert"
+    tokenizer = save_tokenizer(path, TEXTS)
+    torch.manual_seed(0)
+    transformers.BertForMaskedLM(transformers.BertConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=128)).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("mode, batch", [("ipm", 1), ("kpm", 1), ("ipm", 5)])
+def test_an_encoder_is_peft_own_corda(bert, tmp_path, caplog, mode, batch):
+    """BERT: the encoder layers one at a time (bidirectional attention, the padding masked
+    as the model's forward masks it) give PEFT's own CorDA on the whole model; PEFT loads it
+    onto the residual with no missing or unexpected keys and the logits are the original's."""
+    from peft.tuners.lora.corda import preprocess_corda
+
+    res = ours(bert, tmp_path / "o", mode, calibration_batch=batch, **BERT_TARGETS)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(bert)
+    model = transformers.AutoModelForMaskedLM.from_pretrained(bert).eval()
+    config = LoraConfig(r=R, lora_alpha=R, init_lora_weights="corda", lora_dropout=0.0,
+                        corda_config=CordaConfig(corda_method=mode), **BERT_TARGETS)
+
+    def run_model():
+        for text in TEXTS[:N]:
+            model(**tokenizer(text, truncation=True, max_length=LENGTH, return_tensors="pt"))
+
+    preprocess_corda(model, config, run_model=run_model)
+    theirs = get_peft_model(model, config)
+    state = theirs.state_dict()
+    adapter = safetensors.torch.load_file(res.adapter / "adapter_model.safetensors")
+    assert sorted(adapter) == sorted(k.replace(".default.weight", ".weight") for k in state if ".lora_" in k)
+    assert len(adapter) == 2 * 6 * 2  # q, k, v, attention.output.dense, intermediate.dense, output.dense
+    rtol = 1e-6 if batch == 1 else 2e-3  # batched: see test_padding_never_counts
+    for key, value in adapter.items():
+        assert_close(value, state[key.replace(".weight", ".default.weight")], key, rtol=rtol)
+    residual = tensors_of(res.out)
+    for key, value in theirs.base_model.model.state_dict().items():
+        if ".base_layer." in key:
+            assert_close(residual[key.replace(".base_layer", "")], value, key, rtol=max(rtol, 1e-6))
+    written = json.loads((res.adapter / "adapter_config.json").read_text())
+    expected = json.loads(json.dumps(theirs.peft_config["default"].to_dict(), default=sorted))
+    expected.update(init_lora_weights=True, corda_config=None)
+    where = ("base_model_name_or_path", "revision", "target_modules", "exclude_modules", "peft_version")
+    assert {k: v for k, v in written.items() if k not in where} == {k: v for k, v in expected.items() if k not in where}
+    loaded = load_output_without_key_warnings(transformers.AutoModelForMaskedLM, res.out, caplog)
+    assert sorted(n for n, m in loaded.named_modules() if hasattr(m, "lora_A")) == sorted(
+        n for n, m in theirs.named_modules() if hasattr(m, "lora_A"))  # the same modules wrapped
+    ids = torch.tensor([[1, 5, 9, 40, 77, 3]])
+    original = transformers.AutoModelForMaskedLM.from_pretrained(bert).eval()(ids).logits
+    assert torch.allclose(loaded(ids).logits, original, atol=1e-4)
+
+
+def test_an_encoder_is_peft_own_eva(bert, tmp_path):
+    """BERT through EVA (rho = 1): PEFT's initialize_lora_eva_weights on its padded batches, bit for bit."""
+    from peft.tuners.lora.config import EvaConfig
+    from peft.tuners.lora.eva import initialize_lora_eva_weights
+
+    res = ours_eva(bert, tmp_path / "o", eva_rho=1.0, **BERT_TARGETS)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(bert)
+    model = transformers.AutoModelForMaskedLM.from_pretrained(bert).eval()
+    theirs = get_peft_model(model, LoraConfig(r=R, lora_alpha=R, init_lora_weights="eva", lora_dropout=0.0,
+                                              eva_config=EvaConfig(rho=1.0), **BERT_TARGETS))
+    initialize_lora_eva_weights(theirs, padded_batches(tokenizer, TEXTS[:N], 4), show_progress_bar=False)
+    state = theirs.state_dict()
+    adapter = safetensors.torch.load_file(res.adapter / "adapter_model.safetensors")
+    assert sorted(adapter) == sorted(k.replace(".default.weight", ".weight") for k in state if ".lora_" in k)
+    for key, value in adapter.items():
+        assert_close(value, state[key.replace(".weight", ".default.weight")], key)
+    from peft import PeftModel
+
+    loaded = PeftModel.from_pretrained(transformers.AutoModelForMaskedLM.from_pretrained(bert), res.adapter)
+    assert sum(1 for m in loaded.modules() if hasattr(m, "lora_A")) == 12
 
 
 def test_eva_redistributes_ranks_within_the_budget(models, tmp_path):

@@ -18,8 +18,9 @@ from .samples import CalibrationError
 # The families whose layer-by-layer forward is tested against the whole model's (and PEFT's
 # calibration on it); others are refused by name rather than calibrated on trust. The MoE
 # ones route tokens through experts transformers' use_experts_implementation builds, whose
-# per-expert inputs calibration sees.
-TESTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
+# per-expert inputs calibration sees; BERT is the tested encoder (bidirectional attention,
+# the padding masked by its own extended mask).
+TESTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "bert")
 
 
 def check_family(config, where: Path) -> None:
