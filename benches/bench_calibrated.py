@@ -1,8 +1,10 @@
-"""Benchmark: CorDA out of core (pissa_rs, one decoder layer at a time) against PEFT's own
-preprocess_corda + get_peft_model on the whole model, same checkpoint, same samples.
+"""Benchmark: CorDA-IPM and EVA out of core (pissa_rs, one decoder layer at a time) against
+PEFT's own preprocess_corda + get_peft_model and initialize_lora_eva_weights on the whole
+model, same checkpoint, same samples.
 
-    python benches/bench_calibrated.py [--layers 4] [--samples 64] [--length 256] [--methods pissa_rs,peft]
-                                       [--shapes tinyllama|llama3-8b] [--json OUT.json] [--smoke]
+    python benches/bench_calibrated.py [--layers 4] [--samples 64] [--length 256] [--batch 8]
+        [--methods pissa_rs,peft,pissa_rs_eva,peft_eva] [--shapes tinyllama|llama3-8b]
+        [--json OUT.json] [--smoke]
 
 The checkpoint is bench_decompose.py's synthetic one (TinyLlama-1.1B shapes by default, bf16,
 random weights) plus a byte-level BPE tokenizer trained on the docstrings of installed
@@ -26,14 +28,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_decompose import HARNESS, PROJECTIONS, machine, make_checkpoint, run_script  # noqa: E402
 
-RUNNERS = {
-    "pissa_rs": ("import os, torch, pissa_rs", """
+# Each method's runner: (imports, body), with SRC, OUT, R and TARGETS given by the harness.
+OURS = """
 texts = json.load(open(os.environ["BENCH_CALIBRATION"]))
-res = pissa_rs.decompose_checkpoint(SRC, r=R, target_modules=TARGETS, out=OUT, progress=False, method="corda-ipm",
-                                    calibration=texts, calibration_samples=len(texts),
+res = pissa_rs.decompose_checkpoint(SRC, r=R, target_modules=TARGETS, out=OUT, progress=False, method="{method}",
+                                    calibration=texts, calibration_samples=len(texts), calibration_batch=int(os.environ["BENCH_BATCH"]),
                                     calibration_length=int(os.environ["BENCH_LENGTH"]))
 open(os.environ["BENCH_SPLIT"], "w").write(json.dumps(res.report["calibration"]["seconds"]))
-"""),
+"""
+RUNNERS = {
+    "pissa_rs": ("import os, torch, pissa_rs", OURS.replace("{method}", "corda-ipm")),
+    "pissa_rs_eva": ("import os, torch, pissa_rs", OURS.replace("{method}", "eva")),
     "peft": ("import os, torch, peft, transformers", """
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.config import CordaConfig
@@ -54,6 +59,33 @@ model.peft_config["default"].init_lora_weights = True
 model.save_pretrained(os.path.join(OUT, "pissa_init"))
 model = model.unload()
 model.save_pretrained(OUT)
+"""),
+    # PEFT's EVA as its docs run it: the dataloader's right-padded batches with their mask;
+    # the base weights are not changed, so only the adapter is written.
+    "peft_eva": ("import os, torch, peft, transformers", """
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora.config import EvaConfig
+from peft.tuners.lora.eva import initialize_lora_eva_weights
+from transformers import AutoModelForCausalLM, AutoTokenizer
+texts = json.load(open(os.environ["BENCH_CALIBRATION"]))
+length = int(os.environ["BENCH_LENGTH"])
+model = AutoModelForCausalLM.from_pretrained(SRC, dtype=torch.bfloat16).eval()
+tokenizer = AutoTokenizer.from_pretrained(SRC)
+config = LoraConfig(r=R, lora_alpha=R, lora_dropout=0.0, target_modules=TARGETS, init_lora_weights="eva",
+                    eva_config=EvaConfig(), task_type="CAUSAL_LM")
+model = get_peft_model(model, config)
+rows = [tokenizer(t, truncation=True, max_length=length)["input_ids"] for t in texts]
+batches = []
+batch = int(os.environ["BENCH_BATCH"])
+for k in range(0, len(rows), batch):
+    chunk = rows[k:k + batch]
+    ids = torch.zeros(len(chunk), max(map(len, chunk)), dtype=torch.int64)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(chunk):
+        ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), 1
+    batches.append({"input_ids": ids, "attention_mask": mask})
+initialize_lora_eva_weights(model, batches, show_progress_bar=False)
+model.save_pretrained(os.path.join(OUT, "adapter"))
 """),
 }
 
@@ -94,8 +126,9 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=128)
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--length", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=8, help="samples per forward (EVA's batches; pissa_rs' CorDA too)")
     ap.add_argument("--shapes", choices=["tinyllama", "llama3-8b"], default="tinyllama")
-    ap.add_argument("--methods", default="pissa_rs,peft")
+    ap.add_argument("--methods", default="pissa_rs,peft,pissa_rs_eva,peft_eva")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script, not the speed")
     args = ap.parse_args()
@@ -122,7 +155,8 @@ def main() -> None:
         data = Path(tmp) / "calibration.json"
         data.write_text(json.dumps(texts))
         split = Path(tmp) / "split.json"
-        env = {**os.environ, "BENCH_CALIBRATION": str(data), "BENCH_LENGTH": str(length), "BENCH_SPLIT": str(split)}
+        env = {**os.environ, "BENCH_CALIBRATION": str(data), "BENCH_LENGTH": str(length), "BENCH_SPLIT": str(split),
+               "BENCH_BATCH": str(args.batch)}
         results = {}
         for method in args.methods.split(","):
             imports, body = RUNNERS[method]
@@ -131,17 +165,18 @@ def main() -> None:
             code = HARNESS.format(imports="import sys\n" + imports, body=body)
             result = run_script(method, code, [str(src), str(out), str(rank), "0", json.dumps(PROJECTIONS)], env)
             result["total_s"] = time.perf_counter() - t0
-            if method == "pissa_rs":
+            if method.startswith("pissa_rs"):
                 result["split_s"] = json.loads(split.read_text())
             results[method] = result
             print(method, result, file=sys.stderr)
     print("| method | wall (s) | peak RSS (GiB) |\n|---|---:|---:|")
     for method, r in results.items():
         print(f"| {method} | {r['wall_s']:.1f} | {r['peak_rss_bytes'] / 2**30:.2f} |")
-    if {"pissa_rs", "peft"} <= results.keys():
-        ours, theirs = results["pissa_rs"], results["peft"]
-        print(f"pissa_rs / peft: wall {ours['wall_s'] / theirs['wall_s']:.2f}x, peak RSS "
-              f"{ours['peak_rss_bytes'] / theirs['peak_rss_bytes']:.2f}x")
+    for ours_name, theirs_name in (("pissa_rs", "peft"), ("pissa_rs_eva", "peft_eva")):
+        if {ours_name, theirs_name} <= results.keys():
+            ours, theirs = results[ours_name], results[theirs_name]
+            print(f"{ours_name} / {theirs_name}: wall {ours['wall_s'] / theirs['wall_s']:.2f}x, peak RSS "
+                  f"{ours['peak_rss_bytes'] / theirs['peak_rss_bytes']:.2f}x")
     print(f"machine: {machine()}; {dims['layers']} layers, {total / 2**30:.2f} GiB, {samples} x {length} tokens")
     if args.json:
         args.json.write_text(json.dumps({"machine": machine(), "dims": dims, "results": results}, indent=1))

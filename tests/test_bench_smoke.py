@@ -94,13 +94,15 @@ def test_moe_benchmark_smoke(tmp_path):
 
 
 def test_calibrated_benchmark_smoke(tmp_path):
-    """benches/bench_calibrated.py: CorDA through pissa_rs and through PEFT, tiny shapes."""
+    """benches/bench_calibrated.py: CorDA and EVA through pissa_rs and through PEFT, tiny shapes."""
     out = tmp_path / "calibrated.json"
     proc = subprocess.run([sys.executable, str(BENCH.parent / "bench_calibrated.py"), "--smoke", "--workdir",
                            str(tmp_path), "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
-    assert set(report["results"]) == {"pissa_rs", "peft"} and "pissa_rs / peft: wall" in proc.stdout
+    assert set(report["results"]) == {"pissa_rs", "peft", "pissa_rs_eva", "peft_eva"}
+    assert "pissa_rs / peft: wall" in proc.stdout and "pissa_rs_eva / peft_eva: wall" in proc.stdout
     assert set(report["results"]["pissa_rs"]["split_s"]) == {"forward", "statistics", "units", "saved"}
+    assert set(report["results"]["pissa_rs_eva"]["split_s"]) == {"forward"}
     for result in report["results"].values():
         assert result["wall_s"] > 0 and result["peak_rss_bytes"] > 0
