@@ -239,6 +239,11 @@ def test_the_dry_run_shows_the_memory_plan_and_checks_the_data(models, tmp_path,
     assert f"calibration: up to {N} samples x {LENGTH} tokens (480), batches of 4; host: hidden states 120.0 KiB" \
         in shown, shown
     assert plan.options.calibration == f"a list of {len(TEXTS)} texts" and len(plan.options.calibration_sha256) == 64
+    # EVA: every target's incremental PCA state at once (PEFT's loop spans all layers at each step):
+    # 2 layers x (six inputs of 64 + down_proj's 96) x 2 x float32 x r * rho = 8 components = 60 KiB
+    eva = pissa_rs.plan(models["llama"], r=R, method="eva", calibration=TEXTS, calibration_samples=N,
+                        calibration_length=LENGTH, calibration_batch=4).describe()
+    assert "each step one batch through the layers" in eva and "every target, up to 60.0 KiB" in eva, eva
     # the default length (2048, as PEFT's docs suggest) is cut to a shorter context; asked for, it is an error
     # and the default sample count (256) to the texts there are
     defaults = pissa_rs.plan(models["llama"], r=R, method="corda-kpm", calibration=TEXTS).options
@@ -455,23 +460,30 @@ def test_an_encoder_is_peft_own_eva(bert, tmp_path):
     assert sum(1 for m in loaded.modules() if hasattr(m, "lora_A")) == 12
 
 
-def test_eva_redistributes_ranks_within_the_budget(models, tmp_path):
-    """rho = 2: PEFT's redistribution (the largest explained-variance ratios, as many as the
-    uniform ranks add up to, at most 2r each, alpha scaled with the rank). Each module's
-    components are fit until all 2r converge, where PEFT stops a module once the share it has
-    at that step converged: a rank may differ by a few from PEFT's, the budget does not."""
-    res = ours_eva(models["llama"], tmp_path / "o", eva_rho=2.0)
+@pytest.mark.parametrize("family, seed", [("llama", 0), ("qwen3", 0), ("qwen3", 2)])
+def test_eva_redistributes_ranks_as_peft_does(models, tmp_path, family, seed):
+    """rho = 2: PEFT's loop, step by step across all layers (a module's hook goes off once the
+    share of the rank distribution it holds at that step has converged, and comes back on if
+    the share grows), so the ranks and components are PEFT's: the same rank_pattern and
+    alpha_pattern, the same adapter bit for bit, within the uniform budget, at most 2r each.
+    Seed 2's Qwen3 has hooks that go off and come back on."""
+    path = models[family] if seed == 0 else save_model(tmp_path / "m", family, seed=seed)
+    res = ours_eva(path, tmp_path / "o", eva_rho=2.0)
+    assert (res.report["calibration"]["hooks_back_on"] > 0) == (seed == 2)
     ranks = res.report["eva"]["ranks"]
     assert sum(ranks.values()) == R * len(ranks) and max(ranks.values()) <= 2 * R and len(set(ranks.values())) > 1
+    theirs = peft_eva(path, 2.0, 4)
+    expected = theirs.peft_config["default"]
     config = json.loads((res.adapter / "adapter_config.json").read_text())
-    assert config["rank_pattern"] == {m: k for m, k in ranks.items() if k != R}
-    assert config["alpha_pattern"] == {m: float(k) for m, k in ranks.items() if k != R}  # alpha * rank / r
+    assert config["rank_pattern"] == expected.rank_pattern == {m: k for m, k in ranks.items() if k not in (0, R)}
+    assert config["alpha_pattern"] == expected.alpha_pattern  # alpha * rank / r
+    state = theirs.state_dict()
     adapter = safetensors.torch.load_file(res.adapter / "adapter_model.safetensors")
-    for module, rank in ranks.items():
-        assert adapter[f"base_model.model.{module}.lora_A.weight"].shape[0] == rank
-    theirs = peft_eva(models["llama"], 2.0, 4).peft_config["default"].rank_pattern
-    peft_ranks = {m: theirs.get(m, R) for m in ranks}
-    assert sum(abs(peft_ranks[m] - ranks[m]) for m in ranks) <= len(ranks)  # close to PEFT's choice
+    assert sorted(adapter) == sorted(k.replace(".default.weight", ".weight") for k in state if ".lora_" in k)
+    for key, value in adapter.items():
+        assert_close(value, state[key.replace(".weight", ".default.weight")], key)
+    seen = res.report["calibration"]["batches_seen"]
+    assert len(set(seen.values())) > 1  # hooks went off at different steps, as in PEFT's loop
     from peft import AutoPeftModelForCausalLM
 
     AutoPeftModelForCausalLM.from_pretrained(res.adapter)  # PEFT builds every rank as chosen
@@ -707,28 +719,33 @@ def test_eva_on_moe_adapts_the_linear_modules_and_names_the_experts(tmp_path):
         AutoPeftModelForCausalLM.from_pretrained(res.adapter)
 
 
-def test_eva_pass_killed_mid_layer_resumes_there(tmp_path):
-    """EVA's pass (before the plan): killed in its second layer, the rerun starts at that
-    layer from the kept hidden states and components, and writes the same adapter."""
+def test_eva_pass_killed_mid_pass_resumes_at_the_last_pass_saved(tmp_path):
+    """EVA's pass (before the plan): killed after its first pass over the samples, the rerun
+    starts from the hooks' states saved after the last pass done, and writes the same adapter."""
     model = save_model(tmp_path / "m", layers=4)
     data = tmp_path / "c.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
     reference = tmp_path / "ref"
     assert run_cli(model, reference, data, method="eva").returncode == 0
+    ref = json.loads((reference / "pissa_report.json").read_text())
+    per_pass = 4 * 4  # the first pass: layers x batches (3 of the 12 samples each), a fault point each
+    assert ref["calibration"]["passes"] > 3
     out = tmp_path / "o"
-    killed = run_cli(model, out, data, env={"PISSA_RS_SIGNAL_AT": "calibrate:70"}, method="eva")
+    killed = run_cli(model, out, data, env={"PISSA_RS_SIGNAL_AT": f"calibrate:{2 * per_pass + 5}"}, method="eva")
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     scratch = tmp_path / ".o-eva-pass"
     state = json.loads((scratch / "state.json").read_text())
-    assert state["next_layer"] >= 1 and not (out / "pissa_report.json").exists()
+    assert state["step"] % 4 == 0 and 4 <= state["step"] < ref["calibration"]["steps"]
+    assert not (out / "pissa_report.json").exists()
     assert run_cli(model, out, data, method="eva").returncode == 0
     assert not scratch.exists()
     config = "pissa_init/adapter_config.json"
     assert {k: v for k, v in digest(out).items() if k not in ("pissa_report.json", config)} == \
         {k: v for k, v in digest(reference).items() if k not in ("pissa_report.json", config)}
-    mine, ref = (json.loads((f / "pissa_report.json").read_text()) for f in (out, reference))
-    assert mine["calibration"]["resumed_at_layer"] == state["next_layer"] and mine["eva"] == ref["eva"]
-    assert mine["calibration"]["passes"] == ref["calibration"]["passes"]
+    mine = json.loads((out / "pissa_report.json").read_text())
+    assert mine["calibration"]["resumed_at_step"] == state["step"] and mine["eva"] == ref["eva"]
+    for key in ("steps", "batches_seen"):
+        assert mine["calibration"][key] == ref["calibration"][key]
 
 
 def test_covariances_waiting_for_their_unit_are_held_as_views_of_their_saved_file(tmp_path, monkeypatch):

@@ -176,7 +176,7 @@ def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None
     statistics = None
     if calibration is not None and options.init_method.calibration == "components":
         # ranks that follow from every layer's calibration (EVA): a pass first, then the plan
-        from .engine.sequential import collect_components
+        from .engine.components import collect_components
 
         plans, checks = _plan(path, checkpoint, [options.for_rank(options.ranks[0])], outs)
         checks.close()

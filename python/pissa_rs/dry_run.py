@@ -84,8 +84,9 @@ class DecompositionPlan:
         return lines
 
     def _calibration_line(self) -> str:
-        """The memory plan of a layer-by-layer calibration (engine/sequential.py), from the
-        shapes alone: the carried hidden states, the covariances, one layer on the device."""
+        """The memory plan of a layer-by-layer calibration, from the shapes alone: CorDA's
+        (engine/sequential.py) carried hidden states, covariances and one layer on the device;
+        EVA's (engine/components.py) incremental PCA states of every target and one layer."""
         import re
 
         from .planning.mapping import load_config
@@ -104,21 +105,22 @@ class DecompositionPlan:
             found = layer_of(t)
             per_layer.setdefault(found.group(1) if found else "", []).append(t)
         inputs = lambda ts: [(t.shape[0] if t.fan_in_fan_out else t.shape[1]) for t in ts]  # noqa: E731
-        if self.options.init_method.calibration == "covariance":  # CorDA: in x in per input
-            statistic = lambda t, n: 4 * n * n  # noqa: E731
-        else:  # EVA: r * rho components of the input, and the incremental PCA's state as much again
-            statistic = lambda t, n: 2 * 4 * n * round(t.r * o.eva_rho)  # noqa: E731
-        covariances = max((sum(statistic(t, n) for t, n in zip(ts, inputs(ts))) for ts in per_layer.values()),
-                          default=0)
         weights = max((sum(t.shape[0] * t.shape[1] * size for t in ts) for ts in per_layer.values()), default=0)
         batch = o.calibration_batch * o.calibration_length * widest * 4 * 4  # a few float32 copies of the widest
-        return (f"calibration: up to {o.calibration_samples} samples x {o.calibration_length} tokens ({tokens:,}), "
-                f"batches of {o.calibration_batch}; host: hidden states {human_bytes(tokens * hidden * size)} through "
-                f"a file on disk, a batch at a time in memory, + {self.options.init_method.calibration} waiting for "
-                f"their shard, up to "
-                f"{human_bytes(covariances)} a layer; device: a layer's targets {human_bytes(weights)} + its "
-                f"{self.options.init_method.calibration} + a batch "
-                f"~{human_bytes(batch)}")
+        head = (f"calibration: up to {o.calibration_samples} samples x {o.calibration_length} tokens ({tokens:,}), "
+                f"batches of {o.calibration_batch}; ")
+        if self.options.init_method.calibration == "covariance":  # CorDA: in x in per input, a layer at a time
+            covariances = max((sum(4 * n * n for n in inputs(ts)) for ts in per_layer.values()), default=0)
+            return (head + f"host: hidden states {human_bytes(tokens * hidden * size)} through a file on disk, a "
+                    f"batch at a time in memory, + covariances waiting for their shard, up to "
+                    f"{human_bytes(covariances)} a layer; device: a layer's targets {human_bytes(weights)} + its "
+                    f"covariances + a batch ~{human_bytes(batch)}")
+        # EVA: PEFT's loop over every layer at each step: the incremental PCA states of the whole
+        # model (r * rho components of each input, and as much again while it updates) stay put
+        states = sum(2 * 4 * n * round(t.r * o.eva_rho) for t, n in zip(self.targets, inputs(self.targets)))
+        return (head + f"each step one batch through the layers, read again from the shards; device: the incremental "
+                f"PCA states of every target, up to {human_bytes(states)} (less where inputs are shared), + a layer's targets {human_bytes(weights)} + a "
+                f"batch ~{human_bytes(batch)}; host: one batch's hidden states")
 
     @property
     def _qpissa(self) -> str:

@@ -1,9 +1,8 @@
 """What a data-aware method learns from a layer's inputs, accumulated over the calibration
 samples by hooks on the target modules: CorDA's covariance, computed as PEFT's
 `preprocess_corda` computes it (each sample scaled by |max| of its own input, X^T X summed
-in float32, divided by the number of samples), and EVA's principal components, PEFT's own
-SVDHook (incremental PCA) fed batch after batch until they converge; once for modules that
-share an input."""
+in float32, divided by the number of samples), once for modules that share an input; and
+which modules share an input (EVA's hooks, engine/components.py, take it once too)."""
 
 from __future__ import annotations
 
@@ -166,71 +165,3 @@ class CovarianceHooks:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
-
-
-class ComponentHooks:
-    """EVA: PEFT's SVDHook on one module of each shared input, `components` wanted of each;
-    a hook stops taking batches once the components it needs have converged (cosine
-    similarity >= tau between two steps), as PEFT's loop removes it."""
-
-    def __init__(self, modules: dict[str, nn.Module], components: dict[str, int], tau: float):
-        self.modules, self.components, self.tau = modules, components, tau
-        self.owner: dict[str, str] | None = None  # set by the first batch
-        self.svd: dict[str, object] = {}
-        self._inputs: dict[str, torch.Tensor] = {}
-        self._probe = _recording_inputs(modules, self._inputs)
-        self._handles: dict[str, object] = {}
-
-    def wants_more(self) -> bool:
-        if self.owner is None:
-            return True
-        return any(not bool(torch.all(h.converged[: self.components[n]])) for n, h in self.svd.items())
-
-    def before_batch(self, mask: torch.Tensor) -> None:
-        """The batch's valid positions, for PEFT's prepare_layer_inputs_fn; hooks that have
-        converged are taken off (PEFT's loop checks before each forward)."""
-        for name, hook in self.svd.items():
-            done = bool(torch.all(hook.converged[: self.components[name]]))
-            if done and name in self._handles:
-                self._handles.pop(name).remove()
-            hook.model_input = mask.bool().nonzero()
-
-    def after_batch(self, mask: torch.Tensor) -> None:
-        if self.owner is None:  # the first batch: which modules share an input, then PEFT's hooks on one each
-            from peft.tuners.lora.eva import SVDHook, prepare_layer_inputs_fn_language_modeling
-
-            self.owner = _shared(self._inputs)
-            for handle in self._probe:
-                handle.remove()
-            for name in self.modules:
-                owner = self.owner[name]
-                self.components[owner] = max(self.components[owner], self.components[name])
-            for name, module in self.modules.items():
-                if self.owner[name] != name:
-                    continue
-                hook = SVDHook(n_components=self.components[name], sim_thresh=self.tau, name=name,
-                               prepare_layer_inputs_fn=prepare_layer_inputs_fn_language_modeling,
-                               gather_distributed_inputs=False)
-                hook.model_input = mask.bool().nonzero()
-                hook(module, (self._inputs[name],), None)  # PEFT's loop feeds its first batch too
-                self.svd[name] = hook
-                self._handles[name] = module.register_forward_hook(hook)
-        self._inputs.clear()
-
-    def results(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Each module's (components, explained variance ratios, singular values), its input's."""
-        found = {}
-        for name in self.modules:
-            hook = self.svd[self.owner[name]]
-            if not hasattr(hook.svd, "components_"):
-                raise ValueError(f"calibration: {name} never saw a batch with {hook.n_components} tokens or more")
-            if not bool(torch.all(hook.converged[: self.components[name]])):
-                raise ValueError(f"calibration: {name}'s {self.components[name]} components did not converge "
-                                 f"(tau {self.tau}); give more calibration samples")
-            found[name] = (hook.svd.components_, hook.svd.explained_variance_ratio_, hook.svd.singular_values_)
-        return found
-
-    def remove(self) -> None:
-        for handle in [*self._probe, *self._handles.values()]:
-            handle.remove()
-        self._handles.clear()

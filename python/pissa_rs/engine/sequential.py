@@ -3,7 +3,7 @@ at a time, each layer's input statistics into its targets' units as soon as ever
 of a unit has them, and the layer's outputs (from the original weights, as PEFT's
 calibration forward computes them) carried to the next layer. What is carried (and the
 statistics still pending) is saved after every layer, so a killed run resumes at the layer
-it was in."""
+it was in. (EVA, whose loop decides across all layers at every step, is engine/components.py.)"""
 
 from __future__ import annotations
 
@@ -297,91 +297,3 @@ def _experts_record(prefix: str, hooks: CovarianceHooks) -> dict[str, dict]:
         found[f"{prefix}.{name}"] = {"tokens": tokens.tolist(), "samples": hooks.reached[name].tolist(),
                                      "damped": [e for e, n in enumerate(tokens.tolist()) if n < dim]}
     return found
-
-
-# PEFT's EVA loop cycles the dataloader until every module has converged; a layer whose
-# components will not settle is stopped after this many passes over the samples.
-MOST_EVA_PASSES = 50
-
-
-def collect_components(targets, checkpoint: Checkpoint, calibration: CalibrationSet, options, scratch: Path,
-                       identity: str) -> tuple[list[tuple[int, str, torch.Tensor, torch.Tensor, torch.Tensor]], dict]:
-    """EVA's pass: for every target (plan order index), layer by layer, PEFT's incremental
-    PCA of its inputs until the components it may be given (r * rho) converge. Returns the
-    targets in the model's module order as (index, owner, components, explained variance
-    ratios, singular values) with `owner` the first module given the same input, and what
-    the report says of the pass. The hidden states between layers, and each finished
-    layer's components, go into `scratch`: a pass killed mid-layer and started again with
-    the same `identity` resumes at that layer."""
-    import time
-
-    from safetensors.torch import load_file, save_file
-
-    from ..calibration.statistics import ComponentHooks
-
-    device = options.torch_devices[0]
-    stack = LayerStack(checkpoint, Path(checkpoint.root), device)
-    found = []
-    index_of = {(layer, inner): index for index, (layer, inner, _) in enumerate(target_layers(targets, stack.layers_name))}
-    batches = calibration.batches(options.calibration_batch)
-    carried = _Carried(scratch, identity)
-    scratch.mkdir(parents=True, exist_ok=True)
-    kinds = ("components", "ratios", "values")
-    resumed = carried.load()
-    start, hidden, passes = 0, None, {}
-    if resumed is not None:
-        start, hidden, _, record = resumed
-        passes = {int(k): v for k, v in record["passes"].items()}
-        for layer_index in range(start):
-            saved = scratch / f"components-{layer_index:05d}.safetensors"
-            if not saved.is_file():
-                continue
-            tensors = load_file(str(saved))
-            for i, owner in record["owners"][str(layer_index)]:
-                found.append((i, owner, *(tensors[f"{i}.{kind}"] for kind in kinds)))
-    owners: dict[str, list] = dict(resumed[3]["owners"]) if resumed is not None else {}
-    t0 = time.perf_counter()
-    for layer_index in range(start, len(stack)):
-        wanted = {inner: i for (layer, inner), i in index_of.items() if layer == layer_index}
-        if not wanted and layer_index > max((layer for layer, _ in index_of), default=-1):
-            break
-        layer = stack.layer(layer_index)
-        modules = {name: m for name, m in layer.named_modules() if name in wanted}  # the model's order
-        components = {name: round(targets[wanted[name]].r * options.eva_rho) for name in modules}
-        hooks = ComponentHooks(modules, components, options.eva_tau)
-        outputs = HiddenStates(carried.hidden_file(layer_index + 1).with_suffix(".partial"))
-        try:
-            for cycle in range(MOST_EVA_PASSES):
-                for k, batch in enumerate(batches):
-                    if cycle > 0 and not hooks.wants_more():
-                        break
-                    out, mask, _ = _through_layer(stack, layer, layer_index, calibration, batch, hidden, k, device,
-                                                  before=hooks.before_batch)
-                    hooks.after_batch(mask.to(device))
-                    if cycle == 0:
-                        outputs.append(out)
-                    fault_point("calibrate")  # the crash tests: killed mid-layer
-                if not modules or not hooks.wants_more():
-                    break
-            passes[layer_index] = cycle + 1
-            results = hooks.results() if modules else {}
-        finally:
-            hooks.remove()
-        stack.release(layer_index)
-        layer_found, tensors = [], {}
-        for name, (comps, ratios, values) in results.items():
-            entry = (wanted[name], f"{layer_index}.{hooks.owner[name]}")
-            layer_found.append(entry)
-            found.append((*entry, comps.cpu(), ratios.cpu(), values.cpu()))
-            for kind, value in zip(kinds, found[-1][2:]):
-                tensors[f"{entry[0]}.{kind}"] = value.contiguous().clone()  # modules sharing an input share these
-        if tensors:
-            partial = scratch / f"components-{layer_index:05d}.safetensors.partial"
-            save_file(tensors, str(partial))
-            os.replace(partial, scratch / f"components-{layer_index:05d}.safetensors")
-        owners[str(layer_index)] = layer_found
-        hidden = outputs.finish(carried.hidden_file(layer_index + 1))
-        carried.save(layer_index + 1, hidden, {}, record={"passes": passes, "owners": owners})
-    record = {**calibration.as_record(), "batch": options.calibration_batch, "layers": len(stack),
-              "passes": passes, "resumed_at_layer": start, "seconds": {"forward": time.perf_counter() - t0}}
-    return found, record

@@ -56,6 +56,11 @@ class EVA(Method):
                   "whiten": options.eva_whiten}
         return chosen, {t: c for t, c in components.items() if c.shape[0]}, record
 
+    def rank_distribution(self, ratios, hook_of, max_components, budget):
+        """PEFT's rank distribution from every hook's explained-variance ratios: what its
+        loop (engine/components.py) chooses again after each step."""
+        return rank_distribution(ratios, hook_of, max_components, budget)
+
     def factors_at_ranks(self, weight, ranks, *, niter, seed, adapter_dtype, fan_in_fan_out, statistic=None):
         from ..factors import Factors, float32_oriented
 
@@ -92,14 +97,33 @@ class EVA(Method):
         return 2.0 * rows * cols * r, 4 * (rows * cols + cols * r)
 
 
-def redistributed(found, targets, rho: float, whiten: bool, adjust_scaling: bool = True):
-    """PEFT's rank redistribution (peft.tuners.lora.eva): the largest explained-variance
-    ratios of all modules, as many as the uniform ranks add up to, each module at most
-    r * rho; modules sharing an input keep the largest rank among them on the one PEFT hooks.
-    `found`: collect_components' (index, owner, components, ratios, singular values) in the
-    model's module order. Returns ({tensor: its lora_A}, {module: rank}, {module: alpha})."""
+def rank_distribution(ratios: dict, hook_of: dict[str, str], max_components: dict[str, int], budget: int) -> dict:
+    """PEFT's `_get_rank_distribution` (peft.tuners.lora.eva): the largest explained-variance
+    ratios of all hooks, as many as the uniform ranks add up to (`budget`), each module at
+    most its max_components; a module sharing its hook's input counts the hook's ratios, and
+    the hooked module keeps the largest rank of its group. `ratios`: hook -> its ratios;
+    `hook_of`: every module -> its hook, in the model's order. Returns module -> rank."""
     from collections import Counter
 
+    hooked = list(dict.fromkeys(hook_of.values()))
+    equal_inputs_map = {n: h for n, h in hook_of.items() if n != h}
+    exp_vars = {h: ratios[h][: max_components[h]] for h in hooked}
+    layer_hook_map = {**{h: h for h in hooked}, **equal_inputs_map}
+    keys, values = zip(*[(k, c) for k, h in layer_hook_map.items() for c in exp_vars[h]])
+    idx = torch.stack(values).argsort(descending=True)
+    counts = Counter([keys[i] for i in idx[:budget]])
+    counts = {k: counts.get(k, 0) for k in layer_hook_map}
+    for k, k_hook in equal_inputs_map.items():
+        if counts[k_hook] < counts[k]:
+            counts[k_hook], counts[k] = counts[k], counts[k_hook]
+    return counts
+
+
+def redistributed(found, targets, rho: float, whiten: bool, adjust_scaling: bool = True):
+    """PEFT's rank redistribution at the end of its loop (`rank_distribution` of the final
+    ratios), each module at most r * rho, and its components. `found`: collect_components'
+    (index, owner, components, ratios, singular values) in the model's module order.
+    Returns ({tensor: its lora_A}, {module: rank}, {module: alpha})."""
     by_index = {index: (owner, comps, ratios, values) for index, owner, comps, ratios, values in found}
     order = [index for index, *_ in found]
     name = {index: targets[index].module for index in order}
@@ -108,23 +132,14 @@ def redistributed(found, targets, rho: float, whiten: bool, adjust_scaling: bool
     for i in order:
         hooked.setdefault(owner_of[name[i]], name[i])
     hook_of = {name[i]: hooked[owner_of[name[i]]] for i in order}
-    equal_inputs_map = {n: h for n, h in hook_of.items() if n != h}
     max_components = {name[i]: round(targets[i].r * rho) for i in order}
     for n, h in hook_of.items():
         max_components[h] = max(max_components[h], max_components[n])
     for n, h in hook_of.items():
         max_components[n] = max_components[h]
-    budget = sum(targets[i].r for i in order)
     ratios_of = {name[i]: by_index[i][2] for i in order}
-    exp_vars = {h: ratios_of[h][: max_components[h]] for h in hooked.values()}
-    layer_hook_map = {**{h: h for h in hooked.values()}, **equal_inputs_map}
-    keys, values = zip(*[(k, c) for k, h in layer_hook_map.items() for c in exp_vars[h]])
-    idx = torch.stack(values).argsort(descending=True)
-    counts = Counter([keys[i] for i in idx[:budget]])
-    counts = {k: counts.get(k, 0) for k in layer_hook_map}
-    for k, k_hook in equal_inputs_map.items():
-        if counts[k_hook] < counts[k]:
-            counts[k_hook], counts[k] = counts[k], counts[k_hook]
+    counts = rank_distribution({h: ratios_of[h] for h in hooked.values()}, hook_of, max_components,
+                               sum(targets[i].r for i in order))
     components, ranks, alphas = {}, {}, {}
     for i in order:
         module, target = name[i], targets[i]

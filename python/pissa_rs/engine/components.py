@@ -1,0 +1,238 @@
+"""EVA's calibration pass: PEFT's `get_eva_state_dict` loop, out of core. Step after step,
+one batch of the samples (cycling through them, as PEFT cycles its dataloader) goes
+through the decoder layers, made real one at a time from the checkpoint; PEFT's own
+SVDHook (incremental PCA) on the first module of every shared input takes the batch while
+that module's share of the rank distribution has not converged, and the distribution is
+chosen again from every module's explained variance after each step. So each module sees
+exactly the batches PEFT's loop gives it, and the ranks are PEFT's. Only the hooks' states
+are held for the whole model (PEFT holds them too, besides the model); they are saved after
+every pass over the samples, so a killed pass resumes at the last one saved."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from .._pissa_rs import Checkpoint
+from ..calibration.layers import LayerStack
+from ..calibration.samples import CalibrationError, CalibrationSet
+from ..calibration.statistics import _recording_inputs, _shared
+from .resume import fault_point
+from .sequential import _padded, target_layers
+
+# PEFT's loop cycles the dataloader until every module has converged; a pass whose
+# components will not settle is stopped after this many passes over the samples.
+MOST_EVA_PASSES = 50
+
+_STATE = "state.json"
+
+
+class _Loop:
+    """PEFT's loop state over every target module of the model: which module's hook takes
+    each input (the first given it), the hooks (SVDHook, one per such owner), which have
+    converged (and so are off), and the rank distribution of the last step."""
+
+    def __init__(self, names: list[str], ranks: dict[str, int], rho: float, tau: float, distribution):
+        self.names = names  # every target module, the model's order
+        self.distribution = distribution  # the method's (PEFT's) rank distribution
+        self.max_components = {n: round(ranks[n] * rho) for n in names}
+        self.budget = sum(ranks[n] for n in names)
+        self.tau = tau
+        self.owner: dict[str, str] = {}  # module -> the module whose hook takes its input
+        self.hooks: dict[str, object] = {}  # owner -> PEFT's SVDHook, the model's order
+        self.converged: dict[str, bool] = {}  # owner -> its hook is off
+        self.rank_dist = dict(self.max_components)
+        self.batches_seen: dict[str, int] = {}
+        self.back_on = 0  # times a hook that had gone off came back on
+
+    def new_hook(self, owner: str):
+        from peft.tuners.lora.eva import SVDHook, prepare_layer_inputs_fn_language_modeling
+
+        return SVDHook(n_components=self.max_components[owner], sim_thresh=self.tau, name=owner,
+                       prepare_layer_inputs_fn=prepare_layer_inputs_fn_language_modeling,
+                       gather_distributed_inputs=False)
+
+    def add_owners(self, owner_of: dict[str, str]) -> None:
+        """A layer's modules grouped by shared input (its first batch): the group's largest
+        component count for all, and a hook on its first module (PEFT's equal-inputs map)."""
+        for name, owner in owner_of.items():
+            self.owner[name] = owner
+            self.max_components[owner] = max(self.max_components[owner], self.max_components[name])
+        for name, owner in owner_of.items():
+            self.max_components[name] = self.rank_dist[name] = self.max_components[owner]
+        for owner in dict.fromkeys(owner_of.values()):
+            self.hooks[owner], self.converged[owner], self.batches_seen[owner] = self.new_hook(owner), False, 0
+
+    def check(self) -> bool:
+        """PEFT's check before each forward: a hook whose share has converged goes off, one
+        whose share grew past what converged comes back on. True when all are off."""
+        for owner, hook in self.hooks.items():
+            done = bool(torch.all(hook.converged[: self.rank_dist[owner]]))
+            if not self.converged[owner] and done:
+                self.converged[owner] = True
+            elif self.converged[owner] and not done:
+                self.converged[owner] = False
+                self.back_on += 1
+        return all(self.converged.values())
+
+    def redistribute(self) -> None:
+        """PEFT's rank distribution after a step, once every hook has components."""
+        if all(hasattr(h.svd, "components_") for h in self.hooks.values()):
+            ratios = {o: h.svd.explained_variance_ratio_ for o, h in self.hooks.items()}
+            self.rank_dist = self.distribution(ratios, {n: self.owner[n] for n in self.names},
+                                               self.max_components, self.budget)
+
+    def on(self, owners) -> list[str]:
+        return [o for o in owners if not self.converged[o]]
+
+    # Saved after each pass: every hook's incremental PCA as tensors, the rest as JSON.
+    def save(self, folder: Path, step: int, identity: str) -> None:
+        from safetensors.torch import save_file
+
+        tensors, scalars = {}, {}
+        for owner, hook in self.hooks.items():
+            tensors[f"{owner}|converged"] = hook.converged.contiguous()
+            scalars[owner] = {}
+            for attr, value in vars(hook.svd).items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"{owner}|{attr}"] = value.detach().contiguous().cpu()
+                else:
+                    scalars[owner][attr] = value
+        name = f"hooks-{step:06d}.safetensors"
+        save_file(tensors, str(folder / f"{name}.partial"))
+        os.replace(folder / f"{name}.partial", folder / name)
+        state = {"identity": identity, "step": step, "hooks": name, "owner": self.owner, "scalars": scalars,
+                 "converged": self.converged, "rank_dist": self.rank_dist, "max_components": self.max_components,
+                 "batches_seen": self.batches_seen, "back_on": self.back_on}
+        (folder / f"{_STATE}.partial").write_text(json.dumps(state))
+        os.replace(folder / f"{_STATE}.partial", folder / _STATE)
+        for old in folder.glob("hooks-*.safetensors"):
+            if old.name != name:
+                old.unlink()
+
+    def load(self, folder: Path, identity: str, device: torch.device) -> int:
+        """The last saved pass (its step), or 0 when none was saved for this identity."""
+        from safetensors.torch import load_file
+
+        path = folder / _STATE
+        if not path.is_file():
+            return 0
+        state = json.loads(path.read_text())
+        if state.get("identity") != identity:
+            return 0
+        tensors = load_file(str(folder / state["hooks"]))
+        self.owner, self.converged = state["owner"], state["converged"]
+        self.rank_dist, self.max_components = state["rank_dist"], state["max_components"]
+        self.batches_seen, self.back_on = state["batches_seen"], state["back_on"]
+        for owner in state["scalars"]:
+            hook = self.new_hook(owner)
+            for attr, value in state["scalars"][owner].items():
+                setattr(hook.svd, attr, value)
+            for key, value in tensors.items():
+                where, _, attr = key.partition("|")
+                if where == owner:
+                    if attr == "converged":
+                        hook.converged = value
+                    else:
+                        setattr(hook.svd, attr, value.to(device))
+            self.hooks[owner] = hook
+        return state["step"]
+
+
+def collect_components(targets, checkpoint: Checkpoint, calibration: CalibrationSet, options, scratch: Path,
+                       identity: str) -> tuple[list[tuple[int, str, torch.Tensor, torch.Tensor, torch.Tensor]], dict]:
+    """For every target (plan order index), the components PEFT's EVA loop leaves its hook
+    with. Returns the targets in the model's module order as (index, owner, components,
+    explained variance ratios, singular values), `owner` the module whose hook took its
+    input, and what the report says of the pass. `scratch` holds the saved passes: a pass
+    killed and started again with the same `identity` resumes at the last one saved."""
+    device = options.torch_devices[0]
+    stack = LayerStack(checkpoint, Path(checkpoint.root), device)
+    located = target_layers(targets, stack.layers_name)
+    index_of = {(layer, inner): index for index, (layer, inner, _) in enumerate(located)}
+    inner_of: dict[int, dict[str, str]] = {}  # layer -> {name inside it: module name}, the model's order
+    for layer in sorted({layer for layer, _ in index_of}):
+        inner_of[layer] = {name: targets[index_of[(layer, name)]].module
+                           for name, _ in stack.real[layer].named_modules() if (layer, name) in index_of}
+    names = [module for layer in inner_of for module in inner_of[layer].values()]
+    loop = _Loop(names, {t.module: t.r for t in targets}, options.eva_rho, options.eva_tau,
+                 options.init_method.rank_distribution)
+    batches = calibration.batches(options.calibration_batch)
+    scratch.mkdir(parents=True, exist_ok=True)
+    start = step = loop.load(scratch, identity, device)
+    t0 = time.perf_counter()
+    while True:
+        if step and loop.check():
+            break
+        if step >= MOST_EVA_PASSES * len(batches):
+            late = [o for o in loop.hooks if not loop.converged[o]]
+            raise CalibrationError(f"calibration: the components of {late} did not converge (tau {options.eva_tau}) "
+                                   f"in {MOST_EVA_PASSES} passes over the samples; give more calibration samples")
+        k = step % len(batches)
+        _step(stack, loop, inner_of, calibration, batches[k], k, device, first=step == 0)
+        loop.redistribute()
+        step += 1
+        if step % len(batches) == 0:
+            loop.save(scratch, step, identity)
+    found, index_of_module = [], {t.module: i for i, t in enumerate(targets)}
+    for module in names:
+        hook = loop.hooks[loop.owner[module]]
+        rank = loop.rank_dist[module]
+        if not bool(torch.all(hook.converged[:rank])):
+            raise CalibrationError(f"calibration: {module} was given rank {rank} but its components did not converge")
+        found.append((index_of_module[module], loop.owner[module], hook.svd.components_.cpu(), hook.svd.explained_variance_ratio_.cpu(),
+                      hook.svd.singular_values_.cpu()))
+    record = {**calibration.as_record(), "batch": options.calibration_batch, "layers": len(stack),
+              "steps": step, "passes": step / len(batches), "resumed_at_step": start,
+              "batches_seen": loop.batches_seen, "hooks_back_on": loop.back_on, "seconds": {"forward": time.perf_counter() - t0}}
+    return found, record
+
+
+def _step(stack: LayerStack, loop: _Loop, inner_of: dict[int, dict[str, str]], calibration: CalibrationSet,
+          batch: tuple[int, ...], k: int, device: torch.device, first: bool) -> None:
+    """Batch `k` through the layers up to the last one with a hook on; each hook that is on
+    takes its module's input. On the first step the layers' shared inputs are found and
+    their hooks made (PEFT's hashing forward, whose batch its loop then feeds them too)."""
+    ids, mask, _ = _padded(calibration, batch)
+    positions = mask.to(device).bool().nonzero()
+    wanted = [layer for layer, inner in inner_of.items()
+              if first or loop.on(dict.fromkeys(loop.owner[m] for m in inner.values()))]
+    x = None
+    for layer_index in range(max(wanted) + 1):
+        layer = stack.layer(layer_index)
+        inner = inner_of.get(layer_index, {})
+        modules = {name: layer.get_submodule(name) for name in inner}
+        inputs: dict[str, torch.Tensor] = {}
+        handles = _recording_inputs(modules, inputs) if first else []
+        if not first:
+            for name, module in modules.items():
+                owner = inner[name]
+                if loop.owner[owner] == owner and not loop.converged[owner]:
+                    hook = loop.hooks[owner]
+                    hook.model_input = positions
+                    handles.append(module.register_forward_hook(hook))
+                    loop.batches_seen[owner] += 1
+        given, args, kwargs = stack.call_of(layer_index, ids, mask)
+        try:
+            with torch.no_grad():
+                out = layer(given if x is None else x, *args, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        x = out[0] if isinstance(out, tuple) else out
+        if first and modules:
+            owner_of = {inner[name]: inner[o] for name, o in _shared({n: inputs[n] for n in modules}).items()}
+            loop.add_owners(owner_of)
+            for name, module in modules.items():
+                owner = inner[name]
+                if owner_of[owner] == owner:
+                    hook = loop.hooks[owner]
+                    hook.model_input = positions
+                    hook(module, (inputs[name],), None)
+                    loop.batches_seen[owner] += 1
+        stack.release(layer_index)
+        fault_point("calibrate")  # the crash tests: killed mid-pass
