@@ -166,6 +166,33 @@ def test_padding_never_counts(models, tmp_path, monkeypatch):
         assert_close(a[key], b[key], key, rtol=2e-3)
 
 
+def test_hidden_states_held_in_memory_or_read_back_write_the_same_bytes(models, tmp_path, monkeypatch):
+    """Within --host-memory the carried hidden states are taken from memory (never read back
+    from their file); above it from the file, batch by batch; the output is the same."""
+    from pissa_rs.engine.sequential import HiddenStates
+
+    read = HiddenStates._read
+    reads = []
+    monkeypatch.setattr(HiddenStates, "_read", lambda self, k: reads.append(k) or read(self, k))
+    held = ours(models["llama"], tmp_path / "held", "ipm", calibration_batch=5, host_memory="1GiB")
+    assert not reads
+    spilled = ours(models["llama"], tmp_path / "spilled", "ipm", calibration_batch=5, host_memory="10KB")
+    assert reads == [0, 1, 2]  # layer 1 reads layer 0's three batches
+    # 12 samples in batches of 5, each padded to its longest (40 tokens), hidden 64, float32
+    boundary = (5 * 40 + 5 * 40 + 2 * 40) * 64 * 4
+    assert held.report["calibration"]["hidden_states"] == {"bytes_per_layer": boundary, "host_memory": 2**30,
+                                                           "held_in_memory": True}
+    assert spilled.report["calibration"]["hidden_states"]["held_in_memory"] is False
+    own = ("pissa_report.json", "pissa_init/adapter_config.json")
+    assert {k: v for k, v in digest(held.out).items() if k not in own} == \
+        {k: v for k, v in digest(spilled.out).items() if k not in own}
+    with pytest.raises(ValueError, match=r"not a size: '12 GiBs'"):
+        ours(models["llama"], tmp_path / "typo", "ipm", host_memory="12 GiBs")
+    with pytest.raises(ValueError, match=r"host_memory apply to methods 'corda-ipm', 'corda-kpm', not 'eva'"):
+        ours_eva(models["llama"], tmp_path / "eva", host_memory="1GiB")
+    assert not (tmp_path / "typo").exists() and not (tmp_path / "eva").exists()
+
+
 def test_several_ranks_and_qpissa_from_one_calibration(models, tmp_path):
     outs = pissa_rs.decompose_checkpoint(models["llama"], r=[2, 4], method="corda-ipm", out=tmp_path / "r{r}",
                                          calibration=TEXTS, calibration_samples=N, calibration_length=LENGTH,
@@ -239,6 +266,10 @@ def test_the_dry_run_shows_the_memory_plan_and_checks_the_data(models, tmp_path,
     assert f"calibration: up to {N} samples x {LENGTH} tokens (480), batches of 4; host: hidden states 120.0 KiB" \
         in shown, shown
     assert plan.options.calibration == f"a list of {len(TEXTS)} texts" and len(plan.options.calibration_sha256) == 64
+    assert "held in memory (2 layer boundaries within --host-memory" in shown, shown
+    small = pissa_rs.plan(models["llama"], r=R, method="corda-kpm", calibration=TEXTS, calibration_samples=N,
+                          calibration_length=LENGTH, host_memory="100KiB").describe()
+    assert "read back from their file a batch at a time (2 layer boundaries above --host-memory 100.0 KiB)" in small
     # EVA: every target's incremental PCA state at once (PEFT's loop spans all layers at each step):
     # 2 layers x (six inputs of 64 + down_proj's 96) x 2 x float32 x r * rho = 8 components = 60 KiB
     eva = pissa_rs.plan(models["llama"], r=R, method="eva", calibration=TEXTS, calibration_samples=N,

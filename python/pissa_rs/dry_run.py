@@ -111,8 +111,11 @@ class DecompositionPlan:
                 f"batches of {o.calibration_batch}; ")
         if self.options.init_method.calibration == "covariance":  # CorDA: in x in per input, a layer at a time
             covariances = max((sum(4 * n * n for n in inputs(ts)) for ts in per_layer.values()), default=0)
-            return (head + f"host: hidden states {human_bytes(tokens * hidden * size)} through a file on disk, a "
-                    f"batch at a time in memory, + covariances waiting for their shard, up to "
+            boundary, budget = tokens * hidden * size, o.host_memory_bytes  # at most: no batch padded
+            where = ("held in memory (2 layer boundaries within" if 2 * boundary <= budget else
+                     "read back from their file a batch at a time (2 layer boundaries above")
+            return (head + f"host: hidden states {human_bytes(boundary)} a layer boundary, on disk for resume and "
+                    f"{where} --host-memory {human_bytes(budget)}), + covariances waiting for their shard, up to "
                     f"{human_bytes(covariances)} a layer; device: a layer's targets {human_bytes(weights)} + its "
                     f"covariances + a batch ~{human_bytes(batch)}")
         # EVA: PEFT's loop over every layer at each step: the incremental PCA states of the whole

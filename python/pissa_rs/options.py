@@ -4,6 +4,8 @@ the CLI (whose flags are generated from its fields) and the engine."""
 from __future__ import annotations
 
 import argparse
+import os
+import re
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -31,6 +33,20 @@ def ranks_text(text: str) -> int | list[int]:
 
 def names_text(text: str) -> list[str]:
     return [part for part in text.split(",") if part]
+
+
+_BYTE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def byte_size(text: str | int) -> int:
+    """A size in bytes: an integer, or a number with a unit (16GiB, 500MB, 1.5 TB)."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    if match is None or match.group(2).upper() not in _BYTE_UNITS:
+        raise ValueError(f"not a size: {text!r} (bytes, or a number with KB, MB, GB, KiB, MiB, GiB...)")
+    return int(float(match.group(1)) * _BYTE_UNITS[match.group(2).upper()])
 
 
 def pattern_text(cast):
@@ -101,6 +117,10 @@ class DecomposeOptions:
                                             f"(default {DEFAULT_LENGTH}, or the model's context if shorter)", parse=int)
     calibration_batch: int = option(DEFAULT_BATCH, "with calibration: samples per forward (right-padded; padding "
                                     "never counts)", parse=int)
+    host_memory: str | None = option(None, "with calibration: host memory for the hidden states carried between "
+                                     "layers (e.g. 16GiB); within it they are held in memory (pinned for a GPU) "
+                                     "besides their file on disk, above it read back from the file batch by batch "
+                                     "(default: half the memory available when the run starts)", parse=str)
     calibrate_all_experts: bool = option(False, "methods corda-ipm, corda-kpm on MoE experts: every token's "
                                          "covariance goes to every expert (the model's output still follows its "
                                          "routing), for experts the calibration text barely reaches")
@@ -253,6 +273,8 @@ class DecomposeOptions:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.host_memory is not None:
+            byte_size(self.host_memory)  # a typo is named before anything runs
         if self.rank_budget:
             raise ValueError(f"rank_budget measures the weights' spectra; method {self.method!r} decomposes W·C: "
                              "give ranks (rank_pattern) instead")
@@ -283,6 +305,19 @@ class DecomposeOptions:
         return self.rank_cap if self.rank_cap is not None else 2 * self.ranks[0]
 
     @property
+    def host_memory_bytes(self) -> int:
+        """The host budget for the carried hidden states: host_memory, or half of what the
+        machine has available now (MemAvailable)."""
+        if self.host_memory is not None:
+            return byte_size(self.host_memory)
+        try:
+            with open("/proc/meminfo") as f:
+                available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        except (OSError, StopIteration):
+            available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+        return available // 2
+
+    @property
     def torch_devices(self) -> list[torch.device]:
         return [torch.device(d) for d in (self.devices or [self.device])]
 
@@ -293,6 +328,7 @@ class DecomposeOptions:
         options = asdict(self)
         del options["devices"]
         del options["allow_mixed_rounding"]  # checked against the identity's rounding probe instead
+        del options["host_memory"]  # where the hidden states wait, not what they are
         options["device"] = torch.device(self.device).type
         return options
 

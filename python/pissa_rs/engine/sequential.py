@@ -51,12 +51,16 @@ def target_layers(targets, layers_name: str) -> list[tuple[int, str, int | None]
 
 class HiddenStates:
     """Every batch's hidden states at one layer boundary, in a file under
-    OUT/.pissa_units/calibration: written batch by batch as a layer produces them, read back
-    batch by batch by the next, so the host holds one batch of them (the page cache keeps
-    the file in memory where memory allows; where not, it is read from disk)."""
+    OUT/.pissa_units/calibration (what a resume starts from): written batch by batch as a
+    layer produces them. With `hold`, they are also kept in host memory (pinned for a GPU)
+    and the next layer takes them from there; without, it reads them back from the file
+    batch by batch, so the host holds one batch of them (the page cache keeps the file in
+    memory where memory allows; where not, it is read from disk)."""
 
-    def __init__(self, path: Path, index: list[tuple[int, list[int]]] | None = None, dtype: str | None = None):
+    def __init__(self, path: Path, index: list[tuple[int, list[int]]] | None = None, dtype: str | None = None,
+                 hold: bool = False, pin: bool = False, held: list[torch.Tensor] | None = None):
         self.path, self.index, self.dtype = path, list(index or []), dtype
+        self.hold, self.pin, self.held = hold, pin, list(held or [])
         self._file = None
 
     def append(self, hidden: torch.Tensor) -> None:
@@ -67,7 +71,10 @@ class HiddenStates:
             self._file = open(self.path, "wb")
             self.dtype = str(hidden.dtype).removeprefix("torch.")
         self.index.append((self._file.tell(), list(hidden.shape)))
-        self._file.write(as_numpy_bytes(hidden).data)
+        host = hidden.to("cpu").contiguous()
+        if self.hold:
+            self.held.append(host.pin_memory() if self.pin else host)
+        self._file.write(as_numpy_bytes(host).data)
 
     def finish(self, final: Path) -> HiddenStates:
         """Flushed to disk and renamed to `final`: whole, or not there."""
@@ -77,9 +84,12 @@ class HiddenStates:
             self._file.close()
             self._file = None
         os.replace(self.path, final)
-        return HiddenStates(final, self.index, self.dtype)
+        return HiddenStates(final, self.index, self.dtype, held=self.held)
 
     def __getitem__(self, k: int) -> torch.Tensor:
+        return self.held[k] if k < len(self.held) else self._read(k)
+
+    def _read(self, k: int) -> torch.Tensor:
         offset, shape = self.index[k]
         out = torch.empty(shape, dtype=getattr(torch, self.dtype))
         with open(self.path, "rb") as f:
@@ -174,6 +184,14 @@ class _Carried:
         return self._mapped(places)
 
 
+def boundary_bytes(calibration: CalibrationSet, batches: list[tuple[int, ...]], hidden: int,
+                   dtype: torch.dtype) -> int:
+    """The hidden states at one layer boundary: every batch right-padded to its longest sample."""
+    lengths = [int(s.numel()) for s in calibration.samples]
+    size = torch.empty(0, dtype=dtype).element_size()
+    return sum(len(b) * max(lengths[k] for k in b) for b in batches) * hidden * size
+
+
 def _padded(calibration: CalibrationSet, batch: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """A batch right-padded, its attention mask and each sample's length (as PEFT's EVA dataloader pads)."""
     lengths = [int(calibration.samples[k].numel()) for k in batch]
@@ -220,6 +238,10 @@ def run_calibrated(job: Job, checkpoint: Checkpoint, calibration: CalibrationSet
     batch_size = job.options.calibration_batch
     batches = calibration.batches(batch_size)
     seconds = {"forward": 0.0, "statistics": 0.0, "units": 0.0, "saved": 0.0}
+    # a layer reads one boundary's hidden states while it writes the next's: both held, or neither
+    boundary = boundary_bytes(calibration, batches, stack.config.hidden_size, stack.dtype)
+    budget = job.options.host_memory_bytes
+    hold = 2 * boundary <= budget
 
     def run_ready(done_through: int) -> None:
         t0 = time.perf_counter()
@@ -247,7 +269,8 @@ def run_calibrated(job: Job, checkpoint: Checkpoint, calibration: CalibrationSet
         owned = {inner: (layer.get_submodule(inner.rpartition(".")[0]), inner.rpartition(".")[2])
                  for inner, at in wanted.items() if at[0][0] in parameters}
         hooks = CovarianceHooks(modules, owned, all_experts=job.options.calibrate_all_experts)
-        outputs = HiddenStates(carried.hidden_file(layer_index + 1).with_suffix(".partial"))
+        outputs = HiddenStates(carried.hidden_file(layer_index + 1).with_suffix(".partial"), hold=hold,
+                               pin=device.type == "cuda")
         try:
             for k, batch in enumerate(batches):
                 out, _, lengths = _through_layer(stack, layer, layer_index, calibration, batch, hidden, k, device)
@@ -277,6 +300,7 @@ def run_calibrated(job: Job, checkpoint: Checkpoint, calibration: CalibrationSet
                                "(their targets' layers were not run)")
     seconds["forward"] -= seconds["statistics"]
     record = {**calibration.as_record(), "batch": batch_size, "layers": len(stack), "resumed_at_layer": start,
+              "hidden_states": {"bytes_per_layer": boundary, "host_memory": budget, "held_in_memory": hold},
               "seconds": seconds}
     if experts_record:
         record["experts"] = {"all_experts": job.options.calibrate_all_experts, "parameters": experts_record}

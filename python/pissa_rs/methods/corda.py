@@ -50,7 +50,7 @@ class _CorDA(Method):
     # PEFT's CorDA hooks nn.Linear / Conv1D only; here experts get their routed tokens' covariance
     # (and routers their input's), and the factors train as a plain LoRA on PEFT's ParamWrapper.
     adapts_parameters = True
-    own_options = ("calibrate_all_experts",)
+    own_options = ("calibrate_all_experts", "host_memory")
     keep: str  # "top" or "bottom"
 
     def factors_at_ranks(self, weight, ranks, *, niter, seed, adapter_dtype, fan_in_fan_out, statistic=None):
