@@ -36,18 +36,20 @@ res = pissa_rs.decompose_checkpoint(SRC, r=R, target_modules=TARGETS, out=OUT, p
                                     calibration_length=int(os.environ["BENCH_LENGTH"]))
 open(os.environ["BENCH_SPLIT"], "w").write(json.dumps(res.report["calibration"]["seconds"]))
 """
-RUNNERS = {
-    "pissa_rs": ("import os, torch, pissa_rs", OURS.replace("{method}", "corda-ipm")),
-    "pissa_rs_eva": ("import os, torch, pissa_rs", OURS.replace("{method}", "eva")),
-    "peft": ("import os, torch, peft, transformers", """
+# PEFT's side: the whole model in memory, bf16 as stored, and the model's own tokenizer
+PEFT = """
 from peft import LoraConfig, get_peft_model
-from peft.tuners.lora.config import CordaConfig
-from peft.tuners.lora.corda import preprocess_corda
 from transformers import AutoModelForCausalLM, AutoTokenizer
 texts = json.load(open(os.environ["BENCH_CALIBRATION"]))
 length = int(os.environ["BENCH_LENGTH"])
 model = AutoModelForCausalLM.from_pretrained(SRC, dtype=torch.bfloat16).eval()
-tokenizer = AutoTokenizer.from_pretrained(SRC)
+tokenizer = AutoTokenizer.from_pretrained(SRC)"""
+RUNNERS = {
+    "pissa_rs": ("import os, torch, pissa_rs", OURS.replace("{method}", "corda-ipm")),
+    "pissa_rs_eva": ("import os, torch, pissa_rs", OURS.replace("{method}", "eva")),
+    "peft": ("import os, torch, peft, transformers", PEFT + """
+from peft.tuners.lora.config import CordaConfig
+from peft.tuners.lora.corda import preprocess_corda
 config = LoraConfig(r=R, lora_alpha=R, lora_dropout=0.0, target_modules=TARGETS, init_lora_weights="corda",
                     corda_config=CordaConfig(corda_method="ipm"), task_type="CAUSAL_LM")
 def run_model():
@@ -62,15 +64,9 @@ model.save_pretrained(OUT)
 """),
     # PEFT's EVA as its docs run it: the dataloader's right-padded batches with their mask;
     # the base weights are not changed, so only the adapter is written.
-    "peft_eva": ("import os, torch, peft, transformers", """
-from peft import LoraConfig, get_peft_model
+    "peft_eva": ("import os, torch, peft, transformers", PEFT + """
 from peft.tuners.lora.config import EvaConfig
 from peft.tuners.lora.eva import initialize_lora_eva_weights
-from transformers import AutoModelForCausalLM, AutoTokenizer
-texts = json.load(open(os.environ["BENCH_CALIBRATION"]))
-length = int(os.environ["BENCH_LENGTH"])
-model = AutoModelForCausalLM.from_pretrained(SRC, dtype=torch.bfloat16).eval()
-tokenizer = AutoTokenizer.from_pretrained(SRC)
 config = LoraConfig(r=R, lora_alpha=R, lora_dropout=0.0, target_modules=TARGETS, init_lora_weights="eva",
                     eva_config=EvaConfig(), task_type="CAUSAL_LM")
 model = get_peft_model(model, config)
