@@ -779,9 +779,47 @@ def test_eva_pass_killed_mid_pass_resumes_at_the_last_pass_saved(tmp_path):
         assert mine["calibration"][key] == ref["calibration"][key]
 
 
+def test_a_computed_covariance_leaves_this_process_memory(tmp_path, monkeypatch):
+    """One shard over 4 layers: every covariance waits, saved, for the one unit. When each
+    target's computation starts, no file of a covariance whose targets are all computed is
+    still mapped (its pages, made resident by that computation, count in VmHWM while it is):
+    each went with its own file's mapping, not when every covariance saved beside it had
+    been used."""
+    from pathlib import Path
+
+    from make_tiny_model import save_tiny_model
+    from safetensors import safe_open
+
+    import pissa_rs.engine.run as run
+
+    src = save_tiny_model(tmp_path / "m", "llama", layers=4, shard_size="100MB")
+    state = tmp_path / "o" / ".pissa_units" / "calibration" / "state.json"
+    done, stale, starts = set(), [], []
+    real = run.compute_target
+
+    def spy(index, *args, **kwargs):
+        places = {int(i): tuple(at) for i, at in json.loads(state.read_text())["pending"].items()}
+        mapped = {line.split()[-1] for line in open("/proc/self/maps") if "/calibration/pending-" in line}
+        for path in mapped:
+            with safe_open(path, "pt") as f:
+                for key in f.keys():
+                    users = {i for i, at in places.items() if at == (Path(path).name, key)}
+                    if users <= done:
+                        stale.append((index, Path(path).name, key))
+        starts.append(index)
+        out = real(index, *args, **kwargs)
+        done.add(index)
+        return out
+
+    monkeypatch.setattr(run, "compute_target", spy)
+    pissa_rs.decompose_checkpoint(src, out=tmp_path / "o", r=4, method="corda-ipm", progress=False,
+                                  calibration=calibration_texts(8), calibration_length=32)
+    assert len(starts) == 28 and not stale, stale
+
+
 def test_covariances_waiting_for_their_unit_are_held_as_views_of_their_saved_file(tmp_path, monkeypatch):
-    """One shard over 4 layers: the covariances of layers 0-2 wait for layer 3. Once saved for
-    resume they are held as views of that file (host memory does not grow with the layers
+    """One shard over 4 layers: the covariances of layers 0-3 wait for the unit that runs after
+    layer 3. Once saved for resume they are held as views of their files (host memory does not grow with the layers
     waiting), and the output is byte for byte that of holding the tensors themselves."""
     from make_tiny_model import save_tiny_model
 
@@ -792,7 +830,7 @@ def test_covariances_waiting_for_their_unit_are_held_as_views_of_their_saved_fil
     views, mapped = [], sequential._Carried._mapped
     monkeypatch.setattr(sequential._Carried, "_mapped", lambda self, keys: views.append(mapped(self, keys)) or views[-1])
     viewed = pissa_rs.decompose_checkpoint(src, out=tmp_path / "viewed", **options)
-    assert [len(v) for v in views] == [7, 14, 21]  # each layer's 7 targets join the waiting ones
+    assert [len(v) for v in views] == [7, 14, 21, 28]  # each layer's 7 targets join the waiting ones
     save = sequential._Carried.save
     monkeypatch.setattr(sequential._Carried, "save", lambda self, next_layer, hidden, pending, *rest, **kw: (
         save(self, next_layer, hidden, pending, *rest, **kw), pending)[1])  # the tensors themselves kept

@@ -149,26 +149,26 @@ class _Carried:
 
     def save(self, next_layer: int, hidden: HiddenStates, pending: dict[int, torch.Tensor],
              record: dict | None = None) -> dict[int, torch.Tensor]:
-        """Saves the state: the statistics not on disk yet into this boundary's own file (those
-        saved before stay where they are, not read again here); returns `pending` as views of
-        their files (the same values), to hold instead of the tensors."""
+        """Saves the state: each statistic not on disk yet into a file of its own (those saved
+        before stay where they are, not read again here); returns `pending` as views of their
+        files (the same values), to hold instead of the tensors. One file (one mapping) per
+        statistic: once its last target is computed its view goes, and with it the mapping
+        and the pages that computation made resident (a file shared with statistics still
+        waiting would keep them counted in this process's memory until those ran)."""
         from safetensors.torch import save_file
 
         places: dict[int, tuple[str, str]] = {}
-        new: dict[int, str] = {}  # id -> key: modules sharing an input share one covariance, stored once
-        tensors = {}
-        name = f"pending-{next_layer:05d}.safetensors"
+        new: dict[int, tuple[str, str]] = {}  # id -> place: modules sharing an input share one covariance
         for i, t in pending.items():
             place = self._place_of(t)
-            if place is None:
-                key = new.setdefault(id(t), f"target-{i}")
-                tensors[key] = t.contiguous()
-                place = (name, key)
-            places[i] = place
-        if tensors:
-            partial = self.folder / f"{name}.partial"
-            save_file(tensors, str(partial))
-            os.replace(partial, self.folder / name)
+            if place is None and id(t) not in new:
+                key = f"target-{i}"
+                name = f"pending-{next_layer:05d}-{key}.safetensors"
+                partial = self.folder / f"{name}.partial"
+                save_file({key: t.contiguous()}, str(partial))
+                os.replace(partial, self.folder / name)
+                new[id(t)] = (name, key)
+            places[i] = place or new[id(t)]
         state = self.folder / "state.json.partial"
         state.write_text(json.dumps({"next_layer": next_layer, "index": hidden.index, "dtype": hidden.dtype,
                                      "calibration": self.digest, "record": record or {},
@@ -290,11 +290,13 @@ def run_calibrated(job: Job, checkpoint: Checkpoint, calibration: CalibrationSet
         experts_record.update(_experts_record(f"{stack.layers_name}.{layer_index}", hooks))
         hidden = outputs.finish(carried.hidden_file(layer_index + 1))
         seconds["forward"] += time.perf_counter() - t0
-        run_ready(layer_index)
         if waiting:  # a resume starts at the next layer
+            # saved before the units that are ready run, so that they too read the statistics as
+            # file views: a unit's waiting statistics are never resident all at once
             t0 = time.perf_counter()
             statistics.update(carried.save(layer_index + 1, hidden, statistics))  # held as file views from here
             seconds["saved"] += time.perf_counter() - t0
+        run_ready(layer_index)
     if waiting:
         raise CalibrationError(f"units {[u.name for u in waiting]} were never reached by the calibration "
                                "(their targets' layers were not run)")
