@@ -288,6 +288,7 @@ def run_calibrated(job: Job, checkpoint: Checkpoint, calibration: CalibrationSet
             for i, expert in at:
                 statistics[i] = covariance if expert is None else covariance[expert]
         experts_record.update(_experts_record(f"{stack.layers_name}.{layer_index}", hooks))
+        covariances = covariance = hooks = None  # `statistics` holds them now: saved below, they become views
         hidden = outputs.finish(carried.hidden_file(layer_index + 1))
         seconds["forward"] += time.perf_counter() - t0
         if waiting:  # a resume starts at the next layer
