@@ -122,7 +122,7 @@ class _Carried:
     def hidden_file(self, layer: int) -> Path:
         return self.folder / f"hidden-{layer:05d}.bin"
 
-    def load(self) -> tuple[int, HiddenStates, dict[int, torch.Tensor], dict] | None:
+    def load(self) -> tuple[int, HiddenStates, dict[int, torch.Tensor]] | None:
         state = self.folder / "state.json"
         if not state.is_file():
             return None
@@ -132,7 +132,7 @@ class _Carried:
         hidden = HiddenStates(self.hidden_file(recorded["next_layer"]), [tuple(i) for i in recorded["index"]],
                               recorded["dtype"])
         pending = self._mapped({int(i): tuple(at) for i, at in recorded["pending"].items()})
-        return recorded["next_layer"], hidden, pending, recorded.get("record", {})
+        return recorded["next_layer"], hidden, pending
 
     def _mapped(self, places: dict[int, tuple[str, str]]) -> dict[int, torch.Tensor]:
         """The saved pending statistics as read-only views of their files: resident only while
@@ -147,8 +147,7 @@ class _Carried:
     def _place_of(self, t: torch.Tensor) -> tuple[str, str] | None:
         return next(((f, k) for ref, f, k in self._saved if ref() is t), None)
 
-    def save(self, next_layer: int, hidden: HiddenStates, pending: dict[int, torch.Tensor],
-             record: dict | None = None) -> dict[int, torch.Tensor]:
+    def save(self, next_layer: int, hidden: HiddenStates, pending: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """Saves the state: each statistic not on disk yet into a file of its own (those saved
         before stay where they are, not read again here); returns `pending` as views of their
         files (the same values), to hold instead of the tensors. One file (one mapping) per
@@ -171,7 +170,7 @@ class _Carried:
             places[i] = place or new[id(t)]
         state = self.folder / "state.json.partial"
         state.write_text(json.dumps({"next_layer": next_layer, "index": hidden.index, "dtype": hidden.dtype,
-                                     "calibration": self.digest, "record": record or {},
+                                     "calibration": self.digest,
                                      "pending": {str(i): list(at) for i, at in places.items()}}))
         os.replace(state, self.folder / "state.json")
         for old in self.folder.glob("hidden-*.bin"):  # the boundaries before this one: never read again
@@ -256,7 +255,7 @@ def run_calibrated(job: Job, checkpoint: Checkpoint, calibration: CalibrationSet
     resumed = carried.load()
     start, hidden = 0, None
     if resumed is not None:
-        start, hidden, pending, _ = resumed
+        start, hidden, pending = resumed
         statistics.update(pending)
         run_ready(start - 1)  # finished before the kill: marked done, nothing is redone
     for layer_index in range(start, len(stack)):
