@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -335,7 +336,7 @@ def test_sigkill_mid_layer_resumes_byte_identically(tmp_path, point):
         "calibration"]["sha256"]
 
 
-def peft_eva(path, rho, batch, texts=TEXTS[:N], whiten=False):
+def peft_eva(path, rho, batch, texts=TEXTS[:N], whiten=False, tau=0.99):
     """PEFT's own EVA on the whole model: its dataloader of right-padded batches with the mask."""
     from peft.tuners.lora.config import EvaConfig
     from peft.tuners.lora.eva import initialize_lora_eva_weights
@@ -343,7 +344,7 @@ def peft_eva(path, rho, batch, texts=TEXTS[:N], whiten=False):
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
     config = LoraConfig(r=R, lora_alpha=R, target_modules=LINEAR, init_lora_weights="eva", lora_dropout=0.0,
-                        eva_config=EvaConfig(rho=rho, whiten=whiten), task_type="CAUSAL_LM")
+                        eva_config=EvaConfig(rho=rho, whiten=whiten, tau=tau), task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, config)
     initialize_lora_eva_weights(peft_model, padded_batches(tokenizer, texts, batch), show_progress_bar=False)
     return peft_model
@@ -518,6 +519,32 @@ def test_eva_redistributes_ranks_as_peft_does(models, tmp_path, family, seed):
     from peft import AutoPeftModelForCausalLM
 
     AutoPeftModelForCausalLM.from_pretrained(res.adapter)  # PEFT builds every rank as chosen
+
+
+def test_eva_runs_as_many_passes_as_peft_loop_does(models, tmp_path, monkeypatch, capsys):
+    """PEFT's loop cycles the samples until every share has converged, with no bound: four
+    samples at tau 0.9999 take ~190 passes (a bound of 50 passes once refused runs like it).
+    The same adapter, bit for bit. A loop that does reach the bound is refused, naming the
+    inputs that had not converged, and no output is written; its progress bar counts steps
+    and converged inputs, as PEFT's does."""
+    texts, options = TEXTS[:4], dict(calibration_batch=2, eva_rho=1.0, eva_tau=0.9999)
+    res = pissa_rs.decompose_checkpoint(models["llama"], r=R, method="eva", out=tmp_path / "o", progress=False,
+                                        calibration=texts, calibration_samples=4, calibration_length=LENGTH, **options)
+    passes = res.report["calibration"]["passes"]
+    assert passes > 100, passes
+    state = peft_eva(models["llama"], 1.0, 2, texts=texts, tau=0.9999).state_dict()
+    adapter = safetensors.torch.load_file(res.adapter / "adapter_model.safetensors")
+    for key, value in adapter.items():
+        assert_close(value, state[key.replace(".weight", ".default.weight")], key)
+    from pissa_rs.engine import components
+
+    monkeypatch.setattr(components, "MOST_EVA_PASSES", int(passes) - 1)
+    with pytest.raises(CalibrationError, match=rf"components of \['model.layers.\d.*did not converge \(tau 0.9999\) "
+                                               rf"in {int(passes) - 1} passes"):
+        pissa_rs.decompose_checkpoint(models["llama"], r=R, method="eva", out=tmp_path / "short", progress=True,
+                                      calibration=texts, calibration_samples=4, calibration_length=LENGTH, **options)
+    assert not (tmp_path / "short").exists()
+    assert re.search(rf"eva: .*{(int(passes) - 1) * 2}step.*\d/8 inputs converged", capsys.readouterr().err)
 
 
 def test_eva_options_belong_to_eva(models, tmp_path):

@@ -186,7 +186,8 @@ def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None
             {"calibration": calibration.digest, "inputs": inputs, "targets": [[t.tensor, t.r] for t in plans[0].targets],
              **{k: getattr(options, k) for k in ("eva_rho", "eva_tau", "calibration_batch", "device")}},
             sort_keys=True).encode()).hexdigest()
-        found, record = collect_components(plans[0].targets, checkpoint, calibration, options, scratch, identity)
+        found, record = collect_components(plans[0].targets, checkpoint, calibration, options, scratch, identity,
+                                           progress)
         shutil.rmtree(scratch)
         options, statistics, chosen = options.init_method.options_from_statistics(options, plans[0].targets, found)
         report_extra = (("calibration", record), (options.method, chosen))

@@ -24,9 +24,10 @@ from ..calibration.statistics import _recording_inputs, _shared
 from .resume import fault_point
 from .sequential import _padded, target_layers
 
-# PEFT's loop cycles the dataloader until every module has converged; a pass whose
-# components will not settle is stopped after this many passes over the samples.
-MOST_EVA_PASSES = 50
+# PEFT's loop cycles the dataloader until every module has converged, with no bound. Few
+# samples or a tau close to 1 take hundreds of passes (16 samples of TinyLlama's shapes in
+# batches of 8: 147), so the bound is far beyond those: it only ends a pass that never settles.
+MOST_EVA_PASSES = 1000
 
 _STATE = "state.json"
 
@@ -144,12 +145,16 @@ class _Loop:
 
 
 def collect_components(targets, checkpoint: Checkpoint, calibration: CalibrationSet, options, scratch: Path,
-                       identity: str) -> tuple[list[tuple[int, str, torch.Tensor, torch.Tensor, torch.Tensor]], dict]:
+                       identity: str, progress: bool = False
+                       ) -> tuple[list[tuple[int, str, torch.Tensor, torch.Tensor, torch.Tensor]], dict]:
     """For every target (plan order index), the components PEFT's EVA loop leaves its hook
     with. Returns the targets in the model's module order as (index, owner, components,
     explained variance ratios, singular values), `owner` the module whose hook took its
     input, and what the report says of the pass. `scratch` holds the saved passes: a pass
-    killed and started again with the same `identity` resumes at the last one saved."""
+    killed and started again with the same `identity` resumes at the last one saved.
+    `progress`: a bar of steps with the hooks converged so far, as PEFT's loop shows."""
+    from tqdm.auto import tqdm
+
     device = options.torch_devices[0]
     stack = LayerStack(checkpoint, Path(checkpoint.root), device)
     located = target_layers(targets, stack.layers_name)
@@ -165,19 +170,24 @@ def collect_components(targets, checkpoint: Checkpoint, calibration: Calibration
     scratch.mkdir(parents=True, exist_ok=True)
     start = step = loop.load(scratch, identity, device)
     t0 = time.perf_counter()
-    while True:
-        if step and loop.check():
-            break
-        if step >= MOST_EVA_PASSES * len(batches):
-            late = [o for o in loop.hooks if not loop.converged[o]]
-            raise CalibrationError(f"calibration: the components of {late} did not converge (tau {options.eva_tau}) "
-                                   f"in {MOST_EVA_PASSES} passes over the samples; give more calibration samples")
-        k = step % len(batches)
-        _step(stack, loop, inner_of, calibration, batches[k], k, device, first=step == 0)
-        loop.redistribute()
-        step += 1
-        if step % len(batches) == 0:
-            loop.save(scratch, step, identity)
+    with tqdm(desc="eva", unit="step", initial=step, disable=not progress) as bar:
+        while True:
+            if step and loop.check():
+                break
+            if step >= MOST_EVA_PASSES * len(batches):
+                late = [o for o in loop.hooks if not loop.converged[o]]
+                raise CalibrationError(f"calibration: the components of {late} did not converge "
+                                       f"(tau {options.eva_tau}) "
+                                       f"in {MOST_EVA_PASSES} passes over the samples; give more calibration samples, "
+                                       "or a lower eva_tau")
+            k = step % len(batches)
+            _step(stack, loop, inner_of, calibration, batches[k], k, device, first=step == 0)
+            loop.redistribute()
+            step += 1
+            bar.update()
+            bar.set_postfix_str(f"{sum(loop.converged.values())}/{len(loop.hooks)} inputs converged", refresh=False)
+            if step % len(batches) == 0:
+                loop.save(scratch, step, identity)
     found, index_of_module = [], {t.module: i for i, t in enumerate(targets)}
     for module in names:
         hook = loop.hooks[loop.owner[module]]
