@@ -170,7 +170,7 @@ def collect_components(targets, checkpoint: Checkpoint, calibration: Calibration
     scratch.mkdir(parents=True, exist_ok=True)
     start = step = loop.load(scratch, identity, device)
     t0 = time.perf_counter()
-    with tqdm(desc="eva", unit="step", initial=step, disable=not progress) as bar:
+    with tqdm(desc="components", unit="step", initial=step, disable=not progress) as bar:
         while True:
             if step and loop.check():
                 break
