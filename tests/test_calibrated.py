@@ -544,7 +544,7 @@ def test_eva_runs_as_many_passes_as_peft_loop_does(models, tmp_path, monkeypatch
         pissa_rs.decompose_checkpoint(models["llama"], r=R, method="eva", out=tmp_path / "short", progress=True,
                                       calibration=texts, calibration_samples=4, calibration_length=LENGTH, **options)
     assert not (tmp_path / "short").exists()
-    assert re.search(rf"eva: .*{(int(passes) - 1) * 2}step.*\d/8 inputs converged", capsys.readouterr().err)
+    assert re.search(rf"components: .*{(int(passes) - 1) * 2}step.*\d/8 inputs converged", capsys.readouterr().err)
 
 
 def test_eva_options_belong_to_eva(models, tmp_path):
