@@ -18,6 +18,7 @@ import safetensors.torch
 import torch
 import transformers
 from helpers import calibration_texts, digest, load_output_without_key_warnings, save_tokenizer
+from make_tiny_model import save_tiny_model
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.config import CordaConfig
 
@@ -545,6 +546,32 @@ def test_eva_runs_as_many_passes_as_peft_loop_does(models, tmp_path, monkeypatch
                                       calibration=texts, calibration_samples=4, calibration_length=LENGTH, **options)
     assert not (tmp_path / "short").exists()
     assert re.search(rf"components: .*{(int(passes) - 1) * 2}step.*\d/8 inputs converged", capsys.readouterr().err)
+
+
+def test_eva_steps_read_the_layers_from_the_page_cache_until_the_end(tmp_path, monkeypatch):
+    """Every step reads every layer again: its reads leave the pages in the page cache, so a
+    model that fits is read from memory, not from disk, at each step; the end of the run drops
+    them, as every run leaves the cache as it found it."""
+    from pissa_rs._pissa_rs import cached_bytes
+    from pissa_rs.engine import components
+
+    # layers of 3 MB, so that what a read leaves behind (its partial pages) is small beside them
+    src = save_tiny_model(tmp_path / "m", "llama", layers=2, hidden=256, intermediate=688, shard_size="2MB")
+    files = sorted(src.glob("*.safetensors"))
+    os.sync()  # clean pages: the only kind a read's release can drop
+    for f in files:
+        f.read_bytes()
+
+    def cached() -> float:
+        sizes = [cached_bytes(str(f)) for f in files]
+        return sum(c for c, _ in sizes) / sum(n for _, n in sizes)
+
+    assert cached() > 0.9  # the files' own pages, all cached once read
+    after_step, step = [], components._step
+    monkeypatch.setattr(components, "_step", lambda *a, **k: (step(*a, **k), after_step.append(cached())))
+    ours_eva(src, tmp_path / "o", eva_rho=1.0)
+    assert len(after_step) > 2 and min(after_step) > 0.9, after_step
+    assert cached() < 0.1
 
 
 def test_eva_options_belong_to_eva(models, tmp_path):

@@ -310,11 +310,19 @@ impl PyCheckpoint {
     }
     /// Read a tensor's bytes into `dest` (a writable C-contiguous buffer of
     /// exactly its size, e.g. a pinned host tensor's numpy view) with the GIL
-    /// released; the pages are never mapped here and leave the cache after.
-    fn read_into(&self, py: Python<'_>, name: &str, dest: &Bound<'_, PyAny>) -> PyResult<()> {
+    /// released; the pages are never mapped here and leave the cache after,
+    /// unless `keep_cached` (bytes read again soon; `release_all` drops them).
+    #[pyo3(signature = (name, dest, keep_cached=false))]
+    fn read_into(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        dest: &Bound<'_, PyAny>,
+        keep_cached: bool,
+    ) -> PyResult<()> {
         let mut borrowed = BorrowedBytes::get_writable(dest)?;
         let slice = borrowed.as_mut_slice();
-        py.detach(|| self.inner.read_into(name, slice))
+        py.detach(|| self.inner.read_into(name, slice, keep_cached))
             .map_err(to_py)
     }
     /// Read bytes `[offset, offset + len(dest))` of a tensor into `dest`, like read_into.

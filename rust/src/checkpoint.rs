@@ -68,11 +68,18 @@ impl Shard {
     /// here), then release the range (a neighbour's access may have mapped
     /// some of its pages by fault-around; mapped pages stay cached).
     pub fn read_into(&self, start: u64, dst: &mut [u8]) -> Result<()> {
-        self.file
-            .read_exact_at(dst, start)
-            .map_err(|e| Error::io(&self.path, "read", e))?;
+        self.read_cached(start, dst)?;
         self.release(start, start + dst.len() as u64);
         Ok(())
+    }
+
+    /// Read `[start, start + dst.len())` into `dst` (pread), leaving its
+    /// pages in the page cache: for bytes read again soon (EVA's loop reads
+    /// every layer at every step); `release_all` drops them at the end.
+    pub fn read_cached(&self, start: u64, dst: &mut [u8]) -> Result<()> {
+        self.file
+            .read_exact_at(dst, start)
+            .map_err(|e| Error::io(&self.path, "read", e))
     }
 
     /// Release the whole file, header and partial pages at tensor boundaries
@@ -354,8 +361,9 @@ impl Checkpoint {
     }
 
     /// Read tensor `name` into `dst` (exactly its size) without mapping it,
-    /// and drop its pages from the cache: the staging path of the GPU pipeline.
-    pub fn read_into(&self, name: &str, dst: &mut [u8]) -> Result<()> {
+    /// and drop its pages from the cache (unless `keep_cached`): the staging
+    /// path of the GPU pipeline.
+    pub fn read_into(&self, name: &str, dst: &mut [u8], keep_cached: bool) -> Result<()> {
         let entry = self.get(name)?;
         if dst.len() as u64 != entry.nbytes() {
             return Err(Error::io(
@@ -368,7 +376,12 @@ impl Checkpoint {
                 )),
             ));
         }
-        self.shards[entry.shard].read_into(entry.start, dst)
+        let shard = &self.shards[entry.shard];
+        if keep_cached {
+            shard.read_cached(entry.start, dst)
+        } else {
+            shard.read_into(entry.start, dst)
+        }
     }
 
     /// Read bytes `[offset, offset + dst.len())` of tensor `name` into `dst`:

@@ -67,9 +67,11 @@ def _decoder_layers(model) -> tuple[str, nn.ModuleList]:
 
 
 class LayerStack:
-    """A model's decoder layers, made real one at a time from the checkpoint on `device`."""
+    """A model's decoder layers, made real one at a time from the checkpoint on `device`.
+    `keep_cached`: their bytes stay in the page cache once read (a loop that reads every layer
+    at every step, EVA's); otherwise each read drops them, as the units' reads do."""
 
-    def __init__(self, checkpoint: Checkpoint, config_dir: Path, device: torch.device):
+    def __init__(self, checkpoint: Checkpoint, config_dir: Path, device: torch.device, keep_cached: bool = False):
         from ..planning.mapping import checkpoint_mapping, load_config, model_class_for
 
         config, _ = load_config(config_dir)
@@ -84,6 +86,7 @@ class LayerStack:
                 model = AutoModelForCausalLM.from_config(config)
         model.eval()
         self.model, self.config, self.device, self.checkpoint = model, config, device, checkpoint
+        self.keep_cached = keep_cached
         self.where = Path(checkpoint.root)
         self.mapping = checkpoint_mapping(model, checkpoint)
         self.layers_name, self.layers = _decoder_layers(model)
@@ -132,7 +135,7 @@ class LayerStack:
         if info.dtype not in ("F32", "F16", "BF16"):
             raise CalibrationError(f"{self.where}: {tensor} is {info.dtype}; calibration reads float weights only")
         data = torch.empty(info.end - info.start, dtype=torch.uint8)
-        self.checkpoint.read_into(tensor, data.numpy())
+        self.checkpoint.read_into(tensor, data.numpy(), keep_cached=self.keep_cached)
         value = data.view(TORCH_DTYPES[info.dtype]).reshape(list(info.shape))
         if tuple(value.shape) != tuple(shape):
             raise CalibrationError(f"{self.where}: {tensor} has shape {list(value.shape)}, the model's {param} "

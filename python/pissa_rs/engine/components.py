@@ -156,7 +156,8 @@ def collect_components(targets, checkpoint: Checkpoint, calibration: Calibration
     from tqdm.auto import tqdm
 
     device = options.torch_devices[0]
-    stack = LayerStack(checkpoint, Path(checkpoint.root), device)
+    # every step reads the layers again: from the page cache where the model fits (dropped at the end)
+    stack = LayerStack(checkpoint, Path(checkpoint.root), device, keep_cached=True)
     located = target_layers(targets, stack.layers_name)
     index_of = {(layer, inner): index for index, (layer, inner, _) in enumerate(located)}
     inner_of: dict[int, dict[str, str]] = {}  # layer -> {name inside it: module name}, the model's order
