@@ -574,6 +574,38 @@ def test_eva_steps_read_the_layers_from_the_page_cache_until_the_end(tmp_path, m
     assert cached() < 0.1
 
 
+def test_eva_holds_each_hooks_components_without_the_dead_half(models, tmp_path, monkeypatch):
+    """PEFT's incremental PCA leaves its components as a view of a V twice as wide; the loop
+    holds every module's for the whole pass, so it keeps a compact copy (the adapter stays
+    PEFT's bit for bit: the parity tests above)."""
+    from pissa_rs.engine import components
+
+    held, step = [], components._step
+
+    def recording(stack, loop, *args, **kwargs):
+        step(stack, loop, *args, **kwargs)
+        for hook in loop.hooks.values():
+            c = hook.svd.components_
+            held.append((c.untyped_storage().nbytes(), c.nbytes))
+
+    monkeypatch.setattr(components, "_step", recording)
+    ours_eva(models["llama"], tmp_path / "o", eva_rho=1.0)
+    assert len(held) > 8 and all(storage == size for storage, size in held), held
+
+
+def test_both_calibration_passes_bound_the_heap(models, tmp_path, monkeypatch):
+    """Their tensors of a few MiB, freed at every layer, go back to the system
+    (tests/test_heap.py shows what that does)."""
+    from pissa_rs.engine import heap
+
+    calls = []
+    monkeypatch.setattr(heap, "bound_heap", lambda: calls.append(1) or True)
+    ours_eva(models["llama"], tmp_path / "e", eva_rho=1.0)
+    assert calls == [1]
+    ours(models["llama"], tmp_path / "c", "ipm")
+    assert calls == [1, 1]
+
+
 def test_eva_options_belong_to_eva(models, tmp_path):
     with pytest.raises(ValueError, match=r"eva_rho apply to method 'eva', not 'corda-ipm'"):
         ours(models["llama"], tmp_path / "o", "ipm", eva_rho=1.5)

@@ -21,6 +21,7 @@ from .._pissa_rs import Checkpoint
 from ..calibration.layers import LayerStack
 from ..calibration.samples import CalibrationError, CalibrationSet
 from ..calibration.statistics import _recording_inputs, _shared
+from . import heap
 from .resume import fault_point
 from .sequential import _padded, target_layers
 
@@ -86,6 +87,17 @@ class _Loop:
             ratios = {o: h.svd.explained_variance_ratio_ for o, h in self.hooks.items()}
             self.rank_dist = self.distribution(ratios, {n: self.owner[n] for n in self.names},
                                                self.max_components, self.budget)
+
+    def compact(self, owners) -> None:
+        """PEFT's incremental PCA keeps `components_` as a view of its svd_lowrank's V, which
+        has twice the columns (lowrank_q = 2 * n_components): half the storage is dead, and at
+        float64 (from the second batch on) it is most of what the loop holds. A compact copy
+        in the same column-major layout holds the same values, so the arithmetic is unchanged."""
+        for owner in owners:
+            svd = self.hooks[owner].svd
+            c = getattr(svd, "components_", None)
+            if c is not None and c.dim() == 2 and c.stride(0) == 1 and c.untyped_storage().nbytes() > c.nbytes:
+                svd.components_ = c.mT.contiguous().mT
 
     def on(self, owners) -> list[str]:
         return [o for o in owners if not self.converged[o]]
@@ -156,6 +168,7 @@ def collect_components(targets, checkpoint: Checkpoint, calibration: Calibration
     from tqdm.auto import tqdm
 
     device = options.torch_devices[0]
+    heap.bound_heap()  # each step frees MiB-sized tensors among the hooks' states, which live on
     # every step reads the layers again: from the page cache where the model fits (dropped at the end)
     stack = LayerStack(checkpoint, Path(checkpoint.root), device, keep_cached=True)
     located = target_layers(targets, stack.layers_name)
@@ -235,6 +248,7 @@ def _step(stack: LayerStack, loop: _Loop, inner_of: dict[int, dict[str, str]], c
             for handle in handles:
                 handle.remove()
         x = out[0] if isinstance(out, tuple) else out
+        loop.compact(o for o in dict.fromkeys(inner.values()) if o in loop.hooks)
         if first and modules:
             owner_of = {inner[name]: inner[o] for name, o in _shared({n: inputs[n] for n in modules}).items()}
             loop.add_owners(owner_of)
@@ -245,5 +259,6 @@ def _step(stack: LayerStack, loop: _Loop, inner_of: dict[int, dict[str, str]], c
                     hook.model_input = positions
                     hook(module, (inputs[name],), None)
                     loop.batches_seen[owner] += 1
+            loop.compact(dict.fromkeys(owner_of.values()))
         stack.release(layer_index)
         fault_point("calibrate")  # the crash tests: killed mid-pass

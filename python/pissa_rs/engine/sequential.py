@@ -21,6 +21,7 @@ from ..calibration.samples import CalibrationError, CalibrationSet
 from ..calibration.statistics import CovarianceHooks
 from ..constants import UNITS_DIR
 from ..tensors import as_torch
+from . import heap
 from .resume import fault_point
 from .run import run_unit
 from .units import Job, Unit
@@ -223,6 +224,7 @@ def run_calibrated(job: Job, checkpoint: Checkpoint, calibration: CalibrationSet
     import time
 
     device = job.options.torch_devices[0]
+    heap.bound_heap()  # each layer frees MiB-sized tensors among covariances that live on
     stack = LayerStack(checkpoint, Path(checkpoint.root), device)
     layers = target_layers(job.outputs[0].plan.targets, stack.layers_name)
     by_layer: dict[int, dict[str, list[tuple[int, int | None]]]] = {}
