@@ -4,7 +4,7 @@ model, same checkpoint, same samples.
 
     python benches/bench_calibrated.py [--layers 4] [--samples 64] [--length 256] [--batch 8]
         [--methods pissa_rs,peft,pissa_rs_eva,peft_eva] [--shapes tinyllama|llama3-8b]
-        [--json OUT.json] [--smoke]
+        [--steps N] [--json OUT.json] [--smoke]
 
 The checkpoint is bench_decompose.py's synthetic one (TinyLlama-1.1B shapes by default, bf16,
 random weights) plus a byte-level BPE tokenizer trained on the docstrings of installed
@@ -31,10 +31,24 @@ from bench_decompose import HARNESS, PROJECTIONS, machine, make_checkpoint, run_
 # Each method's runner: (imports, body), with SRC, OUT, R and TARGETS given by the harness.
 OURS = """
 texts = json.load(open(os.environ["BENCH_CALIBRATION"]))
-res = pissa_rs.decompose_checkpoint(SRC, r=R, target_modules=TARGETS, out=OUT, progress=False, method="{method}",
-                                    calibration=texts, calibration_samples=len(texts), calibration_batch=int(os.environ["BENCH_BATCH"]),
-                                    calibration_length=int(os.environ["BENCH_LENGTH"]))
-open(os.environ["BENCH_SPLIT"], "w").write(json.dumps(res.report["calibration"]["seconds"]))
+class _Stopped(BaseException):  # --steps: EVA's loop ended after its first steps
+    pass
+if int(os.environ["BENCH_STEPS"]):
+    from pissa_rs.engine import components
+    _step, _taken = components._step, [0]
+    def _counted(*args, **kwargs):
+        if _taken[0] == int(os.environ["BENCH_STEPS"]):
+            raise _Stopped
+        _taken[0] += 1
+        return _step(*args, **kwargs)
+    components._step = _counted
+try:
+    res = pissa_rs.decompose_checkpoint(SRC, r=R, target_modules=TARGETS, out=OUT, progress=False, method="{method}",
+                                        calibration=texts, calibration_samples=len(texts), calibration_batch=int(os.environ["BENCH_BATCH"]),
+                                        calibration_length=int(os.environ["BENCH_LENGTH"]))
+    open(os.environ["BENCH_SPLIT"], "w").write(json.dumps(res.report["calibration"]["seconds"]))
+except _Stopped:
+    open(os.environ["BENCH_SPLIT"], "w").write(json.dumps({"steps": _taken[0]}))
 """
 # PEFT's side: the whole model in memory, bf16 as stored, and the model's own tokenizer
 PEFT = """
@@ -80,8 +94,19 @@ for k in range(0, len(rows), batch):
     for i, row in enumerate(chunk):
         ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), 1
     batches.append({"input_ids": ids, "attention_mask": mask})
-initialize_lora_eva_weights(model, batches, show_progress_bar=False)
-model.save_pretrained(os.path.join(OUT, "adapter"))
+class _Stopped(BaseException):  # --steps: the loop ended after its first steps
+    pass
+_calls = [0]
+def forward_fn(model, inputs):  # PEFT's forward_fn_dict; its first call is the hashing pass, not a step
+    if int(os.environ["BENCH_STEPS"]) and _calls[0] == int(os.environ["BENCH_STEPS"]) + 1:
+        raise _Stopped
+    _calls[0] += 1
+    return model(**inputs)
+try:
+    initialize_lora_eva_weights(model, batches, forward_fn=forward_fn, show_progress_bar=False)
+    model.save_pretrained(os.path.join(OUT, "adapter"))
+except _Stopped:
+    open(os.environ["BENCH_SPLIT"], "w").write(json.dumps({"steps": _calls[0] - 1}))
 """),
 }
 
@@ -125,6 +150,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="samples per forward (EVA's batches; pissa_rs' CorDA too)")
     ap.add_argument("--shapes", choices=["tinyllama", "llama3-8b"], default="tinyllama")
     ap.add_argument("--methods", default="pissa_rs,peft,pissa_rs_eva,peft_eva")
+    ap.add_argument("--steps", type=int, default=0,
+                    help="EVA: end both loops after their first N steps (0: run to convergence); at full depth a "
+                         "whole run takes hours on a CPU, and the loop's memory is reached by its second step")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script, not the speed")
     args = ap.parse_args()
@@ -152,7 +180,7 @@ def main() -> None:
         data.write_text(json.dumps(texts))
         split = Path(tmp) / "split.json"
         env = {**os.environ, "BENCH_CALIBRATION": str(data), "BENCH_LENGTH": str(length), "BENCH_SPLIT": str(split),
-               "BENCH_BATCH": str(args.batch)}
+               "BENCH_BATCH": str(args.batch), "BENCH_STEPS": str(args.steps)}
         results = {}
         for method in args.methods.split(","):
             imports, body = RUNNERS[method]
@@ -161,8 +189,9 @@ def main() -> None:
             code = HARNESS.format(imports="import sys\n" + imports, body=body)
             result = run_script(method, code, [str(src), str(out), str(rank), "0", json.dumps(PROJECTIONS)], env)
             result["total_s"] = time.perf_counter() - t0
-            if method.startswith("pissa_rs"):
+            if split.is_file():  # pissa_rs's time split, or the steps a --steps run took
                 result["split_s"] = json.loads(split.read_text())
+                split.unlink()
             results[method] = result
             print(method, result, file=sys.stderr)
     print("| method | wall (s) | peak RSS (GiB) |\n|---|---:|---:|")
@@ -173,9 +202,11 @@ def main() -> None:
             ours, theirs = results[ours_name], results[theirs_name]
             print(f"{ours_name} / {theirs_name}: wall {ours['wall_s'] / theirs['wall_s']:.2f}x, peak RSS "
                   f"{ours['peak_rss_bytes'] / theirs['peak_rss_bytes']:.2f}x")
-    print(f"machine: {machine()}; {dims['layers']} layers, {total / 2**30:.2f} GiB, {samples} x {length} tokens")
+    steps = f", EVA's loops ended after step {args.steps}" if args.steps else ""
+    print(f"machine: {machine()}; {dims['layers']} layers, {total / 2**30:.2f} GiB, {samples} x {length} tokens{steps}")
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine(), "dims": dims, "results": results}, indent=1))
+        args.json.write_text(json.dumps({"machine": machine(), "dims": dims, "steps": args.steps, "results": results},
+                                        indent=1))
 
 
 if __name__ == "__main__":

@@ -106,3 +106,17 @@ def test_calibrated_benchmark_smoke(tmp_path):
     assert set(report["results"]["pissa_rs_eva"]["split_s"]) == {"forward"}
     for result in report["results"].values():
         assert result["wall_s"] > 0 and result["peak_rss_bytes"] > 0
+
+
+def test_calibrated_benchmark_ends_both_eva_loops_after_the_same_steps(tmp_path):
+    """--steps N: the deep-model comparison times EVA's first N steps on both sides (one here:
+    the tiny model's single batch converges at its second step)."""
+    out = tmp_path / "calibrated.json"
+    proc = subprocess.run([sys.executable, str(BENCH.parent / "bench_calibrated.py"), "--smoke", "--workdir",
+                           str(tmp_path), "--json", str(out), "--methods", "pissa_rs_eva,peft_eva", "--steps", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["steps"] == 1 and "EVA's loops ended after step 1" in proc.stdout
+    assert {m: r.get("split_s") for m, r in report["results"].items()} == {"pissa_rs_eva": {"steps": 1},
+                                                                             "peft_eva": {"steps": 1}}
