@@ -574,23 +574,28 @@ def test_eva_steps_read_the_layers_from_the_page_cache_until_the_end(tmp_path, m
     assert cached() < 0.1
 
 
-def test_eva_holds_each_hooks_components_without_the_dead_half(models, tmp_path, monkeypatch):
-    """PEFT's incremental PCA leaves its components as a view of a V twice as wide; the loop
-    holds every module's for the whole pass, so it keeps a compact copy (the adapter stays
-    PEFT's bit for bit: the parity tests above)."""
+def test_eva_holds_one_layers_components_at_a_time(models, tmp_path, monkeypatch):
+    """Each hook's components wait in a file of their own between the layers that use them:
+    while a layer runs only its hooks' are in memory, between steps none (PEFT's loop holds
+    every layer's; the adapter stays PEFT's bit for bit: the parity tests above)."""
     from pissa_rs.engine import components
 
-    held, step = [], components._step
+    others, between, park, step = [], [], components._Loop.park, components._step
 
-    def recording(stack, loop, *args, **kwargs):
+    def parking(loop, owners):
+        owners = list(owners)
+        others.append({o for o, h in loop.hooks.items() if hasattr(h.svd, "components_")} - set(owners))
+        park(loop, owners)
+
+    def stepping(stack, loop, *args, **kwargs):
         step(stack, loop, *args, **kwargs)
-        for hook in loop.hooks.values():
-            c = hook.svd.components_
-            held.append((c.untyped_storage().nbytes(), c.nbytes))
+        between.append([o for o, h in loop.hooks.items() if hasattr(h.svd, "components_")])
+        assert all(loop.parked_file(o).is_file() for o in loop.parked) and loop.parked == set(loop.hooks)
 
-    monkeypatch.setattr(components, "_step", recording)
-    ours_eva(models["llama"], tmp_path / "o", eva_rho=1.0)
-    assert len(held) > 8 and all(storage == size for storage, size in held), held
+    monkeypatch.setattr(components._Loop, "park", parking)
+    monkeypatch.setattr(components, "_step", stepping)
+    ours_eva(models["llama"], tmp_path / "o", eva_rho=2.0)
+    assert len(others) > 8 and not any(others) and len(between) > 2 and not any(between)
 
 
 def test_both_calibration_passes_bound_the_heap(models, tmp_path, monkeypatch):

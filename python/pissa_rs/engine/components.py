@@ -4,14 +4,17 @@ through the decoder layers, made real one at a time from the checkpoint; PEFT's 
 SVDHook (incremental PCA) on the first module of every shared input takes the batch while
 that module's share of the rank distribution has not converged, and the distribution is
 chosen again from every module's explained variance after each step. So each module sees
-exactly the batches PEFT's loop gives it, and the ranks are PEFT's. Only the hooks' states
-are held for the whole model (PEFT holds them too, besides the model); they are saved after
-every pass over the samples, so a killed pass resumes at the last one saved."""
+exactly the batches PEFT's loop gives it, and the ranks are PEFT's. Each hook's components
+(its state's bulk: r * rho rows of its input's width, in float64) wait in a file of their own
+between the layers that use them, so the loop holds one layer's, not the model's (PEFT holds
+every layer's, besides the model); the states are saved after every pass over the samples, so
+a killed pass resumes at the last one saved."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -38,7 +41,8 @@ class _Loop:
     each input (the first given it), the hooks (SVDHook, one per such owner), which have
     converged (and so are off), and the rank distribution of the last step."""
 
-    def __init__(self, names: list[str], ranks: dict[str, int], rho: float, tau: float, distribution):
+    def __init__(self, names: list[str], ranks: dict[str, int], rho: float, tau: float, distribution,
+                 parked_dir: Path):
         self.names = names  # every target module, the model's order
         self.distribution = distribution  # the method's (PEFT's) rank distribution
         self.max_components = {n: round(ranks[n] * rho) for n in names}
@@ -50,6 +54,8 @@ class _Loop:
         self.rank_dist = dict(self.max_components)
         self.batches_seen: dict[str, int] = {}
         self.back_on = 0  # times a hook that had gone off came back on
+        self.parked_dir = parked_dir  # each hook's components between the layers that use them
+        self.parked: set[str] = set()  # owners whose components are in their file, not in memory
 
     def new_hook(self, owner: str):
         from peft.tuners.lora.eva import SVDHook, prepare_layer_inputs_fn_language_modeling
@@ -83,21 +89,49 @@ class _Loop:
 
     def redistribute(self) -> None:
         """PEFT's rank distribution after a step, once every hook has components."""
-        if all(hasattr(h.svd, "components_") for h in self.hooks.values()):
+        if all(o in self.parked or hasattr(h.svd, "components_") for o, h in self.hooks.items()):
             ratios = {o: h.svd.explained_variance_ratio_ for o, h in self.hooks.items()}
             self.rank_dist = self.distribution(ratios, {n: self.owner[n] for n in self.names},
                                                self.max_components, self.budget)
 
-    def compact(self, owners) -> None:
-        """PEFT's incremental PCA keeps `components_` as a view of its svd_lowrank's V, which
-        has twice the columns (lowrank_q = 2 * n_components): half the storage is dead, and at
-        float64 (from the second batch on) it is most of what the loop holds. A compact copy
-        in the same column-major layout holds the same values, so the arithmetic is unchanged."""
+    def parked_file(self, owner: str) -> Path:
+        return self.parked_dir / f"{owner}.safetensors"
+
+    def park(self, owners) -> None:
+        """The owners' components to their files (replaced, never written in place) and out of
+        memory. Stored transposed: PEFT's incremental PCA leaves them as a column-major view of
+        a V twice as wide, and the file holds the live half, which `unpark` gives back in that
+        layout, so the next step's arithmetic is the one PEFT's loop does."""
+        from safetensors.torch import save_file
+
+        self.parked_dir.mkdir(parents=True, exist_ok=True)
         for owner in owners:
             svd = self.hooks[owner].svd
-            c = getattr(svd, "components_", None)
-            if c is not None and c.dim() == 2 and c.stride(0) == 1 and c.untyped_storage().nbytes() > c.nbytes:
-                svd.components_ = c.mT.contiguous().mT
+            if not hasattr(svd, "components_"):  # no batch taken yet
+                continue
+            path = self.parked_file(owner)
+            save_file({"components": svd.components_.mT.contiguous().cpu()}, str(path) + ".partial")
+            os.replace(str(path) + ".partial", path)
+            del svd.components_
+            self.parked.add(owner)
+
+    def unpark(self, owners, device: torch.device) -> None:
+        from safetensors.torch import load_file
+
+        for owner in owners:
+            if owner in self.parked:
+                stored = load_file(str(self.parked_file(owner)))["components"]
+                self.hooks[owner].svd.components_ = stored.to(device).mT
+                self.parked.discard(owner)
+
+    def kept_components(self, owner: str, rows: int) -> torch.Tensor:
+        """The first `rows` components of `owner`'s hook, on the host, read from its file."""
+        from safetensors import safe_open
+
+        if owner not in self.parked:
+            return self.hooks[owner].svd.components_[:rows].cpu().clone()
+        with safe_open(str(self.parked_file(owner)), "pt") as f:
+            return f.get_slice("components")[:, :rows].mT.clone()
 
     def on(self, owners) -> list[str]:
         return [o for o in owners if not self.converged[o]]
@@ -118,14 +152,24 @@ class _Loop:
         name = f"hooks-{step:06d}.safetensors"
         save_file(tensors, str(folder / f"{name}.partial"))
         os.replace(folder / f"{name}.partial", folder / name)
+        # the parked components as their files are now: links, since a file is replaced, never changed
+        kept = folder / f"parked-{step:06d}"
+        shutil.rmtree(kept, ignore_errors=True)
+        kept.mkdir()
+        for owner in self.parked:
+            _link(self.parked_file(owner), kept / self.parked_file(owner).name)
         state = {"identity": identity, "step": step, "hooks": name, "owner": self.owner, "scalars": scalars,
                  "converged": self.converged, "rank_dist": self.rank_dist, "max_components": self.max_components,
-                 "batches_seen": self.batches_seen, "back_on": self.back_on}
+                 "batches_seen": self.batches_seen, "back_on": self.back_on,
+                 "parked": {"folder": kept.name, "owners": sorted(self.parked)}}
         (folder / f"{_STATE}.partial").write_text(json.dumps(state))
         os.replace(folder / f"{_STATE}.partial", folder / _STATE)
         for old in folder.glob("hooks-*.safetensors"):
             if old.name != name:
                 old.unlink()
+        for old in folder.glob("parked-*"):
+            if old.name != kept.name:
+                shutil.rmtree(old)
 
     def load(self, folder: Path, identity: str, device: torch.device) -> int:
         """The last saved pass (its step), or 0 when none was saved for this identity."""
@@ -135,7 +179,7 @@ class _Loop:
         if not path.is_file():
             return 0
         state = json.loads(path.read_text())
-        if state.get("identity") != identity:
+        if state.get("identity") != identity or "parked" not in state:
             return 0
         tensors = load_file(str(folder / state["hooks"]))
         self.owner, self.converged = state["owner"], state["converged"]
@@ -153,7 +197,21 @@ class _Loop:
                     else:
                         setattr(hook.svd, attr, value.to(device))
             self.hooks[owner] = hook
+        for owner in state["parked"]["owners"]:  # the files as they were at that pass, not as a killed run left them
+            partial = Path(str(self.parked_file(owner)) + ".partial")
+            partial.unlink(missing_ok=True)
+            _link(folder / state["parked"]["folder"] / self.parked_file(owner).name, partial)
+            os.replace(partial, self.parked_file(owner))
+            self.parked.add(owner)
         return state["step"]
+
+
+def _link(source: Path, target: Path) -> None:
+    """`target` names `source`'s bytes: a hard link, or a copy where the filesystem has none."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def collect_components(targets, checkpoint: Checkpoint, calibration: CalibrationSet, options, scratch: Path,
@@ -179,7 +237,7 @@ def collect_components(targets, checkpoint: Checkpoint, calibration: Calibration
                            for name, _ in stack.real[layer].named_modules() if (layer, name) in index_of}
     names = [module for layer in inner_of for module in inner_of[layer].values()]
     loop = _Loop(names, {t.module: t.r for t in targets}, options.eva_rho, options.eva_tau,
-                 options.init_method.rank_distribution)
+                 options.init_method.rank_distribution, scratch / "parked")
     batches = calibration.batches(options.calibration_batch)
     scratch.mkdir(parents=True, exist_ok=True)
     start = step = loop.load(scratch, identity, device)
@@ -203,12 +261,19 @@ def collect_components(targets, checkpoint: Checkpoint, calibration: Calibration
             if step % len(batches) == 0:
                 loop.save(scratch, step, identity)
     found, index_of_module = [], {t.module: i for i, t in enumerate(targets)}
+    rows: dict[str, int] = {}  # owner -> the most components a module given its input keeps
     for module in names:
-        hook = loop.hooks[loop.owner[module]]
+        rows[loop.owner[module]] = max(rows.get(loop.owner[module], 0), loop.rank_dist[module])
+    kept: dict[str, torch.Tensor] = {}  # only what the adapter takes, read one owner at a time
+    for module in names:
+        owner = loop.owner[module]
+        hook = loop.hooks[owner]
         rank = loop.rank_dist[module]
         if not bool(torch.all(hook.converged[:rank])):
             raise CalibrationError(f"calibration: {module} was given rank {rank} but its components did not converge")
-        found.append((index_of_module[module], loop.owner[module], hook.svd.components_.cpu(), hook.svd.explained_variance_ratio_.cpu(),
+        if owner not in kept:
+            kept[owner] = loop.kept_components(owner, rows[owner])
+        found.append((index_of_module[module], owner, kept[owner], hook.svd.explained_variance_ratio_.cpu(),
                       hook.svd.singular_values_.cpu()))
     record = {**calibration.as_record(), "batch": options.calibration_batch, "layers": len(stack),
               "steps": step, "passes": step / len(batches), "resumed_at_step": start,
@@ -232,14 +297,16 @@ def _step(stack: LayerStack, loop: _Loop, inner_of: dict[int, dict[str, str]], c
         modules = {name: layer.get_submodule(name) for name in inner}
         inputs: dict[str, torch.Tensor] = {}
         handles = _recording_inputs(modules, inputs) if first else []
-        if not first:
-            for name, module in modules.items():
-                owner = inner[name]
-                if loop.owner[owner] == owner and not loop.converged[owner]:
-                    hook = loop.hooks[owner]
-                    hook.model_input = positions
-                    handles.append(module.register_forward_hook(hook))
-                    loop.batches_seen[owner] += 1
+        taking = [] if first else [inner[n] for n in modules if loop.owner[inner[n]] == inner[n]
+                                   and not loop.converged[inner[n]]]
+        loop.unpark(taking, device)
+        for name, module in modules.items():
+            owner = inner[name]
+            if owner in taking:
+                hook = loop.hooks[owner]
+                hook.model_input = positions
+                handles.append(module.register_forward_hook(hook))
+                loop.batches_seen[owner] += 1
         given, args, kwargs = stack.call_of(layer_index, ids, mask)
         try:
             with torch.no_grad():
@@ -248,7 +315,7 @@ def _step(stack: LayerStack, loop: _Loop, inner_of: dict[int, dict[str, str]], c
             for handle in handles:
                 handle.remove()
         x = out[0] if isinstance(out, tuple) else out
-        loop.compact(o for o in dict.fromkeys(inner.values()) if o in loop.hooks)
+        loop.park(taking)
         if first and modules:
             owner_of = {inner[name]: inner[o] for name, o in _shared({n: inputs[n] for n in modules}).items()}
             loop.add_owners(owner_of)
@@ -259,6 +326,6 @@ def _step(stack: LayerStack, loop: _Loop, inner_of: dict[int, dict[str, str]], c
                     hook.model_input = positions
                     hook(module, (inputs[name],), None)
                     loop.batches_seen[owner] += 1
-            loop.compact(dict.fromkeys(owner_of.values()))
+            loop.park(dict.fromkeys(owner_of.values()))
         stack.release(layer_index)
         fault_point("calibrate")  # the crash tests: killed mid-pass

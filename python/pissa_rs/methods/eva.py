@@ -141,14 +141,20 @@ def redistributed(found, targets, rho: float, whiten: bool, adjust_scaling: bool
     counts = rank_distribution({h: ratios_of[h] for h in hooked.values()}, hook_of, max_components,
                                sum(targets[i].r for i in order))
     components, ranks, alphas = {}, {}, {}
+    made: dict[tuple[str, int], torch.Tensor] = {}  # modules given one input at one rank share their lora_A
     for i in order:
         module, target = name[i], targets[i]
         rank = counts[module]
-        _, comps, _, singular = by_index[i]  # a shared input's: the same for each module given it
-        u = comps[:rank].clone()
-        if whiten:
-            u /= singular[:rank].sqrt().reshape(-1, 1)
-        components[target.tensor] = u
+        owner, comps, _, singular = by_index[i]  # a shared input's: the same for each module given it
+        if comps.shape[0] < rank:
+            raise ValueError(f"{module}: rank {rank} from {comps.shape[0]} components kept")
+        if (owner, rank) not in made:
+            u = comps[:rank].clone()
+            if whiten:
+                u /= singular[:rank].sqrt().reshape(-1, 1)
+            # float32, as the factors take it (the same values): half the host memory until the units run
+            made[owner, rank] = u.to(torch.float32)
+        components[target.tensor] = made[owner, rank]
         ranks[module] = rank
         alphas[module] = target.lora_alpha * rank / target.r if adjust_scaling and rank != target.r \
             else target.lora_alpha
