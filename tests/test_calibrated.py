@@ -272,11 +272,13 @@ def test_the_dry_run_shows_the_memory_plan_and_checks_the_data(models, tmp_path,
     small = pissa_rs.plan(models["llama"], r=R, method="corda-kpm", calibration=TEXTS, calibration_samples=N,
                           calibration_length=LENGTH, host_memory="100KiB").describe()
     assert "read back from their file a batch at a time (2 layer boundaries above --host-memory 100.0 KiB)" in small
-    # EVA: every target's incremental PCA state at once (PEFT's loop spans all layers at each step):
-    # 2 layers x (six inputs of 64 + down_proj's 96) x 2 x float32 x r * rho = 8 components = 60 KiB
+    # EVA: every target's incremental PCA components on disk (PEFT's loop spans all layers at each
+    # step), one layer's on the device: (six inputs of 64 + down_proj's 96) x float64 x r * rho = 8
+    # components = 30 KiB a layer, 60 KiB for 2; twice a layer's while they update; lora_A at r = 4
     eva = pissa_rs.plan(models["llama"], r=R, method="eva", calibration=TEXTS, calibration_samples=N,
                         calibration_length=LENGTH, calibration_batch=4).describe()
-    assert "each step one batch through the layers" in eva and "every target, up to 60.0 KiB" in eva, eva
+    assert "each step one batch through the layers" in eva and "components, up to 60.0 KiB" in eva, eva
+    assert "device: one layer's, up to 60.0 KiB while they update" in eva and "lora_A ~15.0 KiB" in eva, eva
     # the default length (2048, as PEFT's docs suggest) is cut to a shorter context; asked for, it is an error
     # and the default sample count (256) to the texts there are
     defaults = pissa_rs.plan(models["llama"], r=R, method="corda-kpm", calibration=TEXTS).options

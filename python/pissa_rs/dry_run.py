@@ -86,7 +86,7 @@ class DecompositionPlan:
     def _calibration_line(self) -> str:
         """The memory plan of a layer-by-layer calibration, from the shapes alone: CorDA's
         (engine/sequential.py) carried hidden states, covariances and one layer on the device;
-        EVA's (engine/components.py) incremental PCA states of every target and one layer."""
+        EVA's (engine/components.py) incremental PCA components on disk, one layer's on the device."""
         import re
 
         from .planning.mapping import load_config
@@ -118,12 +118,17 @@ class DecompositionPlan:
                     f"{where} --host-memory {human_bytes(budget)}), + covariances waiting for their shard, up to "
                     f"{human_bytes(covariances)} a layer; device: a layer's targets {human_bytes(weights)} + its "
                     f"covariances + a batch ~{human_bytes(batch)}")
-        # EVA: PEFT's loop over every layer at each step: the incremental PCA states of the whole
-        # model (r * rho components of each input, and as much again while it updates) stay put
-        states = sum(2 * 4 * n * round(t.r * o.eva_rho) for t, n in zip(self.targets, inputs(self.targets)))
-        return (head + f"each step one batch through the layers, read again from the shards; device: the incremental "
-                f"PCA states of every target, up to {human_bytes(states)} (less where inputs are shared), + a layer's targets {human_bytes(weights)} + a "
-                f"batch ~{human_bytes(batch)}; host: one batch's hidden states")
+        # EVA: PEFT's loop over every layer at each step; each input's r * rho components (float64)
+        # wait in a file between their layer's turns, and take twice that while they update
+        components = lambda ts: sum(8 * n * round(t.r * o.eva_rho) for t, n in zip(ts, inputs(ts)))  # noqa: E731
+        every = components(self.targets)
+        layer = max((components(ts) for ts in per_layer.values()), default=0)
+        adapter = sum(4 * n * t.r for t, n in zip(self.targets, inputs(self.targets)))
+        return (head + f"each step one batch through the layers, read again from the shards; disk: every target's "
+                f"incremental PCA components, up to {human_bytes(every)} (less where inputs are shared), a file per "
+                f"input between its layer's turns; device: one layer's, up to {human_bytes(2 * layer)} while they "
+                f"update, + a layer's targets {human_bytes(weights)} + a batch ~{human_bytes(batch)}; host: one "
+                f"batch's hidden states, and at the end the adapter's lora_A ~{human_bytes(adapter)}")
 
     @property
     def _qpissa(self) -> str:
