@@ -5,6 +5,7 @@ and two 1-CPU nodes, separate raylets on this machine."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -256,12 +257,17 @@ def test_a_killed_driver_is_resumed_by_rerunning_and_finished_units_are_untouche
     out = tmp_path / "o"
     cmd = [sys.executable, "-m", "pissa_rs.cli", "decompose", str(llama), "-r", "4", "-o", str(out),
            "--no-progress", "--ray", cluster.address]
-    env = {**os.environ, "PISSA_RS_SIGNAL_AT": "target:3:STOP", "PISSA_RS_SIGNAL_ONCE": str(tmp_path / "fired")}
+    # The hook must reach the cluster's workers, which do not inherit the driver's environment:
+    # it goes in the job's runtime_env, as `ray job submit --runtime-env-json` hands it to a driver.
+    fired = tmp_path / "fired"
+    hook = {"PISSA_RS_SIGNAL_AT": "target:3:STOP", "PISSA_RS_SIGNAL_ONCE": str(fired)}
+    env = {**os.environ, "RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps({"runtime_env": {"env_vars": hook}})}
     driver = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 120
-        while not list(out.glob(".pissa_units/*.done")):
-            assert time.time() < deadline and driver.poll() is None
+        while not (fired.exists() and list(out.glob(".pissa_units/*.done"))):
+            assert time.time() < deadline, "no unit finished, or the stopping hook never fired"
+            assert driver.poll() is None, f"the driver ended before it was killed: {driver.communicate()}"
             time.sleep(0.1)
         driver.kill()
         driver.wait()
