@@ -1,15 +1,20 @@
 """The randomized SVD engine against torch.svd_lowrank, the call PEFT's "pissa_niter_K" makes.
 
-Tolerance: both run the same subspace iteration in float32 from the same Gaussian start;
-they differ only in how each basis is orthonormalized (CholeskyQR2 against Householder QR),
-whose rounding (~1e-7 relative) the iteration carries along. Singular values and the rank-q
-approximation U S V^T must agree within 1e-4 of the largest singular value (about 1000
-float32 ulps): far below any difference PiSSA can see, far above rounding noise."""
+On the CPU it runs torch.svd_lowrank's own operations from the same Gaussian start, so it
+gives the same bits. On a GPU it orthonormalizes by CholeskyQR2 instead of Householder QR;
+that path is checked here on the CPU (the same code, `svd.cholesky_qr2`) against
+torch.svd_lowrank with a tolerance: both run the same subspace iteration in float32 from the
+same start, and the orthonormalizations' rounding (~1e-7 relative) is what the iteration
+carries along. Singular values and the rank-q approximation U S V^T must agree within 1e-4 of
+the largest singular value (about 1000 float32 ulps): far below any difference PiSSA can
+see, far above rounding noise."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from unittest import mock
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -42,10 +47,26 @@ def test_the_start_is_svd_lowranks_own():
 @settings(max_examples=60, deadline=None)
 @given(rows=st.integers(2, 90), cols=st.integers(2, 90), q_frac=st.floats(0.05, 1.0), niter=st.integers(0, 4),
        decay=st.sampled_from([0.0, 0.5, 1.0, 2.0, 4.0]), seed=st.integers(0, 2**31))
-def test_agrees_with_torch_svd_lowrank(rows, cols, q_frac, niter, decay, seed):
+def test_on_the_cpu_it_is_torch_svd_lowrank_bit_for_bit(rows, cols, q_frac, niter, decay, seed):
     a = spectrum(rows, cols, decay, seed)
     q = max(1, int(q_frac * min(rows, cols)))
-    u, s, v = randomized_svd(a, q, niter, seed)
+    ours, theirs = randomized_svd(a, q, niter, seed), torch_lowrank(a, q, niter, seed)
+    assert all(torch.equal(x, y) for x, y in zip(ours, theirs))
+
+
+def cholesky_qr2_throughout():
+    """randomized_svd as it runs on a GPU: CholeskyQR2 orthonormalizes every basis."""
+    return mock.patch.object(svd, "orthonormal_basis", svd.cholesky_qr2)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(2, 90), cols=st.integers(2, 90), q_frac=st.floats(0.05, 1.0), niter=st.integers(0, 4),
+       decay=st.sampled_from([0.0, 0.5, 1.0, 2.0, 4.0]), seed=st.integers(0, 2**31))
+def test_with_cholesky_qr2_it_agrees_with_torch_svd_lowrank(rows, cols, q_frac, niter, decay, seed):
+    a = spectrum(rows, cols, decay, seed)
+    q = max(1, int(q_frac * min(rows, cols)))
+    with cholesky_qr2_throughout():
+        u, s, v = randomized_svd(a, q, niter, seed)
     tu, ts, tv = torch_lowrank(a, q, niter, seed)
     assert u.shape == tu.shape and s.shape == ts.shape and v.shape == tv.shape
     scale = ts[0].item() + 1e-30
@@ -54,11 +75,12 @@ def test_agrees_with_torch_svd_lowrank(rows, cols, q_frac, niter, decay, seed):
 
 
 @pytest.mark.parametrize("decay", [0.3, 1.0, 4.0])
-def test_at_least_as_accurate_as_svd_lowrank(decay):
-    """Energy kept and orthogonality of U and V, on gentle and on very ill-conditioned spectra
+def test_with_cholesky_qr2_at_least_as_accurate_as_svd_lowrank(decay):
+    """CholeskyQR2's path: energy kept and orthogonality of U and V, on gentle and on very ill-conditioned spectra
     (k**-4: the sketch's condition number is far past what Cholesky takes in float32)."""
     a = spectrum(400, 300, decay, 1)
-    u, s, v = randomized_svd(a, 32, 2, 7)
+    with cholesky_qr2_throughout():
+        u, s, v = randomized_svd(a, 32, 2, 7)
     tu, ts, tv = torch_lowrank(a, 32, 2, 7)
     total = a.square().sum().item()
     assert s.square().sum().item() / total >= ts.square().sum().item() / total - 1e-6
@@ -72,12 +94,23 @@ def test_cholesky_where_it_is_safe_householder_where_it_is_not(monkeypatch):
     calls = []
     householder = torch.linalg.qr
     monkeypatch.setattr(svd.torch.linalg, "qr", lambda x: calls.append(x.shape) or householder(x))
-    randomized_svd(gentle, 16, 2, 0)
-    assert calls == []  # a well-conditioned sketch: CholeskyQR2 throughout
-    randomized_svd(steep, 16, 2, 0)
-    assert calls  # a sketch too ill-conditioned for float32 Cholesky: Householder
-    zero = randomized_svd(torch.zeros(30, 20), 4, 1, 0)
-    assert zero[1].abs().max().item() == 0.0 and torch.isfinite(zero[0]).all()
+    with cholesky_qr2_throughout():
+        randomized_svd(gentle, 16, 2, 0)
+        assert calls == []  # a well-conditioned sketch: CholeskyQR2 throughout
+        randomized_svd(steep, 16, 2, 0)
+        assert calls  # a sketch too ill-conditioned for float32 Cholesky: Householder
+        zero = randomized_svd(torch.zeros(30, 20), 4, 1, 0)
+        assert zero[1].abs().max().item() == 0.0 and torch.isfinite(zero[0]).all()
+
+
+def test_each_device_orthonormalizes_its_own_way(monkeypatch):
+    """Householder QR for a CPU tensor (svd_lowrank's bits), CholeskyQR2 for any other."""
+    taken = []
+    monkeypatch.setattr(svd, "cholesky_qr2", lambda x: taken.append(x.device.type) or x)
+    randomized_svd(spectrum(60, 40, 1.0, 0), 8, 3, 0)
+    assert taken == []
+    svd.orthonormal_basis(torch.empty(6, 2, device="meta"))
+    assert taken == ["meta"]
 
 
 def test_the_same_seed_gives_the_same_bytes_in_concurrent_threads():

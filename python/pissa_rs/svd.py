@@ -2,7 +2,9 @@
 PEFT's "pissa_niter_K"), from a seeded Gaussian start drawn on the CPU and moved to the
 device, so that a seed gives the same start on every device and GPU model (CUDA's
 randn depends on the GPU's SM count), and no global generator is touched. The bases
-are orthonormalized by CholeskyQR2 (a few large matmuls; Householder QR on a GPU is
+are orthonormalized as each device does it fastest: on the CPU by Householder QR, as
+torch.svd_lowrank does (LAPACK's blocked QR is about twice as fast there as the
+alternative), on a GPU by CholeskyQR2 (a few large matmuls; Householder QR on a GPU is
 latency-bound), falling back to Householder QR when the sketch is too ill-conditioned
 for Cholesky in float32."""
 
@@ -17,8 +19,14 @@ MAX_CHOLESKY_CONDITION = 1e3
 
 
 def orthonormal_basis(x: torch.Tensor) -> torch.Tensor:
-    """An orthonormal basis of x's columns (m x k, m >= k): CholeskyQR2, or Householder QR
-    when the Gram matrix is not safely positive definite."""
+    """An orthonormal basis of x's columns (m x k, m >= k): Householder QR on the CPU,
+    CholeskyQR2 elsewhere."""
+    return torch.linalg.qr(x).Q if x.device.type == "cpu" else cholesky_qr2(x)
+
+
+def cholesky_qr2(x: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of x's columns by CholeskyQR2, or Householder QR when the Gram
+    matrix is not safely positive definite."""
     q = x
     for _ in range(2):
         gram = q.mT @ q
@@ -41,7 +49,8 @@ def gaussian_start(cols: int, q: int, seed: int | None, device: torch.device) ->
 def randomized_svd(a: torch.Tensor, q: int, niter: int, seed: int | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(U, S, V) with a ~= U diag(S) V^T, rank q, as torch.svd_lowrank(a, q, niter) computes
-    them after torch.manual_seed(seed) on the CPU: the same start, the same alternation."""
+    them after torch.manual_seed(seed) on the CPU: the same start, the same alternation (on
+    the CPU the same operations, so the same bits)."""
     m, n = a.shape
     tall = a if m >= n else a.mT  # svd_lowrank works on the tall orientation
     basis = orthonormal_basis(tall @ gaussian_start(tall.shape[1], q, seed, a.device))
