@@ -2,11 +2,10 @@
 PEFT's "pissa_niter_K"), from a seeded Gaussian start drawn on the CPU and moved to the
 device, so that a seed gives the same start on every device and GPU model (CUDA's
 randn depends on the GPU's SM count), and no global generator is touched. The bases
-are orthonormalized as each device does it fastest: on the CPU by Householder QR, as
-torch.svd_lowrank does (LAPACK's blocked QR is about twice as fast there as the
-alternative), on a GPU by CholeskyQR2 (a few large matmuls; Householder QR on a GPU is
-latency-bound), falling back to Householder QR when the sketch is too ill-conditioned
-for Cholesky in float32."""
+are orthonormalized on the CPU by Householder QR, as torch.svd_lowrank does, so that
+there the result is svd_lowrank's (PEFT's) bit for bit; on a GPU by CholeskyQR2 (a few
+large matmuls; Householder QR on a GPU is latency-bound), falling back to Householder QR
+when the sketch is too ill-conditioned for Cholesky in float32."""
 
 from __future__ import annotations
 
