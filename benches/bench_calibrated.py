@@ -4,7 +4,7 @@ model, same checkpoint, same samples.
 
     python benches/bench_calibrated.py [--layers 4] [--samples 64] [--length 256] [--batch 8]
         [--methods pissa_rs,peft,pissa_rs_eva,peft_eva] [--shapes tinyllama|llama3-8b]
-        [--steps N] [--json OUT.json] [--smoke]
+        [--steps N] [--dtype float32|bfloat16] [--json OUT.json] [--smoke]
 
 The checkpoint is bench_decompose.py's synthetic one (TinyLlama-1.1B shapes by default, bf16,
 random weights) plus a byte-level BPE tokenizer trained on the docstrings of installed
@@ -12,7 +12,9 @@ packages; the samples are those docstrings cut into chunks of about `length` tok
 method runs in its own process: wall time after imports, peak RSS (VmHWM). pissa_rs also
 reports its time split (calibration forward, covariances, decomposition and writing, saving
 the carried activations). `--methods pissa_rs` with `--layers 1` and `--layers 8` gives peak
-RSS against depth.
+RSS against depth. `--dtype`: the dtype the layers run in on both sides (pissa_rs's
+calibration_dtype, the dtype PEFT's model is loaded in); float32 by default, pissa_rs's own
+default on a CPU.
 """
 
 from __future__ import annotations
@@ -45,18 +47,19 @@ if int(os.environ["BENCH_STEPS"]):
 try:
     res = pissa_rs.decompose_checkpoint(SRC, r=R, target_modules=TARGETS, out=OUT, progress=False, method="{method}",
                                         calibration=texts, calibration_samples=len(texts), calibration_batch=int(os.environ["BENCH_BATCH"]),
-                                        calibration_length=int(os.environ["BENCH_LENGTH"]))
+                                        calibration_length=int(os.environ["BENCH_LENGTH"]),
+                                        calibration_dtype=os.environ["BENCH_DTYPE"])
     open(os.environ["BENCH_SPLIT"], "w").write(json.dumps(res.report["calibration"]["seconds"]))
 except _Stopped:
     open(os.environ["BENCH_SPLIT"], "w").write(json.dumps({"steps": _taken[0]}))
 """
-# PEFT's side: the whole model in memory, bf16 as stored, and the model's own tokenizer
+# PEFT's side: the whole model in memory, loaded in the benchmark's dtype, and the model's own tokenizer
 PEFT = """
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 texts = json.load(open(os.environ["BENCH_CALIBRATION"]))
 length = int(os.environ["BENCH_LENGTH"])
-model = AutoModelForCausalLM.from_pretrained(SRC, dtype=torch.bfloat16).eval()
+model = AutoModelForCausalLM.from_pretrained(SRC, dtype=getattr(torch, os.environ["BENCH_DTYPE"])).eval()
 tokenizer = AutoTokenizer.from_pretrained(SRC)"""
 RUNNERS = {
     "pissa_rs": ("import os, torch, pissa_rs", OURS.replace("{method}", "corda-ipm")),
@@ -153,6 +156,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=0,
                     help="EVA: end both loops after their first N steps (0: run to convergence); at full depth a "
                          "whole run takes hours on a CPU, and the loop's memory is reached by its second step")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="the dtype the layers run in, on both sides (the checkpoint is bf16)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script, not the speed")
     args = ap.parse_args()
@@ -180,7 +185,7 @@ def main() -> None:
         data.write_text(json.dumps(texts))
         split = Path(tmp) / "split.json"
         env = {**os.environ, "BENCH_CALIBRATION": str(data), "BENCH_LENGTH": str(length), "BENCH_SPLIT": str(split),
-               "BENCH_BATCH": str(args.batch), "BENCH_STEPS": str(args.steps)}
+               "BENCH_BATCH": str(args.batch), "BENCH_STEPS": str(args.steps), "BENCH_DTYPE": args.dtype}
         results = {}
         for method in args.methods.split(","):
             imports, body = RUNNERS[method]
@@ -203,9 +208,11 @@ def main() -> None:
             print(f"{ours_name} / {theirs_name}: wall {ours['wall_s'] / theirs['wall_s']:.2f}x, peak RSS "
                   f"{ours['peak_rss_bytes'] / theirs['peak_rss_bytes']:.2f}x")
     steps = f", EVA's loops ended after step {args.steps}" if args.steps else ""
-    print(f"machine: {machine()}; {dims['layers']} layers, {total / 2**30:.2f} GiB, {samples} x {length} tokens{steps}")
+    print(f"machine: {machine()}; {dims['layers']} layers, {total / 2**30:.2f} GiB, {samples} x {length} tokens, "
+          f"layers in {args.dtype}{steps}")
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine(), "dims": dims, "steps": args.steps, "results": results},
+        args.json.write_text(json.dumps({"machine": machine(), "dims": dims, "steps": args.steps, "dtype": args.dtype,
+                                         "results": results},
                                         indent=1))
 
 

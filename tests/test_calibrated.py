@@ -53,13 +53,14 @@ def models(tmp_path_factory):
     return {family: save_model(root / family, family) for family in FAMILIES}
 
 
-def peft_corda(path, mode, texts=TEXTS[:N], length=LENGTH, target_modules=LINEAR):
-    """PEFT's own CorDA on the whole model, each sample fed alone (its run_model callback)."""
+def peft_corda(path, mode, texts=TEXTS[:N], length=LENGTH, target_modules=LINEAR, dtype=torch.float32):
+    """PEFT's own CorDA on the whole model loaded in `dtype`, each sample fed alone (its
+    run_model callback)."""
     # imported here: PEFT 0.20's corda module imports `attr`, which PEFT does not declare
     from peft.tuners.lora.corda import preprocess_corda
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     config = LoraConfig(r=R, lora_alpha=R, target_modules=target_modules, init_lora_weights="corda", lora_dropout=0.0,
                         corda_config=CordaConfig(corda_method=mode), task_type="CAUSAL_LM")
 
@@ -119,6 +120,50 @@ def test_the_output_is_peft_own_corda(models, tmp_path, family, mode):
     assert calibration["samples"] == N and calibration["batch"] == 1 and len(calibration["sha256"]) == 64
     assert calibration["lengths"] == [len(transformers.AutoTokenizer.from_pretrained(models[family])(
         t, truncation=True, max_length=LENGTH)["input_ids"]) for t in TEXTS[:N]]
+
+
+def test_a_bfloat16_checkpoint_runs_its_layers_in_float32_on_a_cpu_unless_told(tmp_path):
+    """calibration_dtype auto: on a CPU the layers run in float32 (bfloat16 matmuls are
+    emulated on most CPUs, ~10x slower; the stored weights upcast exactly), which is PEFT's
+    CorDA on the model loaded in float32; "bfloat16" runs them as stored, which is PEFT's on
+    the model loaded as stored. The adapters (float32) match their PEFT run within float32
+    rounding and differ from the other dtype's by far more; the residuals are bfloat16, as stored.
+    (PEFT on a bfloat16 model rounds the factors it keeps through bfloat16, as its adapter
+    layers take the base layer's dtype before autocast_adapter_dtype makes them float32 again;
+    ours stay float32, so they are compared rounded the same way.)"""
+    path = tmp_path / "bf16"
+    save_tokenizer(path, TEXTS)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(transformers.AutoTokenizer.from_pretrained(path)), hidden_size=64, intermediate_size=96,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128))
+    model.to(torch.bfloat16).save_pretrained(path)
+    runs = {name: ours(path, tmp_path / name, "ipm", **options)
+            for name, options in [("auto", {}), ("bfloat16", {"calibration_dtype": "bfloat16"})]}
+    assert {name: res.report["calibration"]["dtype"] for name, res in runs.items()} == \
+        {"auto": "float32", "bfloat16": "bfloat16"}
+    adapters = {name: safetensors.torch.load_file(res.adapter / "adapter_model.safetensors")
+                for name, res in runs.items()}
+    for name, dtype in [("auto", torch.float32), ("bfloat16", torch.bfloat16)]:
+        state = peft_corda(path, "ipm", dtype=dtype).state_dict()
+        for key, value in adapters[name].items():
+            theirs = state[key.replace(".weight", ".default.weight")]
+            assert_close(value.to(dtype), theirs, f"{name}: {key}", rtol=1e-5)
+        residual = tensors_of(runs[name].out)
+        assert {str(t.dtype) for t in residual.values()} == {"torch.bfloat16"}
+        key = "model.layers.1.mlp.down_proj.weight"
+        assert_close(residual[key], state[f"base_model.model.{key[:-len('weight')]}base_layer.weight"],
+                     f"{name}: {key}",
+                     rtol=2 ** -8)  # one bfloat16 rounding of the largest entry
+    key = "base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"
+    gap = (adapters["auto"][key] - adapters["bfloat16"][key]).abs().max().item()
+    assert gap > 1e-3 * adapters["auto"][key].abs().max().item()
+    # EVA's pass too: auto is PEFT's EVA on the model loaded in float32
+    eva = ours_eva(path, tmp_path / "eva", eva_rho=1.0)
+    assert eva.report["calibration"]["dtype"] == "float32"
+    state = peft_eva(path, 1.0, 4).state_dict()
+    for key, value in safetensors.torch.load_file(eva.adapter / "adapter_model.safetensors").items():
+        assert_close(value, state[key.replace(".weight", ".default.weight")], f"eva: {key}", rtol=1e-5)
 
 
 @pytest.mark.floor
@@ -265,8 +310,12 @@ def test_the_dry_run_shows_the_memory_plan_and_checks_the_data(models, tmp_path,
     shown = plan.describe()
     assert "method: corda-kpm (corda)" in shown and "compute: full SVD per weight" in shown
     # 12 x 40 tokens of hidden 64 in float32 = 120 KiB; down_proj's 96 x 96 covariance among a layer's
-    assert f"calibration: up to {N} samples x {LENGTH} tokens (480), batches of 4; host: hidden states 120.0 KiB" \
-        in shown, shown
+    assert f"calibration: up to {N} samples x {LENGTH} tokens (480), batches of 4, layers run in float32; host: " \
+           "hidden states 120.0 KiB" in shown, shown
+    # the hidden states are in the dtype the layers run in
+    halved = pissa_rs.plan(models["llama"], r=R, method="corda-kpm", calibration=TEXTS, calibration_samples=N,
+                           calibration_length=LENGTH, calibration_dtype="bfloat16").describe()
+    assert "layers run in bfloat16; host: hidden states 60.0 KiB" in halved, halved
     assert plan.options.calibration == f"a list of {len(TEXTS)} texts" and len(plan.options.calibration_sha256) == 64
     assert "held in memory (2 layer boundaries within --host-memory" in shown, shown
     small = pissa_rs.plan(models["llama"], r=R, method="corda-kpm", calibration=TEXTS, calibration_samples=N,
@@ -339,13 +388,14 @@ def test_sigkill_mid_layer_resumes_byte_identically(tmp_path, point):
         "calibration"]["sha256"]
 
 
-def peft_eva(path, rho, batch, texts=TEXTS[:N], whiten=False, tau=0.99):
-    """PEFT's own EVA on the whole model: its dataloader of right-padded batches with the mask."""
+def peft_eva(path, rho, batch, texts=TEXTS[:N], whiten=False, tau=0.99, dtype=torch.float32):
+    """PEFT's own EVA on the whole model loaded in `dtype`: its dataloader of right-padded
+    batches with the mask."""
     from peft.tuners.lora.config import EvaConfig
     from peft.tuners.lora.eva import initialize_lora_eva_weights
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     config = LoraConfig(r=R, lora_alpha=R, target_modules=LINEAR, init_lora_weights="eva", lora_dropout=0.0,
                         eva_config=EvaConfig(rho=rho, whiten=whiten, tau=tau), task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, config)
@@ -611,6 +661,14 @@ def test_both_calibration_passes_bound_the_heap(models, tmp_path, monkeypatch):
     assert calls == [1]
     ours(models["llama"], tmp_path / "c", "ipm")
     assert calls == [1, 1]
+
+
+def test_calibration_dtype_is_checked_before_anything_is_written(models, tmp_path):
+    with pytest.raises(ValueError, match=r"calibration_dtype must be 'auto' or one of .*'bfloat16'.*got 'bf16'"):
+        ours(models["llama"], tmp_path / "o", "ipm", calibration_dtype="bf16")
+    with pytest.raises(ValueError, match=r"calibration_dtype is for the data-aware methods; method 'pissa'"):
+        pissa_rs.decompose_checkpoint(models["llama"], r=R, out=tmp_path / "o", calibration_dtype="float32")
+    assert not (tmp_path / "o").exists()
 
 
 def test_eva_options_belong_to_eva(models, tmp_path):

@@ -184,7 +184,8 @@ def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None
         scratch = outs[0].parent / f".{outs[0].name}-eva-pass"
         identity = hashlib.sha256(json.dumps(
             {"calibration": calibration.digest, "inputs": inputs, "targets": [[t.tensor, t.r] for t in plans[0].targets],
-             **{k: getattr(options, k) for k in ("eva_rho", "eva_tau", "calibration_batch", "device")}},
+             **{k: getattr(options, k) for k in ("eva_rho", "eva_tau", "calibration_batch", "calibration_dtype",
+                                                 "device")}},
             sort_keys=True).encode()).hexdigest()
         found, record = collect_components(plans[0].targets, checkpoint, calibration, options, scratch, identity,
                                            progress)

@@ -89,6 +89,7 @@ class DecompositionPlan:
         EVA's (engine/components.py) incremental PCA components on disk, one layer's on the device."""
         import re
 
+        from .calibration.layers import forward_dtype
         from .planning.mapping import load_config
         from .tensors import TORCH_DTYPES
 
@@ -96,8 +97,9 @@ class DecompositionPlan:
         config, _ = load_config(self.input)
         hidden = getattr(config, "hidden_size", 0)
         widest = max([hidden, getattr(config, "intermediate_size", 0) or 0])
-        dtype = self.targets[0].dtype if self.targets else "F32"
-        size = torch.empty(0, dtype=TORCH_DTYPES.get(dtype, torch.float32)).element_size()
+        stored = TORCH_DTYPES.get(self.targets[0].dtype if self.targets else "F32", torch.float32)
+        run_dtype = forward_dtype(o.calibration_dtype, o.torch_devices[0], stored)  # weights and hidden states
+        size = torch.empty(0, dtype=run_dtype).element_size()
         tokens = o.calibration_samples * o.calibration_length
         layer_of = lambda t: re.search(r"\.(\d+)\.", t.module)  # noqa: E731
         per_layer: dict[str, list] = {}
@@ -108,7 +110,7 @@ class DecompositionPlan:
         weights = max((sum(t.shape[0] * t.shape[1] * size for t in ts) for ts in per_layer.values()), default=0)
         batch = o.calibration_batch * o.calibration_length * widest * 4 * 4  # a few float32 copies of the widest
         head = (f"calibration: up to {o.calibration_samples} samples x {o.calibration_length} tokens ({tokens:,}), "
-                f"batches of {o.calibration_batch}; ")
+                f"batches of {o.calibration_batch}, layers run in {str(run_dtype).removeprefix('torch.')}; ")
         if self.options.init_method.calibration == "covariance":  # CorDA: in x in per input, a layer at a time
             covariances = max((sum(4 * n * n for n in inputs(ts)) for ts in per_layer.values()), default=0)
             boundary, budget = tokens * hidden * size, o.host_memory_bytes  # at most: no batch padded

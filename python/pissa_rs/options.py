@@ -117,6 +117,10 @@ class DecomposeOptions:
                                             f"(default {DEFAULT_LENGTH}, or the model's context if shorter)", parse=int)
     calibration_batch: int = option(DEFAULT_BATCH, "with calibration: samples per forward (right-padded; padding "
                                     "never counts)", parse=int)
+    calibration_dtype: str = option("auto", "with calibration: the dtype the layers run in; auto: float32 on a CPU "
+                                    "(most CPUs emulate bfloat16 and float16 matmuls, ~10x slower, and the stored "
+                                    "weights upcast exactly), the stored dtype on a GPU",
+                                    choices=["auto", *sorted(ADAPTER_DTYPES)])
     host_memory: str | None = option(None, "with calibration: host memory for the hidden states carried between "
                                      "layers (e.g. 16GiB); within it they are held in memory (pinned for a GPU) "
                                      "besides their file on disk, above it read back from the file batch by batch "
@@ -260,7 +264,13 @@ class DecomposeOptions:
             names = owners[changed[0]]
             raise ValueError(f"{', '.join(changed)} apply to method{'s' * (len(names) > 1)} {', '.join(names)}, "
                              f"not {self.method!r}")
+        if self.calibration_dtype != "auto" and self.calibration_dtype not in ADAPTER_DTYPES:
+            raise ValueError(f"calibration_dtype must be 'auto' or one of {sorted(ADAPTER_DTYPES)}, "
+                             f"got {self.calibration_dtype!r}")
         if method.calibration is None:
+            if self.calibration_dtype != "auto":
+                raise ValueError(f"calibration_dtype is for the data-aware methods; method {self.method!r} "
+                                 "looks at the weights alone")
             if self.calibration is not None:
                 raise ValueError(f"calibration data is for the data-aware methods; method {self.method!r} "
                                  "looks at the weights alone")

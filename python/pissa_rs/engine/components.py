@@ -228,7 +228,7 @@ def collect_components(targets, checkpoint: Checkpoint, calibration: Calibration
     device = options.torch_devices[0]
     heap.bound_heap()  # each step frees MiB-sized tensors among the hooks' states, which live on
     # every step reads the layers again: from the page cache where the model fits (dropped at the end)
-    stack = LayerStack(checkpoint, Path(checkpoint.root), device, keep_cached=True)
+    stack = LayerStack(checkpoint, Path(checkpoint.root), device, options.calibration_dtype, keep_cached=True)
     located = target_layers(targets, stack.layers_name)
     index_of = {(layer, inner): index for index, (layer, inner, _) in enumerate(located)}
     inner_of: dict[int, dict[str, str]] = {}  # layer -> {name inside it: module name}, the model's order
@@ -275,7 +275,8 @@ def collect_components(targets, checkpoint: Checkpoint, calibration: Calibration
             kept[owner] = loop.kept_components(owner, rows[owner])
         found.append((index_of_module[module], owner, kept[owner], hook.svd.explained_variance_ratio_.cpu(),
                       hook.svd.singular_values_.cpu()))
-    record = {**calibration.as_record(), "batch": options.calibration_batch, "layers": len(stack),
+    record = {**calibration.as_record(), "batch": options.calibration_batch,
+              "dtype": str(stack.dtype).removeprefix("torch."), "layers": len(stack),
               "steps": step, "passes": step / len(batches), "resumed_at_step": start,
               "batches_seen": loop.batches_seen, "hooks_back_on": loop.back_on, "seconds": {"forward": time.perf_counter() - t0}}
     return found, record

@@ -225,7 +225,7 @@ def run_calibrated(job: Job, checkpoint: Checkpoint, calibration: CalibrationSet
 
     device = job.options.torch_devices[0]
     heap.bound_heap()  # each layer frees MiB-sized tensors among covariances that live on
-    stack = LayerStack(checkpoint, Path(checkpoint.root), device)
+    stack = LayerStack(checkpoint, Path(checkpoint.root), device, job.options.calibration_dtype)
     layers = target_layers(job.outputs[0].plan.targets, stack.layers_name)
     by_layer: dict[int, dict[str, list[tuple[int, int | None]]]] = {}
     for index, (layer, inner, expert) in enumerate(layers):
@@ -303,7 +303,8 @@ def run_calibrated(job: Job, checkpoint: Checkpoint, calibration: CalibrationSet
         raise CalibrationError(f"units {[u.name for u in waiting]} were never reached by the calibration "
                                "(their targets' layers were not run)")
     seconds["forward"] -= seconds["statistics"]
-    record = {**calibration.as_record(), "batch": batch_size, "layers": len(stack), "resumed_at_layer": start,
+    record = {**calibration.as_record(), "batch": batch_size, "dtype": str(stack.dtype).removeprefix("torch."),
+              "layers": len(stack), "resumed_at_layer": start,
               "hidden_states": {"bytes_per_layer": boundary, "host_memory": budget, "held_in_memory": hold},
               "seconds": seconds}
     if experts_record:
