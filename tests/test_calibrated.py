@@ -166,6 +166,47 @@ def test_a_bfloat16_checkpoint_runs_its_layers_in_float32_on_a_cpu_unless_told(t
         assert_close(value, state[key.replace(".weight", ".default.weight")], f"eva: {key}", rtol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_a_bfloat16_vocabulary_is_held_as_stored_and_gathers_the_float32_rows(tmp_path, family):
+    """Layers run in float32 over a bfloat16 checkpoint: the lookup tables stay bfloat16 (a
+    vocabulary upcast whole is the largest thing calibration holds) and their rows are cast
+    after the gather, which are the bits of the float32 model's: the hidden states a layer gets
+    equal, bit for bit, those of the model loaded in float32. Norms and layers run in float32."""
+    from pissa_rs._pissa_rs import Checkpoint
+    from pissa_rs.calibration.layers import LayerStack
+
+    path = tmp_path / family
+    tokenizer = save_tokenizer(path, TEXTS)
+    torch.manual_seed(0)
+    if family == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128))
+    else:
+        model = transformers.BertForMaskedLM(transformers.BertConfig(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=128))
+    with torch.no_grad():  # BERT's position and type tables start near zero: give them bits a cast could lose
+        for embedding in model.modules():
+            if isinstance(embedding, torch.nn.Embedding):
+                embedding.weight.normal_()
+    model.to(torch.bfloat16).save_pretrained(path)
+    stack = LayerStack(Checkpoint(path), path, torch.device("cpu"))
+    tables = {n: m.weight.dtype for n, m in stack.base.named_modules() if isinstance(m, torch.nn.Embedding)}
+    assert tables and set(tables.values()) == {torch.bfloat16}, tables
+    assert {p.dtype for n, p in stack.base.named_parameters() if "embeddings." in n and "LayerNorm" in n} <= {
+        torch.float32}
+    batch = {"input_ids": torch.randint(len(tokenizer), (3, 17), generator=torch.Generator().manual_seed(0))}
+    hidden, _, _ = stack.call_of(1, batch["input_ids"], torch.ones_like(batch["input_ids"]))
+    assert hidden.dtype == torch.float32
+    loaded = type(model).from_pretrained(path, dtype=torch.float32).eval()
+    base = getattr(loaded, loaded.base_model_prefix)
+    with torch.no_grad():
+        expected = base.embeddings(input_ids=batch["input_ids"]) if family == "bert" else \
+            base.embed_tokens(batch["input_ids"])
+    assert torch.equal(hidden, expected)
+
+
 @pytest.mark.floor
 def test_ipm_and_kpm_differ_and_the_logits_are_the_original(models, tmp_path, caplog):
     path = models["llama"]

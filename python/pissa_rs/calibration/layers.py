@@ -110,7 +110,13 @@ class LayerStack:
         skip = {id(m) for m in self.layers.modules()} | ({id(m) for m in head.modules()} if head is not None else set())
         # The rest (embeddings, rotary tables, the final norm) is small: made real once.
         for name, module in model.named_modules():
-            if id(module) not in skip:
+            if id(module) in skip:
+                continue
+            table = self._table_dtype(name, module)
+            if table is not None:
+                self._materialize(name, module, recurse=False, dtype=table)
+                module.register_forward_hook(lambda _module, _args, out: out.to(self.dtype))
+            else:
                 self._materialize(name, module, recurse=False)
         self.state: dict[str, Any] = {"stop_at": None, "call": None}
         self.real = list(self.layers)
@@ -119,6 +125,17 @@ class LayerStack:
 
     def __len__(self) -> int:
         return len(self.real)
+
+    def _table_dtype(self, name: str, module: nn.Module) -> torch.dtype | None:
+        """The stored dtype of a plain lookup table stored narrower than the layers run, to
+        keep it in: its rows cast after the gather are the bits of the table cast whole (an
+        exact upcast commutes with a gather), and a vocabulary upcast whole is the largest thing
+        held (128256 x 4096 in float32 is 2.1 GB). None for anything else, and for tables that
+        scale or renormalize their rows: those are upcast whole."""
+        if type(module).forward is not nn.Embedding.forward or module.max_norm is not None:
+            return None
+        stored = self._stored_dtype(f"{name}.weight")
+        return stored if stored.itemsize < self.dtype.itemsize else None
 
     def _name_of(self, module: nn.Module) -> str:
         return next(n for n, m in self.model.named_modules() if m is module)
@@ -131,7 +148,7 @@ class LayerStack:
             raise CalibrationError(f"{self.where}: no checkpoint tensor holds {param}")
         return TORCH_DTYPES[self.checkpoint.info(tensor).dtype]
 
-    def _read(self, param: str, shape: torch.Size) -> torch.Tensor:
+    def _read(self, param: str, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
         from ..tensors import TORCH_DTYPES
 
         tensor = self.mapping.tensor_of.get(param)
@@ -139,8 +156,7 @@ class LayerStack:
             from ..planning.mapping import expert_reads
 
             return torch.stack([read.read(self.checkpoint) for read in
-                                expert_reads(self.mapping, self.checkpoint, param, tuple(shape))]).to(self.device,
-                                                                                                       self.dtype)
+                                expert_reads(self.mapping, self.checkpoint, param, tuple(shape))]).to(self.device, dtype)
         if tensor is None:
             raise CalibrationError(f"{self.where}: no checkpoint tensor holds the model's {param} (calibration runs "
                                    "the original model, so every weight of a layer must be in the checkpoint)")
@@ -153,10 +169,11 @@ class LayerStack:
         if tuple(value.shape) != tuple(shape):
             raise CalibrationError(f"{self.where}: {tensor} has shape {list(value.shape)}, the model's {param} "
                                    f"{list(shape)}")
-        return value.to(self.device, self.dtype)
+        return value.to(self.device, dtype)
 
-    def _materialize(self, prefix: str, module: nn.Module, recurse: bool) -> None:
-        """`module`'s parameters from the checkpoint and its buffers as the model class makes them."""
+    def _materialize(self, prefix: str, module: nn.Module, recurse: bool, dtype: torch.dtype | None = None) -> None:
+        """`module`'s parameters from the checkpoint, in `dtype` (the layers' by default), and
+        its buffers as the model class makes them."""
         for name, sub in (module.named_modules(prefix=prefix) if recurse else [(prefix, module)]):
             params = list(sub.named_parameters(recurse=False))
             buffers = list(sub.named_buffers(recurse=False))
@@ -166,7 +183,7 @@ class LayerStack:
             if buffers:  # rotary tables and the like: computed, never stored
                 self.model._init_weights(sub)
             for pname, p in params:
-                value = self._read(f"{name}.{pname}" if name else pname, p.shape)
+                value = self._read(f"{name}.{pname}" if name else pname, p.shape, dtype or self.dtype)
                 setattr(sub, pname, nn.Parameter(value, requires_grad=False))
 
     def layer(self, index: int) -> nn.Module:
