@@ -882,6 +882,27 @@ def test_moe_experts_get_the_covariance_of_their_routed_tokens(tmp_path, family,
     assert pissa_rs.verify(res.out, against=path).ok
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_moe_on_a_gpu_is_the_cpu_run(tmp_path):
+    """The calibration on a GPU: the layers, the hidden states and the covariances on the
+    device, each statistic copied to the host as it is saved (an expert at a time), gives the
+    CPU run's output within the rounding of another device's float32 (the residuals and the
+    singular values kept; the factors' signs are the SVD's to choose, so they are not compared)."""
+    path = tmp_path / "m"
+    save_moe(path, "mixtral")
+    runs = {device: ours(path, tmp_path / device.replace(":", ""), "ipm", device=device,
+                         calibration_dtype="float32") for device in ("cpu", "cuda:0")}
+    cpu, gpu = (tensors_of(runs[d].out) for d in ("cpu", "cuda:0"))
+    assert sorted(cpu) == sorted(gpu)
+    for key in cpu:
+        assert_close(gpu[key], cpu[key], key, rtol=1e-4)
+    for a, b in zip(runs["cpu"].report["tensors"], runs["cuda:0"].report["tensors"]):
+        assert (a["tensor"], a.get("expert")) == (b["tensor"], b.get("expert"))
+        assert torch.allclose(torch.tensor(b["singular_values"]), torch.tensor(a["singular_values"]), rtol=1e-3)
+    assert runs["cuda:0"].report["calibration"]["experts"] == runs["cpu"].report["calibration"]["experts"]
+    assert pissa_rs.verify(runs["cuda:0"].out, against=path).ok
+
+
 @pytest.mark.floor  # (the test above needs PEFT's corda module, which PEFT 0.20 cannot import without attrs)
 def test_moe_every_token_to_every_expert_and_the_sparse_ones_named(tmp_path):
     path = tmp_path / "m"

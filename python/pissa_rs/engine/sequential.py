@@ -165,7 +165,9 @@ class _Carried:
                 key = f"target-{i}"
                 name = f"pending-{next_layer:05d}-{key}.safetensors"
                 partial = self.folder / f"{name}.partial"
-                save_file({key: t.contiguous()}, str(partial))
+                # one statistic on the host at a time: a layer's expert stacks, whole, can
+                # outweigh the host (58 GB at DeepSeek-V3's shapes)
+                save_file({key: t.to("cpu").contiguous()}, str(partial))
                 os.replace(partial, self.folder / name)
                 new[id(t)] = (name, key)
             places[i] = place or new[id(t)]
@@ -284,12 +286,11 @@ def run_calibrated(job: Job, checkpoint: Checkpoint, calibration: CalibrationSet
             hooks.remove()
         stack.release(layer_index)
         covariances = hooks.covariances()
-        for inner, at in wanted.items():
-            covariance = covariances[inner].to("cpu") if device.type != "cpu" else covariances[inner]
+        for inner, at in wanted.items():  # still on the device: `save` copies them to the host one at a time
             for i, expert in at:
-                statistics[i] = covariance if expert is None else covariance[expert]
+                statistics[i] = covariances[inner] if expert is None else covariances[inner][expert]
         experts_record.update(_experts_record(f"{stack.layers_name}.{layer_index}", hooks))
-        covariances = covariance = hooks = None  # `statistics` holds them now: saved below, they become views
+        covariances = hooks = None  # `statistics` holds them now: saved below, they become views
         hidden = outputs.finish(carried.hidden_file(layer_index + 1))
         seconds["forward"] += time.perf_counter() - t0
         if waiting:  # a resume starts at the next layer
