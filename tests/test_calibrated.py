@@ -207,6 +207,53 @@ def test_a_bfloat16_vocabulary_is_held_as_stored_and_gathers_the_float32_rows(tm
     assert torch.equal(hidden, expected)
 
 
+def _tensors_in(value):
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors_in(v)]
+    if isinstance(value, dict):
+        return [t for k in sorted(value) for t in _tensors_in(value[k])]
+    return []
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_past_the_first_layer_the_vocabulary_is_let_go(models, bert, tmp_path, monkeypatch, family):
+    """The layers after the first take the carried hidden states, so the input embedding's
+    table is let go once the first layer has run (1 GB at Llama-3-8B's shapes): a later layer
+    gets the same arguments (masks, position embeddings) from the model's forward as with the
+    table, and a CorDA run forgets it after layer 0 (its output is PEFT's: the tests above)."""
+    from pissa_rs._pissa_rs import Checkpoint
+    from pissa_rs.calibration.layers import LayerStack
+
+    path = models["llama"] if family == "llama" else bert
+    stack = LayerStack(Checkpoint(path), path, torch.device("cpu"))
+    ids = torch.randint(100, (3, 17), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0  # padded: the masks are not trivial
+    before = stack.call_of(1, ids, mask)[1:]
+    stack.forget_input_embedding()
+    table = stack.base.get_input_embeddings().weight
+    assert table.untyped_storage().nbytes() == table.element_size()
+    after = stack.call_of(1, ids, mask)[1:]
+    assert sorted(before[1]) == sorted(after[1])
+    pairs = list(zip(_tensors_in(before), _tensors_in(after)))
+    assert pairs and all(torch.equal(a, b) for a, b in pairs)
+
+    seen = []
+    call_of = LayerStack.call_of
+
+    def spy(self, index, *args):
+        seen.append((index, self.base.get_input_embeddings().weight.untyped_storage().nbytes()))
+        return call_of(self, index, *args)
+
+    monkeypatch.setattr(LayerStack, "call_of", spy)
+    ours(path, tmp_path / "o", "ipm", **(BERT_TARGETS if family == "bert" else {}))
+    vocabulary = len(transformers.AutoTokenizer.from_pretrained(path)) * 64 * 4
+    assert {i for i, _ in seen} == {0, 1}
+    assert {n for i, n in seen if i == 0} == {vocabulary} and {n for i, n in seen if i == 1} == {4}
+
+
 @pytest.mark.floor
 def test_ipm_and_kpm_differ_and_the_logits_are_the_original(models, tmp_path, caplog):
     path = models["llama"]

@@ -195,6 +195,16 @@ class LayerStack:
     def release(self, index: int) -> None:
         self.real[index].to("meta")
 
+    def forget_input_embedding(self) -> None:
+        """For a caller that carries the hidden states past the first layer: from then on the
+        model's forward needs the embeddings' output only for its shape and dtype (the masks
+        and position embeddings it makes for a layer), so the vocabulary, the largest table
+        held (1 GB at Llama-3-8B's shapes), becomes a zero of the same shape, dtype and
+        device that holds one element."""
+        embedding = self.base.get_input_embeddings()
+        zero = torch.zeros((), dtype=embedding.weight.dtype, device=embedding.weight.device)
+        embedding.weight = nn.Parameter(zero.expand(embedding.weight.shape), requires_grad=False)
+
     def call_of(self, index: int, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         """(hidden states, args, kwargs) the model's forward passes layer `index` for this
         batch (the hidden states are the embeddings' output; they matter for layer 0 only)."""

@@ -260,6 +260,7 @@ def run_calibrated(job: Job, checkpoint: Checkpoint, calibration: CalibrationSet
     start, hidden = 0, None
     if resumed is not None:
         start, hidden, pending = resumed
+        stack.forget_input_embedding()
         statistics.update(pending)
         run_ready(start - 1)  # finished before the kill: marked done, nothing is redone
     for layer_index in range(start, len(stack)):
@@ -292,6 +293,7 @@ def run_calibrated(job: Job, checkpoint: Checkpoint, calibration: CalibrationSet
         experts_record.update(_experts_record(f"{stack.layers_name}.{layer_index}", hooks))
         covariances = hooks = None  # `statistics` holds them now: saved below, they become views
         hidden = outputs.finish(carried.hidden_file(layer_index + 1))
+        stack.forget_input_embedding()  # the next layers take the carried hidden states
         seconds["forward"] += time.perf_counter() - t0
         if waiting:  # a resume starts at the next layer
             # saved before the units that are ready run, so that they too read the statistics as
