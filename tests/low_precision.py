@@ -39,6 +39,27 @@ def _rewrite(path: Path, convert, quantization_config: dict) -> None:
     (path / "config.json").write_text(json.dumps(config, indent=2))
 
 
+def dequantized(src) -> dict[str, torch.Tensor]:
+    """The source's weights as transformers dequantizes them, by a formula written here (not
+    pissa_rs's): FP8 codes times their block / channel / tensor scale in float32, then
+    bfloat16; other tensors as stored."""
+    tensors = {}
+    for shard in sorted(src.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    out = {}
+    for name, value in tensors.items():
+        if name.endswith(("_scale_inv", "_scale")):
+            continue
+        scale = tensors.get(f"{name}_scale_inv", tensors.get(f"{name}_scale"))
+        if value.dtype == torch.float8_e4m3fn:
+            rows, cols = value.shape
+            s = scale.float().reshape(scale.shape[0] if scale.numel() > 1 else 1, -1)
+            s = s.repeat_interleave(rows // s.shape[0], 0).repeat_interleave(cols // s.shape[1], 1)
+            value = (value.float() * s).to(torch.bfloat16)
+        out[name] = value
+    return out
+
+
 def is_quantized_linear(name: str, value: torch.Tensor) -> bool:
     """A Linear layer's weight, as the FP8 quantizers convert them: not the embeddings, the
     output head or a router."""

@@ -792,17 +792,62 @@ def test_eva_and_corda_convert_and_merge(models, tmp_path):
         assert torch.allclose(on_original(ids).logits, expected, atol=1e-4)
 
 
-def test_an_fp8_source_is_refused_by_name(tmp_path):
-    """The calibration forward runs float weights only: an FP8 checkpoint's layer is named."""
-    from low_precision import save_fp8_block
+@pytest.mark.parametrize("fmt", ["fp8-block", "compressed-channel"])
+def test_an_fp8_source_calibrates_as_the_model_loaded_dequantized(tmp_path, fmt):
+    """FP8 weights (transformers' fine-grained blocks; compressed-tensors per channel) are
+    dequantized as the layers are read, as transformers dequantizes them when it loads the
+    checkpoint: CorDA and EVA on the FP8 checkpoint are PEFT's own on the dequantized model
+    (loaded in float32, the dtype the CPU runs the layers in), and the residual is bfloat16
+    with no FP8 tensor, scale or quantization_config left."""
+    import shutil
 
-    path = tmp_path / "fp8"
-    tokenizer = save_tokenizer(path, TEXTS)
+    from low_precision import dequantized, save_compressed_fp8, save_fp8_block
+    from safetensors.torch import save_file
+
+    src, reference = tmp_path / "src", tmp_path / "reference"
+    tokenizer = save_tokenizer(src, TEXTS)
     torch.manual_seed(0)
-    save_fp8_block(transformers.LlamaForCausalLM(transformers.LlamaConfig(
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128)), path)
-    with pytest.raises(CalibrationError, match=r"fp8: .*FP8.*; calibration reads float weights only"):
+        num_key_value_heads=2, max_position_embeddings=128))
+    if fmt == "fp8-block":
+        save_fp8_block(model, src)
+    else:
+        save_compressed_fp8(model, src, strategy="channel")
+    model.to(torch.bfloat16).save_pretrained(reference)
+    save_file(dequantized(src), reference / "model.safetensors", metadata={"format": "pt"})
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / name, reference / name)
+
+    res = ours(src, tmp_path / "o", "ipm")
+    assert res.report["source_format"] == ("fp8" if fmt == "fp8-block" else "compressed-tensors")
+    theirs = peft_corda(reference, "ipm").state_dict()
+    adapter = safetensors.torch.load_file(res.adapter / "adapter_model.safetensors")
+    assert sorted(adapter) == sorted(k.replace(".default.weight", ".weight") for k in theirs if ".lora_" in k)
+    for key, value in adapter.items():
+        assert_close(value, theirs[key.replace(".weight", ".default.weight")], key)
+    residual = tensors_of(res.out)
+    assert {str(t.dtype) for t in residual.values()} == {"torch.bfloat16"}
+    assert not [k for k in residual if k.endswith(("_scale", "_scale_inv"))]
+    assert "quantization_config" not in json.loads((res.out / "config.json").read_text())
+    for key in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        base = theirs[f"base_model.model.{key[:-len('weight')]}base_layer.weight"]
+        assert_close(residual[key], base, key, rtol=2 ** -8)  # one bfloat16 rounding of the largest entry
+
+    eva = ours_eva(src, tmp_path / "eva", eva_rho=1.0)
+    state = peft_eva(reference, 1.0, 4).state_dict()
+    for key, value in safetensors.torch.load_file(eva.adapter / "adapter_model.safetensors").items():
+        assert_close(value, state[key.replace(".weight", ".default.weight")], f"eva: {key}", rtol=1e-5)
+
+
+def test_a_source_format_calibration_cannot_read_is_refused_by_name(tmp_path):
+    """Weights the calibration forward cannot dequantize (here MXFP4, GPT-OSS's experts'
+    format, named in config.json) are refused by name before anything is written."""
+    path = save_model(tmp_path / "m")
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4"}
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CalibrationError, match=r"m: .*MXFP4.*; calibration reads float and FP8 weights only"):
         ours(path, tmp_path / "o", "kpm")
     assert not (tmp_path / "o").exists()
 
@@ -927,6 +972,34 @@ def test_moe_experts_get_the_covariance_of_their_routed_tokens(tmp_path, family,
     tuned(ids, labels=ids).loss.backward()
     assert all(p.grad is not None for n, p in tuned.named_parameters() if "lora_" in n)
     assert pissa_rs.verify(res.out, against=path).ok
+
+
+def test_fp8_moe_experts_calibrate_as_their_dequantized_copy(tmp_path):
+    """Qwen3-MoE with every Linear in FP8, experts as per-expert tensors (as Qwen3-FP8 ships):
+    the experts, merged at load, are dequantized as they are read; the run gives the bytes of
+    the same run on a bfloat16 copy of the dequantized weights (PEFT has no CorDA for experts)."""
+    import shutil
+
+    from low_precision import dequantized, save_fp8_block
+    from safetensors.torch import save_file
+
+    src, reference = tmp_path / "src", tmp_path / "reference"
+    model = save_moe(src, "qwen3_moe")
+    save_fp8_block(model, src, block=(16, 16))
+    assert any(".experts.0." in k and k.endswith("_scale_inv") for k in tensors_of(src))
+    model.to(torch.bfloat16).save_pretrained(reference)
+    for old in reference.glob("*.safetensors*"):
+        old.unlink()
+    save_file(dequantized(src), reference / "model.safetensors", metadata={"format": "pt"})
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / name, reference / name)
+    runs = [ours(path, tmp_path / f"o-{path.name}", "ipm") for path in (src, reference)]
+    adapters = [safetensors.torch.load_file(r.adapter / "adapter_model.safetensors") for r in runs]
+    assert sorted(adapters[0]) == sorted(adapters[1]) and any(".experts." in k for k in adapters[0])
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
+    residuals = [tensors_of(r.out) for r in runs]
+    assert sorted(residuals[0]) == sorted(residuals[1]) and any(".experts." in k for k in residuals[0])
+    assert all(torch.equal(residuals[0][k], residuals[1][k]) for k in residuals[0])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

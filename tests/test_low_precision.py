@@ -18,7 +18,7 @@ import pytest
 import torch
 import transformers
 from helpers import text
-from low_precision import save_compressed_fp8, save_fp8_block, save_mxfp4_gpt_oss
+from low_precision import dequantized, save_compressed_fp8, save_fp8_block, save_mxfp4_gpt_oss
 from safetensors.torch import load_file, save_file
 
 import pissa_rs
@@ -40,27 +40,6 @@ def deepseek():
         n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, n_shared_experts=1,
         first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8,
         v_head_dim=16, n_group=2, topk_group=1)))
-
-
-def dequantized(src) -> dict[str, torch.Tensor]:
-    """The source's weights as transformers dequantizes them, by a formula written here (not
-    pissa_rs's): FP8 codes times their block / channel / tensor scale in float32, then
-    bfloat16; other tensors as stored."""
-    tensors = {}
-    for shard in sorted(src.glob("*.safetensors")):
-        tensors.update(load_file(shard))
-    out = {}
-    for name, value in tensors.items():
-        if name.endswith(("_scale_inv", "_scale")):
-            continue
-        scale = tensors.get(f"{name}_scale_inv", tensors.get(f"{name}_scale"))
-        if value.dtype == torch.float8_e4m3fn:
-            rows, cols = value.shape
-            s = scale.float().reshape(scale.shape[0] if scale.numel() > 1 else 1, -1)
-            s = s.repeat_interleave(rows // s.shape[0], 0).repeat_interleave(cols // s.shape[1], 1)
-            value = (value.float() * s).to(torch.bfloat16)
-        out[name] = value
-    return out
 
 
 def load_quietly(cls, path, **kwargs):

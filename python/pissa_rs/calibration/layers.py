@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 from .._pissa_rs import Checkpoint
+from ..formats.fp8 import FP8_DTYPES
+from ..formats.sources import SourceFormatError, source_format
 from .samples import CalibrationError
 
 # The families whose layer-by-layer forward is tested against the whole model's (and PEFT's
@@ -100,6 +102,7 @@ class LayerStack:
         self.model, self.config, self.device, self.checkpoint = model, config, device, checkpoint
         self.keep_cached = keep_cached
         self.where = Path(checkpoint.root)
+        self.source = source_format(config_dir)  # FP8 weights are dequantized as they are read
         self.mapping = checkpoint_mapping(model, checkpoint)
         self.layers_name, self.layers = _decoder_layers(model)
         self.base = getattr(model, model.base_model_prefix, model)
@@ -135,7 +138,7 @@ class LayerStack:
         if type(module).forward is not nn.Embedding.forward or module.max_norm is not None:
             return None
         stored = self._stored_dtype(f"{name}.weight")
-        return stored if stored.itemsize < self.dtype.itemsize else None
+        return stored if stored in (torch.bfloat16, torch.float16) and stored.itemsize < self.dtype.itemsize else None
 
     def _name_of(self, module: nn.Module) -> str:
         return next(n for n, m in self.model.named_modules() if m is module)
@@ -156,20 +159,42 @@ class LayerStack:
             from ..planning.mapping import expert_reads
 
             return torch.stack([read.read(self.checkpoint) for read in
-                                expert_reads(self.mapping, self.checkpoint, param, tuple(shape))]).to(self.device, dtype)
+                                expert_reads(self.mapping, self.checkpoint, param, tuple(shape),
+                                             self.source)]).to(self.device, dtype)
         if tensor is None:
             raise CalibrationError(f"{self.where}: no checkpoint tensor holds the model's {param} (calibration runs "
                                    "the original model, so every weight of a layer must be in the checkpoint)")
         info = self.checkpoint.info(tensor)
+        if info.dtype in FP8_DTYPES:
+            return self._read_fp8(tensor, param, shape).to(self.device, dtype)
         if info.dtype not in ("F32", "F16", "BF16"):
-            raise CalibrationError(f"{self.where}: {tensor} is {info.dtype}; calibration reads float weights only")
-        data = torch.empty(info.end - info.start, dtype=torch.uint8)
-        self.checkpoint.read_into(tensor, data.numpy(), keep_cached=self.keep_cached)
-        value = data.view(TORCH_DTYPES[info.dtype]).reshape(list(info.shape))
+            raise CalibrationError(f"{self.where}: {tensor} is {info.dtype}; calibration reads float and FP8 "
+                                   "weights only")
+        value = self._bytes(tensor).view(TORCH_DTYPES[info.dtype]).reshape(list(info.shape))
         if tuple(value.shape) != tuple(shape):
             raise CalibrationError(f"{self.where}: {tensor} has shape {list(value.shape)}, the model's {param} "
                                    f"{list(shape)}")
         return value.to(self.device, dtype)
+
+    def _bytes(self, tensor: str) -> torch.Tensor:
+        data = torch.empty(self.checkpoint.info(tensor).nbytes, dtype=torch.uint8)
+        self.checkpoint.read_into(tensor, data.numpy(), keep_cached=self.keep_cached)
+        return data
+
+    def _read_fp8(self, tensor: str, param: str, shape: torch.Size) -> torch.Tensor:
+        """An FP8 weight with its scales, dequantized as transformers dequantizes the checkpoint
+        (to bfloat16): the layer runs as the model loaded dequantized does, which is the model
+        PEFT's calibration can run on a CPU."""
+        from ..planning.mapping import ExpertLayoutError, plain_or_encoded
+
+        if len(shape) != 2:
+            raise CalibrationError(f"{self.where}: {tensor} is FP8, the model's {param} {list(shape)}: only "
+                                   "matrices are read from FP8")
+        try:
+            read = plain_or_encoded(self.checkpoint, self.source, [tensor], tuple(shape), str(self.where))
+        except (SourceFormatError, ExpertLayoutError) as err:
+            raise CalibrationError(str(err)) from None
+        return read.decode(torch.cat([self._bytes(piece.tensor) for piece in read.pieces]))
 
     def _materialize(self, prefix: str, module: nn.Module, recurse: bool, dtype: torch.dtype | None = None) -> None:
         """`module`'s parameters from the checkpoint, in `dtype` (the layers' by default), and

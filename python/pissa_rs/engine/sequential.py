@@ -41,8 +41,7 @@ def target_layers(targets, layers_name: str) -> list[tuple[int, str, int | None]
         name = target.module if target.parameter is None else target.parameter
         head, _, rest = name.partition(layers_name + ".")
         index, _, inner = rest.partition(".")
-        encoded = target.parameter is None and target.location is not None
-        if head or not index.isdigit() or not inner or encoded:
+        if head or not index.isdigit() or not inner:
             raise CalibrationError(f"{target.tensor}: not a module or parameter inside the decoder layers "
                                    f"({layers_name}.N.*), which calibration reaches one layer at a time; "
                                    "exclude it (exclude_modules)")
