@@ -856,27 +856,38 @@ MOE = {
     "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM, {"num_local_experts": 4}),
     "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM,
                   {"num_experts": 4, "moe_intermediate_size": 48, "head_dim": 16}),
+    # MLA attention; layer 0 a dense MLP (first_k_dense_replace), layer 1 routed and shared experts
+    "deepseek_v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM, {
+        "n_routed_experts": 4, "moe_intermediate_size": 48, "n_shared_experts": 1, "first_k_dense_replace": 1,
+        "num_key_value_heads": 4, "kv_lora_rank": 16, "q_lora_rank": 24, "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 8, "v_head_dim": 16, "n_group": 2, "topk_group": 1}),
 }
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+# the attention PEFT's CorDA can hook: its hook transposes a 2-D input, and MLA's kv_b_proj
+# sees its latent as [batch, 1, tokens, rank] (PEFT fails there), so that one is checked by hand
+PEFT_ATTENTION = {"deepseek_v3": ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "o_proj"]}
+BY_HAND = {"deepseek_v3": ["kv_b_proj"]}
+MOE_LAYERS = {"deepseek_v3": 1}
 
 
 def save_moe(path, family, top_k=2):
     tokenizer = save_tokenizer(path, TEXTS)
     config_cls, cls, extra = MOE[family]
     torch.manual_seed(0)
-    model = cls(config_cls(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                           num_experts_per_tok=top_k, **extra))
+    model = cls(config_cls(**{"vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 96,
+                              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                              "max_position_embeddings": 128, "num_experts_per_tok": top_k, **extra}))
     model.save_pretrained(path)
     return model
 
 
-def routed_covariances(path, texts=TEXTS[:N], length=LENGTH):
+def routed_covariances(path, texts=TEXTS[:N], length=LENGTH, modules=()):
     """What PEFT's CorDA hooks would sum if they could hook each expert (and each router):
     the whole model fed sample by sample, each expert's inputs taken from the eager loop as
     transformers' Qwen3MoeExperts / MixtralExperts write it (the tokens routed to expert e,
     then act(gate) * up for its down_proj), normalized per sample and averaged over the
-    samples that reached it."""
+    samples that reached it. `modules`: names ending so get their input's covariance too,
+    its rows the tokens whatever its shape (MLA's latent, [1, 1, tokens, rank])."""
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
     sums: dict[tuple[str, int], torch.Tensor] = {}
@@ -899,13 +910,16 @@ def routed_covariances(path, texts=TEXTS[:N], length=LENGTH):
         return hook
 
     def router_hook(name):
-        return lambda router, args: add((f"{name}.weight", None), args[0])
+        return lambda router, args: add((f"{name}.weight", None), args[0].reshape(-1, args[0].shape[-1]))
 
     for name, module in model.named_modules():
         if name.endswith("mlp.experts"):
             module.register_forward_pre_hook(experts_hook(name))
         elif name.endswith("mlp.gate") and not isinstance(module, torch.nn.Linear):
             module.register_forward_pre_hook(router_hook(name))
+        elif name.endswith(tuple(modules)):
+            module.register_forward_pre_hook(
+                lambda linear, args, name=name: add((name, None), args[0].reshape(-1, args[0].shape[-1])))
     with torch.no_grad():
         for text in texts:
             model(**tokenizer(text, truncation=True, max_length=length, return_tensors="pt"))
@@ -921,7 +935,7 @@ def expert_factors(adapter, t):
 
 # qwen3_moe with samples of 4 tokens: some samples route none to an expert, whose mean is
 # then over the samples that reached it
-@pytest.mark.parametrize("family, length", [("mixtral", LENGTH), ("qwen3_moe", 4)])
+@pytest.mark.parametrize("family, length", [("mixtral", LENGTH), ("qwen3_moe", 4), ("deepseek_v3", LENGTH)])
 @pytest.mark.parametrize("mode", ["ipm", "kpm"])
 def test_moe_experts_get_the_covariance_of_their_routed_tokens(tmp_path, family, length, mode):
     """Attention: PEFT's own CorDA on the whole model (through the MoE layers, so the layer-by-
@@ -933,20 +947,24 @@ def test_moe_experts_get_the_covariance_of_their_routed_tokens(tmp_path, family,
     save_moe(path, family)
     res = ours(path, tmp_path / "o", mode, calibration_length=length)
     adapter = safetensors.torch.load_file(res.adapter / "adapter_model.safetensors")
-    theirs = peft_corda(path, mode, target_modules=ATTENTION, length=length).state_dict()
-    attention = [k for k in adapter if any(f".{m}." in k for m in ATTENTION)]
-    assert len(attention) == 2 * 4 * 2
+    peft_attention, by_hand = PEFT_ATTENTION.get(family, ATTENTION), BY_HAND.get(family, [])
+    theirs = peft_corda(path, mode, target_modules=peft_attention, length=length).state_dict()
+    attention = [k for k in adapter if any(f".{m}." in k for m in peft_attention)]
+    assert len(attention) == 2 * len(peft_attention) * 2
     for key in attention:
         assert_close(adapter[key], theirs[key.replace(".weight", ".default.weight")], key, rtol=1e-5)
 
-    covariances, model = routed_covariances(path, length=length)
+    covariances, model = routed_covariances(path, length=length, modules=by_hand)
     parameters = [t for t in res.report["tensors"] if t.get("parameter")]
     assert {t["parameter"].rsplit(".", 2)[-2] for t in parameters} >= {"experts"}
-    assert len([t for t in parameters if t.get("expert") is not None]) == 2 * 2 * 4  # layers x matrices x experts
-    for t in parameters:
-        weight = model.get_parameter(t["parameter"]).detach()
+    moe_layers = MOE_LAYERS.get(family, 2)
+    assert len([t for t in parameters if t.get("expert") is not None]) == moe_layers * 2 * 4  # x matrices x experts
+    hand = [t for t in res.report["tensors"] if t["module"].endswith(tuple(by_hand))]
+    assert len(hand) == 2 * len(by_hand)
+    for t in parameters + hand:
+        weight = model.get_parameter(t.get("parameter") or t["tensor"]).detach()
         weight = weight[t["expert"]] if t.get("expert") is not None else weight
-        fixed, inverse, _ = damped_inverse(covariances[(t["parameter"], t.get("expert"))])
+        fixed, inverse, _ = damped_inverse(covariances[(t.get("parameter") or t["module"], t.get("expert"))])
         u, s, vh = torch.linalg.svd(weight @ fixed, full_matrices=False)
         r = t["r"]  # fused gate_up_proj: PEFT's rank_pattern gives it 2r
         keep = slice(0, r) if mode == "ipm" else slice(len(s) - r, len(s))
@@ -960,7 +978,7 @@ def test_moe_experts_get_the_covariance_of_their_routed_tokens(tmp_path, family,
         assert gap <= 1e-4 * expected.abs().max().item(), f"{t['tensor']}: off by {gap:.3g}"
         assert torch.allclose(torch.tensor(t["singular_values"]), s[keep], rtol=1e-4)
     experts = res.report["calibration"]["experts"]
-    assert not experts["all_experts"] and len(experts["parameters"]) == 4
+    assert not experts["all_experts"] and len(experts["parameters"]) == 2 * moe_layers
     reached = [n for seen in experts["parameters"].values() for n in seen["samples"]]
     assert max(reached) == N and (min(reached) < N) == (length < LENGTH)
     # PEFT loads it (experts as ParamWrapper LoRAs), the original logits come back, it trains
@@ -1081,6 +1099,40 @@ def test_eva_on_moe_adapts_the_linear_modules_and_names_the_experts(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # no pattern PEFT would find unused
         AutoPeftModelForCausalLM.from_pretrained(res.adapter)
+
+
+@pytest.mark.parametrize("rho", [1.0, 2.0])
+def test_eva_on_deepseek_v3_is_peft_own_with_the_mla_latent_taken_as_tokens(tmp_path, rho):
+    """MLA's kv_b_proj sees its latent as [batch, 1, tokens, rank], which PEFT's default input
+    selection cannot index (PEFT's EVA fails on DeepSeek-V3); ours takes it as the tokens it
+    is. The oracle: PEFT's own EVA loop given a selection that does the same, written here."""
+    from peft.tuners.lora.config import EvaConfig
+    from peft.tuners.lora.eva import initialize_lora_eva_weights
+
+    def unpadded(layer_input, model_input, name):
+        x = layer_input[0] if isinstance(layer_input, tuple) else layer_input
+        x = x.squeeze(1) if x.dim() == 4 else x
+        return x[model_input.T.unbind()]
+
+    path = tmp_path / "m"
+    save_moe(path, "deepseek_v3")
+    res = ours_eva(path, tmp_path / "o", eva_rho=rho)
+    config = json.loads((res.adapter / "adapter_config.json").read_text())
+    assert "kv_b_proj" in config["target_modules"]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    theirs = get_peft_model(model, LoraConfig(r=R, lora_alpha=R, target_modules=config["target_modules"],
+                                              init_lora_weights="eva", lora_dropout=0.0,
+                                              eva_config=EvaConfig(rho=rho), task_type="CAUSAL_LM"))
+    initialize_lora_eva_weights(theirs, padded_batches(tokenizer, TEXTS[:N], 4), show_progress_bar=False,
+                                prepare_layer_inputs_fn=unpadded)
+    assert config["rank_pattern"] == theirs.peft_config["default"].rank_pattern
+    state = theirs.state_dict()
+    adapter = safetensors.torch.load_file(res.adapter / "adapter_model.safetensors")
+    assert sorted(adapter) == sorted(k.replace(".default.weight", ".weight") for k in state if ".lora_" in k)
+    assert any(".kv_b_proj." in k for k in adapter)
+    for key, value in adapter.items():
+        assert_close(value, state[key.replace(".weight", ".default.weight")], key, rtol=1e-5)
 
 
 def test_eva_pass_killed_mid_pass_resumes_at_the_last_pass_saved(tmp_path):

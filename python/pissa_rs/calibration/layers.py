@@ -22,7 +22,7 @@ from .samples import CalibrationError
 # ones route tokens through experts transformers' use_experts_implementation builds, whose
 # per-expert inputs calibration sees; BERT is the tested encoder (bidirectional attention,
 # the padding masked by its own extended mask).
-TESTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "bert")
+TESTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "deepseek_v3", "bert")
 
 
 def check_family(config, where: Path) -> None:

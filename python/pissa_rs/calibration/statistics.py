@@ -108,6 +108,11 @@ class CovarianceHooks:
                     raise ValueError(f"calibration: {name}'s input has {x.shape[0]} rows, the batch "
                                      f"{len(lengths)} x {width} tokens")
                 x = x.view(len(lengths), width, -1)
+            elif x.dim() == 4 and x.shape[1] == 1:  # a latent viewed as one head (MLA's kv_b_proj): [B, 1, T, d]
+                x = x[:, 0]
+            if x.dim() != 3 or x.shape[:2] != (len(lengths), width):
+                raise ValueError(f"calibration: {name}'s input is {list(x.shape)}, not one row per token of the "
+                                 f"batch ({len(lengths)} x {width})")
             total = self.sums.get(name)
             for row, length in enumerate(lengths):
                 covariance = _sample_covariance(x[row, :length], f"{name} (sample {self.samples + row})")

@@ -36,6 +36,18 @@ MOST_EVA_PASSES = 1000
 _STATE = "state.json"
 
 
+
+def _unpadded_tokens(layer_input, model_input, layer_name: str):
+    """PEFT's language-modeling selection of a layer input's unpadded tokens. A latent viewed
+    as one head ([B, 1, T, d]: MLA's kv_b_proj input in DeepSeek-V3), which PEFT's own function
+    cannot index, is taken as the [B, T, d] it is; any other input goes to PEFT's as is."""
+    from peft.tuners.lora.eva import prepare_layer_inputs_fn_language_modeling
+
+    x = layer_input[0] if isinstance(layer_input, (tuple, list)) else layer_input
+    if isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1] == 1:
+        layer_input = x[:, 0]
+    return prepare_layer_inputs_fn_language_modeling(layer_input, model_input, layer_name)
+
 class _Loop:
     """PEFT's loop state over every target module of the model: which module's hook takes
     each input (the first given it), the hooks (SVDHook, one per such owner), which have
@@ -58,11 +70,10 @@ class _Loop:
         self.parked: set[str] = set()  # owners whose components are in their file, not in memory
 
     def new_hook(self, owner: str):
-        from peft.tuners.lora.eva import SVDHook, prepare_layer_inputs_fn_language_modeling
+        from peft.tuners.lora.eva import SVDHook
 
         return SVDHook(n_components=self.max_components[owner], sim_thresh=self.tau, name=owner,
-                       prepare_layer_inputs_fn=prepare_layer_inputs_fn_language_modeling,
-                       gather_distributed_inputs=False)
+                       prepare_layer_inputs_fn=_unpadded_tokens, gather_distributed_inputs=False)
 
     def add_owners(self, owner_of: dict[str, str]) -> None:
         """A layer's modules grouped by shared input (its first batch): the group's largest
