@@ -688,15 +688,27 @@ def test_eva_runs_as_many_passes_as_peft_loop_does(models, tmp_path, monkeypatch
     assert re.search(rf"components: .*{(int(passes) - 1) * 2}step.*\d/8 inputs converged", capsys.readouterr().err)
 
 
-def test_eva_steps_read_the_layers_from_the_page_cache_until_the_end(tmp_path, monkeypatch):
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_eva_steps_read_the_layers_from_the_page_cache_until_the_end(tmp_path, monkeypatch, family):
     """Every step reads every layer again: its reads leave the pages in the page cache, so a
-    model that fits is read from memory, not from disk, at each step; the end of the run drops
-    them, as every run leaves the cache as it found it."""
+    model that fits is read from memory, not from disk, at each step (a MoE's experts too, read
+    an expert at a time); the end of the run drops them, as every run leaves the cache as it
+    found it."""
+    from make_tiny_model import byte_tokenizer
     from pissa_rs._pissa_rs import cached_bytes
     from pissa_rs.engine import components
 
-    # layers of 3 MB, so that what a read leaves behind (its partial pages) is small beside them
-    src = save_tiny_model(tmp_path / "m", "llama", layers=2, hidden=256, intermediate=688, shard_size="2MB")
+    # layers of 3 MB (experts: 8 MB), so that what a read leaves behind (its partial pages) is small beside them
+    if family == "llama":
+        src = save_tiny_model(tmp_path / "m", "llama", layers=2, hidden=256, intermediate=688, shard_size="2MB")
+    else:
+        src = tmp_path / "m"
+        torch.manual_seed(0)
+        transformers.MixtralForCausalLM(transformers.MixtralConfig(
+            vocab_size=256, hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=128,
+        )).save_pretrained(src, max_shard_size="2MB")
+        byte_tokenizer().save_pretrained(src)
     files = sorted(src.glob("*.safetensors"))
     os.sync()  # clean pages: the only kind a read's release can drop
     for f in files:

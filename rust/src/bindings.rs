@@ -326,16 +326,18 @@ impl PyCheckpoint {
             .map_err(to_py)
     }
     /// Read bytes `[offset, offset + len(dest))` of a tensor into `dest`, like read_into.
+    #[pyo3(signature = (name, offset, dest, keep_cached=false))]
     fn read_range_into(
         &self,
         py: Python<'_>,
         name: &str,
         offset: u64,
         dest: &Bound<'_, PyAny>,
+        keep_cached: bool,
     ) -> PyResult<()> {
         let mut borrowed = BorrowedBytes::get_writable(dest)?;
         let slice = borrowed.as_mut_slice();
-        py.detach(|| self.inner.read_range_into(name, offset, slice))
+        py.detach(|| self.inner.read_range_into(name, offset, slice, keep_cached))
             .map_err(to_py)
     }
     /// Drop every page of every shard from this process and the page cache:

@@ -386,7 +386,14 @@ impl Checkpoint {
 
     /// Read bytes `[offset, offset + dst.len())` of tensor `name` into `dst`:
     /// one expert's matrix out of a tensor that stacks all of a layer's experts.
-    pub fn read_range_into(&self, name: &str, offset: u64, dst: &mut [u8]) -> Result<()> {
+    /// The pages leave the cache after, unless `keep_cached`, as in `read_into`.
+    pub fn read_range_into(
+        &self,
+        name: &str,
+        offset: u64,
+        dst: &mut [u8],
+        keep_cached: bool,
+    ) -> Result<()> {
         let entry = self.get(name)?;
         if offset + dst.len() as u64 > entry.nbytes() {
             return Err(Error::io(
@@ -399,7 +406,12 @@ impl Checkpoint {
                 )),
             ));
         }
-        self.shards[entry.shard].read_into(entry.start + offset, dst)
+        let shard = &self.shards[entry.shard];
+        if keep_cached {
+            shard.read_cached(entry.start + offset, dst)
+        } else {
+            shard.read_into(entry.start + offset, dst)
+        }
     }
 
     /// The bytes of one tensor, straight from the mapping.
@@ -627,10 +639,10 @@ mod tests {
         let f = file_with(&bytes);
         let ck = Checkpoint::open(f.path()).unwrap();
         let mut dst = [0u8; 3];
-        ck.read_range_into("a", 3, &mut dst).unwrap();
+        ck.read_range_into("a", 3, &mut dst, false).unwrap();
         assert_eq!(dst, [13, 14, 15]);
         let err = ck
-            .read_range_into("a", 4, &mut dst)
+            .read_range_into("a", 4, &mut dst, false)
             .unwrap_err()
             .to_string();
         assert!(err.contains("'a'") && err.contains("4..7"), "{err}");

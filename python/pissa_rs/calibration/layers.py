@@ -158,7 +158,7 @@ class LayerStack:
         if tensor is None and param in self.mapping.merged_by:  # experts stored one tensor each, merged at load
             from ..planning.mapping import expert_reads
 
-            return torch.stack([read.read(self.checkpoint) for read in
+            return torch.stack([read.read(self.checkpoint, keep_cached=self.keep_cached) for read in
                                 expert_reads(self.mapping, self.checkpoint, param, tuple(shape),
                                              self.source)]).to(self.device, dtype)
         if tensor is None:

@@ -169,23 +169,25 @@ class WeightRead:
         return WeightRead(tuple(Piece(*p) for p in record["pieces"]), record["dtype"], tuple(record["shape"]),
                           decode, tuple(Piece(*p) for p in out) if out else None)
 
-    def read_into(self, checkpoint: Checkpoint, data: torch.Tensor, residual: bool = False) -> None:
+    def read_into(self, checkpoint: Checkpoint, data: torch.Tensor, residual: bool = False,
+                  keep_cached: bool = False) -> None:
         """Its bytes (`pieces`, or with `residual` the output's `written`), one piece after
-        the other, into the uint8 tensor `data` of exactly their size."""
+        the other, into the uint8 tensor `data` of exactly their size; their pages leave the
+        page cache unless `keep_cached` (bytes read again soon)."""
         offset = 0
         for piece in self.written if residual else self.pieces:
             size = piece.end - piece.start
-            checkpoint.read_range_into(piece.tensor, piece.start, data[offset: offset + size].numpy())
+            checkpoint.read_range_into(piece.tensor, piece.start, data[offset: offset + size].numpy(), keep_cached)
             offset += size
 
-    def read(self, checkpoint: Checkpoint, residual: bool = False) -> torch.Tensor:
+    def read(self, checkpoint: Checkpoint, residual: bool = False, keep_cached: bool = False) -> torch.Tensor:
         """The matrix from the files: the input's, decoded; with `residual`, the output's
         (the residual is stored plain where the input was encoded)."""
         from ..tensors import TORCH_DTYPES
 
         data = torch.empty(sum(p.end - p.start for p in (self.written if residual else self.pieces)),
                            dtype=torch.uint8)
-        self.read_into(checkpoint, data, residual)
+        self.read_into(checkpoint, data, residual, keep_cached)
         if self.decode is not None and (not residual or self.out_pieces is None):  # stored encoded
             return self.decode(data)
         return data.view(TORCH_DTYPES[self.dtype]).reshape(self.shape)
