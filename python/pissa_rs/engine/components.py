@@ -36,7 +36,6 @@ MOST_EVA_PASSES = 1000
 _STATE = "state.json"
 
 
-
 def _unpadded_tokens(layer_input, model_input, layer_name: str):
     """PEFT's language-modeling selection of a layer input's unpadded tokens. A latent viewed
     as one head ([B, 1, T, d]: MLA's kv_b_proj input in DeepSeek-V3), which PEFT's own function
@@ -47,6 +46,7 @@ def _unpadded_tokens(layer_input, model_input, layer_name: str):
     if isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1] == 1:
         layer_input = x[:, 0]
     return prepare_layer_inputs_fn_language_modeling(layer_input, model_input, layer_name)
+
 
 class _Loop:
     """PEFT's loop state over every target module of the model: which module's hook takes
