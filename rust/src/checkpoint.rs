@@ -65,11 +65,14 @@ impl Shard {
     }
 
     /// Read `[start, start + dst.len())` into `dst` (pread: no page faults
-    /// here), then release the range (a neighbour's access may have mapped
-    /// some of its pages by fault-around; mapped pages stay cached).
-    pub fn read_into(&self, start: u64, dst: &mut [u8]) -> Result<()> {
+    /// here), then release the range unless `keep_cached` (a neighbour's
+    /// access may have mapped some of its pages by fault-around; mapped pages
+    /// stay cached).
+    pub fn read_into(&self, start: u64, dst: &mut [u8], keep_cached: bool) -> Result<()> {
         self.read_cached(start, dst)?;
-        self.release(start, start + dst.len() as u64);
+        if !keep_cached {
+            self.release(start, start + dst.len() as u64);
+        }
         Ok(())
     }
 
@@ -376,12 +379,7 @@ impl Checkpoint {
                 )),
             ));
         }
-        let shard = &self.shards[entry.shard];
-        if keep_cached {
-            shard.read_cached(entry.start, dst)
-        } else {
-            shard.read_into(entry.start, dst)
-        }
+        self.shards[entry.shard].read_into(entry.start, dst, keep_cached)
     }
 
     /// Read bytes `[offset, offset + dst.len())` of tensor `name` into `dst`:
@@ -406,12 +404,7 @@ impl Checkpoint {
                 )),
             ));
         }
-        let shard = &self.shards[entry.shard];
-        if keep_cached {
-            shard.read_cached(entry.start + offset, dst)
-        } else {
-            shard.read_into(entry.start + offset, dst)
-        }
+        self.shards[entry.shard].read_into(entry.start + offset, dst, keep_cached)
     }
 
     /// The bytes of one tensor, straight from the mapping.
