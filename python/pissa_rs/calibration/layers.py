@@ -170,16 +170,13 @@ class LayerStack:
         if info.dtype not in ("F32", "F16", "BF16"):
             raise CalibrationError(f"{self.where}: {tensor} is {info.dtype}; calibration reads float and FP8 "
                                    "weights only")
-        value = self._bytes(tensor).view(TORCH_DTYPES[info.dtype]).reshape(list(info.shape))
+        data = torch.empty(info.nbytes, dtype=torch.uint8)
+        self.checkpoint.read_into(tensor, data.numpy(), keep_cached=self.keep_cached)
+        value = data.view(TORCH_DTYPES[info.dtype]).reshape(list(info.shape))
         if tuple(value.shape) != tuple(shape):
             raise CalibrationError(f"{self.where}: {tensor} has shape {list(value.shape)}, the model's {param} "
                                    f"{list(shape)}")
         return value.to(self.device, dtype)
-
-    def _bytes(self, tensor: str) -> torch.Tensor:
-        data = torch.empty(self.checkpoint.info(tensor).nbytes, dtype=torch.uint8)
-        self.checkpoint.read_into(tensor, data.numpy(), keep_cached=self.keep_cached)
-        return data
 
     def _read_fp8(self, tensor: str, param: str, shape: torch.Size) -> torch.Tensor:
         """An FP8 weight with its scales, dequantized as transformers dequantizes the checkpoint
@@ -194,7 +191,7 @@ class LayerStack:
             read = plain_or_encoded(self.checkpoint, self.source, [tensor], tuple(shape), str(self.where))
         except (SourceFormatError, ExpertLayoutError) as err:
             raise CalibrationError(str(err)) from None
-        return read.decode(torch.cat([self._bytes(piece.tensor) for piece in read.pieces]))
+        return read.read(self.checkpoint, keep_cached=self.keep_cached)
 
     def _materialize(self, prefix: str, module: nn.Module, recurse: bool, dtype: torch.dtype | None = None) -> None:
         """`module`'s parameters from the checkpoint, in `dtype` (the layers' by default), and

@@ -158,10 +158,6 @@ def tokenized(data: Any, model_dir: Path, *, samples: int | None, length: int | 
     return CalibrationSet(tuple(ids), source, digest.hexdigest(), length)
 
 
-# the formats whose weights the calibration forward dequantizes as it reads them (layers.py)
-FP8_FORMATS = ("fp8", "compressed-tensors")
-
-
 def model_calibration(path: Path, options) -> tuple[CalibrationSet, Any]:
     """The calibration samples of a data-aware run on the model folder `path` (its config
     and tokenizer), as `options` (DecomposeOptions) ask for them, and the options with the
@@ -173,10 +169,11 @@ def model_calibration(path: Path, options) -> tuple[CalibrationSet, Any]:
                                "tokenizer files), not a bare .safetensors file")
     from dataclasses import replace
 
+    from ..formats.fp8 import CompressedTensorsFP8, FineGrainedFP8
     from ..formats.sources import source_format
 
-    fmt = source_format(path)
-    if fmt.kind is not None and fmt.kind not in FP8_FORMATS:
+    fmt = source_format(path)  # FP8 weights are dequantized as the layers read them (layers.py)
+    if fmt.kind is not None and not isinstance(fmt.codec, (FineGrainedFP8, CompressedTensorsFP8)):
         raise CalibrationError(f"{path}: {fmt.describe()}; calibration reads float and FP8 weights only (run it on "
                                "the bf16 model, e.g. dequantized with transformers)")
     from .layers import check_family

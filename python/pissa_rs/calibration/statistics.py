@@ -32,6 +32,13 @@ def _recording_inputs(modules: dict[str, nn.Module], inputs: dict[str, torch.Ten
     return [module.register_forward_hook(recorder(name)) for name, module in modules.items()]
 
 
+def one_row_per_token(x: torch.Tensor) -> torch.Tensor:
+    """A layer input as [batch, tokens, dim]: a latent viewed as one head ([B, 1, T, d]:
+    MLA's kv_b_proj input in DeepSeek-V3, which PEFT's CorDA hook and EVA's input selection
+    cannot take) is the [B, T, d] it is; any other input is returned as it is."""
+    return x[:, 0] if x.dim() == 4 and x.shape[1] == 1 else x
+
+
 def _sample_covariance(sample: torch.Tensor, where: str) -> torch.Tensor:
     """One sample's X^T X after PEFT's normalization (by |max| of the sample's own input)."""
     sample = sample.float()
@@ -108,8 +115,7 @@ class CovarianceHooks:
                     raise ValueError(f"calibration: {name}'s input has {x.shape[0]} rows, the batch "
                                      f"{len(lengths)} x {width} tokens")
                 x = x.view(len(lengths), width, -1)
-            elif x.dim() == 4 and x.shape[1] == 1:  # a latent viewed as one head (MLA's kv_b_proj): [B, 1, T, d]
-                x = x[:, 0]
+            x = one_row_per_token(x)
             if x.dim() != 3 or x.shape[:2] != (len(lengths), width):
                 raise ValueError(f"calibration: {name}'s input is {list(x.shape)}, not one row per token of the "
                                  f"batch ({len(lengths)} x {width})")

@@ -23,7 +23,7 @@ import torch
 from .._pissa_rs import Checkpoint
 from ..calibration.layers import LayerStack
 from ..calibration.samples import CalibrationError, CalibrationSet
-from ..calibration.statistics import _recording_inputs, _shared
+from ..calibration.statistics import _recording_inputs, _shared, one_row_per_token
 from . import heap
 from .resume import fault_point
 from .sequential import _padded, target_layers
@@ -37,14 +37,13 @@ _STATE = "state.json"
 
 
 def _unpadded_tokens(layer_input, model_input, layer_name: str):
-    """PEFT's language-modeling selection of a layer input's unpadded tokens. A latent viewed
-    as one head ([B, 1, T, d]: MLA's kv_b_proj input in DeepSeek-V3), which PEFT's own function
-    cannot index, is taken as the [B, T, d] it is; any other input goes to PEFT's as is."""
+    """PEFT's language-modeling selection of a layer input's unpadded tokens, the input taken
+    one row per token first (MLA's latent, which PEFT's own function cannot index)."""
     from peft.tuners.lora.eva import prepare_layer_inputs_fn_language_modeling
 
     x = layer_input[0] if isinstance(layer_input, (tuple, list)) else layer_input
-    if isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1] == 1:
-        layer_input = x[:, 0]
+    if isinstance(x, torch.Tensor):
+        layer_input = one_row_per_token(x)
     return prepare_layer_inputs_fn_language_modeling(layer_input, model_input, layer_name)
 
 
