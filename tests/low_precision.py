@@ -60,6 +60,19 @@ def dequantized(src) -> dict[str, torch.Tensor]:
     return out
 
 
+def save_dequantized(model, src: Path, reference: Path) -> Path:
+    """`src` as a plain bfloat16 checkpoint of its weights dequantized (`dequantized`), with
+    `model`'s config and `src`'s tokenizer files: what transformers loads it as."""
+    model.to(torch.bfloat16).save_pretrained(reference)
+    for old in reference.glob("*.safetensors*"):
+        old.unlink()
+    save_file(dequantized(src), reference / "model.safetensors", metadata={"format": "pt"})
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (src / name).exists():
+            (reference / name).write_bytes((src / name).read_bytes())
+    return reference
+
+
 def is_quantized_linear(name: str, value: torch.Tensor) -> bool:
     """A Linear layer's weight, as the FP8 quantizers convert them: not the embeddings, the
     output head or a router."""

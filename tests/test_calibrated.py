@@ -811,12 +811,9 @@ def test_an_fp8_source_calibrates_as_the_model_loaded_dequantized(tmp_path, fmt)
     checkpoint: CorDA and EVA on the FP8 checkpoint are PEFT's own on the dequantized model
     (loaded in float32, the dtype the CPU runs the layers in), and the residual is bfloat16
     with no FP8 tensor, scale or quantization_config left."""
-    import shutil
+    from low_precision import save_compressed_fp8, save_dequantized, save_fp8_block
 
-    from low_precision import dequantized, save_compressed_fp8, save_fp8_block
-    from safetensors.torch import save_file
-
-    src, reference = tmp_path / "src", tmp_path / "reference"
+    src = tmp_path / "src"
     tokenizer = save_tokenizer(src, TEXTS)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
@@ -826,10 +823,7 @@ def test_an_fp8_source_calibrates_as_the_model_loaded_dequantized(tmp_path, fmt)
         save_fp8_block(model, src)
     else:
         save_compressed_fp8(model, src, strategy="channel")
-    model.to(torch.bfloat16).save_pretrained(reference)
-    save_file(dequantized(src), reference / "model.safetensors", metadata={"format": "pt"})
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(src / name, reference / name)
+    reference = save_dequantized(model, src, tmp_path / "reference")
 
     res = ours(src, tmp_path / "o", "ipm")
     assert res.report["source_format"] == ("fp8" if fmt == "fp8-block" else "compressed-tensors")
@@ -1008,21 +1002,13 @@ def test_fp8_moe_experts_calibrate_as_their_dequantized_copy(tmp_path):
     """Qwen3-MoE with every Linear in FP8, experts as per-expert tensors (as Qwen3-FP8 ships):
     the experts, merged at load, are dequantized as they are read; the run gives the bytes of
     the same run on a bfloat16 copy of the dequantized weights (PEFT has no CorDA for experts)."""
-    import shutil
+    from low_precision import save_dequantized, save_fp8_block
 
-    from low_precision import dequantized, save_fp8_block
-    from safetensors.torch import save_file
-
-    src, reference = tmp_path / "src", tmp_path / "reference"
+    src = tmp_path / "src"
     model = save_moe(src, "qwen3_moe")
     save_fp8_block(model, src, block=(16, 16))
     assert any(".experts.0." in k and k.endswith("_scale_inv") for k in tensors_of(src))
-    model.to(torch.bfloat16).save_pretrained(reference)
-    for old in reference.glob("*.safetensors*"):
-        old.unlink()
-    save_file(dequantized(src), reference / "model.safetensors", metadata={"format": "pt"})
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(src / name, reference / name)
+    reference = save_dequantized(model, src, tmp_path / "reference")
     runs = [ours(path, tmp_path / f"o-{path.name}", "ipm") for path in (src, reference)]
     adapters = [safetensors.torch.load_file(r.adapter / "adapter_model.safetensors") for r in runs]
     assert sorted(adapters[0]) == sorted(adapters[1]) and any(".experts." in k for k in adapters[0])

@@ -18,7 +18,7 @@ import pytest
 import torch
 import transformers
 from helpers import text
-from low_precision import dequantized, save_compressed_fp8, save_fp8_block, save_mxfp4_gpt_oss
+from low_precision import dequantized, save_compressed_fp8, save_dequantized, save_fp8_block, save_mxfp4_gpt_oss
 from safetensors.torch import load_file, save_file
 
 import pissa_rs
@@ -87,9 +87,7 @@ def test_fp8_source_gives_a_bfloat16_residual_that_loads_as_the_dequantized_mode
     assert sorted(index["weight_map"]) == sorted(out_ck.names())
 
     # The dequantized original, as a plain bf16 model: the reference.
-    reference_dir = tmp_path / "reference"
-    llama().to(torch.bfloat16).save_pretrained(reference_dir)
-    save_file(dequantized(src), reference_dir / "model.safetensors", metadata={"format": "pt"})
+    reference_dir = save_dequantized(llama(), src, tmp_path / "reference")
     expected = logits(transformers.LlamaForCausalLM.from_pretrained(reference_dir, dtype=torch.float32))
     if fmt == "fp8-block":  # transformers' own dequantization of the FP8 checkpoint agrees
         own = transformers.LlamaForCausalLM.from_pretrained(src, dtype=torch.bfloat16).float()
