@@ -32,6 +32,7 @@ from .hub import base_model_of
 from .constants import REPORT_NAME
 from .tensors import SAFETENSORS_DTYPES, TORCH_DTYPES, as_numpy_bytes, as_torch
 from .noise import quiet_library_noise
+from .precision import in_ieee_float32
 
 CONVERSION_REPORT = "pissa_conversion.json"  # what a re-factored conversion dropped, per module
 
@@ -225,6 +226,7 @@ def expert_factors(a: torch.Tensor, b: torch.Tensor, experts: int, e: int) -> tu
     return a.view(experts, rank, a.shape[1])[e], b.view(b.shape[0], rank, experts)[:, :, e]
 
 
+@in_ieee_float32
 def convert_to_lora(init_dir: str | os.PathLike[str], finetuned_dir: str | os.PathLike[str],
                     out_dir: str | os.PathLike[str], *, compact: bool = False, tol: float = 1e-6,
                     rank: int | None = None, energy: float | None = None, serve: str | None = None,

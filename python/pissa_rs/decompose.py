@@ -31,6 +31,7 @@ from .quant import remember_choice
 from .rank_budget import budgeted_options, choose_ranks
 from .report import OutputReport
 from .rounding import devices_probe
+from .precision import in_ieee_float32
 
 
 @dataclass
@@ -144,6 +145,7 @@ def extract_lora(base, finetuned, out=None, *, r: int = 128, energy: float | Non
     return result
 
 
+@in_ieee_float32
 def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None, overwrite: bool,
                       progress: bool, origin: dict[str, str | None] | None = None, ray: str | None = None
                       ) -> DecomposeResult | list[DecomposeResult]:

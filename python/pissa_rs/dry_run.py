@@ -17,6 +17,7 @@ from .options import DecomposeOptions
 from .planning.plan import make_plan, source_layout
 from .formats.sources import source_format
 from .planning.targets import Target
+from .precision import in_ieee_float32
 
 
 def human_flops(n: float) -> str:
@@ -177,6 +178,7 @@ class DecompositionPlan:
         return "\n".join(lines)
 
 
+@in_ieee_float32
 def plan(path: str | os.PathLike[str], r: int | list[int] = 128, *, out: str | os.PathLike[str] | None = None,
          revision: str | None = None, **options) -> DecompositionPlan:
     """What `decompose_checkpoint(path, r, out=out, **options)` would do, without doing it:

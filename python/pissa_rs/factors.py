@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .svd import randomized_svd
+from .precision import in_ieee_float32
 
 
 def scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
@@ -78,6 +79,7 @@ class Factors:
     max_abs_error: float  # max |residual - (W - scale * B @ A)|, the difference in float32: the cast's error
 
 
+@in_ieee_float32
 def principal_factors(
     weight: torch.Tensor,
     r: int,

@@ -10,6 +10,7 @@ import os
 import torch
 
 from .noise import quiet_library_noise
+from .precision import in_ieee_float32
 
 ModelRef = tuple["str | os.PathLike[str]", "str | os.PathLike[str] | None"]  # (model, adapter on it or None)
 
@@ -31,6 +32,7 @@ def _logits(model_ref: ModelRef, ids: torch.Tensor | None, samples: int, length:
         return model(input_ids=ids).logits.double(), ids
 
 
+@in_ieee_float32
 def logit_change(reference: ModelRef, candidate: ModelRef, samples: int = 4, length: int = 64, seed: int = 0
                  ) -> dict:
     """KL(reference || candidate) per token (mean), top-1 agreement, and the largest and mean

@@ -26,8 +26,10 @@ from .factors import round_difference
 from .locations import model_of_output
 from .formats.peft_adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterMismatchError, adapter_targets
 from .tensors import TORCH_DTYPES, as_numpy_bytes
+from .precision import in_ieee_float32
 
 
+@in_ieee_float32
 def merge_adapter(residual_dir: str | os.PathLike[str], adapter_dir: str | os.PathLike[str],
                   out_dir: str | os.PathLike[str], revision: str | None = None) -> Path:
     """Write residual + adapter as one plain model to `out_dir` (same names, dtypes

@@ -17,8 +17,10 @@ from .report import OutputReport
 from .formats.peft_adapter import ADAPTER_WEIGHTS, adapter_targets
 from .quant import Quantization, quantization_error
 from .tensors import as_torch
+from .precision import in_ieee_float32
 
 
+@in_ieee_float32
 def measure_quantization_error(out: str | os.PathLike[str], against: str | os.PathLike[str],
                                quantize: str | None = None, double_quant: bool | None = None,
                                device: str = "cpu", revision: str | None = None,

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ._pissa_rs import PissaError
+from .precision import float32_matmul_state
 from .quant import Quantization, qpissa_factors_at_ranks
 from .tensors import TORCH_DTYPES
 
@@ -74,8 +75,9 @@ def rounding_probe(device: torch.device | str, dtypes: list[str], niter: int, ad
     `method`: the initialization method's own decomposition (methods/) is what is probed.
     Cached per process: the rounding of a process does not change while it runs."""
     device = torch.device(device)
+    # the float32 matmul precision too: a probe measured under TF32 is not one measured without
     key = (str(device), tuple(sorted(set(dtypes))), niter, str(adapter_dtype),
-           quantization, quant_iters, torch.get_num_threads(), method)
+           quantization, quant_iters, torch.get_num_threads(), method, tuple(sorted(float32_matmul_state().items())))
     with _lock:
         if key not in _cache:
             _cache[key] = _measure(device, key[1], niter, adapter_dtype, quantization, quant_iters, method)

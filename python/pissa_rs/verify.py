@@ -20,6 +20,7 @@ from .methods import get_method
 from .options import ADAPTER_DTYPES
 from .quant import Quantization
 from .tensors import as_torch
+from .precision import in_ieee_float32
 
 
 @dataclass
@@ -33,6 +34,7 @@ class VerifyReport:
         return not self.problems
 
 
+@in_ieee_float32
 def verify(out: str | os.PathLike[str], against: str | os.PathLike[str], revision: str | None = None) -> VerifyReport:
     """Compare a decomposition's OUT with the ORIGINAL checkpoint it came from
     (a path, or a Hub model ID at `revision`).

@@ -16,12 +16,14 @@ from .formats.peft_adapter import adapter_modules, module_scaling
 from .methods.base import factor_core
 from .tensors import as_torch
 from .verify import VerifyReport
+from .precision import in_ieee_float32
 
 # float32 factors: the error of a rounded factorization, relative to the update, is ~1e-7;
 # as a share of energy (squared) far below this
 SHARE_SLACK = 1e-8
 
 
+@in_ieee_float32
 def verify_lora(lora: str | os.PathLike[str], init: str | os.PathLike[str],
                 finetuned: str | os.PathLike[str]) -> VerifyReport:
     """For each module (each expert) of the LoRA at `lora`: its error share

@@ -17,6 +17,7 @@ from .._pissa_rs import Checkpoint, PissaError, ShardWriter
 from ..constants import ADAPTER_CONFIG, ADAPTER_SUBDIR, ADAPTER_WEIGHTS, PARAM_WRAPPERS, REPORT_NAME, RUN_FILE, UNITS_DIR
 from ..formats.peft_adapter import adapter_shapes, lora_a_key, lora_b_key, param_wrappers_json, with_base_model
 from ..options import ADAPTER_DTYPES
+from ..precision import float32_matmul_state
 from ..report import build_report
 from ..tensors import SAFETENSORS_DTYPES, as_numpy_bytes, as_torch
 from .layout import copy_model_files, output_bytes, set_quantization_config, write_index_like
@@ -70,7 +71,9 @@ def commit(job: Job, spec: OutputSpec, started: float, origin: dict[str, str | N
                           sum(output_bytes(checkpoint, spec.plan, spec.options)), time.perf_counter() - started,
                           origin)
     report["run"] = read_identity(out, REPORT_NAME)  # what a rerun compares itself with
-    report["rounding"] = rounding_provenance(job, spec, report["run"].get("rounding", job.rounding))
+    # with the float32 matmul precision the math ran under (precision.py: ieee, whatever the caller set)
+    report["rounding"] = {**rounding_provenance(job, spec, report["run"].get("rounding", job.rounding)),
+                          "float32_matmul": float32_matmul_state()}
     report.update(job.report_extra)
     if cluster is not None:
         report["cluster"] = cluster

@@ -15,6 +15,7 @@ from .._pissa_rs import PissaError
 from .lease import Lease
 from .run import ByIndex, run_unit
 from .units import Job, is_done
+from ..precision import in_ieee_float32
 
 RETRIES = 3  # attempts after the first, when a node or worker dies (never for a PissaError)
 
@@ -83,6 +84,7 @@ def _import_ray():
     return ray
 
 
+@in_ieee_float32
 def _fingerprint_task(job: Job) -> tuple[str, dict]:
     import ray
 
@@ -116,6 +118,7 @@ def as_mounted_here(job: Job) -> Job:
                    inputs=tuple({**e, "file": str(here(e["file"]))} for e in job.inputs))
 
 
+@in_ieee_float32
 def _unit_task(job: Job, index: int, expected: dict) -> dict[str, Any]:
     """One attempt at unit `index`, on whichever node Ray chose."""
     import ray
