@@ -69,3 +69,14 @@ def test_methods_are_reached_through_the_registry_only():
         if path.parent.name == "engine":
             offenders += [f"{path.name} names {m!r}" for m in named if f'"{m}"' in source or f"'{m}'" in source]
     assert not offenders, offenders
+
+
+def test_every_full_svd_goes_through_svd_py():
+    """svd.full_svd / singular_values choose cuSOLVER's driver (gesvd, not torch's default
+    gesvdj); a torch.linalg.svd call elsewhere would run with the default on a GPU."""
+    import re
+
+    calls = [f"{p.relative_to(PACKAGE)}:{n}" for p in PACKAGE.rglob("*.py") if p.name != "svd.py"
+             for n, line in enumerate(p.read_text().splitlines(), 1)
+             if re.search(r"torch\.(linalg\.svd|linalg\.svdvals|svd)\(", line)]
+    assert not calls, f"full SVDs outside svd.py (use svd.full_svd / singular_values): {calls}"

@@ -122,3 +122,23 @@ def test_the_same_seed_gives_the_same_bytes_in_concurrent_threads():
     with ThreadPoolExecutor(6) as pool:
         together = list(pool.map(lambda k: randomized_svd(weights[k], 8, 1, k)[0], range(len(weights))))
     assert all(torch.equal(x, y) for x, y in zip(alone, together))
+
+
+def test_full_svds_on_cuda_take_gesvd_and_the_cpu_its_only_driver(monkeypatch):
+    """torch's CUDA default (gesvdj) may lose precision on ill-conditioned matrices (torch's
+    docs); every full SVD of ours asks for gesvd there. Seen through a stand-in tensor whose
+    device says cuda, since this machine may have none."""
+    from unittest import mock
+
+    from pissa_rs import svd
+
+    calls = []
+    monkeypatch.setattr(svd.torch.linalg, "svd", lambda a, **kw: calls.append(("svd", kw)) or (a, a, a))
+    monkeypatch.setattr(svd.torch.linalg, "svdvals", lambda a, **kw: calls.append(("svdvals", kw)) or a)
+    on_gpu = mock.Mock(device=torch.device("cuda", 0))
+    svd.full_svd(on_gpu)
+    svd.singular_values(on_gpu)
+    on_cpu = mock.Mock(device=torch.device("cpu"))
+    svd.full_svd(on_cpu)
+    assert calls == [("svd", {"full_matrices": False, "driver": "gesvd"}), ("svdvals", {"driver": "gesvd"}),
+                     ("svd", {"full_matrices": False, "driver": None})]

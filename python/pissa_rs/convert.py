@@ -33,6 +33,7 @@ from .constants import REPORT_NAME
 from .tensors import SAFETENSORS_DTYPES, TORCH_DTYPES, as_numpy_bytes, as_torch
 from .noise import quiet_library_noise
 from .precision import in_ieee_float32
+from .svd import full_svd
 
 CONVERSION_REPORT = "pissa_conversion.json"  # what a re-factored conversion dropped, per module
 
@@ -145,7 +146,7 @@ def _compact(a: torch.Tensor, b: torch.Tensor, truncation: Truncation
     above rounding, the rank kept); B' A' is the best approximation of B A at that rank."""
     qb, rb = torch.linalg.qr(b.double())
     qa, ra = torch.linalg.qr(a.double().T)
-    u, s, vh = torch.linalg.svd(rb @ ra.T)
+    u, s, vh = full_svd(rb @ ra.T)
     # Relative to |B| |A|, not to the largest singular value: an update that
     # cancels out (fine-tuned == initial) must compact to nothing, not to noise.
     reference = torch.linalg.matrix_norm(rb) * torch.linalg.matrix_norm(ra)

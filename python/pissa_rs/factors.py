@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .svd import randomized_svd
 from .precision import in_ieee_float32
+from .svd import full_svd, randomized_svd
 
 
 def scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
@@ -111,7 +111,7 @@ def factors_at_ranks(
     w, total = float32_oriented(weight, fan_in_fan_out, ranks)
     q = max(r for r, _ in ranks)
     if niter == 0:
-        U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+        U, S, Vh = full_svd(w)
         U, S, Vh = U[:, :q], S[:q], Vh[:q]
     else:
         # svd_lowrank's math from a start drawn on the CPU by a generator of its own: the same

@@ -14,6 +14,7 @@ import torch
 from .formats import bnb_reference as ref
 from .factors import Factors, factors_at_ranks
 from .noise import quiet_library_noise
+from .svd import full_svd, singular_values
 
 log = logging.getLogger("pissa_rs")
 
@@ -220,7 +221,7 @@ def _check(quant: Quantization, device_type: str) -> QuantizerChoice:
 
 def nuclear_norm(x: torch.Tensor) -> float:
     """||x||_*: the sum of x's singular values (float32 SVD, summed in float64)."""
-    return torch.linalg.svdvals(x.to(torch.float32)).double().sum().item()
+    return singular_values(x.to(torch.float32)).double().sum().item()
 
 
 def _oriented(t: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
@@ -314,7 +315,7 @@ def loftq_error(weight: torch.Tensor, r: int, iters: int, quant: Quantization, f
     res = w
     for i in range(iters):
         deq = quant.roundtrip(res).to(torch.float32)
-        U, S, Vh = torch.linalg.svd(w - deq, full_matrices=False)
+        U, S, Vh = full_svd(w - deq)
         sqrt_s = S[:r].sqrt()
         low_rank = (U[:, :r] * sqrt_s) @ (sqrt_s[:, None] * Vh[:r])
         if i + 1 == iters:

@@ -17,7 +17,7 @@ import torch
 
 from ._pissa_rs import Checkpoint
 from .factors import tensor_seed
-from .svd import randomized_svd
+from .svd import randomized_svd, singular_values
 
 if TYPE_CHECKING:
     from .options import DecomposeOptions
@@ -80,7 +80,7 @@ def energy_fractions(weight: torch.Tensor, k: int, options: DecomposeOptions, na
     if total == 0:
         return [0.0] * k
     if options.niter == 0 or options.init_method.solver != RANDOMIZED_SVD:
-        s = torch.linalg.svdvals(w)[:k]
+        s = singular_values(w)[:k]
     else:
         s = randomized_svd(w, k, options.niter, tensor_seed(options.seed, name))[1]
     return (s.double().square() / total).tolist()

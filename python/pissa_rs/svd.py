@@ -11,6 +11,29 @@ from __future__ import annotations
 
 import torch
 
+# cuSOLVER's driver for full SVDs. torch's default on CUDA is gesvdj (Jacobi), which torch's
+# documentation says may lose precision on ill-conditioned matrices: trained weights are
+# (their spectra decay over orders of magnitude), and MiLoRA, MiCA and CorDA-KPM take the
+# bottom of the spectrum, where that loss lands. gesvd is LAPACK's QR-based algorithm, the
+# one the CPU runs. The CPU has one driver (None).
+CUDA_FULL_SVD_DRIVER = "gesvd"
+
+
+def svd_driver(device: torch.device) -> str | None:
+    """The driver a full SVD on `device` uses: gesvd on CUDA, the only one elsewhere."""
+    return CUDA_FULL_SVD_DRIVER if device.type == "cuda" else None
+
+
+def full_svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torch.linalg.svd(a, full_matrices=False) with this project's driver (svd_driver)."""
+    return torch.linalg.svd(a, full_matrices=False, driver=svd_driver(a.device))
+
+
+def singular_values(a: torch.Tensor) -> torch.Tensor:
+    """torch.linalg.svdvals(a) with this project's driver (svd_driver)."""
+    return torch.linalg.svdvals(a, driver=svd_driver(a.device))
+
+
 # CholeskyQR2 keeps orthogonality to float32 rounding while the sketch's condition number
 # stays well under u**-1/2 (~3e3 in float32); the ratio of the Cholesky factor's diagonal
 # entries bounds it from below.
@@ -56,6 +79,6 @@ def randomized_svd(a: torch.Tensor, q: int, niter: int, seed: int | None = None
     for _ in range(niter):
         basis = orthonormal_basis(tall.mT @ basis)
         basis = orthonormal_basis(tall @ basis)
-    u, s, vh = torch.linalg.svd(basis.mT @ tall, full_matrices=False)
+    u, s, vh = full_svd(basis.mT @ tall)
     u, v = basis @ u, vh.mT
     return (u, s, v) if m >= n else (v, s, u)

@@ -17,6 +17,7 @@ from .methods.base import factor_core
 from .tensors import as_torch
 from .verify import VerifyReport
 from .precision import in_ieee_float32
+from .svd import singular_values
 
 # float32 factors: the error of a rounded factorization, relative to the update, is ~1e-7;
 # as a share of energy (squared) far below this
@@ -52,7 +53,7 @@ def verify_lora(lora: str | os.PathLike[str], init: str | os.PathLike[str],
         worst = 0.0
         for e, (ea, eb) in enumerate(pair.updates(module)):
             la, lb = expert_factors(a, b, experts, e) if experts > 1 else (a, b)
-            s = torch.linalg.svdvals(factor_core(ea * exact_scale, eb))
+            s = singular_values(factor_core(ea * exact_scale, eb))
             total = float((s ** 2).sum())
             error = torch.linalg.matrix_norm(factor_core(torch.cat([ea.double() * exact_scale, la.double() * scale]),
                                                    torch.cat([eb.double(), -lb.double()], dim=1)))

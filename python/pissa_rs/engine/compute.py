@@ -13,6 +13,7 @@ from ..factors import scaling, tensor_seed
 from ..options import ADAPTER_DTYPES
 from ..quant import loftq_error, qpissa_factors_at_ranks, quantization_error
 from .units import OutputSpec
+from ..svd import singular_values
 
 if TYPE_CHECKING:
     from ..options import DecomposeOptions
@@ -116,7 +117,7 @@ def _requant_metrics(weight, stored, factors, scale: float, fan_in_fan_out: bool
     w = weight.float()
     delta = (scale * factors.lora_B.float()) @ factors.lora_A.float()
     delta = delta.T if fan_in_fan_out else delta
-    nuclear = lambda m: torch.linalg.svdvals(m).sum().item()  # noqa: E731
+    nuclear = lambda m: singular_values(m).sum().item()  # noqa: E731
     error = nuclear(w - (stored.float() + delta))
     return {"requant_error": error, "requant_error_relative": error / max(nuclear(w), 1e-30)}
 

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from ..svd import singular_values
+
 if TYPE_CHECKING:
     from ..factors import Factors
     from ..options import DecomposeOptions
@@ -24,7 +26,7 @@ def factor_core(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def adapter_singular_values(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     """The singular values of s * B @ A, descending, from the thin factors alone (the SVD of
     their core)."""
-    return (scale * torch.linalg.svdvals(factor_core(a, b))).float()
+    return (scale * singular_values(factor_core(a, b))).float()
 
 
 def orthonormal_problem(b: torch.Tensor, tol: float) -> str | None:

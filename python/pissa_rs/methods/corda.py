@@ -11,6 +11,7 @@ import torch
 from ..factors import factors_with_residual, float32_oriented
 from .base import FULL_SVD, Method
 from .registry import register
+from ..svd import full_svd
 
 # PEFT's collect_eigens_for_layer: damping starts at 1% of C's mean diagonal and doubles until
 # ||C_fix @ C_fix^-1 - I||_F < 0.05.
@@ -60,7 +61,7 @@ class _CorDA(Method):
         if statistic.shape != (w.shape[1], w.shape[1]):
             raise ValueError(f"the input covariance is {list(statistic.shape)}, the weight takes {w.shape[1]} inputs")
         fixed, inverse, _ = damped_inverse(statistic.to(w.device))
-        U, S, Vh = torch.linalg.svd(w @ fixed, full_matrices=False)
+        U, S, Vh = full_svd(w @ fixed)
         del w, fixed
         V = Vh @ inverse  # rows: C^-1-mapped right singular vectors, so U S V = W exactly
         oriented = weight.T if fan_in_fan_out else weight

@@ -12,6 +12,7 @@ import torch
 from ..factors import factors_at_ranks
 from .base import RANDOMIZED_SVD, Method
 from .registry import register
+from ..svd import singular_values
 
 CAPTURED_SHARE = 0.9  # verify: the share of the best rank-r capture an extracted adapter must reach
 # extract_energy: a share within this (relative to the difference's squared norm) of the one asked
@@ -91,7 +92,7 @@ class Extract(Method):
         d = w.double()
         total = d.square().sum().item()
         held = total - (d - scale * b.double() @ a.double()).square().sum().item()
-        best = torch.linalg.svdvals(d)[:r].square().sum().item()
+        best = singular_values(d)[:r].square().sum().item()
         if held >= CAPTURED_SHARE * best - tol * total:
             return None
         return (f"the adapter captures {held / max(total, 1e-30):.4g} of ||W_ft - W_base||^2, the top-{r} triplets "

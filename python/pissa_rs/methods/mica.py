@@ -9,6 +9,7 @@ import torch
 from ..factors import Factors, float32_oriented
 from .base import FULL_SVD, Method, orthonormal_problem
 from .registry import register
+from ..svd import full_svd, singular_values
 
 
 @register
@@ -30,7 +31,7 @@ class MiCA(Method):
 
     def factors_at_ranks(self, weight, ranks, *, niter, seed, adapter_dtype, fan_in_fan_out, statistic=None):
         w, total = float32_oriented(weight, fan_in_fan_out, ranks)
-        U, S, _ = torch.linalg.svd(w, full_matrices=False)
+        U, S, _ = full_svd(w)
         k = S.shape[0]
         found = []
         for r, _ in ranks:
@@ -50,7 +51,7 @@ class MiCA(Method):
         if problem:
             return problem
         r = b.shape[1]
-        floor = torch.linalg.svdvals(w.double())[-r:].square().sum().item()
+        floor = singular_values(w.double())[-r:].square().sum().item()
         held = (b.double().T @ w.double()).square().sum().item()
         total = w.double().square().sum().item()
         if held <= floor + tol * total:

@@ -9,6 +9,7 @@ import torch
 from ..factors import factors_from_triplets, float32_oriented
 from .base import FULL_SVD, Method, adapter_singular_values
 from .registry import register
+from ..svd import full_svd, singular_values
 
 
 @register
@@ -19,7 +20,7 @@ class MiLoRA(Method):
 
     def factors_at_ranks(self, weight, ranks, *, niter, seed, adapter_dtype, fan_in_fan_out, statistic=None):
         w, total = float32_oriented(weight, fan_in_fan_out, ranks)
-        U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+        U, S, Vh = full_svd(w)
         del w
         oriented = weight.T if fan_in_fan_out else weight
         k = S.shape[0]
@@ -30,7 +31,7 @@ class MiLoRA(Method):
     def factor_problem(self, w, w_res, a, b, scale, tol, residual_eps=0.0):
         """The adapter holds the minor part: its singular values are W's bottom r."""
         r = a.shape[0]
-        bottom = torch.linalg.svdvals(w.double())[-r:].float()
+        bottom = singular_values(w.double())[-r:].float()
         held = adapter_singular_values(a, b, scale)
         gap = (held - bottom).abs().max().item()
         if gap <= tol * bottom.max().item() + tol * 1e-3 * w.abs().max().item():
