@@ -14,7 +14,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 import pissa_rs
-from helpers import move_adapters
+from helpers import move_adapters, same_output
 
 torch.manual_seed(0)
 TOKENS = torch.randint(0, 256, (2, 24))
@@ -473,3 +473,26 @@ def test_a_failure_mid_run_leaves_no_file_under_a_final_name(llama, tmp_path, mo
     for f in sorted(p.relative_to(fresh.out) for p in fresh.out.rglob("*.safetensors")):
         assert (out / f).read_bytes() == (fresh.out / f).read_bytes(), f
     assert shards_then and all((fresh.out / f).read_bytes() == data for f, data in shards_then.items())
+
+
+def test_a_process_that_initialised_cuda_plans_in_a_fresh_interpreter(llama, tmp_path, monkeypatch):
+    """CUDA is not to be used in a forked child (EVA and the rank budget do device work before
+    the plan): with CUDA initialised, the planning child is a fresh interpreter, with the same
+    plan, checks and errors."""
+    import pissa_rs.decompose as driver
+    import pissa_rs.planning.plan as planning
+
+    started = []
+    real = planning._start_fresh_child
+    monkeypatch.setattr(planning, "_start_fresh_child", lambda *a: started.append(a) or real(*a))
+    monkeypatch.setattr(planning.multiprocessing, "get_context", lambda *a: pytest.fail("forked after CUDA init"))
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    in_process = pissa_rs.decompose_checkpoint(llama, r=4, out=tmp_path / "here", progress=False, device="cpu")
+    assert not started  # a small checkpoint is planned in this process
+    monkeypatch.setattr(driver, "PLAN_IN_CHILD_ABOVE_BYTES", 0)
+    res = pissa_rs.decompose_checkpoint(llama, r=4, out=tmp_path / "fresh", progress=False, device="cpu")
+    assert len(started) == 1
+    same_output(res.out, in_process.out)
+    with pytest.raises(pissa_rs.TargetError, match="matched no module"):
+        pissa_rs.decompose_checkpoint(llama, r=4, out=tmp_path / "typo", progress=False, device="cpu",
+                                      target_modules=["nope"])

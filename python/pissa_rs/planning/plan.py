@@ -204,14 +204,23 @@ class PlanChecks:
 
 
 def make_plan_in_child(path: Path, options: list[dict], outs: list[Path]) -> tuple[list[Plan], PlanChecks]:
-    """The same plan, worked out in a forked child (which already has torch imported,
-    unlike a fresh interpreter), and the checks it still runs after sending it. A
-    TargetError or ValueError raised there is raised here with the same message."""
-    context = multiprocessing.get_context("fork")
-    receive, send = context.Pipe(duplex=False)
-    child = context.Process(target=_plan_and_send, args=(send, path, options, outs), daemon=True)
-    child.start()
-    send.close()  # so that receive sees EOF if the child dies without a word
+    """The same plan, worked out in a child process, and the checks it still runs after
+    sending it. A TargetError or ValueError raised there is raised here with the same message.
+
+    The child is forked (it has torch imported already, unlike a fresh interpreter), except
+    where this process has initialised CUDA (EVA's pass or the rank budget's spectra on a GPU,
+    or the caller's own work): CUDA is not to be used in a forked child, and a fork of a
+    process whose CUDA threads hold locks can hang, so the child is then a fresh interpreter."""
+    import torch
+
+    if torch.cuda.is_initialized():
+        child, receive = _start_fresh_child(path, options, outs)
+    else:
+        context = multiprocessing.get_context("fork")
+        receive, send = context.Pipe(duplex=False)
+        child = context.Process(target=_plan_and_send, args=(send, path, options, outs), daemon=True)
+        child.start()
+        send.close()  # so that receive sees EOF if the child dies without a word
     checks = PlanChecks(child, receive, path)
     try:
         kind, payload = _receive(receive, child, path)
@@ -222,6 +231,62 @@ def make_plan_in_child(path: Path, options: list[dict], outs: list[Path]) -> tup
         checks.close()
         raise TargetError(payload)
     return payload, checks
+
+
+class _FreshChild:
+    """A planning child in a fresh interpreter, seen as a multiprocessing.Process."""
+
+    def __init__(self, process):
+        self._process = process
+
+    def is_alive(self) -> bool:
+        return self._process.poll() is None
+
+    def terminate(self) -> None:
+        self._process.terminate()
+
+    def join(self) -> None:
+        self._process.wait()
+
+    @property
+    def exitcode(self) -> int | None:
+        return self._process.returncode
+
+
+def _start_fresh_child(path: Path, options: list[dict], outs: list[Path]):
+    """A fresh interpreter that imports this package from where this process did, takes the
+    arguments on its standard input and answers through a pipe, as the forked child does."""
+    import os
+    import pickle
+    import subprocess
+    import sys
+    from multiprocessing.connection import Connection
+
+    import pissa_rs
+
+    read_fd, write_fd = os.pipe()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(pissa_rs.__file__).parent.parent),
+                                                      env.get("PYTHONPATH")]))
+    code = "import sys; from pissa_rs.planning.plan import plan_in_fresh_child; plan_in_fresh_child(int(sys.argv[1]))"
+    try:
+        process = subprocess.Popen([sys.executable, "-c", code, str(write_fd)], stdin=subprocess.PIPE,
+                                   pass_fds=(write_fd,), env=env)
+    finally:
+        os.close(write_fd)  # the child's copy is its own: receive sees EOF if it dies without a word
+    with process.stdin:
+        process.stdin.write(pickle.dumps((path, options, outs)))
+    return _FreshChild(process), Connection(read_fd, writable=False)
+
+
+def plan_in_fresh_child(answer_fd: int) -> None:
+    """The body of _start_fresh_child's interpreter: the arguments from standard input."""
+    import pickle
+    import sys
+    from multiprocessing.connection import Connection
+
+    path, options, outs = pickle.load(sys.stdin.buffer)
+    _plan_and_send(Connection(answer_fd, readable=False), path, options, outs)
 
 
 def _receive(receive, child, path):
