@@ -218,3 +218,54 @@ def test_seeded_svds_in_concurrent_threads_match_sequential_ones():
     with ThreadPoolExecutor(8) as pool:
         for _ in range(5):
             assert all(torch.equal(a, b) for a, b in zip(pool.map(run, range(len(weights))), sequential))
+
+
+def test_gpu_staging_buffers_are_page_locked_exactly_their_size_and_unlocked_at_the_end(monkeypatch):
+    """torch's pinned allocator rounds a block up to a power of two (a 2.1 GB embedding would
+    hold 4 GiB that cannot be swapped): the staging buffers are ordinary allocations
+    registered with CUDA at their own size, and unregistered when the runner closes. Seen
+    through a stand-in for CUDA's runtime (this machine may have no GPU)."""
+    import threading
+
+    from pissa_rs.engine import devices
+
+    calls = []
+
+    class Runtime:
+        def cudaHostRegister(self, ptr, size, flags):
+            calls.append(("register", ptr, size))
+            return 0
+
+        def cudaHostUnregister(self, ptr):
+            calls.append(("unregister", ptr))
+            return 0
+
+    monkeypatch.setattr(devices.torch.cuda, "cudart", lambda: Runtime())
+    nbytes = 3 * 2**20 + 5  # far from a power of two
+    buffers = devices.HostBuffers(2, nbytes, pin=True, stop=threading.Event())
+    first, second = buffers.acquire(), buffers.acquire()
+    buffers.release(first)
+    assert buffers.acquire() is first and buffers.made == 2  # reused, not made again
+    assert [c[0] for c in calls] == ["register", "register"]
+    assert {c[2] for c in calls} == {nbytes} and {c[1] for c in calls} == {first.data_ptr(), second.data_ptr()}
+    assert first.numel() == nbytes
+    buffers.close()
+    buffers.close()  # once only
+    assert sorted(c[1] for c in calls if c[0] == "unregister") == sorted([first.data_ptr(), second.data_ptr()])
+    assert devices.page_locked_size(nbytes) == 4 * 2**20 and devices.page_locked_size(2**20) == 2**20
+
+
+def test_hidden_states_held_for_a_gpu_are_counted_as_the_pinned_allocator_takes_them():
+    """CorDA holds two layer boundaries of hidden states in host memory when they fit in
+    --host-memory; for a GPU they are page-locked, block by block, and torch's pinned
+    allocator rounds each block up to a power of two: that is what must fit."""
+    from types import SimpleNamespace
+
+    from pissa_rs.engine.sequential import boundary_bytes
+
+    calibration = SimpleNamespace(samples=[torch.zeros(n) for n in (100, 60, 37, 37, 9)])
+    batches = [(0, 1), (2, 3), (4,)]
+    exact = (2 * 100 + 2 * 37 + 9) * 64 * 2
+    assert boundary_bytes(calibration, batches, 64, torch.bfloat16) == exact
+    locked = boundary_bytes(calibration, batches, 64, torch.bfloat16, page_locked=True)
+    assert locked == (2**15 + 2**14 + 2**11)  # 25600 -> 32768, 9472 -> 16384, 1152 -> 2048

@@ -10,6 +10,7 @@ import torch
 
 from ._pissa_rs import Checkpoint
 from .locations import output_dirs, resolve_source
+from .engine.devices import page_locked_size
 from .engine.layout import output_bytes, residual_bytes
 from .engine.outdir import check_out_apart, free_bytes, human_bytes, out_dir_problem
 from .model_files import is_model_dir
@@ -115,7 +116,11 @@ class DecompositionPlan:
         if self.options.init_method.calibration == "covariance":  # CorDA: in x in per input, a layer at a time
             covariances = max((sum(4 * n * n for n in inputs(ts)) for ts in per_layer.values()), default=0)
             boundary, budget = tokens * hidden * size, o.host_memory_bytes  # at most: no batch padded
-            where = ("held in memory (2 layer boundaries within" if 2 * boundary <= budget else
+            held = boundary  # held page-locked for a GPU: each batch's block as torch's pinned allocator rounds it
+            if o.torch_devices[0].type == "cuda":
+                held = -(-o.calibration_samples // o.calibration_batch) * page_locked_size(
+                    o.calibration_batch * o.calibration_length * hidden * size)
+            where = ("held in memory (2 layer boundaries within" if 2 * held <= budget else
                      "read back from their file a batch at a time (2 layer boundaries above")
             return (head + f"host: hidden states {human_bytes(boundary)} a layer boundary, on disk for resume and "
                     f"{where} --host-memory {human_bytes(budget)}), + covariances waiting for their shard, up to "

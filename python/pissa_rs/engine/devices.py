@@ -63,23 +63,48 @@ class Stopped(Exception):
     """The run stopped (an error elsewhere, or Ctrl-C) while this thread waited."""
 
 
+def page_locked_size(nbytes: int) -> int:
+    """Host memory that torch's pinned allocator (`pin_memory=True`) takes for `nbytes`: it
+    rounds every block up to a power of two and keeps freed blocks for reuse."""
+    return 1 << max(nbytes - 1, 0).bit_length() if nbytes > 0 else 0
+
+
+def register_page_locked(buffer: torch.Tensor) -> None:
+    """Page-lock an ordinary host tensor's memory in place, exactly its size (cudaHostRegister,
+    as torch's distributed checkpoint stager does), where torch's pinned allocator would take
+    the next power of two: a 2.1 GB weight would hold 4 GiB that cannot be swapped."""
+    error = int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel() * buffer.element_size(), 0))
+    if error != 0:
+        raise RuntimeError(f"page-locking {buffer.numel() * buffer.element_size()} bytes of host memory failed "
+                           f"(cudaError {error}): too little memory may be left to lock")
+
+
+def unregister_page_locked(buffer: torch.Tensor) -> None:
+    torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
+
+
 class HostBuffers:
     """Up to `count` reused uint8 host buffers of `nbytes` each, made on first
     use; page-locked for GPU work, which makes host-device copies asynchronous
-    and avoids the driver's own bounce buffer. Reuse keeps host memory flat: a
-    page-locked allocation is slow and is never returned to the cache here."""
+    and avoids the driver's own bounce buffer. Page-locked exactly their size
+    (register_page_locked), and unlocked by `close()`; reuse keeps host memory
+    flat."""
 
     def __init__(self, count: int, nbytes: int, pin: bool, stop: threading.Event):
         self._count, self._nbytes, self._pin, self._stop = count, nbytes, pin, stop
-        self._made = 0
+        self._made: list[torch.Tensor] = []
+        self._closed = False
         self._free: queue.Queue[torch.Tensor] = queue.Queue()
         self._lock = threading.Lock()
 
     def acquire(self) -> torch.Tensor:
         with self._lock:
-            if self._free.empty() and self._made < self._count:
-                self._made += 1
-                return torch.empty(self._nbytes, dtype=torch.uint8, pin_memory=self._pin)
+            if self._free.empty() and len(self._made) < self._count:
+                buffer = torch.empty(self._nbytes, dtype=torch.uint8)
+                if self._pin and self._nbytes:
+                    register_page_locked(buffer)
+                self._made.append(buffer)
+                return buffer
         while not self._stop.is_set():
             try:
                 return self._free.get(timeout=POLL_SECONDS)
@@ -90,9 +115,18 @@ class HostBuffers:
     def release(self, buffer: torch.Tensor) -> None:
         self._free.put(buffer)
 
+    def close(self) -> None:
+        """Unlock every buffer (after the threads that use them stopped)."""
+        with self._lock:
+            if self._pin and not self._closed:
+                for buffer in self._made:
+                    if buffer.numel():
+                        unregister_page_locked(buffer)
+            self._closed = True
+
     @property
     def made(self) -> int:
-        return self._made
+        return len(self._made)
 
 
 @dataclass
@@ -159,6 +193,7 @@ class DeviceRunner:
             self._cond.notify_all()
         for thread in self._threads:
             thread.join()
+        self.buffers.close()
 
     def results(self) -> Iterator[tuple[int, Any]]:
         for index, _ in self._work:
@@ -222,7 +257,13 @@ class DeviceRunner:
     def _device_worker(self, device: torch.device) -> None:
         cuda = device.type == "cuda"
         side = torch.cuda.Stream(device) if cuda else None
-        context = torch.cuda.device(device) if cuda else contextlib.nullcontext()
+        # Its own compute stream: two workers on one GPU (devices=["cuda:0", "cuda:0"]) would
+        # otherwise queue every kernel on the default stream one after the other, and gain nothing.
+        compute = torch.cuda.Stream(device) if cuda else None
+        context = contextlib.ExitStack()
+        if cuda:
+            context.enter_context(torch.cuda.device(device))
+            context.enter_context(torch.cuda.stream(compute))  # the current stream is per thread
         pending: _Uploaded | None = None
         ended = False
         previous: int | None = None

@@ -22,6 +22,7 @@ from ..calibration.statistics import CovarianceHooks
 from ..constants import UNITS_DIR
 from ..tensors import as_torch
 from . import heap
+from .devices import page_locked_size
 from .resume import fault_point
 from .run import run_unit
 from .units import Job, Unit
@@ -71,9 +72,13 @@ class HiddenStates:
             self._file = open(self.path, "wb")
             self.dtype = str(hidden.dtype).removeprefix("torch.")
         self.index.append((self._file.tell(), list(hidden.shape)))
-        host = hidden.to("cpu").contiguous()
+        if self.hold and self.pin:  # one copy, from the device straight into page-locked memory
+            host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
+            host.copy_(hidden)
+        else:
+            host = hidden.to("cpu").contiguous()
         if self.hold:
-            self.held.append(host.pin_memory() if self.pin else host)
+            self.held.append(host)
         self._file.write(as_numpy_bytes(host).data)
 
     def finish(self, final: Path) -> HiddenStates:
@@ -186,11 +191,14 @@ class _Carried:
 
 
 def boundary_bytes(calibration: CalibrationSet, batches: list[tuple[int, ...]], hidden: int,
-                   dtype: torch.dtype) -> int:
-    """The hidden states at one layer boundary: every batch right-padded to its longest sample."""
+                   dtype: torch.dtype, page_locked: bool = False) -> int:
+    """The host memory the hidden states at one layer boundary take: every batch right-padded
+    to its longest sample; `page_locked` (held for a GPU), each batch's block as torch's pinned
+    allocator takes it (the next power of two)."""
     lengths = [int(s.numel()) for s in calibration.samples]
     size = torch.empty(0, dtype=dtype).element_size()
-    return sum(len(b) * max(lengths[k] for k in b) for b in batches) * hidden * size
+    blocks = [len(b) * max(lengths[k] for k in b) * hidden * size for b in batches]
+    return sum(map(page_locked_size, blocks)) if page_locked else sum(blocks)
 
 
 def _padded(calibration: CalibrationSet, batch: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -241,7 +249,8 @@ def run_calibrated(job: Job, checkpoint: Checkpoint, calibration: CalibrationSet
     batches = calibration.batches(batch_size)
     seconds = {"forward": 0.0, "statistics": 0.0, "units": 0.0, "saved": 0.0}
     # a layer reads one boundary's hidden states while it writes the next's: both held, or neither
-    boundary = boundary_bytes(calibration, batches, stack.config.hidden_size, stack.dtype)
+    boundary = boundary_bytes(calibration, batches, stack.config.hidden_size, stack.dtype,
+                              page_locked=device.type == "cuda")
     budget = job.options.host_memory_bytes
     hold = 2 * boundary <= budget
 
