@@ -287,6 +287,37 @@ def test_a_killed_driver_is_resumed_by_rerunning_and_finished_units_are_untouche
     assert {name: (out / name).stat().st_mtime_ns for name in finished} == finished
 
 
+def test_gpu_tasks_see_their_own_gpu_as_cuda_0_and_the_kind_comes_from_the_cluster(cluster, llama, tmp_path):
+    """A CPU-only head must not send the units of a GPU cluster to the CPUs, and a task given
+    one GPU by Ray sees it alone, as cuda:0, whatever device names the driver used. Fake GPUs
+    (Ray's num_gpus on a node of this machine) show the mapping; no CUDA is touched."""
+    from pissa_rs.engine.ray_run import cluster_device, task_options
+
+    if not ray.is_initialized():
+        ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
+    assert cluster_device(cluster.address) == "cpu"
+    with pytest.raises(ValueError, match="no CUDA device"):
+        pissa_rs.DecomposeOptions.from_fields({"r": 4, "device": "cuda:1"})  # a local run: looked for here
+    options = pissa_rs.DecomposeOptions.from_fields({"r": 4, "devices": ["cuda:1", "cuda:3"]}, on_cluster=True)
+    with pytest.raises(ValueError, match="rank_budget runs its spectra pass on this machine"):
+        pissa_rs.decompose_checkpoint(llama, r=4, out=tmp_path / "o", progress=False, ray=cluster.address,
+                                      device="cuda:0", rank_budget=True)
+    gpu = cluster.add_node(num_cpus=1, num_gpus=2)
+    cluster.wait_for_nodes()
+    try:
+        assert cluster_device(cluster.address) == "cuda"
+
+        @ray.remote(num_gpus=1)
+        def seen(o):
+            return os.environ.get("CUDA_VISIBLE_DEVICES"), [str(d) for d in task_options(o).torch_devices]
+
+        visible, devices = ray.get(seen.remote(options))
+        assert visible in ("0", "1") and devices == ["cuda:0"]
+        assert task_options(pissa_rs.DecomposeOptions.from_fields({"r": 4})).torch_devices == [torch.device("cpu")]
+    finally:
+        cluster.remove_node(gpu)
+
+
 def test_without_ray_installed_the_error_says_how_to_get_it(llama, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(pissa_rs.RayUnavailableError, match=r"pip install 'pissa-rs\[ray\]'"):

@@ -163,7 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _decompose(args) -> int:
-    options = options_from_args(args)
+    if args.ray and args.device is None and args.devices is None and not args.dry_run:
+        from .engine.ray_run import cluster_device
+
+        args.device = cluster_device(args.ray)  # the nodes' kind, not this machine's
+    options = options_from_args(args, on_cluster=bool(args.ray))
     source, out = resolve_source(args.path, args.revision, args.out, options.ranks, headers_only=args.dry_run,
                                  method=options.method)
     if args.dry_run:

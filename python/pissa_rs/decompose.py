@@ -18,6 +18,7 @@ from ._pissa_rs import Checkpoint
 from .constants import ADAPTER_SUBDIR
 from .calibration.samples import model_calibration
 from .engine.commit import commit
+from .engine.devices import parse_devices
 from .engine.layout import output_bytes
 from .engine.outdir import prepare_out
 from .engine.resume import input_state, run_identity
@@ -107,7 +108,11 @@ def decompose_checkpoint(
     re-quantized in the source's own block-scaled FP8 instead, half the bytes; the report
     then gives, per weight, the error that re-quantization adds.
     """
-    opts = DecomposeOptions.from_fields({"r": r, **options})
+    if ray is not None and options.get("device") is None and options.get("devices") is None:
+        from .engine.ray_run import cluster_device
+
+        options = {**options, "device": cluster_device(ray)}  # the nodes' kind, not this machine's
+    opts = DecomposeOptions.from_fields({"r": r, **options}, on_cluster=ray is not None)
     source, out = resolve_source(path, revision, Path(out) if out else None, opts.ranks, method=opts.method)
     return run_decomposition(source, opts, out=out, overwrite=overwrite, progress=progress, ray=ray,
                              origin=base_model_of(path, revision))
@@ -196,6 +201,13 @@ def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None
         report_extra = (("calibration", record), (options.method, chosen))
         calibration = None  # the statistics are ready: the units run as for any method
     if options.rank_budget and not options.budget_chosen:  # the ranks from a spectra pass, then the plan
+        if options.on_cluster:  # the spectra pass runs here, not on the nodes
+            try:
+                parse_devices([options.device])
+            except ValueError as err:
+                raise ValueError(f"rank_budget runs its spectra pass on this machine before the cluster's units: "
+                                 f"{err}; name a device this machine has (device='cpu', slow for a big model) or "
+                                 "drive the run from a node that has the cluster's device") from None
         plans, checks = _plan(path, checkpoint, [options.for_rank(options.ranks[0])], outs)
         checks.close()
         allocation = choose_ranks(path, plans[0].targets, options, progress)

@@ -156,6 +156,8 @@ class DecomposeOptions:
     adapter_dtype: str = option("float32", "dtype of lora_A / lora_B", choices=sorted(ADAPTER_DTYPES))
     svd_rank: int | None = option(None, "set by for_rank: the rank of the SVD all ranks share", cli=False)
     budget_chosen: bool = option(False, "set by the driver: rank_pattern holds rank_budget's choice", cli=False)
+    on_cluster: bool = option(False, "set for a Ray run: the devices are the nodes' (each task maps them to its "
+                              "own), not looked for on this machine", cli=False)
     quantize: str | None = option(None, "QPiSSA: the bitsandbytes quantization training will load the residual "
                                   "with; the report gives each weight's quantization-error reduction against QLoRA",
                                   choices=list(QUANT_TYPES))
@@ -180,8 +182,9 @@ class DecomposeOptions:
         "which probe")
 
     @classmethod
-    def from_fields(cls, given: dict[str, Any]) -> DecomposeOptions:
-        """Options from keyword arguments, a misspelt name named with the closest one."""
+    def from_fields(cls, given: dict[str, Any], on_cluster: bool = False) -> DecomposeOptions:
+        """Options from keyword arguments, a misspelt name named with the closest one;
+        `on_cluster`: for a Ray run, whose devices are the nodes'."""
         import difflib
 
         known = [f.name for f in fields(cls) if f.metadata.get("cli", True)]
@@ -190,7 +193,7 @@ class DecomposeOptions:
                 close = difflib.get_close_matches(name, known, n=1)
                 raise TypeError(f"unknown option {name!r}" + (f"; did you mean {close[0]!r}?" if close else "")
                                 + f" (the options: {', '.join(known)})")
-        return cls(**given).validate()
+        return cls(**given, on_cluster=on_cluster).validate()
 
     def validate(self) -> DecomposeOptions:
         self.rank_pattern, self.alpha_pattern = dict(self.rank_pattern or {}), dict(self.alpha_pattern or {})
@@ -241,12 +244,12 @@ class DecomposeOptions:
         if self.devices is not None:
             if self.device is not None:
                 raise ValueError("give device or devices, not both")
-            self.devices = [str(d) for d in parse_devices(list(self.devices))]
+            self.devices = [str(d) for d in parse_devices(list(self.devices), here=not self.on_cluster)]
             self.device = self.devices[0]
         else:
             if self.device is None:
                 self.device = "cuda" if torch.cuda.is_available() else "cpu"
-            self.device = str(parse_devices([self.device])[0])
+            self.device = str(parse_devices([self.device], here=not self.on_cluster)[0])
         self._check_calibration(method)
         method.check(self)
         return self
@@ -339,6 +342,7 @@ class DecomposeOptions:
         del options["devices"]
         del options["allow_mixed_rounding"]  # checked against the identity's rounding probe instead
         del options["host_memory"]  # where the hidden states wait, not what they are
+        del options["on_cluster"]  # where the units run, not what they write
         options["device"] = torch.device(self.device).type
         return options
 
@@ -403,7 +407,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
                             help=meta["help"].replace("%", "%%") + shown)
 
 
-def options_from_args(args: argparse.Namespace) -> DecomposeOptions:
-    """The DecomposeOptions add_options' flags parsed into."""
+def options_from_args(args: argparse.Namespace, on_cluster: bool = False) -> DecomposeOptions:
+    """The DecomposeOptions add_options' flags parsed into (`on_cluster`: for a Ray run)."""
     return DecomposeOptions(**{f.name: getattr(args, f.name) for f in fields(DecomposeOptions)
-                               if f.metadata.get("cli", True)}).validate()
+                               if f.metadata.get("cli", True)}, on_cluster=on_cluster).validate()

@@ -29,10 +29,10 @@ POLL_SECONDS = 0.1  # how often a blocked thread looks whether the run stopped
 BUFFERS_PER_DEVICE = 2  # the weight a device works on (or uploads) and the next one
 
 
-def parse_devices(devices: list[str]) -> list[torch.device]:
+def parse_devices(devices: list[str], here: bool = True) -> list[torch.device]:
     """Validate a device list: all of one type (CPU and GPU kernels round
     differently, so mixing them would make the output depend on scheduling),
-    each one present on this machine."""
+    each one present on this machine (`here`; else, for a Ray run, on the nodes)."""
     if not devices:
         raise ValueError("devices must name at least one device, e.g. ['cuda:0']")
     parsed = []
@@ -43,7 +43,9 @@ def parse_devices(devices: list[str]) -> list[torch.device]:
             raise ValueError(f"device {name!r}: not a torch device ({err})") from None
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"device {name!r}: only cpu and cuda devices are supported")
-        if device.type == "cuda":
+        if device.type == "cuda" and not here:
+            device = torch.device("cuda", device.index or 0)
+        elif device.type == "cuda":
             count = torch.cuda.device_count() if torch.cuda.is_available() else 0
             if count == 0:
                 raise ValueError(f"device {name!r}: this machine has no CUDA device")

@@ -84,11 +84,42 @@ def _import_ray():
     return ray
 
 
+def _connect(ray, address: str) -> None:
+    if not ray.is_initialized():
+        ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+
+
+def cluster_device(address: str) -> str:
+    """The device kind a Ray run takes when none is named: cuda where the cluster has GPUs,
+    else cpu. The driver's own torch says nothing about the nodes (a head without a GPU is
+    common)."""
+    ray = _import_ray()
+    _connect(ray, address)
+    return "cuda" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu"
+
+
+def task_options(options):
+    """The options as a unit task runs them: Ray gives a GPU task one GPU and makes it the
+    only one it sees (CUDA_VISIBLE_DEVICES), so whatever the driver named (cuda:1, or a
+    list) it is cuda:0 here; a CPU task computes on cpu."""
+    from dataclasses import replace
+
+    return replace(options, device="cuda:0" if options.torch_devices[0].type == "cuda" else "cpu", devices=None)
+
+
+def on_this_task(job: Job) -> Job:
+    """The job with every options object's devices as this task sees them (task_options)."""
+    from dataclasses import replace
+
+    return replace(job, options=task_options(job.options),
+                   outputs=tuple(replace(s, options=task_options(s.options)) for s in job.outputs))
+
+
 @in_ieee_float32
 def _fingerprint_task(job: Job) -> tuple[str, dict]:
     import ray
 
-    return ray.get_runtime_context().get_node_id(), environment_fingerprint(job)
+    return ray.get_runtime_context().get_node_id(), environment_fingerprint(on_this_task(job))
 
 
 PATH_MAP = "PISSA_RS_PATH_MAP"  # on a node that mounts the shared folders elsewhere: "/driver/path=/node/path;..."
@@ -123,7 +154,7 @@ def _unit_task(job: Job, index: int, expected: dict) -> dict[str, Any]:
     """One attempt at unit `index`, on whichever node Ray chose."""
     import ray
 
-    job = as_mounted_here(job)
+    job = on_this_task(as_mounted_here(job))
     node = ray.get_runtime_context().get_node_id()
     found = environment_fingerprint(job)  # sets the driver's thread count on a CPU
     difference = fingerprint_difference(found, expected, job.options.allow_mixed_rounding)
@@ -150,8 +181,7 @@ def cluster_rounding(job: Job, address: str) -> tuple[str, dict[str, dict]]:
     is written: returns the rounding the run's identity records (the nodes' common probe; with
     allow_mixed_rounding and nodes that differ, all of their probes) and the fingerprints."""
     ray = _import_ray()
-    if not ray.is_initialized():
-        ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+    _connect(ray, address)
     fingerprints = _node_fingerprints(ray, job, _resources(job))
     return "+".join(sorted({f["rounding"] for f in fingerprints.values()})), fingerprints
 
