@@ -173,7 +173,7 @@ def _decompose(args) -> int:
     if args.dry_run:
         plan = replace(plan_decomposition(source, options, out), input=Path(args.path))
         print(plan.describe())
-        return 0 if plan.fits_on_disk else 1
+        return 0 if plan.fits_on_disk and plan.fits_on_device else 1
     results = run_decomposition(source, options, out=out, overwrite=args.overwrite, ray=args.ray,
                                 progress=not args.no_progress, origin=base_model_of(args.path, args.revision))
     _completed(what="the output is complete")

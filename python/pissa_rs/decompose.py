@@ -18,6 +18,7 @@ from ._pissa_rs import Checkpoint
 from .constants import ADAPTER_SUBDIR
 from .calibration.samples import model_calibration
 from .engine.commit import commit
+from .engine.device_memory import check_device_memory
 from .engine.devices import parse_devices
 from .engine.layout import output_bytes
 from .engine.outdir import prepare_out
@@ -240,6 +241,7 @@ def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None
     states: list[str] = []
     try:
         if ray is None:
+            check_device_memory(plans[0].targets, options)  # before anything is written
             rounding = devices_probe(options, plans[0].targets)
         else:
             from .engine.ray_run import cluster_rounding

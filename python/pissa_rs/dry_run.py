@@ -48,6 +48,17 @@ class DecompositionPlan:
     out_problems: list[str] = field(default_factory=list)  # why an output directory could not be created
 
     @property
+    def device_memory(self):
+        """The busiest device's peak memory and each GPU's free memory (engine/device_memory.py)."""
+        from .engine.device_memory import device_memory_plan
+
+        return device_memory_plan(self.targets, self.options)
+
+    @property
+    def fits_on_device(self) -> bool:
+        return not self.device_memory.short
+
+    @property
     def fits_on_disk(self) -> bool:
         return not self.out_problems and self.residual_bytes + self.adapter_bytes <= self.free_bytes
 
@@ -64,9 +75,12 @@ class DecompositionPlan:
 
         method = self.options.init_method
         flops = sum(self.cost(t)[0] for t in self.targets)
-        memory = max((self.cost(t)[1] for t in self.targets), default=0)
+        memory = self.device_memory
+        free = (" (" + ", ".join(f"{d}: {human_bytes(f)} free" for d, f in memory.free.items()) + ")"
+                + (f" -- DOES NOT FIT on {', '.join(memory.short)}" if memory.short else "")) if memory.free else ""
         line = (f"compute: {method.solver} per weight, {human_flops(flops)} in all; up to "
-                f"{human_bytes(memory)} of {self.options.device.split(':')[0]} memory for one weight")
+                f"{human_bytes(memory.peak_bytes)} of {self.options.device.split(':')[0]} memory at "
+                f"'{memory.tensor}'{f' ({memory.workers} workers)' if memory.workers > 1 else ''}{free}")
         if method.solver != get_method("pissa").solver:
             pissa = get_method("pissa")
             randomized = sum(pissa.cost(*((t.shape[1], t.shape[0]) if t.fan_in_fan_out else t.shape), t.r,

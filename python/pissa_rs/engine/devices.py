@@ -23,6 +23,7 @@ import torch
 from .._pissa_rs import Checkpoint
 from ..planning.mapping import WeightRead
 from ..tensors import TORCH_DTYPES
+from .device_memory import out_of_memory
 from .timeline import TIMELINE
 
 POLL_SECONDS = 0.1  # how often a blocked thread looks whether the run stopped
@@ -165,8 +166,11 @@ class DeviceRunner:
     (or use it as a context manager): it stops and joins the threads."""
 
     def __init__(self, checkpoint: Checkpoint, work: list[tuple[int, str | WeightRead]], devices: list[torch.device],
-                 compute: Compute):
+                 compute: Compute, name_of: Callable[[int], str] | None = None):
         self._checkpoint, self._work, self._devices, self._compute = checkpoint, work, devices, compute
+        items = dict(work)
+        # what an error names: the caller's name for index i, else the tensor its bytes start in
+        self._name_of = name_of or (lambda i: items[i] if isinstance(items[i], str) else items[i].pieces[0].tensor)
         self._stop = threading.Event()
         self._cond = threading.Condition()
         self._results: dict[int, Any] = {}
@@ -276,7 +280,8 @@ class DeviceRunner:
                         item = _END if ended else self._next_staged(block=True)
                     if item is _END:
                         return
-                    pending = self._upload(item, device, side)
+                    with self._naming(item.index, device):
+                        pending = self._upload(item, device, side)
                 ahead = None
                 if cuda and not ended:
                     # The next weight's copy runs on the side stream during this compute.
@@ -284,12 +289,21 @@ class DeviceRunner:
                     if item is _END:
                         ended = True
                     elif item is not None:
-                        ahead = self._upload(item, device, side)
-                with TIMELINE.span("compute", pending.staged.index):
+                        with self._naming(item.index, device):
+                            ahead = self._upload(item, device, side)
+                with TIMELINE.span("compute", pending.staged.index), self._naming(pending.staged.index, device):
                     result = self._run_one(pending, device)
                 with TIMELINE.span("wait_writer", pending.staged.index):
                     self._hand_over(pending.staged.index, result, previous)
                 previous, pending = pending.staged.index, ahead
+
+    @contextlib.contextmanager
+    def _naming(self, index: int, device: torch.device):
+        """CUDA running out of memory for weight `index`, said with its name and what to change."""
+        try:
+            yield
+        except torch.cuda.OutOfMemoryError as err:
+            raise out_of_memory(self._name_of(index), device, err) from err
 
     def _upload(self, staged: _Staged, device: torch.device, side) -> _Uploaded:
         if side is None:

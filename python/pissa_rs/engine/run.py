@@ -221,7 +221,9 @@ def _run(checkpoint: Checkpoint, job: Job, unit: Unit, outputs: list[UnitOutput 
 
     runner = None
     try:
-        runner = DeviceRunner(checkpoint, work, job.options.torch_devices, compute=compute)
+        runner = DeviceRunner(checkpoint, work, job.options.torch_devices, compute=compute,
+                              name_of=lambda i: targets[i].tensor if i < len(targets)
+                              else stored_only[i - len(targets)].tensor)
         for index, result in runner.results():
             with TIMELINE.span("write", index):
                 if index < len(targets):

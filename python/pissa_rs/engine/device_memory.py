@@ -1,0 +1,106 @@
+"""How much GPU memory one target's decomposition takes, and whether the run's devices have it:
+checked before anything is written, said by the dry run, and named when CUDA runs out anyway.
+
+One device worker holds, at its peak: the weight it works on as uploaded and the next one
+(copied on the side stream during this compute), the decoded matrix of an FP8 / MXFP4 source,
+then either the SVD's working set (the method's cost: the float32 copy, sketches or U and Vh,
+cuSOLVER's workspace) or the residual's (the float32 B@A and one residual per rank). For a
+bfloat16 weight at one rank that is ~10 bytes an element, where the float32 copy alone is 4.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from .._pissa_rs import PissaError
+from ..tensors import TORCH_DTYPES, nbytes
+
+if TYPE_CHECKING:
+    from ..options import DecomposeOptions
+    from ..planning.targets import Target
+
+# The CUDA context, cuBLAS / cuSOLVER handles and the caching allocator's fragmentation:
+# what a device gives besides the tensors counted.
+DEVICE_OVERHEAD_BYTES = 1 << 30
+
+
+class DeviceMemoryError(PissaError, MemoryError):
+    """A target's decomposition needs more memory than its device has."""
+
+
+@dataclass(frozen=True)
+class DeviceMemoryPlan:
+    peak_bytes: int  # one device's, at its largest target, all its workers together
+    tensor: str  # that target
+    workers: int  # on the busiest device
+    free: dict[str, int]  # free bytes per device now (mem_get_info); empty for a CPU run
+
+    @property
+    def short(self) -> list[str]:
+        """Devices whose free memory is below the peak."""
+        return [d for d, free in self.free.items() if free < self.peak_bytes]
+
+
+def target_peak_bytes(target: Target, options: DecomposeOptions) -> int:
+    """Device memory one worker holds at its peak while decomposing `target` (module docstring)."""
+    rows, cols = (target.shape[1], target.shape[0]) if target.fan_in_fan_out else target.shape
+    elements = rows * cols
+    size = TORCH_DTYPES[target.dtype].itemsize  # as decoded
+    stored = target.location.nbytes if target.location is not None else nbytes(target.dtype, list(target.shape))
+    decoded = elements * size if target.location is not None and target.location.decode is not None else 0
+    svd_phase = options.init_method.cost(rows, cols, target.r, options.niter)[1]
+    residual_phase = 4 * elements + len(options.ranks) * elements * size
+    extra = 0
+    if options.quantize:  # QPiSSA: W - deq and deq in float32 beside the factors; the error's svdvals
+        extra = 2 * 4 * elements + (4 * elements if options.measure_error else 0)
+    return 2 * stored + decoded + max(svd_phase, residual_phase) + extra
+
+
+def device_memory_plan(targets: list[Target], options: DecomposeOptions) -> DeviceMemoryPlan:
+    """The busiest device's peak over the run's targets, and each CUDA device's free memory."""
+    devices = options.torch_devices
+    workers = max(sum(d == other for other in devices) for d in devices)
+    peak, tensor = max(((target_peak_bytes(t, options), t.tensor) for t in targets), default=(0, ""),
+                       key=lambda pair: pair[0])  # the first of the largest
+    free = free_device_memory(devices)
+    return DeviceMemoryPlan(workers * peak + (DEVICE_OVERHEAD_BYTES if free else 0), tensor, workers, free)
+
+
+def free_device_memory(devices: list[torch.device]) -> dict[str, int]:
+    """Each GPU's free memory now (other processes' use counted); nothing for the CPU, whose
+    memory is the host's."""
+    if devices[0].type != "cuda" or not torch.cuda.is_available():
+        return {}
+    return {str(d): torch.cuda.mem_get_info(d)[0] for d in dict.fromkeys(devices)}
+
+
+def check_device_memory(targets: list[Target], options: DecomposeOptions) -> DeviceMemoryPlan:
+    """Refuse, before anything is written, a run whose largest target cannot fit on a device."""
+    from .outdir import human_bytes
+
+    plan = device_memory_plan(targets, options)
+    if plan.short:
+        raise DeviceMemoryError(
+            f"tensor '{plan.tensor}': its decomposition needs ~{human_bytes(plan.peak_bytes)} of device memory "
+            f"({plan.workers} worker(s) on one device), and " + ", ".join(
+                f"{d} has {human_bytes(plan.free[d])} free" for d in plan.short)
+            + ": free the device, name each device once in devices, or use a device with more memory")
+    return plan
+
+
+def out_of_memory(tensor: str, device: torch.device, err: BaseException) -> DeviceMemoryError:
+    """A CUDA out-of-memory error as one that names the tensor and what to change."""
+    free = ""
+    if device.type == "cuda":
+        try:
+            free_bytes, total = torch.cuda.mem_get_info(device)
+            free = f" ({free_bytes / 2**30:.1f} of {total / 2**30:.1f} GiB free now)"
+        except RuntimeError:
+            pass
+    return DeviceMemoryError(
+        f"tensor '{tensor}': out of memory on {device}{free} while decomposing it: another process may hold "
+        f"the device, or the dry run's device memory line (pissa-rs decompose --dry-run) exceeds it; free the "
+        f"device, run one worker per device, or use a device with more memory ({str(err).splitlines()[0]})")
