@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -337,12 +338,50 @@ def test_a_plan_check_that_fails_after_the_units_started_commits_nothing(llama, 
     assert not [p for p in ("pissa_report.json", "config.json", "pissa_init/adapter_config.json") if (out / p).exists()]
 
 
-def test_the_decomposing_process_need_not_hold_peft_or_transformers():
+def test_the_decomposing_process_need_not_hold_peft_or_transformers(llama, tmp_path):
+    """Planning (transformers' model classes, PEFT's target rules, and the bitsandbytes PEFT
+    pulls in: seconds of imports) happens in a child; the process that decomposes, or dry-runs,
+    imports none of them."""
     import subprocess
     import sys
 
-    code = "import sys, pissa_rs; print(sorted(m for m in ('peft', 'transformers') if m in sys.modules))"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    code = ("import sys, pissa_rs; from pathlib import Path; p = Path(sys.argv[1]); "
+            "pissa_rs.plan(p, r=4, out=p.parent / 'dry'); "
+            "pissa_rs.decompose_checkpoint(p, r=4, out=p.parent / 'o', progress=False, device='cpu'); "
+            "print(sorted(m for m in ('peft', 'transformers', 'bitsandbytes') if m in sys.modules))")
+    copy = tmp_path / "m"
+    shutil.copytree(llama, copy)
+    done = subprocess.run([sys.executable, "-c", code, str(copy)], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout
+
+
+def test_the_rounding_probe_is_measured_while_the_child_plans(llama, monkeypatch):
+    """warm_probes (run as the planning child works) measures what devices_probe then asks for:
+    one probe per dtype, any set of them a cache hit."""
+    from pissa_rs import rounding
+
+    monkeypatch.setattr(rounding, "_cache", {})
+    measured = []
+    real = rounding._measure
+    monkeypatch.setattr(rounding, "_measure", lambda *a: measured.append(a[1]) or real(*a))
+    checkpoint = pissa_rs.Checkpoint(llama)
+    assert rounding.candidate_dtypes(checkpoint) == ["F32"]
+    options = pissa_rs.DecomposeOptions.from_fields({"r": 4, "device": "cpu"})
+    rounding.warm_probes(options, checkpoint)
+    assert measured == [("F32",)]
+    plans, _ = driver_plan(llama, options)
+    rounding.devices_probe(options, plans[0].targets)
+    assert measured == [("F32",)]  # nothing measured again
+    both = rounding.rounding_probe("cpu", ["F32", "BF16"], 4, torch.float32)
+    assert measured == [("F32",), ("BF16",)] and both != rounding.rounding_probe("cpu", ["F32"], 4, torch.float32)
+
+
+def driver_plan(path, options):
+    from dataclasses import asdict
+
+    from pissa_rs.planning.plan import make_plan
+
+    return [make_plan(path, [asdict(options)], [path.parent / "o"])[0]], None
 
 
 def test_plan_shows_what_would_happen_and_writes_nothing(llama, tmp_path):
@@ -487,8 +526,9 @@ def test_a_process_that_initialised_cuda_plans_in_a_fresh_interpreter(llama, tmp
     monkeypatch.setattr(planning, "_start_fresh_child", lambda *a: started.append(a) or real(*a))
     monkeypatch.setattr(planning.multiprocessing, "get_context", lambda *a: pytest.fail("forked after CUDA init"))
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(driver, "PLAN_IN_CHILD_ABOVE_BYTES", 1 << 60)
     in_process = pissa_rs.decompose_checkpoint(llama, r=4, out=tmp_path / "here", progress=False, device="cpu")
-    assert not started  # a small checkpoint is planned in this process
+    assert not started  # planned in this process
     monkeypatch.setattr(driver, "PLAN_IN_CHILD_ABOVE_BYTES", 0)
     res = pissa_rs.decompose_checkpoint(llama, r=4, out=tmp_path / "fresh", progress=False, device="cpu")
     assert len(started) == 1

@@ -32,7 +32,7 @@ from .planning.plan import PLAN_IN_CHILD_ABOVE_BYTES, PlanChecks, make_plan, mak
 from .quant import remember_choice
 from .rank_budget import budgeted_options, choose_ranks
 from .report import OutputReport
-from .rounding import devices_probe
+from .rounding import devices_probe, warm_probes
 from .precision import in_ieee_float32
 
 
@@ -215,7 +215,9 @@ def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None
         options = budgeted_options(options, allocation)
         report_extra = (("rank_budget", allocation.as_record()),)
     per_rank = [options.for_rank(r) for r in options.ranks]
-    plans, checks = _plan(path, checkpoint, per_rank, outs)
+    # the rounding probes measured while the child plans (a local run's; a Ray run's are the nodes')
+    warm = (lambda: warm_probes(options, checkpoint)) if ray is None else None
+    plans, checks = _plan(path, checkpoint, per_rank, outs, warm)
     if options.init_method.reads_base:
         from .extraction import BaseWeights
 
@@ -282,11 +284,16 @@ def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None
     return results if options.several_ranks else results[0]
 
 
-def _plan(path: Path, checkpoint: Checkpoint, per_rank: list[DecomposeOptions], outs: list[Path]):
-    """The plans of every output, and the checks still running: in a child for big checkpoints."""
+def _plan(path: Path, checkpoint: Checkpoint, per_rank: list[DecomposeOptions], outs: list[Path], meanwhile=None):
+    """The plans of every output, and the checks still running: in a child process (with
+    `meanwhile()` run here as it plans) above PLAN_IN_CHILD_ABOVE_BYTES, which is every
+    checkpoint but where a test lowers it."""
     if sum(i.nbytes for i in checkpoint.tensors) > PLAN_IN_CHILD_ABOVE_BYTES:
-        return make_plan_in_child(path, [asdict(o) for o in per_rank], outs)
-    return make_plan(path, [asdict(o) for o in per_rank], outs), PlanChecks()
+        return make_plan_in_child(path, [asdict(o) for o in per_rank], outs, meanwhile)
+    plan = make_plan(path, [asdict(o) for o in per_rank], outs)
+    if meanwhile is not None:
+        meanwhile()
+    return plan, PlanChecks()
 
 
 def run_locally(job: Job, checkpoint: Checkpoint, progress: bool, calibration=None, statistics=None) -> tuple:

@@ -15,7 +15,7 @@ from .engine.layout import output_bytes, residual_bytes
 from .engine.outdir import check_out_apart, free_bytes, human_bytes, out_dir_problem
 from .model_files import is_model_dir
 from .options import DecomposeOptions
-from .planning.plan import make_plan, source_layout
+from .planning.plan import make_plan_in_child, source_layout
 from .formats.sources import source_format
 from .planning.targets import Target
 from .precision import in_ieee_float32
@@ -217,7 +217,9 @@ def plan_decomposition(path: Path, opts: DecomposeOptions, out: Path | None) -> 
 
         _, opts = model_calibration(path, opts)
     outs = output_dirs(path, opts.ranks, out, opts.method)
-    plans = make_plan(path, [asdict(opts.for_rank(r)) for r in opts.ranks], outs)
+    # in a child, as a run plans: this process never imports transformers, PEFT or bitsandbytes
+    plans, checks = make_plan_in_child(path, [asdict(opts.for_rank(r)) for r in opts.ranks], outs)
+    checks.wait()
     found = plans[-1]  # ranks ascend: the largest, whose SVD all share
     targets = {p.tensor for t in found.targets for p in t.weight_read(checkpoint).pieces}
     stored = [w.tensor for w in found.stored_quantized]

@@ -75,13 +75,39 @@ def rounding_probe(device: torch.device | str, dtypes: list[str], niter: int, ad
     `method`: the initialization method's own decomposition (methods/) is what is probed.
     Cached per process: the rounding of a process does not change while it runs."""
     device = torch.device(device)
-    # the float32 matmul precision too: a probe measured under TF32 is not one measured without
-    key = (str(device), tuple(sorted(set(dtypes))), niter, str(adapter_dtype),
-           quantization, quant_iters, torch.get_num_threads(), method, tuple(sorted(float32_matmul_state().items())))
-    with _lock:
-        if key not in _cache:
-            _cache[key] = _measure(device, key[1], niter, adapter_dtype, quantization, quant_iters, method)
-        return _cache[key]
+    parts = []
+    for dtype in sorted(set(dtypes)):  # measured and cached one dtype at a time, so any set of them hits
+        # the float32 matmul precision too: a probe measured under TF32 is not one measured without
+        key = (str(device), (dtype,), niter, str(adapter_dtype), quantization, quant_iters, torch.get_num_threads(),
+               method, tuple(sorted(float32_matmul_state().items())))
+        with _lock:
+            if key not in _cache:
+                _cache[key] = _measure(device, key[1], niter, adapter_dtype, quantization, quant_iters, method)
+            parts.append(_cache[key])
+    if len(parts) == 1:
+        return parts[0]
+    return hashlib.sha256("+".join(parts).encode()).hexdigest()[:24]
+
+
+def candidate_dtypes(checkpoint) -> list[str]:
+    """The weight dtypes a decomposition of `checkpoint` is likely to probe, from its headers
+    alone: those of its 2-D float tensors, and bfloat16 for FP8 / MXFP4 ones (decoded to it)."""
+    found = set()
+    for info in checkpoint.tensors:
+        if len(info.shape) >= 2:
+            found.add(info.dtype if info.dtype in ("F32", "F16", "BF16") else
+                      "BF16" if info.dtype.startswith("F8") or info.name.endswith("_blocks") else None)
+    return sorted(found - {None})
+
+
+def warm_probes(options: DecomposeOptions, checkpoint) -> None:
+    """Measure, ahead of the plan, the probes devices_probe will likely ask for (for every
+    dtype candidate_dtypes finds): run while the planning child works, they cost no wall time."""
+    from .options import ADAPTER_DTYPES
+
+    for device in dict.fromkeys(options.torch_devices):
+        rounding_probe(device, candidate_dtypes(checkpoint), options.niter, ADAPTER_DTYPES[options.adapter_dtype],
+                       options.quantization, options.quant_iters, options.method)
 
 
 def _probe_statistic(method, rows: int, cols: int, salt: int, device) -> torch.Tensor | None:

@@ -25,9 +25,10 @@ from ..formats.fp8 import FP8_DTYPES
 from ..formats.sources import OUT_DTYPE, SourceFormat, source_format
 from .targets import Target, TargetError, bnb_quantized_weights, resolve_targets
 
-# Checkpoints bigger than this plan in a child process: a few seconds of start-up
-# against minutes of work, and a few hundred MB less peak memory.
-PLAN_IN_CHILD_ABOVE_BYTES = 1 << 30
+# Checkpoints bigger than this plan in a child process: every one. Planning imports
+# transformers and PEFT (and PEFT bitsandbytes, ~1.7 s, which a child that plans and exits
+# can refuse, unlike a caller's process); the parent needs neither, and works meanwhile.
+PLAN_IN_CHILD_ABOVE_BYTES = 0
 
 
 @dataclass(frozen=True)
@@ -203,9 +204,11 @@ class PlanChecks:
             self._child = None
 
 
-def make_plan_in_child(path: Path, options: list[dict], outs: list[Path]) -> tuple[list[Plan], PlanChecks]:
+def make_plan_in_child(path: Path, options: list[dict], outs: list[Path], meanwhile=None
+                       ) -> tuple[list[Plan], PlanChecks]:
     """The same plan, worked out in a child process, and the checks it still runs after
     sending it. A TargetError or ValueError raised there is raised here with the same message.
+    `meanwhile()`, if given, runs here while the child plans.
 
     The child is forked (it has torch imported already, unlike a fresh interpreter), except
     where this process has initialised CUDA (EVA's pass or the rank budget's spectra on a GPU,
@@ -223,6 +226,8 @@ def make_plan_in_child(path: Path, options: list[dict], outs: list[Path]) -> tup
         send.close()  # so that receive sees EOF if the child dies without a word
     checks = PlanChecks(child, receive, path)
     try:
+        if meanwhile is not None:
+            meanwhile()
         kind, payload = _receive(receive, child, path)
     except BaseException:
         checks.close()
