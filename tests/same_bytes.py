@@ -185,6 +185,43 @@ def value_problems(found: dict, recorded: dict) -> list[str]:
     return problems
 
 
+def probe_problems(found: dict, recorded: dict, same_torch: bool) -> list[str]:
+    """Where the runs' rounding probes contradict the recording in a way no machine explains
+    (then the probe is wrong, not the machine: a cache key missing a field that decides the
+    computation hands one run another's probe, and the byte comparison is skipped for it).
+    `found`, `recorded`: run -> {"files", "rounding", ...}.
+
+    - Two runs whose recorded probes differ must have different probes here, and two whose
+      recorded probes are equal (the same computation) equal ones: which runs share a probe
+      does not depend on how a machine rounds.
+    - With the recording's torch, where every file of every run (the report aside: it names
+      the probe) has the recorded bytes, this machine rounds as the recording one did: every
+      run's probe must then be the recorded one. (Not asked of one run alone: the probe also
+      spans larger GEMMs than a tiny run's, and docs/design.md records machines whose exact
+      path wrote the recorded bytes while their randomized path did not.)"""
+    problems = []
+    runs = sorted(set(found) & set(recorded))
+    for k, a in enumerate(runs):
+        for b in runs[k + 1:]:
+            was, now = recorded[a]["rounding"] == recorded[b]["rounding"], found[a]["rounding"] == found[b]["rounding"]
+            if was != now:
+                problems.append(f"runs {a} and {b}: {'one' if now else 'two'} rounding probe{'' if now else 's'} "
+                                f"({found[a]['rounding']}, {found[b]['rounding']}), recorded "
+                                f"{'one' if was else 'two'} ({recorded[a]['rounding']}, {recorded[b]['rounding']})")
+
+    def same_bytes(run):
+        files, expected = found[run]["files"], recorded[run]["files"]
+        return sorted(files) == sorted(expected) and all(
+            files[f] == h for f, h in expected.items() if not f.endswith("pissa_report.json"))
+
+    if same_torch and runs and all(same_bytes(run) for run in runs):
+        problems += [f"{run}: every output file has the recorded bytes, but its rounding probe "
+                     f"{found[run]['rounding']} is not the recorded {recorded[run]['rounding']}: the probe is wrong "
+                     "(this machine rounds as the recording's)" for run in runs
+                     if found[run]["rounding"] != recorded[run]["rounding"]]
+    return problems
+
+
 def report_problems(found, recorded, path: str = "report") -> list[str]:
     """Two normalized reports' differences beyond rounding: every key, string, integer and
     bool the same, floats within REPORT_RTOL; the rounding probe itself aside."""

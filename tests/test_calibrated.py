@@ -662,6 +662,41 @@ def test_eva_redistributes_ranks_as_peft_does(models, tmp_path, family, seed):
     AutoPeftModelForCausalLM.from_pretrained(res.adapter)  # PEFT builds every rank as chosen
 
 
+def test_eva_modules_sharing_an_input_at_different_ranks_are_peft_own(models, tmp_path):
+    """rho = 1.5 on the llama: the budget's cut falls inside a tie of one input's shared ratios,
+    so modules given that input get different ranks (layer 0's q_proj 4, k_proj and v_proj 3,
+    as PEFT's distribution says): each takes the LEADING components of the shared incremental
+    PCA, as many as its own rank, as PEFT's does. (Where a group's ranks are equal the cut
+    never matters: the rho = 2 cases above cannot tell the leading components from others.)"""
+    path = models["llama"]
+    res = ours_eva(path, tmp_path / "o", eva_rho=1.5)
+    ranks = res.report["eva"]["ranks"]
+    shared = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+    groups = {}
+    for module in ranks:
+        layer, name = module.split(".")[2], module.rsplit(".", 1)[1]
+        if name in shared:
+            groups.setdefault((layer, shared[name]), []).append(module)
+    assert len(groups) == 4 and all(len(g) in (2, 3) for g in groups.values())
+    uneven = [g for g in groups.values() if len({ranks[m] for m in g}) > 1 and min(ranks[m] for m in g) > 0]
+    assert uneven, f"no input shared at different ranks: the case is not covered ({ranks})"
+    theirs = peft_eva(path, 1.5, 4)
+    config = json.loads((res.adapter / "adapter_config.json").read_text())
+    assert config["rank_pattern"] == theirs.peft_config["default"].rank_pattern
+    assert config["alpha_pattern"] == theirs.peft_config["default"].alpha_pattern
+    state = theirs.state_dict()
+    adapter = safetensors.torch.load_file(res.adapter / "adapter_model.safetensors")
+    assert sorted(adapter) == sorted(k.replace(".default.weight", ".weight") for k in state if ".lora_" in k)
+    for key, value in adapter.items():
+        assert_close(value, state[key.replace(".weight", ".default.weight")], key)
+    # and by itself: a module of the group at a smaller rank holds the first rows of the widest's lora_A
+    for group in uneven:
+        widest = adapter[f"base_model.model.{max(group, key=ranks.get)}.lora_A.weight"]
+        for module in group:
+            a = adapter[f"base_model.model.{module}.lora_A.weight"]
+            assert a.shape[0] == ranks[module] and torch.equal(a, widest[:ranks[module]]), module
+
+
 def test_eva_runs_as_many_passes_as_peft_loop_does(models, tmp_path, monkeypatch, capsys):
     """PEFT's loop cycles the samples until every share has converged, with no bound: four
     samples at tau 0.9999 take ~190 passes (a bound of 50 passes once refused runs like it).

@@ -328,3 +328,70 @@ def test_mica_names_the_peft_it_needs(llama, tmp_path, monkeypatch):
     with pytest.raises(ImportError, match=r"method 'mica'.*needs peft >= 0.21 \(found 0.20.0\)"):
         pissa_rs.decompose_checkpoint(llama, r=4, method="mica", out=tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+# GPT-2: every linear layer a Conv1D, its weight stored in x out (W^T; PEFT's fan_in_fan_out)
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("g") / "tiny-gpt2", "gpt2", layers=2, decay=0.5)
+
+
+@pytest.mark.parametrize("method", ["pissa", "milora", "mica", "olora"])
+def test_every_method_on_conv1d_weights_stored_in_x_out(gpt2, method, tmp_path):
+    """Each method decomposes the layer's out x in W, not the in x out tensor as stored, and
+    stores the residual back in x out: PiSSA (exact) and MiCA are PEFT's own init on the same
+    GPT-2 (PEFT transposes for fan_in_fan_out); OLoRA is W's QR computed here (PEFT takes the QR
+    of the stored W^T, whose factors do not fit the layer: docs/design.md), MiLoRA W's bottom
+    triplets. Every Conv1D is non-square but attn.c_proj, so factors of W^T would not even fit.
+    PEFT loads each output with no missing or unexpected key and gives the original logits."""
+    res = pissa_rs.decompose_checkpoint(gpt2, r=R, lora_alpha=ALPHA, method=method, niter=0, out=tmp_path / "o",
+                                        progress=False)
+    tensors = res.report["tensors"]
+    assert len(tensors) == 8 and all(t["fan_in_fan_out"] for t in tensors)
+    ours, original = adapter_of(res), pissa_rs.Checkpoint(gpt2)
+    residual = None if method == "mica" else pissa_rs.Checkpoint(res.out)
+    scale = ALPHA / R
+    if method in ("pissa", "mica"):
+        theirs = get_peft_model(AutoModelForCausalLM.from_pretrained(gpt2), LoraConfig(
+            r=R, lora_alpha=ALPHA, target_modules="all-linear", init_lora_weights=method, fan_in_fan_out=True,
+            lora_dropout=0.0, task_type="CAUSAL_LM"))
+        peft = {name.removeprefix("base_model.model."): module for name, module in theirs.named_modules()
+                if hasattr(module, "lora_A") and "default" in module.lora_A}
+        assert sorted(peft) == sorted(t["module"] for t in tensors)
+    for t in tensors:
+        key = t["module"]
+        stored = pissa_rs.as_torch(original.buffer(t["tensor"]))
+        w = stored.T  # out x in: what the layer computes with
+        a, b = ours[f"base_model.model.{key}.lora_A.weight"], ours[f"base_model.model.{key}.lora_B.weight"]
+        assert a.shape == (R, w.shape[1]) and b.shape == (w.shape[0], R), key
+        if method == "olora":
+            q, r_ = torch.linalg.qr(w.float())
+            torch.testing.assert_close(b, q[:, :R], atol=1e-5, rtol=1e-5, msg=key)
+            torch.testing.assert_close(a, r_[:R], atol=1e-5, rtol=1e-5, msg=key)
+            expected = w - scale * q[:, :R] @ r_[:R]
+        elif method == "milora":
+            U, S, Vh = torch.linalg.svd(w.double(), full_matrices=False)
+            minor = U[:, -R:] @ torch.diag(S[-R:]) @ Vh[-R:]
+            torch.testing.assert_close(scale * b.double() @ a.double(), minor, atol=1e-5, rtol=0, msg=key)
+            expected = (w.double() - minor).float()
+        else:
+            ta, tb = peft[key].lora_A["default"].weight.detach(), peft[key].lora_B["default"].weight.detach()
+            assert (ta.shape, tb.shape) == (a.shape, b.shape), key
+            if method == "mica":
+                assert torch.equal(a, torch.zeros_like(ta)), key
+                torch.testing.assert_close(sign_canonical(b), sign_canonical(tb), atol=1e-5, rtol=0, msg=key)
+                continue
+            torch.testing.assert_close(scale * b @ a, scale * tb @ ta, atol=1e-5, rtol=0, msg=key)
+            expected = peft[key].base_layer.weight.detach().T  # PEFT's residual, stored in x out
+        w_res = pissa_rs.as_torch(residual.buffer(t["tensor"]))
+        assert w_res.shape == stored.shape, key
+        torch.testing.assert_close(w_res, expected.T, atol=1e-5, rtol=1e-5, msg=key)
+    original_logits = logits(AutoModelForCausalLM.from_pretrained(gpt2))
+    if method == "mica":
+        model = said_about_keys(lambda: AutoPeftModelForCausalLM.from_pretrained(res.adapter))
+    else:
+        model = said_about_keys(lambda: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(res.out),
+                                                                  res.out, subfolder="pissa_init"))
+    assert sum(1 for m in model.modules() if hasattr(m, "lora_A") and "default" in m.lora_A) == 8
+    torch.testing.assert_close(logits(model), original_logits, atol=1e-4, rtol=0)
+    assert pissa_rs.verify(res.out, gpt2).ok

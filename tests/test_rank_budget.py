@@ -135,3 +135,53 @@ def test_with_equal_costs_the_allocation_is_the_optimum(gains, floor, uniform):
     steps = budget // 5 - floor * len(groups)
     best = sum(sum(g.gains[:floor]) for g in groups.values()) + sum(beyond[:steps])
     assert chosen == pytest.approx(best, abs=1e-9)
+
+
+def _scaled_copy(src, dst, tensor: str, factor: float):
+    """A copy of checkpoint `src` with one tensor multiplied by `factor` in its shard."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    shard = dst / index["weight_map"][tensor]
+    tensors = safetensors.torch.load_file(shard)
+    tensors[tensor] = tensors[tensor] * factor
+    safetensors.torch.save_file(tensors, shard, metadata={"format": "pt"})
+    return dst
+
+
+@pytest.fixture(scope="module")
+def one_layer(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("m1") / "tiny", "llama", layers=1, decay=0.5)
+
+
+def _budget(path, out):
+    return pissa_rs.decompose_checkpoint(path, r=8, niter=0, rank_budget=True, out=out,
+                                         progress=False).report["rank_budget"]
+
+
+def test_the_budget_compares_energy_fractions_not_absolute_energy(one_layer, tmp_path):
+    """The greedy step ranks each module's s_k^2 / ||W||_F^2 (the energy fraction the docs
+    promise): a module's weight scaled by 10 has the same fractions, so the same ranks. (On
+    absolute energy the scaled module's gains grow 100x and it takes the budget.)"""
+    scaled_module = "model.layers.0.self_attn.q_proj"
+    plain = _budget(one_layer, tmp_path / "plain")
+    assert plain["ranks"][scaled_module] < plain["cap"]  # room to grow: absolute energy would grow it
+    scaled = _budget(_scaled_copy(one_layer, tmp_path / "scaled", f"{scaled_module}.weight", 10.0),
+                     tmp_path / "scaled-out")
+    assert scaled["ranks"] == plain["ranks"]
+    for key, spectrum in plain["spectra"].items():
+        assert scaled["spectra"][key] == pytest.approx(spectrum, rel=1e-4, abs=1e-9), key
+
+
+def test_the_reported_spectra_are_squared_singular_values_over_the_squared_norm(one_layer, tmp_path):
+    """niter=0 (exact SVD): each module's reported spectrum is svdvals(W)^2 / ||W||_F^2 up to
+    the cap, computed here in float64 from the checkpoint; it sums to at most 1."""
+    budget = _budget(one_layer, tmp_path / "o")
+    original = pissa_rs.Checkpoint(one_layer)
+    assert len(budget["spectra"]) == 7
+    for key, spectrum in budget["spectra"].items():
+        w = pissa_rs.as_torch(original.buffer(f"{key}.weight")).double()
+        expected = (torch.linalg.svdvals(w).square() / w.square().sum())[:min(budget["cap"], *w.shape)]
+        assert spectrum == pytest.approx(expected.tolist(), rel=1e-4, abs=1e-9), key
+        assert sum(spectrum) <= 1.0

@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from same_bytes import FIXTURE, report_problems, run_pinned, value_problems
+from same_bytes import FIXTURE, probe_problems, report_problems, run_pinned, value_problems
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +29,11 @@ def found(tmp_path_factory):
 def test_every_output_file_has_its_recorded_bytes_or_values(fixture, found, capsys):
     same_torch = torch.__version__.split("+")[0] == fixture["torch"]
     assert sorted(found) == sorted(fixture["runs"]), "the set of outputs changed"
+    # The probes themselves: a probe that disagrees where the bytes say this machine rounds as the
+    # recording's (or two runs sharing a probe the recording gave two) is the probe's fault, and
+    # would otherwise only send that run to the value comparison below.
+    problems = probe_problems(found, fixture["runs"], same_torch)
+    assert not problems, "; ".join(problems[:6])
     compared = {"bytes": [], "values": []}
     for run, recorded in fixture["runs"].items():
         got = found[run]
@@ -94,3 +99,32 @@ def test_a_planted_bug_in_the_math_fails_the_value_comparison(fixture, tmp_path)
     found = run_pinned(tmp_path, {"SAME_BYTES_PLANT": "niter-1", "SAME_BYTES_ONLY": "dense"})
     got, recorded = found["dense"], fixture["runs"]["dense"]
     assert value_problems(got["tensors"], recorded["tensors"])
+
+
+def test_a_wrong_probe_fails_even_where_the_bytes_are_the_recordings(fixture):
+    """probe_problems: the recording itself passes; a run handed another run's probe (a stale
+    cache entry, as a key without `method` gives MiCA MiLoRA's) fails, as does a probe off the
+    recording while every file has its recorded bytes; a machine that rounds differently (every
+    probe another, consistently, and the randomized runs' bytes changed) passes, even where its
+    exact-path runs kept their bytes, and so does another torch."""
+    import copy
+
+    runs = fixture["runs"]
+    assert not probe_problems(runs, runs, True)
+    stale = copy.deepcopy(runs)
+    stale["mica"]["rounding"] = stale["milora"]["rounding"]
+    found = probe_problems(stale, runs, True)
+    assert any("runs mica and milora" in p for p in found) and any(p.startswith("mica: every output") for p in found)
+    assert any("runs mica and milora" in p for p in probe_problems(stale, runs, False))  # any torch, any machine
+    off = copy.deepcopy(runs)
+    off["dense-exact"]["rounding"] = "0" * 24
+    assert probe_problems(off, runs, True) == [
+        f"dense-exact: every output file has the recorded bytes, but its rounding probe {'0' * 24} is not the recorded "
+        f"{runs['dense-exact']['rounding']}: the probe is wrong (this machine rounds as the recording's)"]
+    assert not probe_problems(off, runs, False)
+    other = copy.deepcopy(runs)
+    for name, run in other.items():
+        run["rounding"] = run["rounding"][::-1]  # another machine: other probes, shared as recorded
+        if name not in ("dense-exact", "milora", "mica", "olora"):  # the randomized path wrote other bytes
+            run["files"] = {f: h[::-1] for f, h in run["files"].items()}
+    assert not probe_problems(other, runs, True)
