@@ -77,3 +77,28 @@ def test_cuda_running_out_anyway_names_the_tensor(llama):
     with DeviceRunner(checkpoint, list(enumerate(names)), [torch.device("cpu")], compute) as runner:
         with pytest.raises(device_memory.DeviceMemoryError, match=f"tensor '{names[1]}': out of memory on cpu"):
             list(runner.results())
+
+
+def test_corda_whose_layer_and_covariances_cannot_fit_is_refused_naming_it(llama, tmp_path, monkeypatch):
+    """CorDA holds a layer's targets and their float32 input covariances on the device (on
+    DeepSeek-V3 a layer's 256 gate_up covariances alone are 52.6 GB): a run whose largest layer
+    cannot fit is refused before any write, naming its largest tensor; the dry run says it."""
+    from helpers import calibration_texts
+
+    kwargs = dict(method="corda-ipm", calibration=calibration_texts(4), calibration_samples=4,
+                  calibration_length=32)
+    options = pissa_rs.DecomposeOptions.from_fields({"r": 4, "device": "cpu", **kwargs})
+    plan = pissa_rs.plan(llama, r=4, out=tmp_path / "o", **kwargs)
+    weights, covariances, tensor = device_memory.covariance_layer_bytes(plan.targets, 4)
+    mlp_in, hidden = plan.targets[-1].shape[1], plan.targets[0].shape[1]
+    assert covariances == 4 * (4 * hidden**2 + 2 * hidden**2 + mlp_in**2)  # q k v o gate up (hidden in), down
+    assert tensor.endswith("mlp.gate_proj.weight") or tensor.endswith("mlp.up_proj.weight") or "down_proj" in tensor
+    per_target = device_memory.device_memory_plan(plan.targets, options).peak_bytes
+    free = weights + covariances + device_memory.DEVICE_OVERHEAD_BYTES - 1  # a byte short for the layer
+    assert per_target + device_memory.DEVICE_OVERHEAD_BYTES <= free  # while each target's decomposition fits
+    monkeypatch.setattr(device_memory, "free_device_memory", lambda devices: {"cuda:0": free})
+    with pytest.raises(device_memory.DeviceMemoryError, match=f"'{tensor}': CorDA calibrates its layer"):
+        pissa_rs.decompose_checkpoint(llama, r=4, out=tmp_path / "o", progress=False, **kwargs)
+    assert not (tmp_path / "o").exists()
+    monkeypatch.setattr(device_memory, "free_device_memory", lambda devices: {"cuda:0": free + 1})
+    device_memory.check_device_memory(plan.targets, options)  # fits now

@@ -10,6 +10,7 @@ import torch
 
 from ._pissa_rs import Checkpoint
 from .locations import output_dirs, resolve_source
+from .engine.device_memory import covariance_layer_bytes, layers_of
 from .engine.devices import page_locked_size
 from .engine.layout import output_bytes, residual_bytes
 from .engine.outdir import check_out_apart, free_bytes, human_bytes, out_dir_problem
@@ -103,7 +104,6 @@ class DecompositionPlan:
         """The memory plan of a layer-by-layer calibration, from the shapes alone: CorDA's
         (engine/sequential.py) carried hidden states, covariances and one layer on the device;
         EVA's (engine/components.py) incremental PCA components on disk, one layer's on the device."""
-        import re
 
         from .calibration.layers import forward_dtype
         from .planning.mapping import load_config
@@ -117,18 +117,14 @@ class DecompositionPlan:
         run_dtype = forward_dtype(o.calibration_dtype, o.torch_devices[0], stored)  # weights and hidden states
         size = torch.empty(0, dtype=run_dtype).element_size()
         tokens = o.calibration_samples * o.calibration_length
-        layer_of = lambda t: re.search(r"\.(\d+)\.", t.module)  # noqa: E731
-        per_layer: dict[str, list] = {}
-        for t in self.targets:
-            found = layer_of(t)
-            per_layer.setdefault(found.group(1) if found else "", []).append(t)
+        per_layer = layers_of(self.targets)
         inputs = lambda ts: [(t.shape[0] if t.fan_in_fan_out else t.shape[1]) for t in ts]  # noqa: E731
         weights = max((sum(t.shape[0] * t.shape[1] * size for t in ts) for ts in per_layer.values()), default=0)
         batch = o.calibration_batch * o.calibration_length * widest * 4 * 4  # a few float32 copies of the widest
         head = (f"calibration: up to {o.calibration_samples} samples x {o.calibration_length} tokens ({tokens:,}), "
                 f"batches of {o.calibration_batch}, layers run in {str(run_dtype).removeprefix('torch.')}; ")
         if self.options.init_method.calibration == "covariance":  # CorDA: in x in per input, a layer at a time
-            covariances = max((sum(4 * n * n for n in inputs(ts)) for ts in per_layer.values()), default=0)
+            weights, covariances, _ = covariance_layer_bytes(self.targets, size)
             boundary, budget = tokens * hidden * size, o.host_memory_bytes  # at most: no batch padded
             held = boundary  # held page-locked for a GPU: each batch's block as torch's pinned allocator rounds it
             if o.torch_devices[0].type == "cuda":

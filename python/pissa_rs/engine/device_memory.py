@@ -77,11 +77,50 @@ def free_device_memory(devices: list[torch.device]) -> dict[str, int]:
     return {str(d): torch.cuda.mem_get_info(d)[0] for d in dict.fromkeys(devices)}
 
 
+def layers_of(targets: list[Target]) -> dict[str, list[Target]]:
+    """The targets by decoder layer (their module name's first index; "" for none)."""
+    import re
+
+    per_layer: dict[str, list[Target]] = {}
+    for t in targets:
+        found = re.search(r"\.(\d+)\.", t.module)
+        per_layer.setdefault(found.group(1) if found else "", []).append(t)
+    return per_layer
+
+
+def covariance_layer_bytes(targets: list[Target], element_size: int) -> tuple[int, int, str]:
+    """CorDA's device memory for its largest layer, from the shapes: (the layer's targets in the
+    dtype the layers run in, their input covariances in float32: in x in per target, an
+    expert's each, an upper bound where inputs are shared; the largest tensor of that layer)."""
+    best = (0, 0, "")
+    for ts in layers_of(targets).values():
+        weights = sum(t.shape[0] * t.shape[1] * element_size for t in ts)
+        covariances = sum(4 * (t.shape[0] if t.fan_in_fan_out else t.shape[1]) ** 2 for t in ts)
+        largest = max(ts, key=lambda t: t.num_experts * t.shape[0] * t.shape[1])
+        if weights + covariances > best[0] + best[1]:
+            best = (weights, covariances, largest.parameter or largest.tensor)
+    return best
+
+
 def check_device_memory(targets: list[Target], options: DecomposeOptions) -> DeviceMemoryPlan:
-    """Refuse, before anything is written, a run whose largest target cannot fit on a device."""
+    """Refuse, before anything is written, a run whose largest target cannot fit on a device,
+    or (CorDA) whose largest layer and its covariances cannot."""
     from .outdir import human_bytes
 
     plan = device_memory_plan(targets, options)
+    if plan.free and options.init_method.calibration == "covariance":
+        size = 4 if options.calibration_dtype == "float32" else max(TORCH_DTYPES[t.dtype].itemsize for t in targets)
+        weights, covariances, tensor = covariance_layer_bytes(targets, size)
+        need = weights + covariances + DEVICE_OVERHEAD_BYTES
+        short = [d for d, free in plan.free.items() if free < need]
+        if short:
+            raise DeviceMemoryError(
+                f"'{tensor}': CorDA calibrates its layer with the layer's targets ({human_bytes(weights)}) and their "
+                f"input covariances ({human_bytes(covariances)}, float32, one per input and per expert) on the device, "
+                f"~{human_bytes(need)} in all, and " + ", ".join(f"{d} has {human_bytes(plan.free[d])} free"
+                                                                 for d in short)
+                + ": use a device with more memory, or leave these weights out of target_modules / "
+                "target_parameters (keeping an expert stack's covariances on the host is not supported yet)")
     if plan.short:
         raise DeviceMemoryError(
             f"tensor '{plan.tensor}': its decomposition needs ~{human_bytes(plan.peak_bytes)} of device memory "
