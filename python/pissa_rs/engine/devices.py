@@ -156,7 +156,9 @@ class _Uploaded:
 _END = object()
 
 # compute(index, weight on the device in its stored dtype, to_host) -> result.
-# `to_host(t)` gives a host tensor that holds t's values once compute returned.
+# `to_host(t)` gives a host tensor that holds t's values once compute returned. On the CPU it
+# is t itself: a result that is (a view of) the weight is the reused staging buffer, which the
+# next weight overwrites, so clone what must outlive the weight.
 Compute = Callable[[int, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]], Any]
 
 
