@@ -49,7 +49,7 @@ def test_a_run_that_cannot_fit_is_refused_naming_the_tensor_before_any_write(lla
     assert "DOES NOT FIT on cuda:0" in plan.describe() and f"'{plan.device_memory.tensor}'" in plan.describe()
     size = {t.tensor: t.shape[0] * t.shape[1] for t in plan.targets}
     assert size[plan.device_memory.tensor] == max(size.values())  # the largest target (MLP: three tie)
-    with pytest.raises(device_memory.DeviceMemoryError, match=f"tensor '{plan.device_memory.tensor}'.*cuda:0 has"):
+    with pytest.raises(pissa_rs.DeviceMemoryError, match=f"tensor '{plan.device_memory.tensor}'.*cuda:0 has"):
         pissa_rs.decompose_checkpoint(llama, r=4, out=tmp_path / "o", progress=False)
     assert not (tmp_path / "o").exists()
     monkeypatch.setattr(device_memory, "free_device_memory", lambda devices: {"cuda:0": 80 << 30})
@@ -75,7 +75,7 @@ def test_cuda_running_out_anyway_names_the_tensor(llama):
         return to_host(weight.sum())
 
     with DeviceRunner(checkpoint, list(enumerate(names)), [torch.device("cpu")], compute) as runner:
-        with pytest.raises(device_memory.DeviceMemoryError, match=f"tensor '{names[1]}': out of memory on cpu"):
+        with pytest.raises(pissa_rs.DeviceMemoryError, match=f"tensor '{names[1]}': out of memory on cpu"):
             list(runner.results())
 
 
@@ -97,7 +97,7 @@ def test_corda_whose_layer_and_covariances_cannot_fit_is_refused_naming_it(llama
     free = weights + covariances + device_memory.DEVICE_OVERHEAD_BYTES - 1  # a byte short for the layer
     assert per_target + device_memory.DEVICE_OVERHEAD_BYTES <= free  # while each target's decomposition fits
     monkeypatch.setattr(device_memory, "free_device_memory", lambda devices: {"cuda:0": free})
-    with pytest.raises(device_memory.DeviceMemoryError, match=f"'{tensor}': CorDA calibrates its layer"):
+    with pytest.raises(pissa_rs.DeviceMemoryError, match=f"'{tensor}': CorDA calibrates its layer"):
         pissa_rs.decompose_checkpoint(llama, r=4, out=tmp_path / "o", progress=False, **kwargs)
     assert not (tmp_path / "o").exists()
     monkeypatch.setattr(device_memory, "free_device_memory", lambda devices: {"cuda:0": free + 1})

@@ -25,6 +25,7 @@ from ._pissa_rs import (
 )
 from .convert import AdapterMismatchError, ConversionResult, convert_to_lora
 from .decompose import DecomposeResult, decompose_checkpoint, extract_lora
+from .engine.devices import DeviceMemoryError
 from .engine.lease import LeaseLostError
 from .engine.outdir import DiskSpaceError, OutputDirError
 from .engine.ray_run import EnvironmentMismatchError, RayUnavailableError
@@ -78,6 +79,7 @@ __all__ = [
     "DecomposeOptions",
     "DecomposeResult",
     "DecompositionPlan",
+    "DeviceMemoryError",
     "DiskSpaceError",
     "OutputDirError",
     "LeaseLostError",

@@ -1,5 +1,5 @@
 """How much GPU memory one target's decomposition takes, and whether the run's devices have it:
-checked before anything is written, said by the dry run, and named when CUDA runs out anyway.
+checked before anything is written, said by the dry run, and named when CUDA runs out anyway (devices.out_of_memory).
 
 One device worker holds, at its peak: the weight it works on as uploaded and the next one
 (copied on the side stream during this compute), the decoded matrix of an FP8 / MXFP4 source,
@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .._pissa_rs import PissaError
 from ..tensors import TORCH_DTYPES, nbytes
+from .devices import DeviceMemoryError
 
 if TYPE_CHECKING:
     from ..options import DecomposeOptions
@@ -25,10 +25,6 @@ if TYPE_CHECKING:
 # The CUDA context, cuBLAS / cuSOLVER handles and the caching allocator's fragmentation:
 # what a device gives besides the tensors counted.
 DEVICE_OVERHEAD_BYTES = 1 << 30
-
-
-class DeviceMemoryError(PissaError, MemoryError):
-    """A target's decomposition needs more memory than its device has."""
 
 
 @dataclass(frozen=True)
@@ -128,18 +124,3 @@ def check_device_memory(targets: list[Target], options: DecomposeOptions) -> Dev
                 f"{d} has {human_bytes(plan.free[d])} free" for d in plan.short)
             + ": free the device, name each device once in devices, or use a device with more memory")
     return plan
-
-
-def out_of_memory(tensor: str, device: torch.device, err: BaseException) -> DeviceMemoryError:
-    """A CUDA out-of-memory error as one that names the tensor and what to change."""
-    free = ""
-    if device.type == "cuda":
-        try:
-            free_bytes, total = torch.cuda.mem_get_info(device)
-            free = f" ({free_bytes / 2**30:.1f} of {total / 2**30:.1f} GiB free now)"
-        except RuntimeError:
-            pass
-    return DeviceMemoryError(
-        f"tensor '{tensor}': out of memory on {device}{free} while decomposing it: another process may hold "
-        f"the device, or the dry run's device memory line (pissa-rs decompose --dry-run) exceeds it; free the "
-        f"device, run one worker per device, or use a device with more memory ({str(err).splitlines()[0]})")

@@ -20,10 +20,9 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .._pissa_rs import Checkpoint
+from .._pissa_rs import Checkpoint, PissaError
 from ..planning.mapping import WeightRead
 from ..tensors import TORCH_DTYPES
-from .device_memory import out_of_memory
 from .timeline import TIMELINE
 
 POLL_SECONDS = 0.1  # how often a blocked thread looks whether the run stopped
@@ -60,6 +59,25 @@ def parse_devices(devices: list[str], here: bool = True) -> list[torch.device]:
     if len(kinds) > 1:
         raise ValueError(f"devices {devices}: all must be of one type (cpu or cuda), not a mix")
     return parsed
+
+
+class DeviceMemoryError(PissaError, MemoryError):
+    """A target's decomposition needs more memory than its device has."""
+
+
+def out_of_memory(tensor: str, device: torch.device, err: BaseException) -> DeviceMemoryError:
+    """A CUDA out-of-memory error as one that names the tensor and what to change."""
+    free = ""
+    if device.type == "cuda":
+        try:
+            free_bytes, total = torch.cuda.mem_get_info(device)
+            free = f" ({free_bytes / 2**30:.1f} of {total / 2**30:.1f} GiB free now)"
+        except RuntimeError:
+            pass
+    return DeviceMemoryError(
+        f"tensor '{tensor}': out of memory on {device}{free} while decomposing it: another process may hold "
+        f"the device, or the dry run's device memory line (pissa-rs decompose --dry-run) exceeds it; free the "
+        f"device, run one worker per device, or use a device with more memory ({str(err).splitlines()[0]})")
 
 
 class Stopped(Exception):
