@@ -355,6 +355,23 @@ def test_the_decomposing_process_need_not_hold_peft_or_transformers(llama, tmp_p
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout
 
 
+def test_a_process_whose_torch_ran_parallel_work_plans_without_hanging(llama, tmp_path):
+    """The planning child is forked; a child of a process whose CPU thread team is up hung in
+    its first parallel region (QPiSSA's quantizer check runs there), as a notebook's process
+    would after any torch work."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, pissa_rs; from pathlib import Path; x = torch.randn(1500, 1500); "
+            "[x @ x for _ in range(4)]; "
+            "r = pissa_rs.decompose_checkpoint(Path(sys.argv[1]), r=4, out=Path(sys.argv[2]), progress=False, "
+            "quantize='nf4', device='cpu'); print(r.report['quantizer']['backend'])")
+    done = subprocess.run([sys.executable, "-c", code, str(llama), str(tmp_path / "o")], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] in ("bitsandbytes", "reference")
+
+
 def test_the_rounding_probe_is_measured_while_the_child_plans(llama, monkeypatch):
     """warm_probes (run as the planning child works) measures what devices_probe then asks for:
     one probe per dtype, any set of them a cache hit."""

@@ -305,7 +305,14 @@ def _receive(receive, child, path):
 def _plan_and_send(send, path: Path, options: list[dict], outs: list[Path]) -> None:
     import sys
 
+    import torch
+
     from .._pissa_rs import PissaError
+
+    # A forked child of a process whose torch already ran parallel CPU work hangs in its first
+    # parallel region (OpenMP's thread team does not survive a fork; torch's DataLoader workers
+    # do the same). The plan's only CPU math is the quantizer's agreement check, exact either way.
+    torch.set_num_threads(1)
 
     if not any(o.get("quantize") for o in options):
         # This process plans and exits. Without quantization nothing here uses bitsandbytes,
