@@ -233,6 +233,7 @@ def test_gpu_staging_buffers_are_page_locked_exactly_their_size_and_unlocked_at_
 
     class Runtime:
         def cudaHostRegister(self, ptr, size, flags):
+            assert flags == 1  # portable: the pool's buffers upload to every device of the run
             calls.append(("register", ptr, size))
             return 0
 

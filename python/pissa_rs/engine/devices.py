@@ -94,7 +94,8 @@ def register_page_locked(buffer: torch.Tensor) -> None:
     """Page-lock an ordinary host tensor's memory in place, exactly its size (cudaHostRegister,
     as torch's distributed checkpoint stager does), where torch's pinned allocator would take
     the next power of two: a 2.1 GB weight would hold 4 GiB that cannot be swapped."""
-    error = int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel() * buffer.element_size(), 0))
+    # cudaHostRegisterPortable (1): pinned for every device's context, as the pool serves all the devices
+    error = int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel() * buffer.element_size(), 1))
     if error != 0:
         raise RuntimeError(f"page-locking {buffer.numel() * buffer.element_size()} bytes of host memory failed "
                            f"(cudaError {error}): too little memory may be left to lock")
@@ -219,6 +220,8 @@ class DeviceRunner:
             self._cond.notify_all()
         for thread in self._threads:
             thread.join()
+        for device in dict.fromkeys(d for d in self._devices if d.type == "cuda"):
+            torch.cuda.synchronize(device)  # an upload a stopped worker left in flight reads a buffer
         self.buffers.close()
 
     def results(self) -> Iterator[tuple[int, Any]]:
