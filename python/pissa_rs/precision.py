@@ -36,7 +36,8 @@ _saved: dict[str, object] | None = None
 
 def per_backend_api() -> bool:
     """torch >= 2.9: each backend has its own fp32_precision."""
-    return hasattr(torch.backends.cuda.matmul, "fp32_precision")
+    return all(hasattr(getattr(torch.backends, b), "matmul") and hasattr(_matmul_settings(b), "fp32_precision")
+               for b in _PER_BACKEND) and hasattr(torch.backends, "fp32_precision")
 
 
 def _matmul_settings(backend: str):

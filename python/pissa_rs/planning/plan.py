@@ -216,6 +216,9 @@ def make_plan_in_child(path: Path, options: list[dict], outs: list[Path], meanwh
     process whose CUDA threads hold locks can hang, so the child is then a fresh interpreter."""
     import torch
 
+    from ..requirements import require_versions
+
+    require_versions()  # here, where the caller sees its one line: the child imports the libraries it checks
     if torch.cuda.is_initialized():
         child, receive = _start_fresh_child(path, options, outs)
     else:
