@@ -46,7 +46,9 @@ def parse_devices(devices: list[str], here: bool = True) -> list[torch.device]:
         if device.type == "cuda" and not here:
             device = torch.device("cuda", device.index or 0)
         elif device.type == "cuda":
-            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            # NVML's count where it answers: is_available() may initialise CUDA's driver, and the
+            # planning child is forked after this
+            count = torch.cuda.device_count()
             if count == 0:
                 raise ValueError(f"device {name!r}: this machine has no CUDA device")
             if device.index is None:  # "cuda": the current device, without initializing CUDA before the
@@ -112,8 +114,10 @@ class HostBuffers:
     (register_page_locked), and unlocked by `close()`; reuse keeps host memory
     flat."""
 
-    def __init__(self, count: int, nbytes: int, pin: bool, stop: threading.Event):
+    def __init__(self, count: int, nbytes: int, pin: bool, stop: threading.Event,
+                 device: torch.device | None = None):
         self._count, self._nbytes, self._pin, self._stop = count, nbytes, pin, stop
+        self._device = device  # the context to register in (the reader thread has none of its own)
         self._made: list[torch.Tensor] = []
         self._closed = False
         self._free: queue.Queue[torch.Tensor] = queue.Queue()
@@ -124,7 +128,8 @@ class HostBuffers:
             if self._free.empty() and len(self._made) < self._count:
                 buffer = torch.empty(self._nbytes, dtype=torch.uint8)
                 if self._pin and self._nbytes:
-                    register_page_locked(buffer)
+                    with torch.cuda.device(self._device) if self._device is not None else contextlib.nullcontext():
+                        register_page_locked(buffer)
                 self._made.append(buffer)
                 return buffer
         while not self._stop.is_set():
@@ -200,7 +205,8 @@ class DeviceRunner:
         self._staged: queue.Queue[Any] = queue.Queue()
         largest = max((self._nbytes(item) for _, item in work), default=0)
         pin = devices[0].type == "cuda"
-        self.buffers = HostBuffers(BUFFERS_PER_DEVICE * len(devices), largest, pin, self._stop)
+        self.buffers = HostBuffers(BUFFERS_PER_DEVICE * len(devices), largest, pin, self._stop,
+                                   devices[0] if pin else None)
         self._threads = [threading.Thread(target=self._guard, args=(self._read,), name="pissa-reader", daemon=True)]
         self._threads += [threading.Thread(target=self._guard, args=(self._device_worker, d), daemon=True,
                                            name=f"pissa-{d}-{k}") for k, d in enumerate(devices)]
@@ -220,8 +226,11 @@ class DeviceRunner:
             self._cond.notify_all()
         for thread in self._threads:
             thread.join()
-        for device in dict.fromkeys(d for d in self._devices if d.type == "cuda"):
-            torch.cuda.synchronize(device)  # an upload a stopped worker left in flight reads a buffer
+        try:
+            for device in dict.fromkeys(d for d in self._devices if d.type == "cuda"):
+                torch.cuda.synchronize(device)  # an upload a stopped worker left in flight reads a buffer
+        except RuntimeError:  # a faulted device (its error is the run's): leave the pages locked, not unsafe
+            return
         self.buffers.close()
 
     def results(self) -> Iterator[tuple[int, Any]]:

@@ -255,9 +255,11 @@ def _run(checkpoint: Checkpoint, job: Job, unit: Unit, outputs: list[UnitOutput 
             atomic_write_text(unit_file(o.spec.out, unit, "done"),
                               json.dumps({"targets": len(unit.targets), "rounding": rounding}))
     except BaseException as err:
-        if runner is not None:
-            runner.close()
-        first_err = abandon(pipeline, [w for o in live for w in o.writers], err, keep=True)
+        try:
+            if runner is not None:
+                runner.close()
+        finally:  # the unit's files stay for resume whatever closing the runner raised
+            first_err = abandon(pipeline, [w for o in live for w in o.writers], err, keep=True)
         if first_err is err:
             raise
         raise first_err from err
