@@ -243,7 +243,7 @@ def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None
     states: list[str] = []
     try:
         if ray is None:
-            check_device_memory(plans[0].targets, options)  # before anything is written
+            check_device_memory(plans[-1].targets, options)  # before anything is written; at the largest rank
             rounding = devices_probe(options, plans[0].targets)
         else:
             from .engine.ray_run import cluster_rounding

@@ -56,8 +56,15 @@ class DecompositionPlan:
         return device_memory_plan(self.targets, self.options)
 
     @property
+    def device_memory_problem(self) -> str | None:
+        """Why the run would be refused for device memory, as the run itself says it (None: it fits)."""
+        from .engine.device_memory import device_memory_problem
+
+        return device_memory_problem(self.targets, self.options)
+
+    @property
     def fits_on_device(self) -> bool:
-        return not self.device_memory.short
+        return self.device_memory_problem is None
 
     @property
     def fits_on_disk(self) -> bool:
@@ -76,9 +83,9 @@ class DecompositionPlan:
 
         method = self.options.init_method
         flops = sum(self.cost(t)[0] for t in self.targets)
-        memory = self.device_memory
+        memory, problem = self.device_memory, self.device_memory_problem
         free = (" (" + ", ".join(f"{d}: {human_bytes(f)} free" for d, f in memory.free.items()) + ")"
-                + (f" -- DOES NOT FIT on {', '.join(memory.short)}" if memory.short else "")) if memory.free else ""
+                + (f" -- DOES NOT FIT: {problem}" if problem else "")) if memory.free else ""
         line = (f"compute: {method.solver} per weight, {human_flops(flops)} in all; up to "
                 f"{human_bytes(memory.peak_bytes)} of {self.options.device.split(':')[0]} memory at "
                 f"'{memory.tensor}'{f' ({memory.workers} workers)' if memory.workers > 1 else ''}{free}")

@@ -248,7 +248,7 @@ class DecomposeOptions:
             self.device = self.devices[0]
         else:
             if self.device is None:
-                self.device = "cuda" if torch.cuda.is_available() else "cpu"
+                self.device = "cuda" if torch.cuda.device_count() > 0 else "cpu"  # NVML's count: fork-safe
             self.device = str(parse_devices([self.device], here=not self.on_cluster)[0])
         self._check_calibration(method)
         method.check(self)

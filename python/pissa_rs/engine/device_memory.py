@@ -48,6 +48,8 @@ def target_peak_bytes(target: Target, options: DecomposeOptions) -> int:
     stored = target.location.nbytes if target.location is not None else nbytes(target.dtype, list(target.shape))
     decoded = elements * size if target.location is not None and target.location.decode is not None else 0
     svd_phase = options.init_method.cost(rows, cols, target.r, options.niter)[1]
+    if options.init_method.calibration == "covariance":  # CorDA: C, C damped, its inverse, W C, a workspace
+        svd_phase += 5 * 4 * cols * cols
     residual_phase = 4 * elements + len(options.ranks) * elements * size
     extra = 0
     if options.quantize:  # QPiSSA: W - deq and deq in float32 beside the factors; the error's svdvals
@@ -66,11 +68,14 @@ def device_memory_plan(targets: list[Target], options: DecomposeOptions) -> Devi
 
 
 def free_device_memory(devices: list[torch.device]) -> dict[str, int]:
-    """Each GPU's free memory now (other processes' use counted); nothing for the CPU, whose
-    memory is the host's."""
-    if devices[0].type != "cuda" or not torch.cuda.is_available():
+    """Each GPU's free memory now: what the driver says is free (other processes' use counted)
+    and what this process's caching allocator holds unused (EVA's pass, the rank budget's, a
+    notebook's own work leave blocks there that the run will reuse); nothing for the CPU,
+    whose memory is the host's."""
+    if devices[0].type != "cuda" or torch.cuda.device_count() == 0:
         return {}
-    return {str(d): torch.cuda.mem_get_info(d)[0] for d in dict.fromkeys(devices)}
+    return {str(d): torch.cuda.mem_get_info(d)[0] + torch.cuda.memory_reserved(d) - torch.cuda.memory_allocated(d)
+            for d in dict.fromkeys(devices)}
 
 
 def layers_of(targets: list[Target]) -> dict[str, list[Target]]:
@@ -98,9 +103,10 @@ def covariance_layer_bytes(targets: list[Target], element_size: int) -> tuple[in
     return best
 
 
-def check_device_memory(targets: list[Target], options: DecomposeOptions) -> DeviceMemoryPlan:
-    """Refuse, before anything is written, a run whose largest target cannot fit on a device,
-    or (CorDA) whose largest layer and its covariances cannot."""
+def device_memory_problem(targets: list[Target], options: DecomposeOptions) -> str | None:
+    """Why a run of `targets` cannot fit on its devices (None: it can): its largest target's
+    decomposition, or (CorDA) its largest layer with the input covariances. The dry run and
+    the run ask the same question."""
     from .outdir import human_bytes
 
     plan = device_memory_plan(targets, options)
@@ -110,17 +116,22 @@ def check_device_memory(targets: list[Target], options: DecomposeOptions) -> Dev
         need = weights + covariances + DEVICE_OVERHEAD_BYTES
         short = [d for d, free in plan.free.items() if free < need]
         if short:
-            raise DeviceMemoryError(
-                f"'{tensor}': CorDA calibrates its layer with the layer's targets ({human_bytes(weights)}) and their "
-                f"input covariances ({human_bytes(covariances)}, float32, one per input and per expert) on the device, "
-                f"~{human_bytes(need)} in all, and " + ", ".join(f"{d} has {human_bytes(plan.free[d])} free"
-                                                                 for d in short)
-                + ": use a device with more memory, or leave these weights out of target_modules / "
-                "target_parameters (keeping an expert stack's covariances on the host is not supported yet)")
+            return (f"'{tensor}': CorDA calibrates its layer with the layer's targets ({human_bytes(weights)}) and "
+                    f"their input covariances ({human_bytes(covariances)}, float32, one per input and per expert) on "
+                    f"the device, ~{human_bytes(need)} in all, and "
+                    + ", ".join(f"{d} has {human_bytes(plan.free[d])} free" for d in short)
+                    + ": use a device with more memory, or leave these weights out of target_modules / "
+                    "target_parameters (keeping an expert stack's covariances on the host is not supported yet)")
     if plan.short:
-        raise DeviceMemoryError(
-            f"tensor '{plan.tensor}': its decomposition needs ~{human_bytes(plan.peak_bytes)} of device memory "
-            f"({plan.workers} worker(s) on one device), and " + ", ".join(
-                f"{d} has {human_bytes(plan.free[d])} free" for d in plan.short)
-            + ": free the device, name each device once in devices, or use a device with more memory")
-    return plan
+        return (f"tensor '{plan.tensor}': its decomposition needs ~{human_bytes(plan.peak_bytes)} of device memory "
+                f"({plan.workers} worker(s) on one device), and "
+                + ", ".join(f"{d} has {human_bytes(plan.free[d])} free" for d in plan.short)
+                + ": free the device, name each device once in devices, or use a device with more memory")
+    return None
+
+
+def check_device_memory(targets: list[Target], options: DecomposeOptions) -> None:
+    """Refuse, before anything is written, a run that cannot fit (device_memory_problem)."""
+    problem = device_memory_problem(targets, options)
+    if problem is not None:
+        raise DeviceMemoryError(problem)

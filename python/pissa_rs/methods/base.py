@@ -119,9 +119,9 @@ class Method:
         """(floating-point operations, float32 bytes of device memory) of one weight's decomposition."""
         m, n = max(rows, cols), min(rows, cols)
         weight = 4 * rows * cols
-        if self.solver == RANDOMIZED_SVD:
+        if self.solver == RANDOMIZED_SVD and niter > 0:  # niter 0: the exact SVD, costed below
             # 2 products per iteration and the first, m*n*r each, QR of the sketches, the small SVD
             return 2.0 * m * n * r * (2 * niter + 2) + 4.0 * (m + n) * r * r * (2 * niter + 2), weight + 4 * (m + n) * r * 3
-        if self.solver == FULL_SVD:  # Golub-Van Loan's thin R-SVD: ~6mn^2 + 20n^3, U (m x n) and Vh (n x n)
+        if self.solver in (FULL_SVD, RANDOMIZED_SVD):  # Golub-Van Loan's thin R-SVD: ~6mn^2 + 20n^3, U and Vh
             return 6.0 * m * n * n + 20.0 * n ** 3, 2 * weight + 4 * (m * n + n * n)
         return 4.0 * m * n * n - 4.0 * n ** 3 / 3, 2 * weight + 4 * m * n  # Householder QR with Q formed
