@@ -19,12 +19,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import threading
+import warnings
 from typing import Callable, Iterator, TypeVar
 
 import torch
 
 F = TypeVar("F", bound=Callable)
+
+# Before torch 2.9 this variable makes cuBLAS take TF32 whatever the process sets.
+TF32_OVERRIDE = "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE"
 
 # The matmul backends a float32 product of ours can go through.
 _PER_BACKEND = ("cuda", "mkldnn")
@@ -51,8 +56,11 @@ def float32_matmul_state() -> dict[str, str]:
         state = {b: _matmul_settings(b).fp32_precision for b in _PER_BACKEND}
         state["generic"] = torch.backends.fp32_precision
         return state
-    return {"float32_matmul_precision": torch.get_float32_matmul_precision(),
-            "cuda_allow_tf32": str(torch.backends.cuda.matmul.allow_tf32)}
+    state = {"float32_matmul_precision": torch.get_float32_matmul_precision(),
+             "cuda_allow_tf32": str(torch.backends.cuda.matmul.allow_tf32)}
+    if os.environ.get(TF32_OVERRIDE) == "1":  # before torch 2.9, cuBLAS then takes TF32 whatever is set
+        state["tf32_override"] = "1"
+    return state
 
 
 def _save() -> dict[str, object]:
@@ -66,6 +74,10 @@ def _force_ieee() -> None:
         for backend in _PER_BACKEND:
             _matmul_settings(backend).fp32_precision = "ieee"
     else:
+        if os.environ.get(TF32_OVERRIDE) == "1":
+            warnings.warn(f"{TF32_OVERRIDE}=1 makes this torch ({torch.__version__}) multiply float32 in TF32 on "
+                          "CUDA whatever pissa_rs sets: the residual's error bound and the bytes will not hold; "
+                          "unset it, or use torch >= 2.9", stacklevel=4)
         torch.set_float32_matmul_precision("highest")
         torch.backends.cuda.matmul.allow_tf32 = False
 

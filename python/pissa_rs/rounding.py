@@ -105,6 +105,8 @@ def warm_probes(options: DecomposeOptions, checkpoint) -> None:
     dtype candidate_dtypes finds): run while the planning child works, they cost no wall time."""
     from .options import ADAPTER_DTYPES
 
+    if options.quantization is not None:
+        return  # QPiSSA's probe needs the quantizer the plan chooses (its check imports bitsandbytes)
     for device in dict.fromkeys(options.torch_devices):
         rounding_probe(device, candidate_dtypes(checkpoint), options.niter, ADAPTER_DTYPES[options.adapter_dtype],
                        options.quantization, options.quant_iters, options.method)

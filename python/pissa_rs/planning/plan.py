@@ -272,19 +272,30 @@ def _start_fresh_child(path: Path, options: list[dict], outs: list[Path]):
 
     import pissa_rs
 
+    import site
+
     read_fd, write_fd = os.pipe()
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(pissa_rs.__file__).parent.parent),
-                                                      env.get("PYTHONPATH")]))
+    here = Path(pissa_rs.__file__).resolve().parent.parent
+    installed = {Path(p).resolve() for p in [*site.getsitepackages(), site.getusersitepackages()]}
+    if here not in installed:  # a source tree on sys.path: the child must find the same package
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(here), env.get("PYTHONPATH")]))
     code = "import sys; from pissa_rs.planning.plan import plan_in_fresh_child; plan_in_fresh_child(int(sys.argv[1]))"
+    receive = Connection(read_fd, writable=False)
     try:
         process = subprocess.Popen([sys.executable, "-c", code, str(write_fd)], stdin=subprocess.PIPE,
                                    pass_fds=(write_fd,), env=env)
+    except BaseException:
+        receive.close()
+        raise
     finally:
         os.close(write_fd)  # the child's copy is its own: receive sees EOF if it dies without a word
-    with process.stdin:
-        process.stdin.write(pickle.dumps((path, options, outs)))
-    return _FreshChild(process), Connection(read_fd, writable=False)
+    try:
+        with process.stdin:
+            process.stdin.write(pickle.dumps((path, options, outs)))
+    except BrokenPipeError:
+        pass  # it died before reading: _receive says so, with its exit code
+    return _FreshChild(process), receive
 
 
 def plan_in_fresh_child(answer_fd: int) -> None:
@@ -317,9 +328,11 @@ def _plan_and_send(send, path: Path, options: list[dict], outs: list[Path]) -> N
     # do the same). The plan's only CPU math is the quantizer's agreement check, exact either way.
     torch.set_num_threads(1)
 
-    if not any(o.get("quantize") for o in options):
-        # This process plans and exits. Without quantization nothing here uses bitsandbytes,
-        # whose import (which PEFT's pulls in when it can) sets up torch.compile: ~1.7 s.
+    if not any(o.get("quantize") and o["device"].startswith("cpu") for o in options):
+        # This process plans and exits. Only QPiSSA's quantizer check on the CPU uses
+        # bitsandbytes here, whose import (which PEFT's pulls in when it can) sets up
+        # torch.compile (~1.7 s) and asks CUDA for the device's capability: in a child forked
+        # from a process that touched CUDA's driver, that must not happen.
         sys.modules.setdefault("bitsandbytes", None)
     try:
         deferred: list = []
