@@ -8,10 +8,11 @@
 # step      budget  CUDA only  what
 # machine     20 s             nvidia-smi, the card (H100/H200), versions, TF32 at start, disk, memory
 # install     60 s             venv + bundle, no resolving; pip check, pissa_rs's floors, imports
-# smoke      110 s             gpu/smoke.py: every CUDA path once, small, against the CPU
-# pytest      90 s     yes     the tests meant for a GPU (gpu/cuda_select.py)
-# bench      150 s     yes     benches/bench_70b.py, 3 layers of Llama-3-70B shapes, with the timeline
-# svd         40 s     yes     cuSOLVER's full-SVD drivers timed (smoke.py's fullsvd)
+# smoke      150 s             gpu/smoke.py: every CUDA path once, small, against the CPU (after its
+#                              first CUDA check every decomposition plans in a fresh interpreter: ~4 s each)
+# pytest      80 s     yes     the tests meant for a GPU (gpu/cuda_select.py)
+# bench      130 s     yes     benches/bench_70b.py, 3 layers of Llama-3-70B shapes, with the timeline
+# svd         30 s     yes     cuSOLVER's full-SVD drivers timed (smoke.py's fullsvd)
 # summary     10 s             gpu/summary.py: every step's verdict and the key numbers
 #
 # Without CUDA (a rehearsal: OUT=DIR PYTHON=.venv/bin/python bash gpu/check.sh) every step
@@ -54,35 +55,35 @@ echo "== CUDA: $CUDA; budgets x${BUDGET_SCALE}; deadline ${CHECK_DEADLINE_S}s; b
 
 plan machine 20 0
 plan install 60 0
-plan smoke 110 0
-plan pytest 90 1
-plan bench 150 1
-plan svd 40 1
+plan smoke 150 0
+plan pytest 80 1
+plan bench 130 1
+plan svd 30 1
 
 step install 60 0 bash gpu/install.sh
 
-step smoke 110 0 env SMOKE_SKIP=fullsvd SMOKE_DEVICE="$([ "$CUDA" = 1 ] && echo cuda:0 || echo cpu)" \
+step smoke 150 0 env SMOKE_SKIP=fullsvd SMOKE_DEVICE="$([ "$CUDA" = 1 ] && echo cuda:0 || echo cpu)" \
     "$VPY" gpu/smoke.py "$OUT"
 
 mapfile -t CUDA_TESTS < <(grep -l "torch.cuda.is_available()" tests/test_*.py)
-step pytest 90 1 env PYTHONPATH=gpu "$VPY" -m pytest -p cuda_select -p no:cacheprovider -q -rfEs \
+step pytest 80 1 env PYTHONPATH=gpu "$VPY" -m pytest -p cuda_select -p no:cacheprovider -q -rfEs \
     --durations=10 --junitxml="$OUT/tests.xml" "${CUDA_TESTS[@]}"
 
 if [ "$CUDA" = 1 ]; then
     if [ "$BENCH_LAYERS" -ge 1 ]; then
-        step bench 150 1 env PISSA_RS_PROFILE= "$VPY" benches/bench_70b.py --layers "$BENCH_LAYERS" \
+        step bench 130 1 env PISSA_RS_PROFILE= "$VPY" benches/bench_70b.py --layers "$BENCH_LAYERS" \
             --workdir "$BENCH_DIR" --json "$OUT/bench70.json" --timeline "$OUT/timeline.jsonl"
     else
-        step bench 150 1 "$PYTHON" -c 'import json, sys; sys.exit("bench: " + json.load(open(sys.argv[1]))["bench"]["why"])' \
+        step bench 130 1 "$PYTHON" -c 'import json, sys; sys.exit("bench: " + json.load(open(sys.argv[1]))["bench"]["why"])' \
             "$OUT/machine.json"
     fi
 else  # the same script at 1/64 scale on the CPU: its timings mean nothing, its parts all run
     mkdir -p "$GPU_VENV/bench-work"
-    step bench 150 1 env PISSA_RS_PROFILE= "$VPY" benches/bench_70b.py --smoke --workdir "$GPU_VENV/bench-work" \
+    step bench 130 1 env PISSA_RS_PROFILE= "$VPY" benches/bench_70b.py --smoke --workdir "$GPU_VENV/bench-work" \
         --json "$OUT/bench70.json" --timeline "$OUT/timeline.jsonl"
 fi
 
-step svd 40 1 env SMOKE_ONLY=fullsvd SMOKE_SECONDS="$(_budget svd 40)" "$VPY" gpu/smoke.py "$OUT"
+step svd 30 1 env SMOKE_ONLY=fullsvd SMOKE_SECONDS="$(_budget svd 30)" "$VPY" gpu/smoke.py "$OUT"
 
 echo "== summary $(date +%T)"
 timeout 30 "$PYTHON" gpu/summary.py "$OUT"
