@@ -220,11 +220,12 @@ def test_seeded_svds_in_concurrent_threads_match_sequential_ones():
             assert all(torch.equal(a, b) for a, b in zip(pool.map(run, range(len(weights))), sequential))
 
 
-def test_gpu_staging_buffers_are_page_locked_exactly_their_size_and_unlocked_at_the_end(monkeypatch):
+def test_gpu_staging_buffers_are_page_locked_exactly_their_size_once_a_run(monkeypatch):
     """torch's pinned allocator rounds a block up to a power of two (a 2.1 GB embedding would
     hold 4 GiB that cannot be swapped): the staging buffers are ordinary allocations
-    registered with CUDA at their own size, and unregistered when the runner closes. Seen
-    through a stand-in for CUDA's runtime (this machine may have no GPU)."""
+    registered with CUDA at their own size. Registering a GB takes a good part of a second, so
+    the next unit's runner takes them again, a larger weight replaces them, and the end of the
+    run unlocks them. Seen through a stand-in for CUDA's runtime (this machine may have no GPU)."""
     import threading
 
     from pissa_rs.engine import devices
@@ -242,6 +243,7 @@ def test_gpu_staging_buffers_are_page_locked_exactly_their_size_and_unlocked_at_
             return 0
 
     monkeypatch.setattr(devices.torch.cuda, "cudart", lambda: Runtime())
+    monkeypatch.setattr(devices, "PAGE_LOCKED", devices.PageLockedPool())
     nbytes = 3 * 2**20 + 5  # far from a power of two
     buffers = devices.HostBuffers(2, nbytes, pin=True, stop=threading.Event())
     first, second = buffers.acquire(), buffers.acquire()
@@ -252,7 +254,20 @@ def test_gpu_staging_buffers_are_page_locked_exactly_their_size_and_unlocked_at_
     assert first.numel() == nbytes
     buffers.close()
     buffers.close()  # once only
-    assert sorted(c[1] for c in calls if c[0] == "unregister") == sorted([first.data_ptr(), second.data_ptr()])
+    assert len(calls) == 2  # kept for the next unit, still locked
+    smaller = devices.HostBuffers(2, nbytes - 100, pin=True, stop=threading.Event())
+    assert {smaller.acquire().data_ptr(), smaller.acquire().data_ptr()} == {first.data_ptr(), second.data_ptr()}
+    smaller.close()
+    assert len(calls) == 2  # the next unit's runner locked nothing
+    larger = devices.HostBuffers(1, nbytes + 1, pin=True, stop=threading.Event())
+    third = larger.acquire()
+    assert calls[2:] == [("unregister", first.data_ptr()), ("unregister", second.data_ptr()),
+                         ("register", third.data_ptr(), nbytes + 1)]  # too small now: unlocked, one larger locked
+    larger.close()
+    devices.PAGE_LOCKED.clear()
+    assert calls[-1] == ("unregister", third.data_ptr())
+    devices.PAGE_LOCKED.clear()
+    assert len(calls) == 6  # once only
     assert devices.page_locked_size(nbytes) == 4 * 2**20 and devices.page_locked_size(2**20) == 2**20
 
 

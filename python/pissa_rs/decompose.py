@@ -19,7 +19,7 @@ from .constants import ADAPTER_SUBDIR
 from .calibration.samples import model_calibration
 from .engine.commit import commit
 from .engine.device_memory import check_device_memory
-from .engine.devices import parse_devices
+from .engine.devices import PAGE_LOCKED, parse_devices
 from .engine.layout import output_bytes
 from .engine.outdir import prepare_out
 from .engine.resume import input_state, run_identity
@@ -278,6 +278,7 @@ def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None
                                            status=state))
     finally:
         checks.close()
+        PAGE_LOCKED.clear()  # the staging buffers the units shared (GPU runs)
         checkpoint.release_all()  # the pages its headers (and the planner's reads) brought in
         for lock in locks:
             lock.release()

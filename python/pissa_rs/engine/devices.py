@@ -107,12 +107,56 @@ def unregister_page_locked(buffer: torch.Tensor) -> None:
     torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
 
 
+class PageLockedPool:
+    """Page-locked buffers kept from one device runner (one per unit) to the next, so that a
+    run locks its staging memory once, not twice per unit: cudaHostRegister of a GB-sized
+    buffer takes a good part of a second. At most the buffers of one runner, sized to the
+    largest weight so far (smaller ones are unlocked when a larger one is needed); `clear()`
+    at the end of a decomposition unlocks them all."""
+
+    def __init__(self):
+        self._buffers: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int, device: torch.device | None) -> torch.Tensor:
+        """A page-locked buffer of at least `nbytes`: a kept one, else a new one locked in
+        `device`'s context (the reader thread that asks has none of its own)."""
+        with self._lock:
+            fitting = [b for b in self._buffers if b.numel() >= nbytes]
+            if fitting:
+                buffer = min(fitting, key=torch.Tensor.numel)
+                self._buffers.remove(buffer)
+                return buffer
+            for small in self._buffers:  # never used again before they would be: unlocked now
+                unregister_page_locked(small)
+            self._buffers = []
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes:
+            with torch.cuda.device(device) if device is not None else contextlib.nullcontext():
+                register_page_locked(buffer)
+        return buffer
+
+    def give_back(self, buffers: list[torch.Tensor]) -> None:
+        with self._lock:
+            self._buffers.extend(b for b in buffers if b.numel())
+
+    def clear(self) -> None:
+        """Unlock and free every kept buffer."""
+        with self._lock:
+            for buffer in self._buffers:
+                unregister_page_locked(buffer)
+            self._buffers = []
+
+
+PAGE_LOCKED = PageLockedPool()
+
+
 class HostBuffers:
-    """Up to `count` reused uint8 host buffers of `nbytes` each, made on first
-    use; page-locked for GPU work, which makes host-device copies asynchronous
+    """Up to `count` reused uint8 host buffers of at least `nbytes` each, made on
+    first use; page-locked for GPU work, which makes host-device copies asynchronous
     and avoids the driver's own bounce buffer. Page-locked exactly their size
-    (register_page_locked), and unlocked by `close()`; reuse keeps host memory
-    flat."""
+    (register_page_locked), from PAGE_LOCKED and given back to it by `close()`;
+    reuse keeps host memory flat."""
 
     def __init__(self, count: int, nbytes: int, pin: bool, stop: threading.Event,
                  device: torch.device | None = None):
@@ -126,10 +170,8 @@ class HostBuffers:
     def acquire(self) -> torch.Tensor:
         with self._lock:
             if self._free.empty() and len(self._made) < self._count:
-                buffer = torch.empty(self._nbytes, dtype=torch.uint8)
-                if self._pin and self._nbytes:
-                    with torch.cuda.device(self._device) if self._device is not None else contextlib.nullcontext():
-                        register_page_locked(buffer)
+                buffer = (PAGE_LOCKED.take(self._nbytes, self._device) if self._pin
+                          else torch.empty(self._nbytes, dtype=torch.uint8))
                 self._made.append(buffer)
                 return buffer
         while not self._stop.is_set():
@@ -143,12 +185,10 @@ class HostBuffers:
         self._free.put(buffer)
 
     def close(self) -> None:
-        """Unlock every buffer (after the threads that use them stopped)."""
+        """Give the page-locked buffers back to the pool (after the threads that use them stopped)."""
         with self._lock:
             if self._pin and not self._closed:
-                for buffer in self._made:
-                    if buffer.numel():
-                        unregister_page_locked(buffer)
+                PAGE_LOCKED.give_back(self._made)
             self._closed = True
 
     @property

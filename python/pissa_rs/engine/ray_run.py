@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .._pissa_rs import PissaError
+from .devices import PAGE_LOCKED
 from .lease import Lease
 from .run import ByIndex, run_unit
 from .units import Job, is_done
@@ -168,7 +169,10 @@ def _unit_task(job: Job, index: int, expected: dict) -> dict[str, Any]:
 
         targets = job.outputs[0].plan.targets
         statistics = ByIndex(BaseReads(Path(job.options.extract_base), targets), targets)
-    summary = run_unit(job, unit, lease=Lease.take(job, unit), rounding=found["rounding"], statistics=statistics)
+    try:
+        summary = run_unit(job, unit, lease=Lease.take(job, unit), rounding=found["rounding"], statistics=statistics)
+    finally:
+        PAGE_LOCKED.clear()  # a Ray worker outlives the task: its staging memory is not kept locked
     return {**summary, "node": node, "bytes": unit.nbytes}
 
 
