@@ -151,9 +151,24 @@ def test_version_is_the_installed_distributions():
 def test_declared_floors_are_the_ones_checked_at_run_time():
     text = (ROOT / "pyproject.toml").read_text()
     block = text.split("dependencies = [", 1)[1].split("]", 1)[0]
-    declared = dict(re.findall(r'"([A-Za-z0-9_.-]+)>=([0-9.]+)"', block))
+    declared = dict(re.findall(r'"([A-Za-z0-9_.-]+)>=([0-9.]+)(?:,<[0-9.]+)?"', block))
     assert declared == requirements.FLOORS
+    assert dict(re.findall(r'"([A-Za-z0-9_.-]+)>=[0-9.]+,<([0-9.]+)"', block)) == requirements.CEILINGS
     assert "safetensors" not in declared  # not imported at run time: transformers brings it
+
+
+def test_a_library_past_its_tested_ceiling_is_warned_about_with_the_command(monkeypatch):
+    import importlib.metadata
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.22.0" if name == "peft" else real(name))
+    requirements.require_versions.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match=re.escape('not yet tested with peft 0.22.0 (>= 0.22): '
+                                                       'pip install "peft>=0.20,<0.22"')):
+            requirements.require_versions()
+    finally:
+        requirements.require_versions.cache_clear()
 
 
 @pytest.mark.parametrize("package, found", [("transformers", "4.57.6"), ("peft", "0.14.0"), ("bitsandbytes", "0.45.5")])

@@ -21,6 +21,10 @@ FLOORS = {
     "numpy": "1.26",
     "tqdm": "4.66",
 }
+# The first versions pissa_rs is not yet tested with (pyproject.toml caps them): PEFT 0.22 changed
+# the experts' ParamWrapper layout, LoftQ's init and the adapter_config fields (11 tests fail).
+# Warned about, not refused: PEFT's own layout check still refuses an adapter it would load otherwise.
+CEILINGS = {"peft": "0.22"}
 # Missing is fine for these: pissa_rs works without them (the reference quantizer).
 OPTIONAL = ("bitsandbytes",)
 
@@ -66,3 +70,8 @@ def require_versions() -> None:
         if too_old(package, installed):
             raise DependencyVersionError(f'pissa_rs needs {package} >= {FLOORS[package]} (found {installed}): '
                                          f'pip install -U "{package}>={FLOORS[package]}"')
+        if package in CEILINGS and _release(installed) >= _release(CEILINGS[package]):
+            import warnings
+
+            warnings.warn(f'pissa_rs is not yet tested with {package} {installed} (>= {CEILINGS[package]}): '
+                          f'pip install "{package}>={FLOORS[package]},<{CEILINGS[package]}"', stacklevel=2)
