@@ -49,7 +49,7 @@ class ConversionResult:
     logit_change: dict | None = None  # with logit_check: logit_check.logit_change against the exact reference
 
 
-def _adapter(directory: Path) -> tuple[Checkpoint, dict]:
+def open_adapter(directory: Path) -> tuple[Checkpoint, dict]:
     weights, config = directory / ADAPTER_WEIGHTS, directory / ADAPTER_CONFIG
     for path in (weights, config):
         if not path.is_file():
@@ -185,8 +185,8 @@ class AdapterPair:
 
     def __init__(self, init_dir: str | os.PathLike[str], finetuned_dir: str | os.PathLike[str]):
         self.init_dir, self.finetuned_dir = Path(init_dir), Path(finetuned_dir)
-        self.init, self.init_cfg = _adapter(self.init_dir)
-        self.tuned, self.tuned_cfg = _adapter(self.finetuned_dir)
+        self.init, self.init_cfg = open_adapter(self.init_dir)
+        self.tuned, self.tuned_cfg = open_adapter(self.finetuned_dir)
         self.init_mods = adapter_modules(self.init, self.init_dir)
         self.tuned_mods = adapter_modules(self.tuned, self.finetuned_dir)
         self.method = init_method(self.init_dir, self.init_cfg)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .convert import CONVERSION_REPORT, AdapterPair, _adapter, expert_factors
+from .convert import CONVERSION_REPORT, AdapterPair, expert_factors, open_adapter
 from .formats.peft_adapter import adapter_modules, module_scaling
 from .methods.base import factor_core
 from .tensors import as_torch
@@ -34,7 +34,7 @@ def verify_lora(lora: str | os.PathLike[str], init: str | os.PathLike[str],
     without it must be exact). Nothing is formed at the size of a weight."""
     lora = Path(lora)
     pair = AdapterPair(init, finetuned)
-    checkpoint, config = _adapter(lora)
+    checkpoint, config = open_adapter(lora)
     modules = adapter_modules(checkpoint, lora)
     report = VerifyReport()
     if set(modules) != set(pair.tuned_mods):

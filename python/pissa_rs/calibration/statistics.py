@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 
-def _shared(inputs: dict[str, torch.Tensor]) -> dict[str, str]:
+def input_owners(inputs: dict[str, torch.Tensor]) -> dict[str, str]:
     """Each module -> the first module given the same input tensor (q/k/v, gate/up)."""
     seen: list[tuple[torch.Tensor, str]] = []
     owner = {}
@@ -22,7 +22,7 @@ def _shared(inputs: dict[str, torch.Tensor]) -> dict[str, str]:
     return owner
 
 
-def _recording_inputs(modules: dict[str, nn.Module], inputs: dict[str, torch.Tensor]) -> list:
+def recording_inputs(modules: dict[str, nn.Module], inputs: dict[str, torch.Tensor]) -> list:
     """Forward hooks that keep each module's input tensor in `inputs` by name; their handles."""
     def recorder(name: str):
         def hook(module, args, output):
@@ -79,7 +79,7 @@ class CovarianceHooks:
         self.tokens: dict[str, torch.Tensor] = {}  # an expert stack's parameter -> tokens each expert saw
         self.reached: dict[str, torch.Tensor] = {}  # ... -> samples that routed a token to each expert
         self._inputs: dict[str, torch.Tensor] = {}
-        self._handles = _recording_inputs(modules, self._inputs)
+        self._handles = recording_inputs(modules, self._inputs)
         self._experts: dict[str, tuple[nn.Module, str]] = {}
         self._routed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(experts module) -> (tokens, top-k)
         for name, (owner, attr) in (parameters or {}).items():
@@ -91,7 +91,7 @@ class CovarianceHooks:
                     self._handles.append(owner.register_forward_pre_hook(self._route_recorder(owner)))
                 self._experts[name] = (owner, attr)
             elif getattr(owner, attr).dim() == 2:  # a router's weight: the module's input, flattened or not
-                self._handles += _recording_inputs({name: owner}, self._inputs)
+                self._handles += recording_inputs({name: owner}, self._inputs)
             else:
                 raise ValueError(f"calibration: {name} is a {getattr(owner, attr).dim()}-D parameter of "
                                  f"{type(owner).__name__}, whose inputs calibration cannot see")
@@ -105,7 +105,7 @@ class CovarianceHooks:
         """Fold the batch the layer just ran into the sums: a sample's rows beyond its length
         are padding."""
         width = max(lengths)
-        owner = _shared(self._inputs)
+        owner = input_owners(self._inputs)
         for name, x in self._inputs.items():
             self.key.setdefault(name, owner[name])
             if owner[name] != name:  # q/k/v, gate/up: the same input tensor, one covariance

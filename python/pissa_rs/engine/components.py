@@ -23,10 +23,10 @@ import torch
 from .._pissa_rs import Checkpoint
 from ..calibration.layers import LayerStack
 from ..calibration.samples import CalibrationError, CalibrationSet
-from ..calibration.statistics import _recording_inputs, _shared, one_row_per_token
+from ..calibration.statistics import input_owners, one_row_per_token, recording_inputs
 from . import heap
 from .resume import fault_point
-from .sequential import _padded, target_layers
+from .sequential import padded_batch, target_layers
 
 # PEFT's loop cycles the dataloader until every module has converged, with no bound. Few
 # samples or a tau close to 1 take hundreds of passes (16 samples of TinyLlama's shapes in
@@ -297,7 +297,7 @@ def _step(stack: LayerStack, loop: _Loop, inner_of: dict[int, dict[str, str]], c
     """Batch `k` through the layers up to the last one with a hook on; each hook that is on
     takes its module's input. On the first step the layers' shared inputs are found and
     their hooks made (PEFT's hashing forward, whose batch its loop then feeds them too)."""
-    ids, mask, _ = _padded(calibration, batch)
+    ids, mask, _ = padded_batch(calibration, batch)
     positions = mask.to(device).bool().nonzero()
     wanted = [layer for layer, inner in inner_of.items()
               if first or loop.on(dict.fromkeys(loop.owner[m] for m in inner.values()))]
@@ -307,7 +307,7 @@ def _step(stack: LayerStack, loop: _Loop, inner_of: dict[int, dict[str, str]], c
         inner = inner_of.get(layer_index, {})
         modules = {name: layer.get_submodule(name) for name in inner}
         inputs: dict[str, torch.Tensor] = {}
-        handles = _recording_inputs(modules, inputs) if first else []
+        handles = recording_inputs(modules, inputs) if first else []
         taking = [] if first else [inner[n] for n in modules if loop.owner[inner[n]] == inner[n]
                                    and not loop.converged[inner[n]]]
         loop.unpark(taking, device)
@@ -328,7 +328,7 @@ def _step(stack: LayerStack, loop: _Loop, inner_of: dict[int, dict[str, str]], c
         x = out[0] if isinstance(out, tuple) else out
         loop.park(taking)
         if first and modules:
-            owner_of = {inner[name]: inner[o] for name, o in _shared({n: inputs[n] for n in modules}).items()}
+            owner_of = {inner[name]: inner[o] for name, o in input_owners({n: inputs[n] for n in modules}).items()}
             loop.add_owners(owner_of)
             for name, module in modules.items():
                 owner = inner[name]

@@ -201,7 +201,7 @@ def boundary_bytes(calibration: CalibrationSet, batches: list[tuple[int, ...]], 
     return sum(map(page_locked_size, blocks)) if page_locked else sum(blocks)
 
 
-def _padded(calibration: CalibrationSet, batch: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+def padded_batch(calibration: CalibrationSet, batch: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """A batch right-padded, its attention mask and each sample's length (as PEFT's EVA dataloader pads)."""
     lengths = [int(calibration.samples[k].numel()) for k in batch]
     ids = torch.zeros(len(batch), max(lengths), dtype=torch.int64)
@@ -216,7 +216,7 @@ def _through_layer(stack: LayerStack, layer, layer_index: int, calibration: Cali
     """Batch `k` through decoder layer `layer_index` (its input: the embeddings for the first
     layer, else the carried hidden states), with the arguments the model's forward gives it;
     `before(mask)` runs just before the forward. Returns (output, mask, sample lengths)."""
-    ids, mask, lengths = _padded(calibration, batch)
+    ids, mask, lengths = padded_batch(calibration, batch)
     given, args, kwargs = stack.call_of(layer_index, ids, mask)
     x = given if hidden is None else hidden[k].to(device)
     if before is not None:
