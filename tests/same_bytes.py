@@ -56,8 +56,19 @@ MIN_SAME_BYTES = 0.9  # integer tensors: at least this share of the sampled byte
 REPORT_RTOL = {"error": 0.1, "reduction": 1e-3}  # by key substring; other floats 1e-4
 
 
+def _peft_defaults() -> dict:
+    """LoraConfig's fields at their defaults, as its save_pretrained writes them."""
+    from peft import LoraConfig
+
+    return json.loads(json.dumps(LoraConfig().to_dict(), default=list))
+
+
 def _normalized(path: Path, root: Path):
     data = json.loads(path.read_text().replace(str(root), "ROOT"))
+    if path.name == "adapter_config.json":  # what we chose, not which PEFT wrote it: a PEFT release
+        # adds fields (0.22: astra_config) at their defaults, and names itself
+        defaults = _peft_defaults()
+        data = {k: v for k, v in data.items() if k != "peft_version" and (k not in defaults or v != defaults[k])}
 
     def strip(value):
         if isinstance(value, dict):

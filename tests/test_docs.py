@@ -161,11 +161,11 @@ def test_a_library_past_its_tested_ceiling_is_warned_about_with_the_command(monk
     import importlib.metadata
 
     real = importlib.metadata.version
-    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.22.0" if name == "peft" else real(name))
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.23.0" if name == "peft" else real(name))
     requirements.require_versions.cache_clear()
     try:
-        with pytest.warns(UserWarning, match=re.escape('not yet tested with peft 0.22.0 (>= 0.22): '
-                                                       'pip install "peft>=0.20,<0.22"')):
+        with pytest.warns(UserWarning, match=re.escape('not yet tested with peft 0.23.0 (>= 0.23): '
+                                                       'pip install "peft>=0.20,<0.23"')):
             requirements.require_versions()
     finally:
         requirements.require_versions.cache_clear()

@@ -117,13 +117,17 @@ def test_fp8_source_gives_a_bfloat16_residual_that_loads_as_the_dequantized_mode
 
 def test_deepseek_v3_fp8_experts_and_what_stays_fp8(tmp_path):
     """DeepSeek-V3 as it ships: every Linear in FP8 with 8x8 (here) block scales, experts
-    per-expert tensors. PEFT's all-linear adapts attention, router and routed experts; the
-    dense first MLP and the shared experts stay FP8, and config.json says so."""
+    per-expert tensors. Attention, router and routed experts adapted (named: PEFT 0.22's
+    all-linear adapts the dense MLPs too, 0.21's does not); the dense first MLP and the shared
+    experts stay FP8, and config.json says so."""
     from peft import PeftModel
 
     src = tmp_path / "src"
     save_fp8_block(deepseek(), src, block=(8, 8))
-    res = pissa_rs.decompose_checkpoint(src, r=R, niter=0, out=tmp_path / "o", progress=False)
+    res = pissa_rs.decompose_checkpoint(
+        src, r=R, niter=0, out=tmp_path / "o", progress=False,
+        target_modules=["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"],
+        target_parameters=["gate.weight", "experts.gate_up_proj", "experts.down_proj"])
     config = json.loads((res.out / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "fp8" and "model.layers.1.mlp.experts" in config["modules_to_not_convert"]
     out_ck = pissa_rs.Checkpoint(res.out)

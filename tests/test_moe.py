@@ -42,7 +42,7 @@ FAMILIES = {
                         n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, n_shared_experts=1,
                         first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
                         qk_nope_head_dim=8, v_head_dim=16, n_group=2, topk_group=1)), None),
-    # PEFT's all-linear leaves Qwen2-MoE's experts alone: named here
+    # PEFT < 0.22's all-linear leaves Qwen2-MoE's experts alone: named here
     "qwen2-moe": (transformers.Qwen2MoeForCausalLM,
                   lambda: transformers.Qwen2MoeConfig(**text(num_experts=4, num_experts_per_tok=2,
                                                              moe_intermediate_size=48,
@@ -203,10 +203,12 @@ def test_mixtral_routers_can_be_kept_frozen(tmp_path):
 
 
 def test_experts_all_linear_does_not_pick_are_named_as_left_out(tmp_path):
-    """On Qwen2-MoE, PEFT's own all-linear adapts no expert; neither do we, and say how to."""
+    """On GPT-OSS (experts fused on disk), PEFT's own all-linear adapts no expert (PEFT 0.21 and
+    0.22 alike: 0.22 adds Qwen2-MoE's family to the ones whose experts it adapts); neither do
+    we, and say how to."""
     from peft import LoraConfig, get_peft_model
 
-    cls = save("qwen2-moe", tmp_path / "src")
+    cls = save("gpt-oss", tmp_path / "src")
     res = pissa_rs.decompose_checkpoint(tmp_path / "src", r=R, out=tmp_path / "o", progress=False)
     assert not [t for t in res.report["tensors"] if t.get("parameter")]
     left = {item["name"]: item["why"] for item in res.report["left_out"]}

@@ -343,8 +343,13 @@ def convert_to_lora(init_dir: str | os.PathLike[str], finetuned_dir: str | os.Pa
         config.r = max(ranks.values())
         config.lora_alpha = config.r
         config.use_rslora = False
-        config.rank_pattern = {re.escape(m): k for m, k in ranks.items() if k != config.r}
-        config.alpha_pattern = {re.escape(m): k for m, k in ranks.items() if k != config.r}
+        # A ParamWrapper layer's rank is named even where it is r: PEFT (0.22 on) rewrites the
+        # pattern of fused experts to 2r when it loads the adapter, and the first key that
+        # matches wins, so the layer's own key must come before the one PEFT appends.
+        wrapped = {parameter for parameter, _ in pair.wrapped.values()}
+        named = {m: k for m, k in ranks.items() if k != config.r or m in wrapped}
+        config.rank_pattern = {re.escape(m): k for m, k in named.items()}
+        config.alpha_pattern = {re.escape(m): k for m, k in named.items()}
     elif growth == 2:  # PEFT's doubling
         config.r = 2 * r
         config.lora_alpha = alpha * (2**0.5 if config.use_rslora else 2)
