@@ -23,6 +23,10 @@ each in its own process so that peak RSS (VmHWM, file-backed pages included) is 
 - milora, mica, olora: pissa_rs with that --method; peft_mica, peft_olora: PEFT's own init
              of the same method, the whole model in memory (MiLoRA is not in PEFT)
 
+--sources bf16,ct-int4,gptq,awq runs the methods on the checkpoint re-stored as each INT4
+format (round to nearest, groups of 128; compressed-tensors pack-quantized, GPTQ v1, AWQ
+GEMM): "pissa_rs@gptq" against "pissa_rs" is what reading and dequantizing that format costs.
+
 --shapes llama3-8b uses Llama-3-8B's shapes instead (hidden 4096, intermediate 14336,
 32 heads, 8 kv heads, vocab 128256): with --layers 1 and 4, peak RSS per weight size;
 --shapes llama3-70b (hidden 8192, intermediate 28672, 64 heads, 8 kv heads) the same at 70B's.
@@ -108,6 +112,84 @@ def write_random_shards(path: Path, tensors: dict[str, list[int]], shard_bytes: 
         writer.finalize()
     (path / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return total
+
+
+# --sources: the same checkpoint re-stored as the INT formats people download, round to
+# nearest per group of 128 (what is measured is reading them, not how well they quantize)
+GROUP = 128  # (--smoke: 32, which divides its shapes)
+QUANTIZATION_CONFIGS = {
+    "ct-int4": {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+                "config_groups": {"group_0": {"targets": ["Linear"], "format": "pack-quantized", "weights": {
+                    "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": GROUP}}},
+                "ignore": ["lm_head"]},
+    "gptq": {"quant_method": "gptq", "bits": 4, "group_size": GROUP, "desc_act": False, "sym": True,
+             "checkpoint_format": "gptq"},
+    "awq": {"quant_method": "awq", "bits": 4, "group_size": GROUP, "zero_point": True, "version": "gemm"},
+}
+
+
+def _pack_rows(codes, dim: int):
+    """4-bit codes (0..15) packed 8 to an int32 word along `dim`, code k at bits [4k, 4k+4)."""
+    import torch
+
+    c = codes.movedim(dim, -1).to(torch.int64)
+    c = c.reshape(*c.shape[:-1], -1, 8)
+    words = (c << (torch.arange(8) * 4)).sum(-1)
+    words = torch.where(words >= 2**31, words - 2**32, words)
+    return words.to(torch.int32).movedim(-1, dim).contiguous()
+
+
+def int4_tensors(name: str, w, source: str, group: int) -> dict:
+    """One bf16 projection weight [R, C] as `source` stores it (symmetric / zero point 8)."""
+    import torch
+
+    rows, cols = w.shape
+    groups = w.float().reshape(rows, cols // group, group)
+    scale = (groups.abs().amax(-1) / 7.5).clamp(min=1e-8)  # [R, G]
+    prefix = name.removesuffix(".weight")
+    if source == "ct-int4":
+        scale = scale.to(torch.bfloat16)
+        q = torch.clamp(torch.round(groups / scale.float()[..., None]), -8, 7).reshape(rows, cols) + 8
+        return {f"{prefix}.weight_packed": _pack_rows(q, 1), f"{prefix}.weight_scale": scale,
+                f"{prefix}.weight_shape": torch.tensor([rows, cols])}
+    scale = scale.to(torch.float16)
+    q = torch.clamp(torch.round(groups / scale.float()[..., None]) + 8, 0, 15).reshape(rows, cols)
+    zeros = torch.full((cols // group, rows), 8, dtype=torch.int64)
+    if source == "gptq":  # v1: zero points stored minus one
+        return {f"{prefix}.qweight": _pack_rows(q.T, 0), f"{prefix}.qzeros": _pack_rows(zeros - 1, 1),
+                f"{prefix}.scales": scale.T.contiguous(), f"{prefix}.g_idx": (torch.arange(cols) // group).int()}
+    order = torch.arange(rows).view(-1, 8)[:, [0, 2, 4, 6, 1, 3, 5, 7]].reshape(-1)  # AWQ's interleave
+    return {f"{prefix}.qweight": _pack_rows(q.T[:, order], 1), f"{prefix}.qzeros": _pack_rows(zeros[:, order], 1),
+            f"{prefix}.scales": scale.T.contiguous()}
+
+
+def quantize_checkpoint(src: Path, dst: Path, source: str, group: int = GROUP) -> int:
+    """`src` (bf16) with its decoder projections stored as `source` in groups of `group`;
+    returns the bytes."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir(parents=True, exist_ok=True)
+    weight_map, total = {}, 0
+    for shard in sorted(src.glob("*.safetensors")):
+        out = {}
+        for name, value in load_file(shard).items():
+            if any(name.endswith(f".{p}.weight") for p in PROJECTIONS):
+                out.update(int4_tensors(name, value, source, group))
+            else:
+                out[name] = value
+        save_file(out, dst / shard.name, metadata={"format": "pt"})
+        weight_map |= {n: shard.name for n in out}
+        total += (dst / shard.name).stat().st_size
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = json.loads(json.dumps(QUANTIZATION_CONFIGS[source]).replace(
+        f'"group_size": {GROUP}', f'"group_size": {group}'))
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    for extra in src.glob("generation_config.json"):
+        shutil.copy(extra, dst)
     return total
 
 
@@ -259,6 +341,8 @@ def main() -> None:
     ap.add_argument("--shapes", choices=["tinyllama", "llama3-8b", "llama3-70b"], default="tinyllama")
     ap.add_argument("--methods", default="pissa_rs,peft,floor")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--sources", default="bf16", help="comma-separated: bf16, ct-int4 (compressed-tensors "
+                    "pack-quantized), gptq, awq; each method runs on the checkpoint stored that way")
     ap.add_argument("--baseline", type=Path, help="for --methods ...,baseline: another pissa_rs version's python/ "
                     "folder (with its compiled module), e.g. from `git worktree add`")
     ap.add_argument("--profile", action="store_true", help="pissa_rs's runs record their timeline: seconds computing, "
@@ -283,24 +367,35 @@ def main() -> None:
         t0 = time.perf_counter()
         total = make_checkpoint(src, dims, shard_bytes)
         print(f"checkpoint: {total / 2**30:.2f} GiB in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        sources = {"bf16": (src, total)}
+        for source in args.sources.split(","):
+            if source != "bf16":
+                t0 = time.perf_counter()
+                stored = quantize_checkpoint(src, Path(tmp) / source, source, 32 if args.smoke else GROUP)
+                sources[source] = (Path(tmp) / source, stored)
+                print(f"{source}: {stored / 2**30:.2f} GiB in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         results = {}
         for _ in range(args.repeat):
-            for method in args.methods.split(","):
-                out = Path(tmp) / f"out-{method}"
-                if out.exists():
-                    import shutil
+            for source in args.sources.split(","):
+                for method in args.methods.split(","):
+                    key = method if source == "bf16" else f"{method}@{source}"
+                    out = Path(tmp) / f"out-{key}"
+                    if out.exists():
+                        import shutil
 
-                    shutil.rmtree(out)
-                run = run_method(method, src, out, rank, args.niter, args.baseline, args.profile)
-                print(method, run, file=sys.stderr)
-                if method not in results or run["wall_s"] < results[method]["wall_s"]:
-                    results[method] = run
+                        shutil.rmtree(out)
+                    run = run_method(method, sources[source][0], out, rank, args.niter, args.baseline, args.profile)
+                    run["bytes_read"] = sources[source][1]
+                    print(key, run, file=sys.stderr)
+                    if key not in results or run["wall_s"] < results[key]["wall_s"]:
+                        results[key] = run
 
     report = {"machine": machine(), "dims": dims, "rank": rank, "niter": args.niter, "bytes": total,
               "results": results}
-    print("| method | wall (s) | peak RSS (GiB) | written (GiB) |\n|---|---:|---:|---:|")
+    print("| method | wall (s) | peak RSS (GiB) | read (GiB) | written (GiB) |\n|---|---:|---:|---:|---:|")
     for method, r in results.items():
-        print(f"| {method} | {r['wall_s']:.1f} | {r['peak_rss_bytes'] / 2**30:.2f} | {r['bytes_written'] / 2**30:.2f} |")
+        print(f"| {method} | {r['wall_s']:.1f} | {r['peak_rss_bytes'] / 2**30:.2f} | {r['bytes_read'] / 2**30:.2f} | "
+              f"{r['bytes_written'] / 2**30:.2f} |")
     for method, r in results.items():
         if "timeline" in r:
             t = r["timeline"]

@@ -31,6 +31,21 @@ def test_benchmark_smoke(tmp_path):
     assert "pissa_rs timeline: 14 weights" in proc.stdout
 
 
+def test_int4_sources_benchmark_smoke(tmp_path):
+    """--sources: the same run on the checkpoint re-stored as each INT4 format."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(BENCH), "--smoke", "--workdir", str(tmp_path), "--json", str(out),
+                           "--methods", "pissa_rs", "--sources", "bf16,ct-int4,gptq,awq"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"pissa_rs", "pissa_rs@ct-int4", "pissa_rs@gptq", "pissa_rs@awq"}
+    for key in ("pissa_rs@ct-int4", "pissa_rs@gptq", "pissa_rs@awq"):  # 4-bit: about a quarter of bf16's bytes read
+        assert results[key]["bytes_read"] < 0.6 * results["pissa_rs"]["bytes_read"]
+        assert results[key]["bytes_written"] > 0.9 * results["pissa_rs"]["bytes_written"]  # the residual is full width
+    assert "| pissa_rs@gptq |" in proc.stdout
+
+
 def test_serving_benchmark_smoke(tmp_path):
     """benches/bench_serving.py: to-lora against PEFT's save_as_lora, extract-lora against mergekit's."""
     out = tmp_path / "serving.json"

@@ -39,9 +39,10 @@ def verify(out: str | os.PathLike[str], against: str | os.PathLike[str], revisio
     """Compare a decomposition's OUT with the ORIGINAL checkpoint it came from
     (a path, or a Hub model ID at `revision`).
 
-    A target passes when |W - (W_res + s*B@A)| <= eps(dtype) * (|W_res| + |W|)
+    A target passes when |W - (W_res + s*B@A)| <= eps(dtype) * (|W_res| + |W|) + 2 tiny(dtype)
     + 2 r eps32 |s B| |A| elementwise (two roundings: the residual's and the original's
-    at most, and s*B@A's float32 summation, whose order the decomposing process's BLAS
+    at most, each at least half a subnormal step tiny = smallest_normal * eps near zero,
+    float16's 6e-8; and s*B@A's float32 summation, whose order the decomposing process's BLAS
     chose); a
     quantized residual (QPiSSA, quant_iters > 1) when the difference is within
     the quantization's own error bound for W - s*B@A.
@@ -161,7 +162,9 @@ def _reconstruction_problem(name: str, target: AdapterTarget, stored: torch.Tens
     error = (w - (w_res + delta.double())).abs()
     # the residual's and the original's rounding, and s*B@A's own in float32 (the
     # decomposition's summation order need not be this process's)
-    bound = torch.finfo(stored.dtype).eps * (w_res.abs() + w.abs()) + target.delta_rounding(adapter).double() + 1e-30
+    finfo = torch.finfo(stored.dtype)
+    bound = (finfo.eps * (w_res.abs() + w.abs()) + 2 * finfo.smallest_normal * finfo.eps
+             + target.delta_rounding(adapter).double() + 1e-30)
     what = "within rounding"
     if requantized is not None and requantized.decode is not None and requantized.out_pieces is None:
         bound = bound + requantized.decode.error_bound((w - delta.double()).float()).double()

@@ -102,8 +102,8 @@ class LayerStack:
         self.model, self.config, self.device, self.checkpoint = model, config, device, checkpoint
         self.keep_cached = keep_cached
         self.where = Path(checkpoint.root)
-        self.source = source_format(config_dir)  # FP8 weights are dequantized as they are read
-        self.mapping = checkpoint_mapping(model, checkpoint)
+        self.source = source_format(config_dir)  # FP8 and INT weights are dequantized as they are read
+        self.mapping = checkpoint_mapping(model, checkpoint, self.source)
         self.layers_name, self.layers = _decoder_layers(model)
         self.base = getattr(model, model.base_model_prefix, model)
         embedding = self.base.get_input_embeddings()
@@ -165,11 +165,11 @@ class LayerStack:
             raise CalibrationError(f"{self.where}: no checkpoint tensor holds the model's {param} (calibration runs "
                                    "the original model, so every weight of a layer must be in the checkpoint)")
         info = self.checkpoint.info(tensor)
-        if info.dtype in FP8_DTYPES:
-            return self._read_fp8(tensor, param, shape).to(self.device, dtype)
+        if info.dtype in FP8_DTYPES or getattr(self.source.codec, "encoded", lambda name: False)(tensor):
+            return self._read_encoded(tensor, param, shape).to(self.device, dtype)
         if info.dtype not in ("F32", "F16", "BF16"):
-            raise CalibrationError(f"{self.where}: {tensor} is {info.dtype}; calibration reads float and FP8 "
-                                   "weights only")
+            raise CalibrationError(f"{self.where}: {tensor} is {info.dtype}; calibration reads float, FP8 and packed "
+                                   "INT weights only")
         data = torch.empty(info.nbytes, dtype=torch.uint8)
         self.checkpoint.read_into(tensor, data.numpy(), keep_cached=self.keep_cached)
         value = data.view(TORCH_DTYPES[info.dtype]).reshape(list(info.shape))
@@ -178,15 +178,15 @@ class LayerStack:
                                    f"{list(shape)}")
         return value.to(self.device, dtype)
 
-    def _read_fp8(self, tensor: str, param: str, shape: torch.Size) -> torch.Tensor:
-        """An FP8 weight with its scales, dequantized as transformers dequantizes the checkpoint
-        (to bfloat16): the layer runs as the model loaded dequantized does, which is the model
+    def _read_encoded(self, tensor: str, param: str, shape: torch.Size) -> torch.Tensor:
+        """An FP8 or packed INT weight with its scales, dequantized as its library dequantizes
+        the checkpoint: the layer runs as the model loaded dequantized does, which is the model
         PEFT's calibration can run on a CPU."""
         from ..planning.mapping import ExpertLayoutError, plain_or_encoded
 
         if len(shape) != 2:
-            raise CalibrationError(f"{self.where}: {tensor} is FP8, the model's {param} {list(shape)}: only "
-                                   "matrices are read from FP8")
+            raise CalibrationError(f"{self.where}: {tensor} is encoded, the model's {param} {list(shape)}: only "
+                                   "matrices are read encoded")
         try:
             read = plain_or_encoded(self.checkpoint, self.source, [tensor], tuple(shape), str(self.where))
         except (SourceFormatError, ExpertLayoutError) as err:

@@ -169,13 +169,14 @@ def model_calibration(path: Path, options) -> tuple[CalibrationSet, Any]:
                                "tokenizer files), not a bare .safetensors file")
     from dataclasses import replace
 
-    from ..formats.fp8 import CompressedTensorsFP8, FineGrainedFP8
+    from ..formats.mxfp4 import MXFP4
     from ..formats.sources import source_format
 
-    fmt = source_format(path)  # FP8 weights are dequantized as the layers read them (layers.py)
-    if fmt.kind is not None and not isinstance(fmt.codec, (FineGrainedFP8, CompressedTensorsFP8)):
-        raise CalibrationError(f"{path}: {fmt.describe()}; calibration reads float and FP8 weights only (run it on "
-                               "the bf16 model, e.g. dequantized with transformers)")
+    fmt = source_format(path)  # FP8 and INT weights are dequantized as the layers read them (layers.py)
+    if fmt.kind is not None and (fmt.codec is None or isinstance(fmt.codec, MXFP4)):
+        raise CalibrationError(f"{path}: {fmt.describe()}; calibration reads float, FP8 and packed INT (compressed-"
+                               "tensors, GPTQ, AWQ) weights only (run it on the bf16 model, e.g. dequantized with "
+                               "transformers)")
     from .layers import check_family
 
     config, _ = load_config(path)

@@ -17,14 +17,14 @@ import torch
 
 from .._pissa_rs import Checkpoint
 from .fp8 import FP8_DTYPES, CompressedTensorsFP8, FineGrainedFP8, dequantize_fp8, quantize_fp8_blocks, scale_grid
+from .stored import Encoded, SourceFormatError, Stored, typed
+from .awq import AWQ, dequantize_awq
+from .compressed_int import CompressedTensorsPacked, dequantize_packed
+from .gptq import GPTQ, dequantize_gptq
 from .mxfp4 import MXFP4, dequantize_mxfp4
 
 OUT_DTYPE = "BF16"  # what transformers dequantizes these formats to for training
 SCALE_DTYPES = ("F32", "BF16", "F16", "U8", "F8_E8M0")
-
-
-class SourceFormatError(ValueError):
-    """Codes and scales that do not make the weight they claim to."""
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class SourceFormat:
     @property
     def codec(self):
         """The format's module-level description (FORMATS), None for floats or a format we cannot read."""
-        return FORMATS.get(self.kind)
+        return FORMATS.get((self.kind, (self.config or {}).get("format")), FORMATS.get(self.kind))
 
     @property
     def scale_suffix(self) -> str | None:
@@ -56,8 +56,10 @@ class SourceFormat:
         return self.codec.describe(self.config)
 
 
-# The low-precision formats pissa_rs reads, by quantization_config's quant_method (one module each)
-FORMATS = {f.quant_method: f for f in (FineGrainedFP8(), CompressedTensorsFP8(), MXFP4())}
+# The low-precision formats pissa_rs reads, by quantization_config's quant_method (one module
+# each), or by (quant_method, format) where one library stores several (compressed-tensors)
+FORMATS = {f.quant_method: f for f in (FineGrainedFP8(), CompressedTensorsFP8(), MXFP4(), GPTQ(), AWQ())}
+FORMATS[(CompressedTensorsPacked.quant_method, CompressedTensorsPacked.format)] = CompressedTensorsPacked()
 
 
 def source_format(config_dir: str | Path | None) -> SourceFormat:
@@ -70,47 +72,74 @@ def source_format(config_dir: str | Path | None) -> SourceFormat:
     return SourceFormat(quant.get("quant_method"), quant)
 
 
-@dataclass(frozen=True)
-class Stored:
-    """One stored tensor's part of a matrix: its codes, then its scales, in the staged bytes."""
+def _decode_fp8(part: Stored, codes, scale, extra) -> torch.Tensor:
+    return dequantize_fp8(typed(codes, part.codes_dtype, part.codes_shape),
+                          typed(scale, part.scale_dtype, part.scale_shape))
 
-    codes_dtype: str
-    codes_shape: tuple[int, ...]
-    codes_nbytes: int
-    scale_dtype: str | None = None
-    scale_shape: tuple[int, ...] | None = None
-    scale_nbytes: int = 0
+
+def _decode_mxfp4(part: Stored, codes, scale, extra) -> torch.Tensor:
+    return dequantize_mxfp4(codes.view(part.codes_shape), scale.view(part.scale_shape))
+
+
+def _decode_int_packed(part: Stored, codes, scale, extra) -> torch.Tensor:
+    args = dict(part.args)
+    return dequantize_packed(typed(codes, part.codes_dtype, part.codes_shape),
+                             typed(scale, part.scale_dtype, part.scale_shape),
+                             extra.get("zero_point"), extra.get("g_idx"), tuple(args["shape"]), args["bits"])
+
+
+def _decode_gptq(part: Stored, codes, scale, extra) -> torch.Tensor:
+    args = dict(part.args)
+    rows, cols = args["shape"]
+    g_idx = extra.get("g_idx")
+    if g_idx is None:  # (GPTQModel's default: input column c in group c // g)
+        g_idx = torch.arange(cols, device=codes.device) // args["group_size"]
+    return dequantize_gptq(typed(codes, part.codes_dtype, part.codes_shape), extra["zero_point"],
+                           typed(scale, part.scale_dtype, part.scale_shape), g_idx, args["bits"], args["v1"])
+
+
+def _decode_awq(part: Stored, codes, scale, extra) -> torch.Tensor:
+    args = dict(part.args)
+    return dequantize_awq(typed(codes, part.codes_dtype, part.codes_shape), extra["zero_point"],
+                          typed(scale, part.scale_dtype, part.scale_shape), args["bits"], args["group_size"])
+
+
+# How a Stored part's bytes become its rows, by Decode.kind (one entry per encoding)
+DECODERS = {"fp8": _decode_fp8, "mxfp4": _decode_mxfp4, "int-packed": _decode_int_packed, "gptq": _decode_gptq,
+            "awq": _decode_awq}
 
 
 @dataclass(frozen=True)
 class Decode:
     """How a matrix's staged bytes become its values: per stored tensor (stacked by
-    rows, in order), its codes then its scales; `transpose` when the model multiplies
-    by the transpose of the decoded rows (MXFP4 experts)."""
+    rows, in order), its codes then its scales (then its extra tensors); `transpose` when the
+    model multiplies by the transpose of the decoded rows (MXFP4 experts)."""
 
-    kind: str  # "fp8" (block, per-channel and per-tensor scales alike) or "mxfp4"
+    kind: str  # a DECODERS key: "fp8" (block, per-channel and per-tensor scales alike), "mxfp4", "int-packed"
     parts: tuple[Stored, ...]
     transpose: bool = False
 
-    def __call__(self, raw: torch.Tensor) -> torch.Tensor:
-        """The matrix in bfloat16, on raw's device."""
-        from ..tensors import TORCH_DTYPES
+    @staticmethod
+    def from_record(record: dict) -> Decode:
+        return Decode(record["kind"], tuple(Stored.from_record(p) for p in record["parts"]), record["transpose"])
 
+    def __call__(self, raw: torch.Tensor) -> torch.Tensor:
+        """The matrix in the format's dequantized dtype (bfloat16 for FP8 / MXFP4, the
+        scales' for INT), on raw's device."""
+        decoder = DECODERS[self.kind]
         rows, offset = [], 0
         for part in self.parts:
             codes = raw[offset: offset + part.codes_nbytes]
             offset += part.codes_nbytes
             scale = raw[offset: offset + part.scale_nbytes]
             offset += part.scale_nbytes
-            if self.kind == "mxfp4":
-                rows.append(dequantize_mxfp4(codes.view(part.codes_shape), scale.view(part.scale_shape)))
-            else:
-                q = codes.view(TORCH_DTYPES[part.codes_dtype]).view(part.codes_shape)
-                s = scale.view(TORCH_DTYPES[part.scale_dtype])
-                rows.append(dequantize_fp8(q, s.reshape(part.scale_shape)))
+            extra = {}
+            for role, dtype, shape, size in part.extra:
+                extra[role] = typed(raw[offset: offset + size], dtype, shape)
+                offset += size
+            rows.append(decoder(part, codes, scale, extra))
         matrix = torch.cat(rows) if len(rows) > 1 else rows[0]
         return matrix.T.contiguous() if self.transpose else matrix
-
 
     def _row_parts(self, matrix: torch.Tensor):
         """(part, its rows of `matrix`, its block shape) per stored tensor (FP8 only)."""
@@ -144,6 +173,19 @@ class Decode:
             step = tiles.amax(dim=(1, 3), keepdim=True) / torch.finfo(torch.float8_e4m3fn).max * 2.0 ** -9
             bounds.append((tiles * 2.0 ** -4 + step).reshape(r, c))
         return torch.cat(bounds)
+
+
+def encoded_part(checkpoint: Checkpoint, fmt: SourceFormat, tensor: str) -> Encoded | None:
+    """How `tensor` is read when the checkpoint stores it encoded (its format's `part`; FP8:
+    the weight with its scales), or None when it is a plain tensor."""
+    codec = fmt.codec
+    if codec is not None and hasattr(codec, "part"):
+        return codec.part(checkpoint, fmt.config, tensor)
+    found = fp8_part(checkpoint, fmt, tensor)
+    if found is None:
+        return None
+    part, scale = found
+    return Encoded(part, (tensor, scale), "fp8", OUT_DTYPE, tuple(part.codes_shape), tensor)
 
 
 def fp8_part(checkpoint: Checkpoint, fmt: SourceFormat, tensor: str) -> tuple[Stored, str] | None:

@@ -22,7 +22,7 @@ import torch
 from .._pissa_rs import Checkpoint, PissaError
 from .. import compat
 from ..noise import quiet_library_noise
-from ..formats.sources import OUT_DTYPE, Decode, SourceFormat, Stored, fp8_part, mxfp4_part
+from ..formats.sources import OUT_DTYPE, Decode, SourceFormat, Stored, encoded_part, mxfp4_part, source_format
 from ..tensors import nbytes
 
 log = logging.getLogger("pissa_rs")
@@ -162,9 +162,7 @@ class WeightRead:
     def from_record(record: dict) -> WeightRead:
         decode = record.get("decode")
         if decode is not None:
-            decode = Decode(decode["kind"], tuple(Stored(**{k: tuple(v) if isinstance(v, list) else v
-                                                             for k, v in part.items()})
-                                                      for part in decode["parts"]), decode["transpose"])
+            decode = Decode.from_record(decode)
         out = record.get("out_pieces")
         return WeightRead(tuple(Piece(*p) for p in record["pieces"]), record["dtype"], tuple(record["shape"]),
                           decode, tuple(Piece(*p) for p in out) if out else None)
@@ -214,14 +212,18 @@ class CheckpointMapping:
         return self.tensor_of.get(f"{module}.weight")
 
 
-def checkpoint_mapping(model, checkpoint: Checkpoint) -> CheckpointMapping:
-    """Every checkpoint tensor through transformers' own load-time renaming of `model`."""
+def checkpoint_mapping(model, checkpoint: Checkpoint, fmt: SourceFormat = SourceFormat(None, None)
+                       ) -> CheckpointMapping:
+    """Every checkpoint tensor through transformers' own load-time renaming of `model`; a
+    weight stored under its format's own name (X.weight_packed) stands for X.weight."""
     renamings, converters = compat.conversion_mapping(model)
     params = model.state_dict()
     prefix = getattr(model, "base_model_prefix", None) or None
     mapping = CheckpointMapping(type(model).__name__, _task_type(model))
+    weight_of = getattr(fmt.codec, "weight_of", None)
     for name in checkpoint.names():
-        param, merged_by = compat.rename_checkpoint_key(name, renamings, converters, prefix, params)
+        key = (weight_of(name) if weight_of else None) or name
+        param, merged_by = compat.rename_checkpoint_key(key, renamings, converters, prefix, params)
         if merged_by is not None:
             mapping.merged.setdefault(param, []).append(name)
             converter = next(c for c in converters if merged_by in c.source_patterns)
@@ -234,25 +236,33 @@ def checkpoint_mapping(model, checkpoint: Checkpoint) -> CheckpointMapping:
 def model_mapping(checkpoint: Checkpoint, config_dir: str | Path):
     """(meta model, its CheckpointMapping) for a checkpoint with a config.json."""
     model, _ = meta_model(config_dir)
-    return model, checkpoint_mapping(model, checkpoint)
+    return model, checkpoint_mapping(model, checkpoint, source_format(config_dir))
 
 
-def plain_or_encoded(checkpoint: Checkpoint, fmt: SourceFormat, tensors: list[str], matrix: tuple[int, int],
+def plain_or_encoded(checkpoint: Checkpoint, fmt: SourceFormat, tensors: list[str], matrix: tuple[int, int] | None,
                      where: str) -> WeightRead:
-    """One matrix made of whole tensors stacked by rows: plain floats, or FP8 codes with
-    their scales (then decoded to bfloat16, and the residual written as bfloat16 tensors
-    of the same names)."""
+    """One matrix made of whole tensors stacked by rows: plain floats, or a format's codes
+    with their scales (FP8, packed INT), decoded (to bfloat16; INT to its scales' dtype), the
+    residual written as plain tensors (FP8: under the same names; INT: the weight's own
+    name). `matrix` None: the decoded shape."""
     infos = [checkpoint.info(t) for t in tensors]
-    encoded = [fp8_part(checkpoint, fmt, t) for t in tensors]
+    encoded = [encoded_part(checkpoint, fmt, t) for t in tensors]
     if not any(encoded):
-        return WeightRead(tuple(Piece(i.name, 0, i.nbytes) for i in infos), infos[0].dtype, matrix)
-    if not all(encoded):
-        raise ExpertLayoutError(f"{where}: {', '.join(tensors)} mix FP8 and plain tensors in one matrix")
+        return WeightRead(tuple(Piece(i.name, 0, i.nbytes) for i in infos), infos[0].dtype,
+                          matrix or tuple(infos[0].shape))
+    if not all(encoded) or len({(e.kind, e.dtype) for e in encoded}) > 1:
+        raise ExpertLayoutError(f"{where}: {', '.join(tensors)} mix encoded and plain tensors (or two encodings) in "
+                                "one matrix")
     pieces, out = [], []
-    for info, (part, scale) in zip(infos, encoded):
-        pieces += [Piece(info.name, 0, info.nbytes), Piece(scale, 0, part.scale_nbytes)]
-        out.append(Piece(info.name, 0, nbytes(OUT_DTYPE, info.shape)))
-    return WeightRead(tuple(pieces), OUT_DTYPE, matrix, Decode("fp8", tuple(p for p, _ in encoded)), tuple(out))
+    for e in encoded:
+        pieces += [Piece(name, 0, checkpoint.info(name).nbytes) for name in e.tensors]
+        out.append(Piece(e.residual, 0, nbytes(e.dtype, e.shape)))
+    decoded = (sum(e.shape[0] for e in encoded), encoded[0].shape[1])
+    if matrix is not None and tuple(matrix) != decoded:
+        raise ExpertLayoutError(f"{where}: {', '.join(tensors)} decode to {list(decoded)}; the matrix is "
+                                f"{list(matrix)}")
+    return WeightRead(tuple(pieces), encoded[0].dtype, decoded, Decode(encoded[0].kind, tuple(e.part for e in encoded)),
+                      tuple(out))
 
 
 def expert_reads(mapping: CheckpointMapping, checkpoint: Checkpoint, param: str, shape: tuple[int, ...],
@@ -299,9 +309,10 @@ def expert_reads(mapping: CheckpointMapping, checkpoint: Checkpoint, param: str,
                                 f"{', '.join(map(repr, converter.operations))}; pissa_rs reads experts merged by "
                                 "MergeModulelist(dim=0) and optionally Concatenate(dim=1) only")
     by_expert: dict[int, dict[str, str]] = {}
+    weight_of = getattr(fmt.codec, "weight_of", None)
     for tensor, pattern in patterns.items():
         number = re.compile(re.escape(pattern).replace(r"\*", r"(\d+)"))
-        found = number.search(tensor)
+        found = number.search((weight_of(tensor) if weight_of else None) or tensor)  # X.qweight: as X.weight
         if found is None:
             raise ExpertLayoutError(f"{checkpoint.info(tensor).file}: tensor '{tensor}' matched {pattern!r} but "
                                     "names no expert number")
@@ -314,6 +325,10 @@ def expert_reads(mapping: CheckpointMapping, checkpoint: Checkpoint, param: str,
             missing = order[tensors.index(None)].replace("*", str(e))
             raise ExpertLayoutError(f"{where}: parameter {param} has {experts} experts, but no tensor matching "
                                     f"{missing!r} for expert {e}")
+        packed = getattr(fmt.codec, "encoded", None)
+        if packed and all(packed(t) for t in tensors):  # codes by name (packed INT): the decoded shape is checked
+            reads.append(plain_or_encoded(checkpoint, fmt, tensors, matrix, where))
+            continue
         infos = [checkpoint.info(t) for t in tensors]
         rows = sum(i.shape[0] for i in infos)
         for info in infos:

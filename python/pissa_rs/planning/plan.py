@@ -355,16 +355,21 @@ def source_layout(checkpoint: Checkpoint, targets) -> dict[str, list[tuple[str, 
         read = t.location
         if read is None or read.decode is None:
             continue
-        outs = {p.tensor for p in read.written}
-        for piece in read.pieces:
-            if piece.tensor in layout:
-                continue
-            if piece.tensor in outs:
-                layout[piece.tensor] = [(piece.tensor, OUT_DTYPE, list(checkpoint.info(piece.tensor).shape))]
-            elif piece.tensor.endswith("_blocks"):
-                layout[piece.tensor] = [(param_on_disk(piece.tensor), OUT_DTYPE, [t.num_experts, *t.shape])]
-            else:  # scales: consumed
-                layout[piece.tensor] = []
+        staged = 0
+        for part, out in zip(read.decode.parts, read.written):  # per part: its codes, scales, extra tensors
+            pieces = read.pieces[staged: staged + 2 + len(part.extra)]
+            staged += len(pieces)
+            codes, args = pieces[0].tensor, dict(part.args)
+            if codes not in layout:
+                if out.tensor == codes:  # FP8: the residual under the weight's own name
+                    shape = list(checkpoint.info(codes).shape)
+                elif "shape" in args:  # packed INT: under the weight's name (X.weight for X.weight_packed)
+                    shape = list(args["shape"])
+                else:  # MXFP4: one expert's slice of the parameter, under the parameter's name
+                    shape = [t.num_experts, *t.shape]
+                layout[codes] = [(out.tensor, read.dtype, shape)]
+            for piece in pieces[1:]:  # scales, zero points, ...: consumed
+                layout.setdefault(piece.tensor, [])
     return layout
 
 
@@ -374,12 +379,17 @@ def remaining_quantization(checkpoint: Checkpoint, fmt: SourceFormat, source_as:
     those it leaves unquantized (transformers then loads both kinds without a warning)."""
     if fmt.kind is None or not source_as:
         return fmt.config
+    encoded = getattr(fmt.codec, "encoded", lambda name: False)  # a format that names its codes
     left = [i.name for i in checkpoint.tensors
-            if i.name not in source_as and (i.dtype in FP8_DTYPES or i.name.endswith("_blocks"))]
+            if i.name not in source_as and (i.dtype in FP8_DTYPES or i.name.endswith("_blocks") or encoded(i.name))]
     if not left:
         return None
     config = dict(fmt.config)
     key = fmt.codec.unquantized_key
+    if key is None:  # the format's config cannot say which modules it no longer quantizes
+        raise TargetError(f"{checkpoint.root}: {fmt.describe()} cannot mark the decomposed modules as no longer "
+                          f"quantized in config.json, so every quantized weight must be a target; {left[0]} (and "
+                          f"{len(left) - 1} more) would stay quantized: target them too (e.g. all-linear)")
     # the modules holding the decomposed weights (an expert's: the module of its parameter)
     modules = sorted({t.parameter.rsplit(".", 1)[0] if t.parameter else t.module
                       for t in targets if t.location is not None and t.location.decode is not None})

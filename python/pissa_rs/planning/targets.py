@@ -20,6 +20,9 @@ from ..noise import quiet_library_noise
 # decomposition can plan in a child process and never hold them (~250 MB).
 
 DECOMPOSABLE_DTYPES = ("F32", "F16", "BF16")
+READABLE_FORMATS = ("floating point, FP8 (fine-grained blocks; compressed-tensors per tensor or channel), MXFP4, "
+                    "compressed-tensors pack-quantized INT2/4/8, GPTQ (2/4/8-bit, gptq and gptq_v2 formats) and AWQ "
+                    "(4-bit GEMM); not yet pre-quantized bitsandbytes")
 
 
 class TargetError(PissaError, ValueError):
@@ -242,6 +245,9 @@ def resolve_targets(
     (or is not in the checkpoint) is listed in `left_out`, never dropped in silence."""
     where = checkpoint.index_path or checkpoint.files[0]
     fmt = source_format(config_dir)
+    if fmt.kind is not None and fmt.codec is None:  # before any target is looked at: the whole model is
+        raise TargetError(f"{Path(config_dir) / 'config.json'}: the checkpoint is {fmt.describe()}; pissa_rs reads "
+                          f"{READABLE_FORMATS} (docs/limits.md)")
     if target_modules is None:
         raise TargetError(f"{where}: target_modules is required")
     if isinstance(target_modules, (list, tuple, set)):
@@ -326,28 +332,30 @@ def resolve_targets(
     for module, tensor, fan_in_fan_out in found:
         info = checkpoint.info(tensor)
         read = None
-        if len(info.shape) == 2 and info.dtype not in DECOMPOSABLE_DTYPES and fmt.kind is not None:
-            try:  # stored in FP8: read as codes and scales, decomposed dequantized
-                read = plain_or_encoded(checkpoint, fmt, [tensor], tuple(info.shape), where)
+        named_codes = getattr(fmt.codec, "encoded", lambda name: False)(tensor)  # X.qweight, X.weight_packed
+        if named_codes or (len(info.shape) == 2 and info.dtype not in DECOMPOSABLE_DTYPES and fmt.kind is not None):
+            try:  # stored encoded (FP8, packed INT): read as codes and scales, decomposed dequantized
+                read = plain_or_encoded(checkpoint, fmt, [tensor], None, where)
             except (SourceFormatError, ExpertLayoutError) as err:
                 raise TargetError(str(err)) from None
             read = read if read.decode is not None else None
         if len(info.shape) != 2 or (info.dtype not in DECOMPOSABLE_DTYPES and read is None):
             raise TargetError(
                 f"{info.file}: target tensor '{tensor}' is {info.dtype} x {list(info.shape)}; "
-                f"PiSSA needs a 2-D {'/'.join(DECOMPOSABLE_DTYPES)} weight, or FP8 / MXFP4 with their scales "
-                f"(config.json: {fmt.describe()})"
+                f"PiSSA needs a 2-D {'/'.join(DECOMPOSABLE_DTYPES)} weight, or FP8 / MXFP4 / packed INT with their "
+                f"scales (config.json: {fmt.describe()})"
             )
+        shape = read.shape if read else tuple(info.shape)
         rank, alpha, _ = module_scaling(module, r, lora_alpha, lora_config.rank_pattern, lora_config.alpha_pattern,
                                         use_rslora)
-        limit = min(info.shape)
+        limit = min(shape)
         if not 1 <= rank <= limit:
-            refused = refused or (f"{info.file}: tensor '{tensor}' of shape {list(info.shape)} cannot take rank {rank}: "
+            refused = refused or (f"{info.file}: tensor '{tensor}' of shape {list(shape)} cannot take rank {rank}: "
                                   f"r must be in [1, {limit}]")
         if rank > limit:  # a weight smaller than r: its whole spectrum, at rank = its smaller dimension
             rank_limited.append(module)
             rank = limit
-        targets.append(Target(module, tensor, tuple(info.shape), read.dtype if read else info.dtype, fan_in_fan_out,
+        targets.append(Target(module, tensor, shape, read.dtype if read else info.dtype, fan_in_fan_out,
                               rank, alpha, read))
     if refused and (len(rank_limited) == len(targets) or any(t.r < 1 for t in targets)):
         raise TargetError(f"{refused}; no target can take that rank")  # a mistake, not a few small weights
