@@ -10,6 +10,7 @@ re-quantizing it; hostile variants are refused naming file and tensor, before an
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -270,7 +271,7 @@ def test_moe_experts_packed_per_expert_as_kimi_k2_ships_them(tmp_path, method):
     assert pissa_rs.verify(res.out, against=src).ok
 
 
-@pytest.mark.parametrize("method", ["bitsandbytes", "hqq"])
+@pytest.mark.parametrize("method", ["hqq", "quanto"])
 def test_formats_not_read_yet_are_named_before_anything_is_written(tmp_path, method):
     src = tmp_path / "src"
     llama().save_pretrained(src)
@@ -279,7 +280,7 @@ def test_formats_not_read_yet_are_named_before_anything_is_written(tmp_path, met
     (src / "config.json").write_text(json.dumps(config))
     with pytest.raises(pissa_rs.TargetError, match=rf"config\.json: the checkpoint is quantized with '{method}' "
                                                    r"\(not readable by pissa_rs\); pissa_rs reads .*compressed-tensors "
-                                                   r"pack-quantized INT2/4/8, GPTQ .* and AWQ \(4-bit GEMM\); not yet "
+                                                   r"pack-quantized INT2/4/8, GPTQ .*, AWQ \(4-bit GEMM\) and "
                                                    r"pre-quantized bitsandbytes"):
         pissa_rs.decompose_checkpoint(src, r=R, out=tmp_path / "o", progress=False)
     assert not (tmp_path / "o").exists()
@@ -427,3 +428,99 @@ def test_corda_on_a_gptq_source_is_corda_on_its_dequantized_checkpoint(tmp_path)
     (adapter_a, residual_a), (adapter_b, residual_b) = outputs
     assert adapter_a.keys() == adapter_b.keys() and all(torch.equal(adapter_a[k], adapter_b[k]) for k in adapter_a)
     assert residual_a.keys() == residual_b.keys() and all(torch.equal(residual_a[k], residual_b[k]) for k in residual_a)
+
+
+# --- pre-quantized bitsandbytes: written by transformers + bitsandbytes (quantized at load,
+# then save_pretrained, as the *-bnb-4bit uploads are made)
+
+BNB = {
+    "nf4-double": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                       bnb_4bit_compute_dtype=torch.bfloat16),
+    "fp4": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4"),
+    "int8": dict(load_in_8bit=True),
+}
+
+
+def save_bnb(path, kind):
+    plain = path.parent / f"{path.name}-bf16"
+    llama().to(torch.bfloat16).save_pretrained(plain)
+    model = transformers.LlamaForCausalLM.from_pretrained(
+        plain, dtype=torch.bfloat16, quantization_config=transformers.BitsAndBytesConfig(**BNB[kind]))
+    model.save_pretrained(path)
+    return path
+
+
+def bnb_library(src) -> dict[str, torch.Tensor]:
+    """Every bnb weight as bitsandbytes dequantizes it: its portable implementation (the
+    `default` backend, the arithmetic its CUDA kernels have; unwrapped from torch.compile).
+    Not the native CPU kernel, which depends on the CPU (AVX-512) and disagrees on some
+    shapes (a 64 x 96 fp4 weight: max 0.023 off, farther from the original than this)."""
+    import bitsandbytes.functional as bnbf
+    from bitsandbytes.backends.default import ops
+
+    stored = load_file(src / "model.safetensors")
+    out = {}
+    for name, value in stored.items():
+        if value.dtype == torch.int8:
+            out[name] = bnbf.int8_vectorwise_dequant(value, stored[name.removesuffix(".weight") + ".SCB"]).to(
+                torch.bfloat16)
+        elif any(f"{name}.quant_state.bitsandbytes__{k}" in stored for k in ("nf4", "fp4")):
+            state = bnbf.QuantState.from_dict({k[len(name) + 1:]: v for k, v in stored.items()
+                                               if k.startswith(name + ".")}, device=torch.device("cpu"))
+            absmax = state.absmax
+            if state.nested:
+                absmax = ops._dequantize_blockwise_compute.__wrapped__(
+                    state.absmax, state.state2.absmax, state.state2.code, state.state2.blocksize, torch.float32)
+                absmax = absmax + state.offset
+            out[name] = ops._dequantize_4bit_compute.__wrapped__(value.reshape(-1), absmax, state.code,
+                                                                 state.blocksize, state.shape, state.dtype)
+    return out
+
+
+@pytest.mark.parametrize("kind", sorted(BNB))
+def test_prequantized_bitsandbytes_reads_bit_for_bit_and_loads_as_the_dequantized_model(kind, tmp_path):
+    from peft import PeftModel
+
+    src = save_bnb(tmp_path / "src", kind)
+    expected_w = bnb_library(src)
+    checkpoint = pissa_rs.Checkpoint(src)
+    found = pissa_rs.resolve_targets(checkpoint, r=R, lora_alpha=R, config_dir=src).targets
+    assert {t.tensor for t in found} == set(expected_w)
+    for t in found:
+        got = t.location.read(checkpoint)
+        assert got.dtype == torch.bfloat16 and torch.equal(got, expected_w[t.tensor]), t.tensor
+
+    res = pissa_rs.decompose_checkpoint(src, r=R, niter=0, out=tmp_path / "o", progress=False)
+    assert res.report["source_format"] == "bitsandbytes"
+    assert "quantization_config" not in json.loads((res.out / "config.json").read_text())
+    out = pissa_rs.Checkpoint(res.out)
+    assert not [n for n in out.names() if n.endswith(("absmax", "_map", ".SCB", "weight_format")) or ".quant_state." in n]
+    assert out.info("model.layers.1.mlp.down_proj.weight").dtype == "BF16"
+    assert tuple(out.info("model.layers.1.mlp.down_proj.weight").shape) == (64, 96)
+
+    reference = llama().to(torch.bfloat16)
+    reference.load_state_dict(reference.state_dict() | expected_w, strict=True)
+    expected = logits(reference.float())
+    loaded = PeftModel.from_pretrained(
+        transformers.LlamaForCausalLM.from_pretrained(res.out, dtype=torch.float32), res.adapter)
+    got = logits(loaded)
+    assert (got - expected).abs().max() <= 2e-2 * expected.abs().max()
+    assert pissa_rs.verify(res.out, against=src).ok
+
+
+B = "model.layers.0.self_attn.q_proj.weight"
+
+
+@pytest.mark.parametrize("kind, plant, message", [
+    ("nf4-double", lambda t: t.pop(f"{B}.nested_absmax"), rf"tensor '{re.escape(B)}\.nested_absmax' is missing"),
+    ("nf4-double", lambda t: t[f"{B}.quant_map"].mul_(2), rf"tensor '{re.escape(B)}\.quant_map' is not bitsandbytes' "
+                                                          r"nf4 code table"),
+    ("fp4", lambda t: t.update({B: t[B][:100].contiguous()}), rf"'{re.escape(B)}' is U8 x \[100, 1\] \(100 bytes\)"),
+    ("int8", lambda t: t.pop("model.layers.0.self_attn.q_proj.SCB"), r"row scale tensor '.*q_proj\.SCB' is missing"),
+])
+def test_hostile_bitsandbytes_tensors_are_refused_naming_file_and_tensor(tmp_path, kind, plant, message):
+    src = save_bnb(tmp_path / "src", kind)
+    _rewrite(src, plant)
+    with pytest.raises(pissa_rs.TargetError, match=rf"model\.safetensors: .*{message}"):
+        pissa_rs.decompose_checkpoint(src, r=R, out=tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()

@@ -231,8 +231,11 @@ def plan_decomposition(path: Path, opts: DecomposeOptions, out: Path | None) -> 
     sizes = [output_bytes(checkpoint, p, opts) for p in plans]
     source_sizes, fmt = {}, source_format(path if is_model_dir(path) else None)
     if fmt.kind is not None:
-        as_bf16 = found.source_as or source_layout(checkpoint, found.targets)
-        source_sizes["bfloat16 (default)"] = residual_bytes(checkpoint, as_bf16)
+        decoded = found.source_as or source_layout(checkpoint, found.targets)
+        names = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+        dtypes = sorted({names[t.location.dtype] for t in found.targets
+                         if t.location is not None and t.location.decode is not None})
+        source_sizes[f"{' / '.join(dtypes) or 'bfloat16'} (default)"] = residual_bytes(checkpoint, decoded)
         if fmt.can_keep:
             source_sizes["the source's FP8 (keep_source_format)"] = residual_bytes(checkpoint, {})
     residual, adapter = sum(s[0] for s in sizes), sum(s[1] for s in sizes)

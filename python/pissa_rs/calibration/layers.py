@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from .._pissa_rs import Checkpoint
-from ..formats.fp8 import FP8_DTYPES
 from ..formats.sources import SourceFormatError, source_format
 from .samples import CalibrationError
 
@@ -165,7 +164,7 @@ class LayerStack:
             raise CalibrationError(f"{self.where}: no checkpoint tensor holds the model's {param} (calibration runs "
                                    "the original model, so every weight of a layer must be in the checkpoint)")
         info = self.checkpoint.info(tensor)
-        if info.dtype in FP8_DTYPES or getattr(self.source.codec, "encoded", lambda name: False)(tensor):
+        if self.source.codec is not None and self.source.codec.holds_codes(info):
             return self._read_encoded(tensor, param, shape).to(self.device, dtype)
         if info.dtype not in ("F32", "F16", "BF16"):
             raise CalibrationError(f"{self.where}: {tensor} is {info.dtype}; calibration reads float, FP8 and packed "

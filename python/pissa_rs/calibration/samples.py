@@ -175,7 +175,7 @@ def model_calibration(path: Path, options) -> tuple[CalibrationSet, Any]:
     fmt = source_format(path)  # FP8 and INT weights are dequantized as the layers read them (layers.py)
     if fmt.kind is not None and (fmt.codec is None or isinstance(fmt.codec, MXFP4)):
         raise CalibrationError(f"{path}: {fmt.describe()}; calibration reads float, FP8 and packed INT (compressed-"
-                               "tensors, GPTQ, AWQ) weights only (run it on the bf16 model, e.g. dequantized with "
+                               "tensors, GPTQ, AWQ, bitsandbytes) weights only (run it on the bf16 model, e.g. dequantized with "
                                "transformers)")
     from .layers import check_family
 

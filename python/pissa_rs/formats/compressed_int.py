@@ -45,6 +45,9 @@ class CompressedTensorsPacked:
         """Whether checkpoint tensor `name` holds a weight in this format (its codes)."""
         return name.endswith(PACKED_SUFFIX)
 
+    def holds_codes(self, info) -> bool:
+        return self.encoded(info.name)
+
     def weight_of(self, name: str) -> str | None:
         """The weight a codes tensor stands for (X.weight for X.weight_packed), else None."""
         return name[: -len(PACKED_SUFFIX)] + ".weight" if self.encoded(name) else None

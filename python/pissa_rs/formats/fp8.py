@@ -20,6 +20,10 @@ class FineGrainedFP8:
     can_keep = True  # keep_source_format can store a residual back in it
     unquantized_key = "modules_to_not_convert"  # quantization_config's list of modules left in floats
 
+    def holds_codes(self, info) -> bool:
+        """Whether checkpoint tensor `info` holds a weight's codes in this format."""
+        return info.dtype in FP8_DTYPES
+
     def describe(self, config: dict) -> str:
         return f"FP8 (float8_e4m3fn) with {'x'.join(map(str, config.get('weight_block_size') or []))} block scales"
 
@@ -36,6 +40,9 @@ class CompressedTensorsFP8:
     scale_suffix = "_scale"
     can_keep = True
     unquantized_key = "ignore"
+
+    def holds_codes(self, info) -> bool:
+        return info.dtype in FP8_DTYPES
 
     def describe(self, config: dict) -> str:
         return "compressed-tensors FP8 (float8_e4m3fn) with per-tensor or per-channel scales"

@@ -41,6 +41,9 @@ class GPTQ:
     def encoded(self, name: str) -> bool:
         return name.endswith(SUFFIX)
 
+    def holds_codes(self, info) -> bool:
+        return self.encoded(info.name)
+
     def weight_of(self, name: str) -> str | None:
         return name[: -len(SUFFIX)] + ".weight" if self.encoded(name) else None
 

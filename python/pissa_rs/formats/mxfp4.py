@@ -16,6 +16,9 @@ class MXFP4:
     can_keep = False
     unquantized_key = "modules_to_not_convert"
 
+    def holds_codes(self, info) -> bool:
+        return info.name.endswith("_blocks")
+
     def describe(self, config: dict) -> str:
         return "MXFP4 (e2m1 codes, E8M0 scales per 32)"
 

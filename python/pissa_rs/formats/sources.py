@@ -19,6 +19,7 @@ from .._pissa_rs import Checkpoint
 from .fp8 import FP8_DTYPES, CompressedTensorsFP8, FineGrainedFP8, dequantize_fp8, quantize_fp8_blocks, scale_grid
 from .stored import Encoded, SourceFormatError, Stored, typed
 from .awq import AWQ, dequantize_awq
+from .bnb_prequantized import BitsAndBytesPrequantized, dequantize_bnb_4bit, dequantize_bnb_int8
 from .compressed_int import CompressedTensorsPacked, dequantize_packed
 from .gptq import GPTQ, dequantize_gptq
 from .mxfp4 import MXFP4, dequantize_mxfp4
@@ -58,7 +59,8 @@ class SourceFormat:
 
 # The low-precision formats pissa_rs reads, by quantization_config's quant_method (one module
 # each), or by (quant_method, format) where one library stores several (compressed-tensors)
-FORMATS = {f.quant_method: f for f in (FineGrainedFP8(), CompressedTensorsFP8(), MXFP4(), GPTQ(), AWQ())}
+FORMATS = {f.quant_method: f for f in (FineGrainedFP8(), CompressedTensorsFP8(), MXFP4(), GPTQ(), AWQ(),
+                                        BitsAndBytesPrequantized())}
 FORMATS[(CompressedTensorsPacked.quant_method, CompressedTensorsPacked.format)] = CompressedTensorsPacked()
 
 
@@ -104,9 +106,19 @@ def _decode_awq(part: Stored, codes, scale, extra) -> torch.Tensor:
                           typed(scale, part.scale_dtype, part.scale_shape), args["bits"], args["group_size"])
 
 
+def _decode_bnb_4bit(part: Stored, codes, scale, extra) -> torch.Tensor:
+    return dequantize_bnb_4bit(codes, typed(scale, part.scale_dtype, part.scale_shape), extra.get("nested_absmax"),
+                               dict(part.args))
+
+
+def _decode_bnb_int8(part: Stored, codes, scale, extra) -> torch.Tensor:
+    return dequantize_bnb_int8(typed(codes, part.codes_dtype, part.codes_shape),
+                               typed(scale, part.scale_dtype, part.scale_shape))
+
+
 # How a Stored part's bytes become its rows, by Decode.kind (one entry per encoding)
 DECODERS = {"fp8": _decode_fp8, "mxfp4": _decode_mxfp4, "int-packed": _decode_int_packed, "gptq": _decode_gptq,
-            "awq": _decode_awq}
+            "awq": _decode_awq, "bnb-4bit": _decode_bnb_4bit, "bnb-int8": _decode_bnb_int8}
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,6 @@ from ..noise import quiet_library_noise
 from .mapping import load_config, meta_model, param_on_disk
 from ..formats.peft_adapter import adapter_config, adapter_config_json, adapter_shapes
 from ..quant import Quantization, QuantizerChoice
-from ..formats.fp8 import FP8_DTYPES
 from ..formats.sources import OUT_DTYPE, SourceFormat, source_format
 from .targets import Target, TargetError, bnb_quantized_weights, resolve_targets
 
@@ -361,10 +360,10 @@ def source_layout(checkpoint: Checkpoint, targets) -> dict[str, list[tuple[str, 
             staged += len(pieces)
             codes, args = pieces[0].tensor, dict(part.args)
             if codes not in layout:
-                if out.tensor == codes:  # FP8: the residual under the weight's own name
-                    shape = list(checkpoint.info(codes).shape)
-                elif "shape" in args:  # packed INT: under the weight's name (X.weight for X.weight_packed)
+                if "shape" in args:  # packed INT: under the weight's name (X.weight for X.qweight), its shape
                     shape = list(args["shape"])
+                elif out.tensor == codes:  # FP8: the residual under the weight's own name and shape
+                    shape = list(checkpoint.info(codes).shape)
                 else:  # MXFP4: one expert's slice of the parameter, under the parameter's name
                     shape = [t.num_experts, *t.shape]
                 layout[codes] = [(out.tensor, read.dtype, shape)]
@@ -379,9 +378,7 @@ def remaining_quantization(checkpoint: Checkpoint, fmt: SourceFormat, source_as:
     those it leaves unquantized (transformers then loads both kinds without a warning)."""
     if fmt.kind is None or not source_as:
         return fmt.config
-    encoded = getattr(fmt.codec, "encoded", lambda name: False)  # a format that names its codes
-    left = [i.name for i in checkpoint.tensors
-            if i.name not in source_as and (i.dtype in FP8_DTYPES or i.name.endswith("_blocks") or encoded(i.name))]
+    left = [i.name for i in checkpoint.tensors if i.name not in source_as and fmt.codec.holds_codes(i)]
     if not left:
         return None
     config = dict(fmt.config)

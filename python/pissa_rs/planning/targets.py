@@ -21,8 +21,8 @@ from ..noise import quiet_library_noise
 
 DECOMPOSABLE_DTYPES = ("F32", "F16", "BF16")
 READABLE_FORMATS = ("floating point, FP8 (fine-grained blocks; compressed-tensors per tensor or channel), MXFP4, "
-                    "compressed-tensors pack-quantized INT2/4/8, GPTQ (2/4/8-bit, gptq and gptq_v2 formats) and AWQ "
-                    "(4-bit GEMM); not yet pre-quantized bitsandbytes")
+                    "compressed-tensors pack-quantized INT2/4/8, GPTQ (2/4/8-bit, gptq and gptq_v2 formats), AWQ "
+                    "(4-bit GEMM) and pre-quantized bitsandbytes (nf4 / fp4, double quant, int8)")
 
 
 class TargetError(PissaError, ValueError):
@@ -332,8 +332,7 @@ def resolve_targets(
     for module, tensor, fan_in_fan_out in found:
         info = checkpoint.info(tensor)
         read = None
-        named_codes = getattr(fmt.codec, "encoded", lambda name: False)(tensor)  # X.qweight, X.weight_packed
-        if named_codes or (len(info.shape) == 2 and info.dtype not in DECOMPOSABLE_DTYPES and fmt.kind is not None):
+        if fmt.codec is not None and fmt.codec.holds_codes(info):
             try:  # stored encoded (FP8, packed INT): read as codes and scales, decomposed dequantized
                 read = plain_or_encoded(checkpoint, fmt, [tensor], None, where)
             except (SourceFormatError, ExpertLayoutError) as err:
