@@ -68,6 +68,10 @@ def test_the_quickstart_runs_as_written_and_the_converted_lora_is_the_fine_tuned
     trained = load_file(tmp_path / "pissa-ft" / "adapter_model.safetensors")
     assert initial.keys() == trained.keys() and any(not torch.equal(initial[k], trained[k]) for k in initial)
     torch.testing.assert_close(converted, tuned, atol=1e-4, rtol=0)
+    with torch.no_grad():  # SaveAsLoRA's LoRA at the end of training: the same fine-tuned model
+        torch.testing.assert_close(namespace["at_end"].eval()(ids).logits, tuned, atol=1e-4, rtol=0)
+    assert [p.as_posix() for p in namespace["save_lora"].written] == [  # (relative: the quickstart's own paths)
+        "sft/checkpoint-4/lora_of_original", "sft/checkpoint-8/lora_of_original", "sft/lora_of_original"]
     assert (tmp_path / "tiny-llama-pissa" / "tokenizer.json").is_file()
 
 

@@ -56,3 +56,43 @@ def test_the_finetuning_example_runs_and_the_conversion_is_exact(tmp_path):
     assert "training loss:" in proc.stdout and "max |logit difference|" in proc.stdout
     losses = [float(x) for x in proc.stdout.split("training loss:")[1].splitlines()[0].split("->")]
     assert losses[-1] < losses[0], losses  # real optimizer steps happened
+
+
+def test_save_as_lora_writes_a_lora_of_the_original_at_every_save_and_at_the_end(tmp_path):
+    """SaveAsLoRA under transformers' Trainer: each checkpoint's lora_of_original, loaded by
+    folder onto the ORIGINAL model, gives that checkpoint's fine-tuned logits (the residual
+    plus the checkpoint's adapter); the one at the end gives the final model's. Bad options
+    are named when the callback is made, not at the first save."""
+    from peft import AutoPeftModelForCausalLM, PeftModel
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from pissa_rs.training import SaveAsLoRA
+
+    base = save_tiny_model(tmp_path / "base", "llama", layers=2)
+    res = pissa_rs.decompose_checkpoint(base, r=4, out=tmp_path / "pissa", progress=False)
+    with pytest.raises(ValueError, match="energy must be in"):
+        SaveAsLoRA(res.out, energy=1.5)
+    with pytest.raises(FileNotFoundError, match="pissa_init"):
+        SaveAsLoRA(base)
+    ids = torch.tensor(list(b"PiSSA trains the principal singular vectors. " * 8), dtype=torch.long)
+    data = [{"input_ids": ids[i:i + 24], "labels": ids[i:i + 24]} for i in range(0, 24 * 12, 24)]
+    model = pissa_rs.load_for_training(res.out)
+    callback = SaveAsLoRA(res.out)
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=4, save_steps=2, per_device_train_batch_size=4,
+                             learning_rate=5e-3, report_to=[], use_cpu=True, disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[callback]).train()
+    run = tmp_path / "run"
+    assert callback.written == [run / "checkpoint-2" / "lora_of_original", run / "checkpoint-4" / "lora_of_original",
+                                run / "lora_of_original"]
+    probe = ids[None, :20]
+    with torch.no_grad():
+        final = model.eval()(probe).logits
+        for checkpoint in ("checkpoint-2", "checkpoint-4"):
+            tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(res.out), run / checkpoint).eval()
+            lora = AutoPeftModelForCausalLM.from_pretrained(run / checkpoint / "lora_of_original").eval()
+            assert Path(lora.peft_config["default"].base_model_name_or_path).resolve() == Path(base).resolve()
+            torch.testing.assert_close(lora(probe).logits, tuned(probe).logits, atol=1e-4, rtol=0)
+        at_end = AutoPeftModelForCausalLM.from_pretrained(run / "lora_of_original").eval()
+        torch.testing.assert_close(at_end(probe).logits, final, atol=1e-4, rtol=0)
+        before = AutoPeftModelForCausalLM.from_pretrained(run / "checkpoint-2" / "lora_of_original").eval()
+        assert (before(probe).logits - final).abs().max() > 1e-3  # the steps moved it: the check can fail

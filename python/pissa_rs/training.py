@@ -1,5 +1,7 @@
-"""Load a decomposition for training: the residual (optionally quantized with
-bitsandbytes, as QPiSSA trains it) plus the float32 PiSSA adapter, trainable."""
+"""Training on a decomposition: `load_for_training` loads the residual (optionally
+quantized with bitsandbytes, as QPiSSA trains it) plus the float32 PiSSA adapter,
+trainable; `SaveAsLoRA` (save_as_lora.py, imported when asked for: it needs
+transformers) writes a LoRA of the original model at every save."""
 
 from __future__ import annotations
 
@@ -72,3 +74,11 @@ def load_for_training(out: str | os.PathLike[str], quantize: str | None = None, 
         model = prepare_model_for_kbit_training(model)
     with quiet_library_noise():
         return PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
+
+
+def __getattr__(name: str):
+    if name == "SaveAsLoRA":  # transformers' TrainerCallback is its base: imported only when asked for
+        from .save_as_lora import SaveAsLoRA
+
+        return SaveAsLoRA
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
