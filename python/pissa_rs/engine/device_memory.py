@@ -2,8 +2,8 @@
 checked before anything is written, said by the dry run, and named when CUDA runs out anyway (devices.out_of_memory).
 
 One device worker holds, at its peak: the weight it works on as uploaded and the next one
-(copied on the side stream during this compute), the decoded matrix of an FP8 / MXFP4 source,
-then either the SVD's working set (the method's cost: the float32 copy, sketches or U and Vh,
+(copied on the side stream during this compute), the decoded matrix of a low-precision source
+(its decoder's temporaries, at most ~3 bytes an element, come and go before the SVD's), then either the SVD's working set (the method's cost: the float32 copy, sketches or U and Vh,
 cuSOLVER's workspace) or the residual's (the float32 B@A and one residual per rank). For a
 bfloat16 weight at one rank that is ~10 bytes an element, where the float32 copy alone is 4.
 """

@@ -116,23 +116,19 @@ def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero_point: tor
     zero = None
     if zero_point is not None:  # packed along the rows: unpack the transpose
         zero = unpack(zero_point.T, bits, rows).T
+    value = q.to(dtype)  # the library's three steps, in place
+    del q
     if g_idx is not None:  # any column to any group: gather per column
         index = g_idx.long()
-        s = scale2[:, index]
-        value = q.to(dtype)
         if zero is not None:
-            value = value - zero[:, index].to(dtype)
-        return value * s
-    if scale2.shape[1] > 1:  # (one group is a channel scale: the same products)
-        groups = scale2.shape[1]
-        value = q.reshape(rows, groups, cols // groups).to(dtype)
-        if zero is not None:
-            value = value - zero.reshape(rows, groups, 1).to(dtype)
-        return (value * scale2.unsqueeze(-1)).reshape(rows, cols)
-    value = q.to(dtype)
+            value.sub_(zero[:, index].to(dtype))
+        return value.mul_(scale2[:, index])
+    groups = scale2.shape[1]  # (one group is a channel scale: the same products)
+    grouped = value.view(rows, groups, cols // groups)
     if zero is not None:
-        value = value - zero.reshape(-1, 1).to(dtype)
-    return value * scale2
+        grouped.sub_(zero.reshape(rows, groups, 1).to(dtype))
+    grouped.mul_(scale2.reshape(scale2.shape[0], groups, 1))
+    return value
 
 
 def packed_part(checkpoint, config: dict, tensor: str, check_values: bool = True):

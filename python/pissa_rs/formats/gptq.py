@@ -60,25 +60,39 @@ def checkpoint_format(config: dict) -> str:
     return str(config.get("format") or config.get("checkpoint_format") or "gptq").lower()
 
 
-def _codes(words: torch.Tensor, bits: int) -> torch.Tensor:
-    """[..., n] int words -> [..., n, 32/b] codes (code k of a word at bits [k*b, (k+1)*b)), as
-    GPTQModel's shift and mask give them (on the word's low 32 bits)."""
-    shifts = torch.arange(0, 32, bits, dtype=torch.int64, device=words.device)
-    return (words.to(torch.int64).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+def codes_of(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """[..., n] int words -> [..., n, 32/b] uint8 codes (code k of a word at bits [k*b, (k+1)*b)),
+    as GPTQModel's shift and mask give them (the word's low 32 bits), one slot at a time: the
+    only temporaries are a word-sized tensor per slot."""
+    per_word = 32 // bits
+    out = torch.empty(*words.shape, per_word, dtype=torch.uint8, device=words.device)
+    for k in range(per_word):
+        out[..., k] = (words >> (bits * k)) & ((1 << bits) - 1)
+    return out
 
 
 def dequantize_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
                     bits: int, v1: bool) -> torch.Tensor:
     """W [R, C] in the scales' dtype, as GPTQModel dequantizes it (v1 zero points first
-    moved as its conversion to v2 moves them: +1 to each, as a 32-bit word addition)."""
+    moved as its conversion to v2 moves them: +1 to each, as a 32-bit word addition):
+    s * (q - z), each product one IEEE rounding of exact small integers, in place."""
     words = qzeros.to(torch.int64) & 0xFFFFFFFF
     if v1:
         words = (words + V1_OFFSET[bits]) & 0xFFFFFFFF
-    zeros = _codes(words, bits).reshape(scales.shape)  # [G, R]
-    codes = _codes(qweight.T, bits).reshape(qweight.shape[1], -1).T  # [C, R]: code k of row i is input i*32/b + k
+    zeros = codes_of(words, bits).reshape(scales.shape)  # [G, R]
+    codes = codes_of(qweight.T, bits).reshape(qweight.shape[1], -1).T  # [C, R]: code k of row i is input i*32/b + k
+    dtype, (cols, rows), groups = scales.dtype, codes.shape, scales.shape[0]
+    w = codes.to(dtype)
+    del codes
     index = g_idx.long()
-    product = scales[index] * (codes - zeros[index]).to(scales.dtype)
-    return product.T.contiguous()
+    if torch.equal(index, torch.arange(cols, device=index.device) // (cols // groups)):  # groups in order: broadcast
+        grouped = w.view(groups, cols // groups, rows)
+        grouped.sub_(zeros.to(dtype)[:, None, :])
+        grouped.mul_(scales[:, None, :])
+    else:  # desc_act: any column in any group
+        w.sub_(zeros.to(dtype)[index])
+        w.mul_(scales[index])
+    return w.T.contiguous()
 
 
 def gptq_part(checkpoint, config: dict, tensor: str, check_values: bool = True) -> Encoded:
