@@ -888,7 +888,7 @@ def test_a_source_format_calibration_cannot_read_is_refused_by_name(tmp_path):
     config = json.loads((path / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "mxfp4"}
     (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CalibrationError, match=r"m: .*MXFP4.*; calibration reads float and FP8 weights only"):
+    with pytest.raises(CalibrationError, match=r"m: .*MXFP4.*; calibration reads float, FP8 and packed INT "):
         ours(path, tmp_path / "o", "kpm")
     assert not (tmp_path / "o").exists()
 
@@ -1151,7 +1151,7 @@ def test_eva_on_deepseek_v3_is_peft_own_with_the_mla_latent_taken_as_tokens(tmp_
     save_moe(path, "deepseek_v3")
     res = ours_eva(path, tmp_path / "o", eva_rho=rho)
     config = json.loads((res.adapter / "adapter_config.json").read_text())
-    assert "kv_b_proj" in config["target_modules"]
+    assert any(m.endswith("kv_b_proj") for m in config["target_modules"])
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     theirs = get_peft_model(model, LoraConfig(r=R, lora_alpha=R, target_modules=config["target_modules"],

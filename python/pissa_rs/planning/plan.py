@@ -97,7 +97,7 @@ def make_plan(path: Path, options: list[dict], outs: list[Path], deferred: list 
                             left_out=found.left_out + [(p, f"PEFT has no {method.name} variant for parameters "
                                                            "(ParamWrapper)") for p in found.target_parameters])
         config = adapter_config(
-            r=opts["r"], lora_alpha=opts["lora_alpha"], **concrete_targets(found, opts),
+            r=opts["r"], lora_alpha=opts["lora_alpha"], **concrete_targets(found, opts, config_dir),
             use_rslora=opts["use_rslora"],
             fan_in_fan_out=any(t.fan_in_fan_out for t in found.targets if t.parameter is None),
             task_type=found.task_type, base_model_name_or_path=str(out.resolve()),
@@ -126,7 +126,7 @@ def make_plan(path: Path, options: list[dict], outs: list[Path], deferred: list 
     return plans
 
 
-def concrete_targets(found, opts: dict) -> dict:
+def concrete_targets(found, opts: dict, config_dir: Path | None = None) -> dict:
     """target_modules, exclude_modules and rank_pattern for adapter_config.json, as PEFT's
     own save_pretrained writes them after get_peft_model: the modules decomposed, not the
     expression that picked them (PEFT would expand "all-linear" again on load, maybe to
@@ -140,9 +140,26 @@ def concrete_targets(found, opts: dict) -> dict:
         return {"target_modules": opts["target_modules"], "exclude_modules": opts["exclude_modules"],
                 "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "target_parameters": None}
     modules = sorted({t.module for t in found.targets if t.parameter is None})
-    return {"target_modules": sorted(compat.minimal_target_modules(modules, found.other_modules)) if modules else [],
-            "exclude_modules": None, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
-            "target_parameters": found.target_parameters or None}
+    target_modules = sorted(compat.minimal_target_modules(modules, found.other_modules)) if modules else []
+    if config_dir is not None and target_modules and _peft_would_add_parameters(target_modules, found, config_dir):
+        target_modules = modules  # full names, which PEFT's conversion keeps as the Linear layers they name
+    return {"target_modules": target_modules, "exclude_modules": None, "rank_pattern": rank_pattern,
+            "alpha_pattern": alpha_pattern, "target_parameters": found.target_parameters or None}
+
+
+def _peft_would_add_parameters(target_modules: list[str], found, config_dir: Path) -> bool:
+    """Whether PEFT, loading an adapter with these target_modules, would also adapt parameters
+    the adapter does not hold: from 0.22 its load-time conversion for transformers 5's fused
+    experts reads a bare `gate_proj` / `up_proj` / `down_proj` on a Qwen2-MoE-family model
+    (DeepSeek-V3, Qwen3-MoE, ...) as the experts too, even where we adapt only Linear layers
+    of that name (EVA, MiCA: no parameters; the shared experts and dense MLPs)."""
+    with quiet_library_noise():
+        from peft import LoraConfig
+
+    model, _ = meta_model(config_dir)
+    probe = LoraConfig(r=1, target_modules=list(target_modules), target_parameters=found.target_parameters or None)
+    compat.convert_config_for_transformers(probe, model)
+    return bool(set(probe.target_parameters or ()) - set(found.target_parameters or ()))
 
 
 def check_adapter_layout(config, found, config_dir: Path) -> None:
