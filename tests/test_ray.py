@@ -346,3 +346,45 @@ def _parent(pid: int) -> int | None:
 
 def _raylet_of(node) -> int:
     return node.all_processes["raylet"][0].process.pid
+
+
+class _FakeRay:
+    """Ray's calls _answers makes, over tasks whose answer is given (None: never answers)."""
+
+    def __init__(self, answers: dict, alive: set):
+        self.answers, self.alive, self.cancelled = answers, alive, []
+
+    def wait(self, refs, num_returns, timeout):
+        ready = [r for r in refs if self.answers[r] is not None]
+        return ready, [r for r in refs if r not in ready]
+
+    def nodes(self):
+        return [{"NodeID": n, "Alive": True} for n in self.alive]
+
+    def get(self, ref):
+        if isinstance(self.answers[ref], Exception):
+            raise self.answers[ref]
+        return self.answers[ref]
+
+    def cancel(self, ref, force):
+        self.cancelled.append(ref)
+
+
+def test_the_fingerprint_probe_drops_a_node_that_died_and_names_one_that_stays_silent(monkeypatch):
+    """A probe pinned to a node Ray no longer lists alive (lost mid-probe, or listed while it
+    went) would wait forever: it is dropped; an alive node that never answers is named after
+    the timeout; a failed probe on an alive node is that node's error."""
+    import pissa_rs.engine.ray_run as ray_run
+
+    monkeypatch.setattr(ray_run, "NODE_POLL_S", 0.0)
+    fake = _FakeRay({"a": ("node-a", {"x": 1}), "b": None, "c": RuntimeError("gone")}, alive={"node-a"})
+    assert ray_run._answers(fake, {"a": "node-a", "b": "node-b", "c": "node-c"}) == {"node-a": {"x": 1}}
+    assert fake.cancelled == ["b"]
+
+    monkeypatch.setattr(ray_run, "FINGERPRINT_TIMEOUT_S", 0.0)
+    silent = _FakeRay({"a": ("node-a", {}), "b": None}, alive={"node-a", "node-b"})
+    with pytest.raises(pissa_rs.EnvironmentMismatchError, match="Ray nodes node-b are alive but did not answer"):
+        ray_run._answers(silent, {"a": "node-a", "b": "node-b"})
+    failing = _FakeRay({"a": RuntimeError("its worker failed")}, alive={"node-a"})
+    with pytest.raises(RuntimeError, match="its worker failed"):
+        ray_run._answers(failing, {"a": "node-a"})

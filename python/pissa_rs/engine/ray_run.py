@@ -19,6 +19,10 @@ from .units import Job, is_done
 from ..precision import in_ieee_float32
 
 RETRIES = 3  # attempts after the first, when a node or worker dies (never for a PissaError)
+# How long an alive node may take to answer the fingerprint probe (a fresh worker imports
+# torch and measures the rounding probe: seconds); a node that dies meanwhile is dropped.
+FINGERPRINT_TIMEOUT_S = 300.0
+NODE_POLL_S = 2.0
 
 
 class RayUnavailableError(PissaError, ImportError):
@@ -238,6 +242,34 @@ def run_on_ray(job: Job, address: str, progress: bool, fingerprints: dict[str, d
             "task_memory_bytes": memory, "seconds": time.perf_counter() - started}
 
 
+def _answers(ray, pending: dict) -> dict[str, dict]:
+    """The fingerprint tasks' answers, by node. A task pinned to a node that died (or that
+    Ray still lists while it goes: a lost node's task would wait forever) is dropped once Ray
+    no longer lists the node alive; an alive node silent past FINGERPRINT_TIMEOUT_S is named."""
+    found, deadline = {}, time.monotonic() + FINGERPRINT_TIMEOUT_S
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=NODE_POLL_S)
+        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        for ref in ready:
+            node = pending.pop(ref)
+            try:
+                answered, fingerprint = ray.get(ref)
+            except Exception:
+                if node in alive:
+                    raise
+                continue  # it died with its task: not a node to run units on
+            found[answered] = fingerprint
+        for ref, node in list(pending.items()):
+            if node not in alive:
+                ray.cancel(ref, force=True)
+                del pending[ref]
+        if pending and time.monotonic() > deadline:
+            raise EnvironmentMismatchError(
+                f"Ray nodes {', '.join(sorted(pending.values()))} are alive but did not answer the fingerprint probe "
+                f"in {FINGERPRINT_TIMEOUT_S:.0f} s; remove them from the cluster or check their workers' logs")
+    return found
+
+
 def _node_fingerprints(ray, job: Job, resources: dict) -> dict[str, dict]:
     """Every alive node that can run a unit, and its fingerprint; refused, naming the
     nodes, when two differ."""
@@ -249,9 +281,10 @@ def _node_fingerprints(ray, job: Job, resources: dict) -> dict[str, dict]:
         raise EnvironmentMismatchError("the Ray cluster has no alive node with a "
                                        f"{'GPU' if 'num_gpus' in resources else 'CPU'} to run units on")
     probe = ray.remote(_fingerprint_task)
-    refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False),
-                          **resources).remote(job) for n in nodes]
-    found = dict(ray.get(refs))
+    found = _answers(ray, {probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False),
+                                         **resources).remote(job): n["NodeID"] for n in nodes})
+    if not found:
+        raise EnvironmentMismatchError("every node of the Ray cluster died before it answered the fingerprint probe")
     first_node, first = next(iter(found.items()))
     for node, fingerprint in found.items():
         difference = fingerprint_difference(first, fingerprint, job.options.allow_mixed_rounding)
