@@ -42,6 +42,18 @@ def logits(model) -> torch.Tensor:
         return model.eval()(input_ids=IDS).logits.float()
 
 
+def assert_loads_as(res, expected: torch.Tensor, src) -> None:
+    """The output (residual + adapter) loads in transformers + PEFT, gives `expected` (the
+    dequantized model's logits) within the residual's rounding, and verifies against `src`."""
+    from peft import PeftModel
+
+    loaded = PeftModel.from_pretrained(
+        transformers.LlamaForCausalLM.from_pretrained(res.out, dtype=torch.float32), res.adapter)
+    got = logits(loaded)
+    assert (got - expected).abs().max() <= 2e-2 * expected.abs().max()
+    assert pissa_rs.verify(res.out, against=src).ok
+
+
 def library_weights(src) -> dict[str, torch.Tensor]:
     """Every packed weight as compressed-tensors itself decompresses it (its
     PackedQuantizationCompressor; a g_idx layout by its unpack and _dequantize with each
@@ -121,11 +133,7 @@ def test_output_loads_as_the_dequantized_model_and_verifies(source, tmp_path):
             src, dtype=torch.bfloat16, quantization_config=transformers.CompressedTensorsConfig(dequantize=True))
         held = own.state_dict()
         assert all(torch.equal(held[k], w) for k, w in weights.items())
-    loaded = PeftModel.from_pretrained(
-        transformers.LlamaForCausalLM.from_pretrained(res.out, dtype=torch.float32), res.adapter)
-    got = logits(loaded)
-    assert (got - expected).abs().max() <= 2e-2 * expected.abs().max()
-    assert pissa_rs.verify(res.out, against=src).ok
+    assert_loads_as(res, expected, src)
 
 
 def test_targets_left_packed_stay_packed_and_config_json_says_which_are_not(tmp_path):
@@ -342,11 +350,7 @@ def test_gptq_and_awq_read_bit_for_bit_and_load_as_the_dequantized_model(kind, t
     reference = llama().to(torch.float16)
     reference.load_state_dict(reference.state_dict() | expected_w, strict=True)
     expected = logits(reference.float())
-    loaded = PeftModel.from_pretrained(
-        transformers.LlamaForCausalLM.from_pretrained(res.out, dtype=torch.float32), res.adapter)
-    got = logits(loaded)
-    assert (got - expected).abs().max() <= 2e-2 * expected.abs().max()
-    assert pissa_rs.verify(res.out, against=src).ok
+    assert_loads_as(res, expected, src)
 
 
 def test_awq_left_partly_packed_names_the_decomposed_modules_not_to_convert(tmp_path):
@@ -501,11 +505,7 @@ def test_prequantized_bitsandbytes_reads_bit_for_bit_and_loads_as_the_dequantize
     reference = llama().to(torch.bfloat16)
     reference.load_state_dict(reference.state_dict() | expected_w, strict=True)
     expected = logits(reference.float())
-    loaded = PeftModel.from_pretrained(
-        transformers.LlamaForCausalLM.from_pretrained(res.out, dtype=torch.float32), res.adapter)
-    got = logits(loaded)
-    assert (got - expected).abs().max() <= 2e-2 * expected.abs().max()
-    assert pissa_rs.verify(res.out, against=src).ok
+    assert_loads_as(res, expected, src)
 
 
 B = "model.layers.0.self_attn.q_proj.weight"

@@ -17,13 +17,14 @@ from __future__ import annotations
 import torch
 
 from .gptq import codes_of
-from .stored import Encoded, SourceFormatError, Stored, group_companions
+from .stored import Encoded, NamedCodes, SourceFormatError, Stored, group_companions
 
 SUFFIX = ".qweight"
 AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # word slot -> column, GPTQModel's packing_utils
 
 
-class AWQ:
+class AWQ(NamedCodes):
+    suffix = SUFFIX
     quant_method = "awq"
     scale_suffix = None
     can_keep = False  # an RTN re-encoding would lose AWQ's activation-aware scales
@@ -31,15 +32,6 @@ class AWQ:
 
     def describe(self, config: dict) -> str:
         return f"AWQ int{config.get('bits', 4)} {layout(config).upper()}, group {config.get('group_size')}"
-
-    def encoded(self, name: str) -> bool:
-        return name.endswith(SUFFIX)
-
-    def holds_codes(self, info) -> bool:
-        return self.encoded(info.name)
-
-    def weight_of(self, name: str) -> str | None:
-        return name[: -len(SUFFIX)] + ".weight" if self.encoded(name) else None
 
     def part(self, checkpoint, config: dict, tensor: str) -> Encoded | None:
         return awq_part(checkpoint, config, tensor) if self.encoded(tensor) else None

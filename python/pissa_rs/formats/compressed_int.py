@@ -23,14 +23,15 @@ import re
 import torch
 
 from ..tensors import as_torch
-from .stored import Encoded, SourceFormatError, Stored
+from .stored import Encoded, NamedCodes, SourceFormatError, Stored
 
 PACKED_SUFFIX = ".weight_packed"
 # the tensors a packed weight may come with, in the order a read stages them
 COMPANIONS = ("weight_scale", "weight_zero_point", "weight_g_idx", "weight_shape")
 
 
-class CompressedTensorsPacked:
+class CompressedTensorsPacked(NamedCodes):
+    suffix = PACKED_SUFFIX
     quant_method = "compressed-tensors"
     format = "pack-quantized"
     scale_suffix = None  # its companions are found by the weight's module (`parts`), not one suffix
@@ -40,17 +41,6 @@ class CompressedTensorsPacked:
     def describe(self, config: dict) -> str:
         schemes = {_describe_args(g.get("weights") or {}) for g in (config.get("config_groups") or {}).values()}
         return f"compressed-tensors pack-quantized ({'; '.join(sorted(schemes)) or 'no weight scheme'})"
-
-    def encoded(self, name: str) -> bool:
-        """Whether checkpoint tensor `name` holds a weight in this format (its codes)."""
-        return name.endswith(PACKED_SUFFIX)
-
-    def holds_codes(self, info) -> bool:
-        return self.encoded(info.name)
-
-    def weight_of(self, name: str) -> str | None:
-        """The weight a codes tensor stands for (X.weight for X.weight_packed), else None."""
-        return name[: -len(PACKED_SUFFIX)] + ".weight" if self.encoded(name) else None
 
     def part(self, checkpoint, config: dict, tensor: str) -> Encoded | None:
         """How weight codes `tensor` are read, or None when `tensor` holds no packed weight."""

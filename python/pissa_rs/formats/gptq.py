@@ -20,14 +20,15 @@ from __future__ import annotations
 import torch
 
 from ..tensors import as_torch
-from .stored import Encoded, SourceFormatError, Stored, group_companions
+from .stored import Encoded, NamedCodes, SourceFormatError, Stored, group_companions
 
 SUFFIX = ".qweight"
 # what GPTQModel adds to each v1 qzeros word: one to every zero point in it
 V1_OFFSET = {2: 0x55555555, 4: 0x11111111, 8: 0x01010101}
 
 
-class GPTQ:
+class GPTQ(NamedCodes):
+    suffix = SUFFIX
     quant_method = "gptq"
     scale_suffix = None
     can_keep = False  # an RTN re-encoding would lose GPTQ's calibration
@@ -37,15 +38,6 @@ class GPTQ:
         kind = "symmetric" if config.get("sym", True) else "asymmetric"
         return (f"GPTQ int{config.get('bits')} {kind}, group {config.get('group_size')}"
                 f"{', desc_act' if config.get('desc_act') else ''} ({checkpoint_format(config)} format)")
-
-    def encoded(self, name: str) -> bool:
-        return name.endswith(SUFFIX)
-
-    def holds_codes(self, info) -> bool:
-        return self.encoded(info.name)
-
-    def weight_of(self, name: str) -> str | None:
-        return name[: -len(SUFFIX)] + ".weight" if self.encoded(name) else None
 
     def part(self, checkpoint, config: dict, tensor: str) -> Encoded | None:
         from ..hub import headers_only

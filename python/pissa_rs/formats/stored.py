@@ -87,3 +87,20 @@ def group_companions(checkpoint, tensor: str, prefix: str, shape: tuple[int, int
         raise SourceFormatError(f"{zero.file}: zero-point tensor '{names['qzeros']}' is {zero.dtype} x "
                                 f"{list(zero.shape)}; weight '{prefix}' needs I32 x [{groups}, {zero_words}]")
     return group, scale, zero
+
+
+class NamedCodes:
+    """A format whose weight codes sit under a name of their own (X.weight_packed, X.qweight):
+    which tensors hold codes, and the weight each stands for."""
+
+    suffix: str
+
+    def encoded(self, name: str) -> bool:
+        return name.endswith(self.suffix)
+
+    def holds_codes(self, info) -> bool:
+        return self.encoded(info.name)
+
+    def weight_of(self, name: str) -> str | None:
+        """The weight a codes tensor stands for (X.weight for X.qweight), else None."""
+        return name[: -len(self.suffix)] + ".weight" if self.encoded(name) else None
