@@ -229,8 +229,8 @@ def run_on_ray(job: Job, address: str, progress: bool, fingerprints: dict[str, d
                 bar.update(unit.nbytes)
                 bar.set_postfix_str(f"{len(todo) - len(pending)}/{len(todo)} units", refresh=False)
         except BaseException as err:
-            for ref in pending:
-                ray.cancel(ref, force=True)
+            for ref in pending:  # not force=True: on a task not yet placed on a node, Ray 2.x's core
+                ray.cancel(ref)  # worker aborts the driver (a failed check, node_id != "") moments later
             cause = getattr(err, "cause", None)
             if isinstance(cause, PissaError):
                 raise cause from None  # the task's own error, as a local run would raise it
@@ -260,9 +260,8 @@ def _answers(ray, pending: dict) -> dict[str, dict]:
                 continue  # it died with its task: not a node to run units on
             found[answered] = fingerprint
         for ref, node in list(pending.items()):
-            if node not in alive:
-                ray.cancel(ref, force=True)
-                del pending[ref]
+            if node not in alive:  # left as it is: it never runs, and Ray 2.x aborts the driver (a failed
+                del pending[ref]  # check, node_id != "") when asked to cancel a task it never placed
         if pending and time.monotonic() > deadline:
             raise EnvironmentMismatchError(
                 f"Ray nodes {', '.join(sorted(pending.values()))} are alive but did not answer the fingerprint probe "
