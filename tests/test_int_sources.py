@@ -524,3 +524,22 @@ def test_hostile_bitsandbytes_tensors_are_refused_naming_file_and_tensor(tmp_pat
     with pytest.raises(pissa_rs.TargetError, match=rf"model\.safetensors: .*{message}"):
         pissa_rs.decompose_checkpoint(src, r=R, out=tmp_path / "o", progress=False)
     assert not (tmp_path / "o").exists()
+
+
+def test_each_module_takes_the_scheme_compressed_tensors_gives_it():
+    """A group naming the module (exactly or by "re:") wins over one naming its class;
+    `ignore` leaves it unquantized; an exact module name is no class name."""
+    from pissa_rs.formats.compressed_int import weight_args
+
+    config = {"config_groups": {
+        "group_0": {"targets": ["Linear"], "weights": {"num_bits": 4}},
+        "group_1": {"targets": [r"re:.*mlp\.down_proj$"], "weights": {"num_bits": 8}},
+        "group_2": {"targets": ["model.layers.1.self_attn.o_proj"], "weights": {"num_bits": 2}},
+    }, "ignore": ["lm_head", r"re:.*layers\.0\.self_attn\.k_proj$"]}
+    assert weight_args(config, "model.layers.0.mlp.down_proj") == {"num_bits": 8}
+    assert weight_args(config, "model.layers.0.self_attn.q_proj") == {"num_bits": 4}
+    assert weight_args(config, "model.layers.1.self_attn.o_proj") == {"num_bits": 2}
+    assert weight_args(config, "lm_head") is None
+    assert weight_args(config, "model.layers.0.self_attn.k_proj") is None
+    only_named = {"config_groups": {"g": {"targets": ["model.layers.1.self_attn.o_proj"], "weights": {}}}}
+    assert weight_args(only_named, "model.layers.0.self_attn.q_proj") is None

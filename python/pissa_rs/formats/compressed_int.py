@@ -70,10 +70,13 @@ def weight_args(config: dict, module: str) -> dict | None:
     if any(names(t) for t in config.get("ignore") or []):
         return None
     groups = list((config.get("config_groups") or {}).values())
+    def is_class(target: str) -> bool:  # "Linear": a class name, no pattern, no dotted module path
+        return not target.startswith("re:") and "." not in target
+
     for by_name in (True, False):
         for group in groups:
             targets = group.get("targets") or []
-            if any(names(t) for t in targets) if by_name else any(not t.startswith("re:") for t in targets):
+            if any(names(t) for t in targets) if by_name else any(is_class(t) for t in targets):
                 return group.get("weights")
     return None
 
