@@ -29,8 +29,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
-@pytest.fixture(scope="module")
-def cluster():
+def _two_node_cluster():
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     c = Cluster(initialize_head=True, head_node_args={
@@ -39,6 +38,24 @@ def cluster():
     nodes = [c.add_node(num_cpus=1) for _ in range(2)]
     c.wait_for_nodes()
     c.workers = nodes
+    return c
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = _two_node_cluster()
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+@pytest.fixture
+def lossy_cluster():
+    """A cluster of its own for a test that loses a node: Ray goes on listing a lost node
+    for a while, and tasks placed on it abort the driver (a failed check in Ray's core
+    worker), so the shared cluster must never hold one."""
+    ray.shutdown()
+    c = _two_node_cluster()
     yield c
     ray.shutdown()
     c.shutdown()
@@ -141,10 +158,11 @@ def test_nodes_that_mount_the_folders_elsewhere_say_so_and_write_the_same_bytes(
     same_output(res.out, reference.out, report_rtol=1e-6)
 
 
-def test_a_node_lost_mid_unit_is_replaced_and_its_zombie_cannot_write(cluster, llama, tmp_path):
+def test_a_node_lost_mid_unit_is_replaced_and_its_zombie_cannot_write(lossy_cluster, llama, tmp_path):
     """A worker frozen mid-unit (SIGSTOP, as a partitioned node), its node removed: the unit
     is retried on the other node and the output is the local run's. Then the frozen
     attempt wakes up: its lease is gone, it stops, and the output stays as it was."""
+    cluster = lossy_cluster
     reference = pissa_rs.decompose_checkpoint(llama, r=4, out=tmp_path / "ref", progress=False)
     spare = cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
@@ -183,26 +201,16 @@ def test_a_node_lost_mid_unit_is_replaced_and_its_zombie_cannot_write(cluster, l
                 os.kill(frozen, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        _until_only(cluster, [cluster.head_node, *cluster.workers])  # the next tests start on a settled cluster
         ray.shutdown()
 
 
-def _until_only(cluster, nodes, seconds: float = 60.0) -> None:
-    """Wait until Ray lists exactly `nodes` alive (a removed node is dead to the GCS only after
-    its missed health checks)."""
-    ray.shutdown()
-    ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
-    want = {n.node_id for n in nodes}
-    deadline = time.time() + seconds
-    while {n["NodeID"] for n in ray.nodes() if n.get("Alive")} != want:
-        assert time.time() < deadline, "the cluster did not settle"
-        time.sleep(0.5)
-
-
-def test_a_bad_input_fails_once_and_fast_with_its_own_error(cluster, llama, tmp_path, monkeypatch):
+def test_a_bad_input_fails_once_and_fast_with_its_own_error(lossy_cluster, llama, tmp_path, monkeypatch):
     """A PissaError in a task (here: the input changed since it was planned) is not retried:
-    the run stops with that error."""
+    the run stops with that error. (On a cluster of its own: the tasks it stops leave Ray 2.60's
+    GCS unreachable for a while on this machine, which the next test would meet.)"""
     import pissa_rs.engine.ray_run as ray_run
+
+    cluster = lossy_cluster
 
     real = ray_run.run_on_ray
 

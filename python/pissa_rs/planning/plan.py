@@ -228,14 +228,18 @@ def make_plan_in_child(path: Path, options: list[dict], outs: list[Path], meanwh
 
     The child is forked (it has torch imported already, unlike a fresh interpreter), except
     where this process has initialised CUDA (EVA's pass or the rank budget's spectra on a GPU,
-    or the caller's own work): CUDA is not to be used in a forked child, and a fork of a
-    process whose CUDA threads hold locks can hang, so the child is then a fresh interpreter."""
+    or the caller's own work), or is connected to Ray: CUDA is not to be used in a forked child,
+    and a fork of a process whose CUDA or Ray (gRPC) threads hold locks can hang or crash
+    (a Ray driver's planning child died of SIGSEGV), so the child is then a fresh interpreter."""
+    import sys
+
     import torch
 
     from ..requirements import require_versions
 
     require_versions()  # here, where the caller sees its one line: the child imports the libraries it checks
-    if torch.cuda.is_initialized():
+    ray = sys.modules.get("ray")
+    if torch.cuda.is_initialized() or (ray is not None and ray.is_initialized()):
         child, receive = _start_fresh_child(path, options, outs)
     else:
         context = multiprocessing.get_context("fork")
