@@ -543,3 +543,22 @@ def test_each_module_takes_the_scheme_compressed_tensors_gives_it():
     assert weight_args(config, "model.layers.0.self_attn.k_proj") is None
     only_named = {"config_groups": {"g": {"targets": ["model.layers.1.self_attn.o_proj"], "weights": {}}}}
     assert weight_args(only_named, "model.layers.0.self_attn.q_proj") is None
+
+
+def test_a_decode_plan_survives_its_record_and_fp8_records_keep_their_fields():
+    """The plan travels as JSON (planning child, resume): a part with extra tensors and args
+    comes back equal; one without them (FP8) records no `extra`/`args`, as before they existed,
+    so FP8 reports keep their bytes."""
+    from pissa_rs.formats.sources import Decode
+    from pissa_rs.formats.stored import Stored
+
+    gptq = Stored("I32", (4, 96), 1536, "F16", (2, 96), 384,
+                  extra=(("qzeros", "I32", (2, 12), 96), ("g_idx", "I32", (32,), 128)),
+                  args=(("bits", 4), ("shape", (96, 32))))
+    decode = Decode("gptq", (gptq,))
+    assert Decode.from_record(json.loads(json.dumps(decode.as_record()))) == decode
+    fp8 = Decode("fp8", (Stored("F8_E4M3", (96, 32), 3072, "F32", (1, 1), 4),))
+    record = fp8.as_record()
+    assert set(record["parts"][0]) == {"codes_dtype", "codes_shape", "codes_nbytes", "scale_dtype", "scale_shape",
+                                       "scale_nbytes"}
+    assert Decode.from_record(json.loads(json.dumps(record))) == fp8

@@ -131,6 +131,9 @@ class Decode:
     parts: tuple[Stored, ...]
     transpose: bool = False
 
+    def as_record(self) -> dict:
+        return {"kind": self.kind, "parts": [p.as_record() for p in self.parts], "transpose": self.transpose}
+
     @staticmethod
     def from_record(record: dict) -> Decode:
         return Decode(record["kind"], tuple(Stored.from_record(p) for p in record["parts"]), record["transpose"])

@@ -4,7 +4,7 @@ not make the weight they claim to."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -27,6 +27,12 @@ class Stored:
     scale_nbytes: int = 0
     extra: tuple[tuple[str, str, tuple[int, ...], int], ...] = ()
     args: tuple[tuple[str, object], ...] = ()
+
+    def as_record(self) -> dict:
+        """The fields, the empty `extra`/`args` left out (FP8 and MXFP4 have none; reports
+        written before those fields existed keep their bytes)."""
+        record = asdict(self)
+        return {k: v for k, v in record.items() if v or k not in ("extra", "args")}
 
     @staticmethod
     def from_record(record: dict) -> Stored:

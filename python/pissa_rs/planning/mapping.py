@@ -14,7 +14,7 @@ import functools
 import json
 import logging
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -156,7 +156,7 @@ class WeightRead:
     def as_record(self) -> dict:
         return {"pieces": [[p.tensor, p.start, p.end] for p in self.pieces],
                 **({"out_pieces": [[p.tensor, p.start, p.end] for p in self.out_pieces]} if self.out_pieces else {}),
-                **({"decode": asdict(self.decode)} if self.decode else {})}
+                **({"decode": self.decode.as_record()} if self.decode else {})}
 
     @staticmethod
     def from_record(record: dict) -> WeightRead:
