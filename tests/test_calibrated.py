@@ -438,10 +438,10 @@ def test_a_family_not_tested_is_refused_by_name(tmp_path):
 CLI = [sys.executable, "-m", "pissa_rs.cli"]
 
 
-def run_cli(model, out, data, env=None, method="corda-kpm"):
+def run_cli(model, out, data, env=None, method="corda-kpm", extra=()):
     return subprocess.run([*CLI, "decompose", str(model), "-r", str(R), "-o", str(out), "--no-progress",
                            "--method", method, "--calibration", str(data), "--calibration-samples", str(N),
-                           "--calibration-length", str(LENGTH), "--calibration-batch", "3"],
+                           "--calibration-length", str(LENGTH), "--calibration-batch", "3", *extra],
                           capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=300)
 
 
@@ -1031,6 +1031,69 @@ def test_moe_experts_get_the_covariance_of_their_routed_tokens(tmp_path, family,
     tuned(ids, labels=ids).loss.backward()
     assert all(p.grad is not None for n, p in tuned.named_parameters() if "lora_" in n)
     assert pissa_rs.verify(res.out, against=path).ok
+
+
+def test_expert_covariances_beyond_the_device_take_passes_of_the_same_bytes(tmp_path):
+    """A layer whose experts' covariances outweigh the device (DeepSeek-V3: 52.6 GB of gate_up
+    covariances beside 22.5 GB of experts) runs its forward once per range of experts that fits,
+    each range's means waiting in host memory: the output has the bytes of the one-pass run (the
+    same sums, in the same order, per expert), the report says the passes, and nothing is left
+    in the work folder. On a CPU the room is --host-memory; a GPU's is its free memory (below)."""
+    from pissa_rs.engine.device_memory import covariance_passes
+
+    path = tmp_path / "m"
+    save_moe(path, "qwen3_moe")
+    one = ours(path, tmp_path / "one", "kpm", calibration_batch=2)
+    targets = pissa_rs.plan(path, r=R, method="corda-kpm", calibration=TEXTS, calibration_samples=N,
+                            calibration_length=LENGTH, out=tmp_path / "p").targets
+    layer0 = [t for t in targets if ".layers.0." in (t.parameter or t.module)]
+    whole = covariance_passes(layer0, 4, 1 << 40, 2 * LENGTH)  # batches of 2 samples
+    assert whole.experts is None and whole.num_experts == 4 and whole.per_expert == 4 * (64**2 + 48**2)
+    assert whole.batch == 2 * LENGTH * 96 * 16  # the widest target's dimension: the MLP's 96
+    room = whole.weights + whole.covariances + whole.batch + 3 * whole.per_expert  # passes [0, 3), [3, 4)
+    assert covariance_passes(layer0, 4, room, 2 * LENGTH).experts == 3
+    assert covariance_passes(layer0, 4, room - 1, 2 * LENGTH).experts == 2
+    three = ours(path, tmp_path / "three", "kpm", calibration_batch=2, host_memory=room)
+    assert three.report["calibration"]["experts"]["experts_per_pass"] == {"model.layers.0": 3, "model.layers.1": 3}
+    assert "experts_per_pass" not in one.report["calibration"]["experts"]
+    assert three.report["calibration"]["experts"]["parameters"] == one.report["calibration"]["experts"]["parameters"]
+    # a budget below one expert: on a CPU still one a pass (a GPU that small is refused: test_device_memory)
+    each = ours(path, tmp_path / "each", "kpm", calibration_batch=2, host_memory=1)
+    assert each.report["calibration"]["experts"]["experts_per_pass"] == {"model.layers.0": 1, "model.layers.1": 1}
+    expected = tensors_of(one.out)
+    for res in (three, each):
+        assert (res.adapter / "adapter_model.safetensors").read_bytes() == \
+            (one.adapter / "adapter_model.safetensors").read_bytes()
+        found = tensors_of(res.out)
+        assert found.keys() == expected.keys() and all(torch.equal(found[k], v) for k, v in expected.items())
+
+
+def test_sigkill_in_a_later_pass_of_expert_covariances_resumes_byte_identically(tmp_path):
+    """Two passes a layer (3 experts, then 1), 4 batches each: killed in layer 1's second pass
+    (call 14), the rerun starts layer 1 again from its saved input and writes the same bytes."""
+    from pissa_rs.engine.device_memory import covariance_passes
+
+    path = tmp_path / "m"
+    save_moe(path, "qwen3_moe")
+    data = tmp_path / "c.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    targets = pissa_rs.plan(path, r=R, method="corda-kpm", calibration=TEXTS, calibration_samples=N,
+                            calibration_length=LENGTH, out=tmp_path / "p").targets
+    whole = covariance_passes([t for t in targets if ".layers.0." in (t.parameter or t.module)], 4, 1 << 40,
+                              3 * LENGTH)
+    room = ["--host-memory", str(whole.weights + whole.covariances + whole.batch + 3 * whole.per_expert)]
+    assert run_cli(path, tmp_path / "ref", data, extra=room).returncode == 0
+    out = tmp_path / "o"
+    killed = run_cli(path, out, data, env={"PISSA_RS_SIGNAL_AT": "calibrate:14"}, extra=room)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not list((out / ".pissa_units" / "calibration").glob("experts-*"))  # the host stacks leave nothing
+    assert run_cli(path, out, data, extra=room).returncode == 0
+    report = json.loads((out / "pissa_report.json").read_text())
+    assert report["calibration"]["resumed_at_layer"] == 1
+    assert report["calibration"]["experts"]["experts_per_pass"] == {"model.layers.0": 3, "model.layers.1": 3}
+    config = "pissa_init/adapter_config.json"  # names its own folder as the base
+    assert {k: v for k, v in digest(out).items() if k not in ("pissa_report.json", config)} == \
+        {k: v for k, v in digest(tmp_path / "ref").items() if k not in ("pissa_report.json", config)}
 
 
 def test_fp8_moe_experts_calibrate_as_their_dequantized_copy(tmp_path):

@@ -97,7 +97,8 @@ def test_corda_whose_layer_and_covariances_cannot_fit_is_refused_naming_it(tmp_p
     sizes = {t.tensor: t.shape[0] * t.shape[1] for t in plan.targets}
     assert sizes[tensor] == max(sizes.values())  # the layer's largest tensor is named (all tie here: the first)
     per_target = device_memory.device_memory_plan(plan.targets, options).peak_bytes
-    free = weights + covariances + device_memory.DEVICE_OVERHEAD_BYTES - 1  # a byte short for the layer
+    batch = device_memory.covariance_passes(plan.targets, 4, 0, options.calibration_batch * 32).batch
+    free = weights + covariances + batch + device_memory.DEVICE_OVERHEAD_BYTES - 1  # a byte short for the layer
     assert per_target + device_memory.DEVICE_OVERHEAD_BYTES <= free  # while each target's decomposition fits
     monkeypatch.setattr(device_memory, "free_device_memory", lambda devices: {"cuda:0": free})
     assert not plan.fits_on_device and f"DOES NOT FIT: '{tensor}': CorDA calibrates" in plan.describe()
@@ -106,3 +107,32 @@ def test_corda_whose_layer_and_covariances_cannot_fit_is_refused_naming_it(tmp_p
     assert not (tmp_path / "o").exists()
     monkeypatch.setattr(device_memory, "free_device_memory", lambda devices: {"cuda:0": free + 1})
     device_memory.check_device_memory(plan.targets, options)  # fits now
+
+
+def test_corda_expert_covariances_beyond_a_gpu_take_passes_and_one_expert_too_many_is_refused(tmp_path,
+                                                                                              monkeypatch):
+    """A GPU whose free memory holds a MoE layer's targets and other covariances but not every
+    expert's: the plan runs the layer in passes of the experts that fit (the dry run says how
+    many), and is refused, naming the tensor, only where not one expert fits beside the rest."""
+    from test_calibrated import LENGTH, N, TEXTS, save_moe
+
+    path = tmp_path / "m"
+    save_moe(path, "qwen3_moe")
+    kwargs = dict(method="corda-kpm", calibration=TEXTS, calibration_samples=N, calibration_length=LENGTH)
+    plan = pissa_rs.plan(path, r=4, out=tmp_path / "o", **kwargs)
+    tokens = plan.options.calibration_batch * LENGTH
+    passes = device_memory.covariance_passes(device_memory.layers_of(plan.targets)["0"], 4, 1 << 40, tokens)
+    enough = passes.weights + passes.covariances + passes.batch + device_memory.DEVICE_OVERHEAD_BYTES
+    assert device_memory.device_memory_plan(plan.targets, plan.options).peak_bytes <= enough
+    monkeypatch.setattr(device_memory, "free_device_memory", lambda devices: {"cuda:0": enough + 2 * passes.per_expert})
+    assert plan.fits_on_device, plan.describe()
+    assert "do not fit beside the layer run their forward up to 2 times, 2 experts a pass" in plan.describe()
+    monkeypatch.setattr(device_memory, "free_device_memory", lambda devices: {"cuda:0": enough + 4 * passes.per_expert})
+    assert plan.fits_on_device and "experts:" not in plan.describe()
+    monkeypatch.setattr(device_memory, "free_device_memory",
+                        lambda devices: {"cuda:0": enough + passes.per_expert - 1})  # a byte short of one expert
+    assert not plan.fits_on_device
+    with pytest.raises(pissa_rs.DeviceMemoryError, match=r"'model.layers.0.mlp.experts.gate_up_proj': CorDA calibrates "
+                       r"its layer .* \+ 25.0 KiB for each expert at least; a batch ~[\d.]+ KiB\) on the device, and cuda:0 has"):
+        pissa_rs.decompose_checkpoint(path, r=4, out=tmp_path / "o", progress=False, **kwargs)
+    assert not (tmp_path / "o").exists()

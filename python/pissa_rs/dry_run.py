@@ -139,10 +139,11 @@ class DecompositionPlan:
                     o.calibration_batch * o.calibration_length * hidden * size)
             where = ("held in memory (2 layer boundaries within" if 2 * held <= budget else
                      "read back from their file a batch at a time (2 layer boundaries above")
-            return (head + f"host: hidden states {human_bytes(boundary)} a layer boundary, on disk for resume and "
+            line = (head + f"host: hidden states {human_bytes(boundary)} a layer boundary, on disk for resume and "
                     f"{where} --host-memory {human_bytes(budget)}), + covariances waiting for their shard, up to "
                     f"{human_bytes(covariances)} a layer; device: a layer's targets {human_bytes(weights)} + its "
                     f"covariances + a batch ~{human_bytes(batch)}")
+            return line + self._expert_passes(size)
         # EVA: PEFT's loop over every layer at each step; each input's r * rho components (float64)
         # wait in a file between their layer's turns, and take twice that while they update
         components = lambda ts: sum(8 * n * round(t.r * o.eva_rho) for t, n in zip(ts, inputs(ts)))  # noqa: E731
@@ -154,6 +155,22 @@ class DecompositionPlan:
                 f"input between its layer's turns; device: one layer's, up to {human_bytes(2 * layer)} while they "
                 f"update, + a layer's targets {human_bytes(weights)} + a batch ~{human_bytes(batch)}; host: one "
                 f"batch's hidden states, and at the end the adapter's lora_A ~{human_bytes(adapter)}")
+
+    def _expert_passes(self, element_size: int) -> str:
+        """CorDA's layers whose expert covariances do not fit the device at once: how many
+        passes (device_memory.CovariancePasses); "" where every layer fits."""
+        from .engine.device_memory import calibration_room, covariance_passes
+
+        room = calibration_room(self.options)
+        tokens = self.options.calibration_batch * self.options.calibration_length
+        split = [p for p in (covariance_passes(ts, element_size, room, tokens) for ts in layers_of(self.targets).values())
+                 if p.experts is not None and p.num_experts]
+        if not split:
+            return ""
+        worst = max(split, key=lambda p: p.passes)
+        return (f"; experts: {len(split)} layer(s) whose expert covariances ({human_bytes(worst.per_expert)} an "
+                f"expert) do not fit beside the layer run their forward up to {worst.passes} times, "
+                f"{max(worst.experts, 1)} experts a pass, each pass's means held in host memory (the page cache)")
 
     @property
     def _qpissa(self) -> str:

@@ -123,7 +123,8 @@ class DecomposeOptions:
                                     choices=["auto", *sorted(ADAPTER_DTYPES)])
     host_memory: str | None = option(None, "with calibration: host memory for the hidden states carried between "
                                      "layers (e.g. 16GiB); within it they are held in memory (pinned for a GPU) "
-                                     "besides their file on disk, above it read back from the file batch by batch "
+                                     "besides their file on disk, above it read back from the file batch by batch; "
+                                     "on a CPU, also what a MoE layer's expert covariances may take at once "
                                      "(default: half the memory available when the run starts)", parse=str)
     calibrate_all_experts: bool = option(False, "methods corda-ipm, corda-kpm on MoE experts: every token's "
                                          "covariance goes to every expert (the model's output still follows its "
@@ -319,8 +320,8 @@ class DecomposeOptions:
 
     @property
     def host_memory_bytes(self) -> int:
-        """The host budget for the carried hidden states: host_memory, or half of what the
-        machine has available now (MemAvailable)."""
+        """The host budget for the carried hidden states (and a CPU run's expert covariances):
+        host_memory, or half of what the machine has available now (MemAvailable)."""
         if self.host_memory is not None:
             return byte_size(self.host_memory)
         try:

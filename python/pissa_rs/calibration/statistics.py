@@ -68,14 +68,17 @@ class CovarianceHooks:
     """Forward hooks on one decoder layer that sum each sample's input covariance: of the
     linear `modules` (name -> module), and of the `parameters` PEFT wraps (name within the
     layer -> (owning module, attribute)): a router's input, or per expert the tokens routed
-    to it (every token with `all_experts`). Padding never counts (`lengths` of the samples)."""
+    to it (every token with `all_experts`). Padding never counts (`lengths` of the samples).
+    `experts`: the experts whose sums this pass keeps (all by default), when a layer's expert
+    covariances outweigh the device and its forward runs once per such range (engine/sequential.py)."""
 
     def __init__(self, modules: dict[str, nn.Module], parameters: dict[str, tuple[nn.Module, str]] | None = None,
-                 all_experts: bool = False):
+                 all_experts: bool = False, experts: range | None = None):
         self.sums: dict[str, torch.Tensor] = {}  # a module's key (the first of the modules sharing its input)
         self.key: dict[str, str] = {}
         self.samples = 0
         self.all_experts = all_experts
+        self.experts = experts
         self.tokens: dict[str, torch.Tensor] = {}  # an expert stack's parameter -> tokens each expert saw
         self.reached: dict[str, torch.Tensor] = {}  # ... -> samples that routed a token to each expert
         self._inputs: dict[str, torch.Tensor] = {}
@@ -145,21 +148,22 @@ class CovarianceHooks:
                              f"{len(lengths)} x {width}")
         x, top_k = x.view(len(lengths), width, -1), top_k.view(len(lengths), width, -1)
         count = experts.num_experts
+        kept = self.experts if self.experts is not None else range(count)
         dim = getattr(experts, attr).shape[-1 if not experts.is_transposed else -2]
         total = self.sums.get(name)
-        if total is None:
-            total = torch.zeros(count, dim, dim, dtype=torch.float32, device=x.device)
+        if total is None:  # row j: expert kept[j]
+            total = torch.zeros(len(kept), dim, dim, dtype=torch.float32, device=x.device)
             self.tokens[name] = torch.zeros(count, dtype=torch.int64)
             self.reached[name] = torch.zeros(count, dtype=torch.int64)
         with torch.no_grad():
             for row, length in enumerate(lengths):
-                for e in range(count):
+                for j, e in enumerate(kept):
                     picked = (top_k[row, :length] == e).any(dim=-1)
                     tokens = x[row, :length] if self.all_experts else x[row, :length][picked]
                     if tokens.shape[0] == 0:
                         continue
                     inputs = _expert_up(experts, tokens, e) if attr == "down_proj" else tokens
-                    total[e] += _sample_covariance(inputs, f"{name}[{e}] (sample {self.samples + row})")
+                    total[j] += _sample_covariance(inputs, f"{name}[{e}] (sample {self.samples + row})")
                     self.tokens[name][e] += tokens.shape[0]
                     self.reached[name][e] += 1
         self.sums[name] = total
@@ -167,10 +171,17 @@ class CovarianceHooks:
 
     def covariances(self) -> dict[str, torch.Tensor]:
         """Each module's covariance, the mean over samples (shared between modules of one
-        input); an expert stack's parameter: experts x in x in, each expert's the mean over
-        the samples that reached it (as a hook on that expert alone would count its calls)."""
-        means = {key: total / (self.reached[key].clamp(min=1).to(total)[:, None, None] if key in self.reached
-                               else self.samples) for key, total in self.sums.items()}
+        input); an expert stack's parameter: (the pass's) experts x in x in, each expert's the mean
+        over the samples that reached it (as a hook on that expert alone would count its calls)."""
+        def samples(key: str, total: torch.Tensor):
+            if key not in self.reached:
+                return self.samples
+            reached = self.reached[key]
+            if self.experts is not None:
+                reached = reached[self.experts.start:self.experts.stop]
+            return reached.clamp(min=1).to(total)[:, None, None]
+
+        means = {key: total / samples(key, total) for key, total in self.sums.items()}
         return {name: means[key] for name, key in self.key.items()}
 
     def remove(self) -> None:

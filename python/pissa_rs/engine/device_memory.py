@@ -103,6 +103,61 @@ def covariance_layer_bytes(targets: list[Target], element_size: int) -> tuple[in
     return best
 
 
+@dataclass(frozen=True)
+class CovariancePasses:
+    """How CorDA's layer-by-layer pass holds one layer's statistics: the layer's targets and
+    every input covariance on the device, its forward run once (`experts` None); or, where the
+    expert stacks' covariances (in x in float32 per expert) outweigh what the device has,
+    `experts` at a time, the layer's forward run once per such range, each range's means kept
+    in host memory (a file the page cache holds, engine/sequential.py) until their units take them."""
+
+    experts: int | None  # experts per pass (None: all in one); 0: not even one fits
+    num_experts: int
+    weights: int  # the layer's targets, in the dtype the layers run in
+    covariances: int  # its covariances other than the experts'
+    per_expert: int  # one expert's covariances, over the stack's parameters
+    batch: int  # a batch's activations through the layer: a few float32 copies of its widest
+    tensor: str  # the layer's largest tensor
+
+    @property
+    def passes(self) -> int:
+        return 1 if self.experts is None else -(-self.num_experts // max(self.experts, 1))
+
+
+def covariance_passes(layer_targets: list[Target], element_size: int, available: int,
+                      batch_tokens: int) -> CovariancePasses:
+    """One layer's CovariancePasses, where the device has `available` bytes for it and a batch
+    is `batch_tokens` tokens (padded)."""
+    batch = batch_tokens * max(max(t.shape) for t in layer_targets) * 4 * 4
+    weights = sum(t.shape[0] * t.shape[1] * element_size for t in layer_targets)
+    dim = lambda t: t.shape[0] if t.fan_in_fan_out else t.shape[1]  # noqa: E731
+    covariances = sum(4 * dim(t) ** 2 for t in layer_targets if t.expert is None)
+    experts = [t for t in layer_targets if t.expert is not None]
+    num_experts = max((t.num_experts for t in experts), default=0)
+    per_expert = sum(4 * dim(t) ** 2 for t in experts if t.expert == 0)
+    largest = max(layer_targets, key=lambda t: t.num_experts * t.shape[0] * t.shape[1])
+    room = available - weights - covariances - batch
+    fit = None if room >= per_expert * num_experts else max(room, 0) // per_expert if per_expert else 0
+    return CovariancePasses(fit, num_experts, weights, covariances, per_expert, batch,
+                            largest.parameter or largest.tensor)
+
+
+def calibration_room(options: DecomposeOptions) -> int | None:
+    """What CorDA's layer may take of its device: a GPU's free memory less the context's
+    overhead; on a CPU (the device is the host), the host budget `host_memory`."""
+    free = free_device_memory(options.torch_devices[:1])
+    if free:
+        return next(iter(free.values())) - DEVICE_OVERHEAD_BYTES
+    return options.host_memory_bytes
+
+
+def calibration_element_size(targets: list[Target], options: DecomposeOptions) -> int:
+    """Bytes per element of the layers as calibration runs them (float32, or the stored dtype)."""
+    if options.calibration_dtype == "float32":
+        return 4
+    return max(TORCH_DTYPES[t.dtype].itemsize for t in targets)
+
+
 def device_memory_problem(targets: list[Target], options: DecomposeOptions) -> str | None:
     """Why a run of `targets` cannot fit on its devices (None: it can): its largest target's
     decomposition, or (CorDA) its largest layer with the input covariances. The dry run and
@@ -110,18 +165,19 @@ def device_memory_problem(targets: list[Target], options: DecomposeOptions) -> s
     from .outdir import human_bytes
 
     plan = device_memory_plan(targets, options)
-    if plan.free and options.init_method.calibration == "covariance":
-        size = 4 if options.calibration_dtype == "float32" else max(TORCH_DTYPES[t.dtype].itemsize for t in targets)
-        weights, covariances, tensor = covariance_layer_bytes(targets, size)
-        need = weights + covariances + DEVICE_OVERHEAD_BYTES
-        short = [d for d, free in plan.free.items() if free < need]
-        if short:
-            return (f"'{tensor}': CorDA calibrates its layer with the layer's targets ({human_bytes(weights)}) and "
-                    f"their input covariances ({human_bytes(covariances)}, float32, one per input and per expert) on "
-                    f"the device, ~{human_bytes(need)} in all, and "
-                    + ", ".join(f"{d} has {human_bytes(plan.free[d])} free" for d in short)
-                    + ": use a device with more memory, or leave these weights out of target_modules / "
-                    "target_parameters (keeping an expert stack's covariances on the host is not supported yet)")
+    if plan.free and options.init_method.calibration == "covariance":  # a CPU run takes an expert a pass at least
+        room, size = calibration_room(options), calibration_element_size(targets, options)
+        where = next(iter(plan.free))
+        for layer in layers_of(targets).values():
+            passes = covariance_passes(layer, size, room, options.calibration_batch * options.calibration_length)
+            if passes.experts == 0:
+                return (f"'{passes.tensor}': CorDA calibrates its layer with the layer's targets "
+                        f"({human_bytes(passes.weights)}) and their input covariances (float32: "
+                        f"{human_bytes(passes.covariances)}"
+                        + (f", + {human_bytes(passes.per_expert)} for each expert at least"
+                           if passes.per_expert else "")
+                        + f"; a batch ~{human_bytes(passes.batch)}) on the device, and {where} has {human_bytes(max(room, 0))} for it: use a device with "
+                        "more memory, or leave these weights out of target_modules / target_parameters")
     if plan.short:
         return (f"tensor '{plan.tensor}': its decomposition needs ~{human_bytes(plan.peak_bytes)} of device memory "
                 f"({plan.workers} worker(s) on one device), and "

@@ -22,6 +22,7 @@ from ..calibration.statistics import CovarianceHooks
 from ..constants import UNITS_DIR
 from ..tensors import as_torch
 from . import heap
+from .device_memory import calibration_element_size, calibration_room, covariance_passes
 from .devices import page_locked_size
 from .resume import fault_point
 from .run import run_unit
@@ -127,7 +128,7 @@ class _Carried:
     def hidden_file(self, layer: int) -> Path:
         return self.folder / f"hidden-{layer:05d}.bin"
 
-    def load(self) -> tuple[int, HiddenStates, dict[int, torch.Tensor]] | None:
+    def load(self) -> tuple[int, HiddenStates, dict[int, torch.Tensor], dict] | None:
         state = self.folder / "state.json"
         if not state.is_file():
             return None
@@ -137,7 +138,7 @@ class _Carried:
         hidden = HiddenStates(self.hidden_file(recorded["next_layer"]), [tuple(i) for i in recorded["index"]],
                               recorded["dtype"])
         pending = self._mapped({int(i): tuple(at) for i, at in recorded["pending"].items()})
-        return recorded["next_layer"], hidden, pending
+        return recorded["next_layer"], hidden, pending, recorded.get("experts", {})
 
     def _mapped(self, places: dict[int, tuple[str, str]]) -> dict[int, torch.Tensor]:
         """The saved pending statistics as read-only views of their files: resident only while
@@ -152,13 +153,15 @@ class _Carried:
     def _place_of(self, t: torch.Tensor) -> tuple[str, str] | None:
         return next(((f, k) for ref, f, k in self._saved if ref() is t), None)
 
-    def save(self, next_layer: int, hidden: HiddenStates, pending: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    def save(self, next_layer: int, hidden: HiddenStates, pending: dict[int, torch.Tensor],
+             experts: dict) -> dict[int, torch.Tensor]:
         """Saves the state: each statistic not on disk yet into a file of its own (those saved
         before stay where they are, not read again here); returns `pending` as views of their
         files (the same values), to hold instead of the tensors. One file (one mapping) per
         statistic: once its last target is computed its view goes, and with it the mapping
         and the pages that computation made resident (a file shared with statistics still
-        waiting would keep them counted in this process's memory until those ran)."""
+        waiting would keep them counted in this process's memory until those ran). `experts`:
+        what the report says of the layers run so far (their experts' tokens, their passes)."""
         from safetensors.torch import save_file
 
         places: dict[int, tuple[str, str]] = {}
@@ -177,7 +180,7 @@ class _Carried:
             places[i] = place or new[id(t)]
         state = self.folder / "state.json.partial"
         state.write_text(json.dumps({"next_layer": next_layer, "index": hidden.index, "dtype": hidden.dtype,
-                                     "calibration": self.digest,
+                                     "calibration": self.digest, "experts": experts,
                                      "pending": {str(i): list(at) for i, at in places.items()}}))
         os.replace(state, self.folder / "state.json")
         for old in self.folder.glob("hidden-*.bin"):  # the boundaries before this one: never read again
@@ -240,6 +243,12 @@ def run_calibrated(job: Job, checkpoint: Checkpoint, calibration: CalibrationSet
     for index, (layer, inner, expert) in enumerate(layers):
         by_layer.setdefault(layer, {}).setdefault(inner, []).append((index, expert))
     parameters = {i for i, t in enumerate(job.outputs[0].plan.targets) if t.parameter is not None}
+    layer_targets: dict[int, list] = {}
+    for (layer, _, _), target in zip(layers, job.outputs[0].plan.targets):
+        layer_targets.setdefault(layer, []).append(target)
+    room = calibration_room(job.options)  # what a layer's covariances may take of the device
+    element_size = calibration_element_size(job.outputs[0].plan.targets, job.options)
+    passes_record: dict[str, int] = {}
     experts_record: dict[str, dict] = {}
     last_layer = {unit.index: max((layers[i][0] for i in unit.targets), default=-1) for unit in job.units}
     waiting: list[Unit] = list(job.units)
@@ -267,7 +276,9 @@ def run_calibrated(job: Job, checkpoint: Checkpoint, calibration: CalibrationSet
     resumed = carried.load()
     start, hidden = 0, None
     if resumed is not None:
-        start, hidden, pending = resumed
+        start, hidden, pending, done = resumed
+        experts_record.update(done.get("parameters", {}))
+        passes_record.update(done.get("passes", {}))
         stack.forget_input_embedding()
         statistics.update(pending)
         run_ready(start - 1)  # finished before the kill: marked done, nothing is redone
@@ -280,26 +291,49 @@ def run_calibrated(job: Job, checkpoint: Checkpoint, calibration: CalibrationSet
         modules = {inner: layer.get_submodule(inner) for inner, at in wanted.items() if at[0][0] not in parameters}
         owned = {inner: (layer.get_submodule(inner.rpartition(".")[0]), inner.rpartition(".")[2])
                  for inner, at in wanted.items() if at[0][0] in parameters}
-        hooks = CovarianceHooks(modules, owned, all_experts=job.options.calibrate_all_experts)
         outputs = HiddenStates(carried.hidden_file(layer_index + 1).with_suffix(".partial"), hold=hold,
                                pin=device.type == "cuda")
-        try:
-            for k, batch in enumerate(batches):
-                out, _, lengths = _through_layer(stack, layer, layer_index, calibration, batch, hidden, k, device)
-                t1 = time.perf_counter()
-                hooks.add_batch(lengths)
-                seconds["statistics"] += time.perf_counter() - t1
-                outputs.append(out)
-                fault_point("calibrate")  # the crash tests: killed mid-layer
-        finally:
-            hooks.remove()
+        stacked = {inner for inner, at in wanted.items() if at[0][1] is not None}  # expert stacks' parameters
+        passes = expert_ranges(layer_targets.get(layer_index, []), element_size, room,
+                               batch_size * job.options.calibration_length)
+        if len(passes) > 1:
+            passes_record[f"{stack.layers_name}.{layer_index}"] = len(passes[0])
+        covariances, seen = {}, _Seen()
+        for first, kept in zip([True] + [False] * (len(passes) - 1), passes):
+            hooks = CovarianceHooks(modules if first else {},
+                                    owned if first else {inner: owned[inner] for inner in stacked},
+                                    all_experts=job.options.calibrate_all_experts, experts=kept)
+            try:
+                for k, batch in enumerate(batches):
+                    out, _, lengths = _through_layer(stack, layer, layer_index, calibration, batch, hidden, k,
+                                                     device)
+                    t1 = time.perf_counter()
+                    hooks.add_batch(lengths)
+                    seconds["statistics"] += time.perf_counter() - t1
+                    if first:
+                        outputs.append(out)
+                    fault_point("calibrate")  # the crash tests: killed mid-layer
+            finally:
+                hooks.remove()
+            found = hooks.covariances()
+            seen.add(hooks)
+            if kept is None:
+                covariances = found
+                continue
+            for inner, means in found.items():  # a range of experts: to the host, the device freed for the next
+                if inner not in stacked:
+                    covariances[inner] = means
+                    continue
+                if inner not in covariances:
+                    covariances[inner] = host_stack(carried.folder, (seen.count[inner], *means.shape[1:]))
+                covariances[inner][kept.start:kept.stop] = means
+            found = hooks = None
         stack.release(layer_index)
-        covariances = hooks.covariances()
-        for inner, at in wanted.items():  # still on the device: `save` copies them to the host one at a time
+        for inner, at in wanted.items():  # on the device (or the host): `save` copies them to files one at a time
             for i, expert in at:
                 statistics[i] = covariances[inner] if expert is None else covariances[inner][expert]
-        experts_record.update(_experts_record(f"{stack.layers_name}.{layer_index}", hooks))
-        covariances = hooks = None  # `statistics` holds them now: saved below, they become views
+        experts_record.update(seen.record(f"{stack.layers_name}.{layer_index}"))
+        covariances = seen = None  # `statistics` holds them now: saved below, they become views
         hidden = outputs.finish(carried.hidden_file(layer_index + 1))
         stack.forget_input_embedding()  # the next layers take the carried hidden states
         seconds["forward"] += time.perf_counter() - t0
@@ -307,7 +341,8 @@ def run_calibrated(job: Job, checkpoint: Checkpoint, calibration: CalibrationSet
             # saved before the units that are ready run, so that they too read the statistics as
             # file views: a unit's waiting statistics are never resident all at once
             t0 = time.perf_counter()
-            statistics.update(carried.save(layer_index + 1, hidden, statistics))  # held as file views from here
+            statistics.update(carried.save(layer_index + 1, hidden, statistics,  # held as file views from here
+                                           {"parameters": experts_record, "passes": passes_record}))
             seconds["saved"] += time.perf_counter() - t0
         run_ready(layer_index)
     if waiting:
@@ -320,20 +355,69 @@ def run_calibrated(job: Job, checkpoint: Checkpoint, calibration: CalibrationSet
               "seconds": seconds}
     if experts_record:
         record["experts"] = {"all_experts": job.options.calibrate_all_experts, "parameters": experts_record}
+        if passes_record:  # layers whose expert covariances took several passes: experts per pass
+            record["experts"]["experts_per_pass"] = passes_record
     return record
 
 
-def _experts_record(prefix: str, hooks: CovarianceHooks) -> dict[str, dict]:
-    """Per expert stack: the tokens each expert saw (and in how many samples), the experts that saw fewer tokens
-    than their input has dimensions (a covariance short of full rank: CorDA's damping makes
-    it invertible; the report names them). An expert no token reached cannot be calibrated."""
-    found = {}
-    for name, tokens in hooks.tokens.items():
-        dim = hooks.sums[name].shape[-1]
-        never = [e for e, n in enumerate(tokens.tolist()) if n == 0]
-        if never:
-            raise CalibrationError(f"{prefix}.{name}: no calibration token was routed to expert(s) {never}; give "
-                                   "more samples, or route every token to every expert (calibrate_all_experts)")
-        found[f"{prefix}.{name}"] = {"tokens": tokens.tolist(), "samples": hooks.reached[name].tolist(),
-                                     "damped": [e for e, n in enumerate(tokens.tolist()) if n < dim]}
-    return found
+def expert_ranges(layer_targets: list, element_size: int, room: int, batch_tokens: int) -> list[range | None]:
+    """The expert ranges CorDA's passes over one layer keep (device_memory.CovariancePasses):
+    [None] where everything fits at once; at least one expert a pass (a GPU that cannot hold
+    one was refused before the run)."""
+    if not layer_targets:
+        return [None]
+    passes = covariance_passes(layer_targets, element_size, room, batch_tokens)
+    if passes.experts is None or not passes.num_experts:
+        return [None]
+    step = max(passes.experts, 1)
+    return [range(s, min(s + step, passes.num_experts)) for s in range(0, passes.num_experts, step)]
+
+
+def host_stack(folder: Path, shape: tuple[int, ...]) -> torch.Tensor:
+    """A float32 tensor in host memory that the page cache holds (a file mapped shared, unlinked
+    at once: nothing is left behind by a kill), so that an expert stack's covariances (58 GB at
+    DeepSeek-V3's shapes) are written back to disk where memory runs short, not swapped or killed."""
+    import math
+    import tempfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    count = math.prod(shape)
+    with tempfile.NamedTemporaryFile(dir=folder, prefix="experts-", suffix=".partial", delete=False) as f:
+        f.truncate(4 * count)
+    try:
+        stack = torch.from_file(f.name, shared=True, size=count, dtype=torch.float32)
+    finally:
+        os.unlink(f.name)
+    return stack.view(shape)
+
+
+class _Seen:
+    """Per expert stack, over a layer's passes: the tokens each expert saw and in how many samples."""
+
+    def __init__(self):
+        self.tokens: dict[str, torch.Tensor] = {}
+        self.reached: dict[str, torch.Tensor] = {}
+        self.dims: dict[str, int] = {}
+        self.count: dict[str, int] = {}
+
+    def add(self, hooks: CovarianceHooks) -> None:
+        for name, tokens in hooks.tokens.items():  # zeros outside the pass's experts
+            self.tokens[name] = self.tokens.get(name, 0) + tokens
+            self.reached[name] = self.reached.get(name, 0) + hooks.reached[name]
+            self.dims[name], self.count[name] = hooks.sums[name].shape[-1], len(tokens)
+
+    def record(self, prefix: str) -> dict[str, dict]:
+        """Per expert stack: the tokens each expert saw (and in how many samples), the experts
+        that saw fewer tokens than their input has dimensions (a covariance short of full rank:
+        CorDA's damping makes it invertible; the report names them). An expert no token
+        reached cannot be calibrated."""
+        found = {}
+        for name, tokens in self.tokens.items():
+            never = [e for e, n in enumerate(tokens.tolist()) if n == 0]
+            if never:
+                raise CalibrationError(f"{prefix}.{name}: no calibration token was routed to expert(s) {never}; "
+                                       "give more samples, or route every token to every expert "
+                                       "(calibrate_all_experts)")
+            found[f"{prefix}.{name}"] = {"tokens": tokens.tolist(), "samples": self.reached[name].tolist(),
+                                         "damped": [e for e, n in enumerate(tokens.tolist()) if n < self.dims[name]]}
+        return found
