@@ -1,7 +1,8 @@
 """Training on a decomposition: `load_for_training` loads the residual (optionally
 quantized with bitsandbytes, as QPiSSA trains it) plus the float32 PiSSA adapter,
 trainable; `SaveAsLoRA` (save_as_lora.py, imported when asked for: it needs
-transformers) writes a LoRA of the original model at every save."""
+transformers) writes a LoRA of the original model at every save; `check_reference`
+(preference.py) says whether a preference trainer's reference is the original model."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ from .report import OutputReport
 from .planning.mapping import load_config, model_class_for
 from .formats.peft_adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterMismatchError, adapter_targets
 from .noise import quiet_library_noise
+from .preference import Reference, ReferenceWarning, check_reference
+
+__all__ = ["QUANTIZE", "Reference", "ReferenceWarning", "SaveAsLoRA", "check_reference", "load_for_training"]
 
 QUANTIZE = (None, "nf4", "fp4", "int8")
 
