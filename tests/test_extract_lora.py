@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -51,7 +52,8 @@ def logits(model):
 def test_the_lora_is_the_top_r_of_each_difference_and_loads_onto_the_base(tmp_path):
     base, ft = pair(tmp_path)
     res = pissa_rs.extract_lora(base, ft, tmp_path / "o", r=R, niter=0, progress=False)
-    assert res.report["options"]["method"] == "extract" and not list(res.out.glob("*.safetensors"))
+    assert res.report["options"]["method"] == "extract"
+    assert [p.name for p in res.out.glob("*.safetensors")] == ["adapter_model.safetensors"]  # no model
     adapter = safetensors.torch.load_file(res.adapter / "adapter_model.safetensors")
     b_model = transformers.AutoModelForCausalLM.from_pretrained(base)
     f_model = transformers.AutoModelForCausalLM.from_pretrained(ft)
@@ -69,6 +71,13 @@ def test_the_lora_is_the_top_r_of_each_difference_and_loads_onto_the_base(tmp_pa
     assert torch.allclose(logits(loaded), logits(f_model.eval()), atol=1e-4)
     assert not res.report["extract"]["not_adapted_but_different"]
     assert pissa_rs.verify(res.out, against=base).ok
+    # where a LoRA lands: OUT itself, as to-lora's and mergekit's (pissa_init is a decomposition's
+    # initial adapter); an output of an earlier version, its LoRA in OUT/pissa_init, is still found
+    assert res.adapter == res.out and not (res.out / "pissa_init").exists()
+    old = tmp_path / "old"
+    shutil.copytree(res.out, old / "pissa_init")
+    (old / "pissa_init" / "pissa_report.json").rename(old / "pissa_report.json")
+    assert pissa_rs.verify(old, against=base).ok
     key = "base_model.model.model.layers.1.mlp.up_proj.lora_A.weight"  # one module's A: not the difference's
     adapter[key] = torch.randn(adapter[key].shape, generator=torch.Generator().manual_seed(5)) * adapter[key].std()
     safetensors.torch.save_file(adapter, res.adapter / "adapter_model.safetensors", metadata={"format": "pt"})
@@ -146,8 +155,7 @@ def test_extract_lora_from_the_shell_and_its_resume(tmp_path):
     assert not (tmp_path / "k" / "pissa_report.json").exists()
     resumed = subprocess.run(other, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    a, b = (safetensors.torch.load_file(p / "pissa_init" / "adapter_model.safetensors")
-            for p in (tmp_path / "o", tmp_path / "k"))
+    a, b = (safetensors.torch.load_file(p / "adapter_model.safetensors") for p in (tmp_path / "o", tmp_path / "k"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -271,6 +279,6 @@ def test_the_same_reconstruction_error_as_mergekits_extract_lora(tmp_path):
                      for who, d, scale in (("ours", ours, t["scale"]), ("mergekit", theirs, 1.0))}
             assert error["ours"] == pytest.approx(error["mergekit"], rel=slack), (t["tensor"], niter)
             assert error["mergekit"] > 0.1 * torch.linalg.matrix_norm(diff).item()  # a real truncation
-    loaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "ours0" / "pissa_init")  # exact: the same LoRA
+    loaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "ours0")  # exact: the same LoRA, by OUT as mergekit's
     theirs_loaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "mergekit")
     assert torch.allclose(logits(loaded), logits(theirs_loaded), atol=1e-3)

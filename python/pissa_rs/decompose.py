@@ -15,7 +15,6 @@ from typing import Any
 import torch
 
 from ._pissa_rs import Checkpoint
-from .constants import ADAPTER_SUBDIR
 from .calibration.samples import model_calibration
 from .engine.commit import commit
 from .engine.device_memory import check_device_memory
@@ -125,8 +124,9 @@ def extract_lora(base, finetuned, out=None, *, r: int = 128, energy: float | Non
     """A LoRA of `base` from the fully fine-tuned `finetuned` (folders, same architecture):
     per target weight (PEFT's target selection, "all-linear" by default), the top-r triplets
     of W_ft - W_base (randomized SVD, `niter`; 0: exact), out of core with the decomposition's
-    engine (units, resume, progress, FP8 sources decoded). Writes OUT/pissa_init (the
-    adapter, naming `base` as its base model) and OUT/pissa_report.json (per module the share
+    engine (units, resume, progress, FP8 sources decoded). Writes the adapter into OUT itself
+    (as to-lora does: a LoRA of another model is its folder; it names `base` as its base
+    model) and OUT/pissa_report.json (per module the share
     of the difference kept, `energy_kept`; the tensors that differ but are not adapted,
     under `extract`). `energy=E` (0 < E <= 1): per module the fewest of the r triplets that keep
     E of ||W_ft - W_base||^2 (rank_pattern; r is the cap). `save_modules`: modules carried
@@ -274,7 +274,7 @@ def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None
         for spec, state in zip(job.outputs, states):
             report = (OutputReport.read(spec.out).data if spec.complete
                       else commit(job, spec, started, origin, cluster))
-            results.append(DecomposeResult(out=spec.out, adapter=spec.out / ADAPTER_SUBDIR, report=report,
+            results.append(DecomposeResult(out=spec.out, adapter=spec.adapter, report=report,
                                            status=state))
     finally:
         checks.close()

@@ -39,6 +39,19 @@ def output_dirs(path: Path, ranks: list[int], out: Path | None, method: str = "p
     return [Path(str(out).replace("{r}", str(r))) for r in ranks]
 
 
+def adapter_of_output(out: Path) -> Path:
+    """The adapter folder of an output: OUT/pissa_init (a decomposition's initial adapter; an
+    extract-lora output of an earlier version has its LoRA there), else OUT itself where it
+    holds an adapter (extract-lora's LoRA now); OUT/pissa_init where neither does (what a
+    missing-file error names)."""
+    from .constants import ADAPTER_CONFIG, ADAPTER_SUBDIR
+
+    init = Path(out) / ADAPTER_SUBDIR
+    if not (init / ADAPTER_CONFIG).is_file() and (Path(out) / ADAPTER_CONFIG).is_file():
+        return Path(out)
+    return init
+
+
 def model_of_output(out: Path, revision: str | None = None) -> Path:
     """The model folder an output's adapter applies to: the output itself (its residual), or,
     for a method that leaves the base as it is (MiCA: no model in OUT), the original model

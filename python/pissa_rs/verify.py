@@ -13,7 +13,8 @@ import torch
 from ._pissa_rs import Checkpoint
 from .formats.bnb_serialized import StoredQuantized, read_weight
 from .hub import resolve_model
-from .constants import ADAPTER_SUBDIR, REPORT_NAME
+from .constants import REPORT_NAME
+from .locations import adapter_of_output
 from .report import OutputReport
 from .formats.peft_adapter import ADAPTER_WEIGHTS, AdapterMismatchError, AdapterTarget, adapter_targets
 from .methods import get_method
@@ -56,7 +57,7 @@ def verify(out: str | os.PathLike[str], against: str | os.PathLike[str], revisio
     stored = held.stored  # save_quantized: weights stored in bitsandbytes' format
     quant = held.residual_quantization
     original = Checkpoint(against)
-    adapter_dir = out / ADAPTER_SUBDIR
+    adapter_dir = adapter_of_output(out)
     adapter = Checkpoint(adapter_dir / ADAPTER_WEIGHTS)
     method = get_method(held.options.get("method", "pissa"))
     # the method's own structure (top or bottom triplets, Q and R) is checkable on a plain residual
@@ -205,7 +206,7 @@ def _verify_adapter_only(out: Path, against: Path, original: Checkpoint, adapter
     """A method that leaves the base as it is (MiCA): OUT holds no model, and every adapter
     module is checked against the original's weight as the method's init (an extracted
     LoRA: against the fine-tuned weight minus the base's, `original` being the base)."""
-    stray = [p.name for p in out.glob("*.safetensors")]
+    stray = [p.name for p in out.glob("*.safetensors") if p != adapter_dir / ADAPTER_WEIGHTS]
     if stray:
         report.problems.append(f"{out}: holds {stray[:3]}, but a {checks.method.name} output is the adapter alone")
     try:

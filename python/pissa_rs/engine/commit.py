@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .._pissa_rs import Checkpoint, PissaError, ShardWriter
-from ..constants import ADAPTER_CONFIG, ADAPTER_SUBDIR, ADAPTER_WEIGHTS, PARAM_WRAPPERS, REPORT_NAME, RUN_FILE, UNITS_DIR
+from ..constants import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PARAM_WRAPPERS, REPORT_NAME, RUN_FILE, UNITS_DIR
 from ..formats.peft_adapter import adapter_shapes, lora_a_key, lora_b_key, param_wrappers_json, with_base_model
 from ..options import ADAPTER_DTYPES
 from ..precision import float32_matmul_state
@@ -39,7 +39,7 @@ def commit(job: Job, spec: OutputSpec, started: float, origin: dict[str, str | N
     if unfinished:
         raise UnfinishedUnitsError(f"{out}: {len(unfinished)} unit(s) not finished ({', '.join(unfinished[:3])})")
     checkpoint = Checkpoint(job.input)
-    (out / ADAPTER_SUBDIR).mkdir(exist_ok=True)
+    spec.adapter.mkdir(exist_ok=True)
     records_by_tensor: dict[str, dict] = {}
     for unit in job.units:
         records_by_tensor.update(read_records(unit_file(out, unit, "records")))
@@ -65,8 +65,8 @@ def commit(job: Job, spec: OutputSpec, started: float, origin: dict[str, str | N
         set_quantization_config(out, spec.plan.source_quantization_config)
     wrappers = param_wrappers_json(spec.plan.targets)
     if wrappers is not None:
-        atomic_write_text(out / ADAPTER_SUBDIR / PARAM_WRAPPERS, wrappers)
-    atomic_write_text(out / ADAPTER_SUBDIR / ADAPTER_CONFIG, config_json)
+        atomic_write_text(spec.adapter / PARAM_WRAPPERS, wrappers)
+    atomic_write_text(spec.adapter / ADAPTER_CONFIG, config_json)
     report = build_report(job.input, out, spec.plan, spec.options, records, copied,
                           sum(output_bytes(checkpoint, spec.plan, spec.options)), time.perf_counter() - started,
                           origin)
@@ -151,7 +151,7 @@ def write_adapter(job: Job, spec: OutputSpec, source: Checkpoint, saved: list[tu
         by_module.setdefault(t.module, []).append(i)
     shape_of = dict(shapes)
     # finalized on leaving the block, removed on an error
-    with ShardWriter(spec.out / ADAPTER_SUBDIR / ADAPTER_WEIGHTS,
+    with ShardWriter(spec.adapter / ADAPTER_WEIGHTS,
                      [(key, SAFETENSORS_DTYPES[dtype], list(shape)) for key, shape in shapes] + carried,
                      metadata={"format": "pt"}) as writer:
         for key, name in saved:

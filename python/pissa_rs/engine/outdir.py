@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .._pissa_rs import Checkpoint, PissaError
-from ..constants import CONTROL_FILES, LOCK_FILE, OWN_NAMES, REPORT_NAME, RUN_FILE
+from ..constants import ADAPTER_FILES, CONTROL_FILES, LOCK_FILE, OWN_NAMES, REPORT_NAME, RUN_FILE
 from ..model_files import is_model_dir, top_level_names
 from .resume import OutputLock, RunMismatchError, identity_difference, lock_output, read_identity
 
@@ -61,7 +61,7 @@ def _output_names(checkpoint: Checkpoint, path: Path) -> set[str]:
     """Top-level names a decomposition of this checkpoint writes into OUT."""
     root = Path(checkpoint.root)
     names = {Path(os.path.relpath(f, root)).parts[0] for f in checkpoint.files}
-    names |= {*OWN_NAMES, *CONTROL_FILES}
+    names |= {*OWN_NAMES, *CONTROL_FILES, *ADAPTER_FILES}  # the adapter files: where OUT is the LoRA (extract)
     if checkpoint.index_path:
         names.add(Path(checkpoint.index_path).name)
     if is_model_dir(path):

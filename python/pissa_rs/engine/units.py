@@ -40,6 +40,11 @@ class OutputSpec:
     options: DecomposeOptions  # with this output's r and lora_alpha
     complete: bool = False  # an earlier run finished it: computed for the shared SVD's sake, never written
 
+    @property
+    def adapter(self) -> Path:
+        """Where its adapter goes: OUT/pissa_init, or OUT itself for a LoRA of another model."""
+        return self.out / self.options.init_method.adapter_subdir
+
 
 @dataclass(frozen=True)
 class Job:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from ..constants import ADAPTER_SUBDIR
 from ..svd import singular_values
 
 if TYPE_CHECKING:
@@ -44,6 +45,9 @@ class Method:
     summary: ClassVar[str]  # one line: --help and the docs
     solver: ClassVar[str]  # RANDOMIZED_SVD, FULL_SVD or QR
     changes_base: ClassVar[bool] = True  # False: no residual; the original model is the adapter's base
+    # where in OUT the adapter goes: the initial adapter of a decomposition (ADAPTER_SUBDIR), or
+    # OUT itself ("") for a LoRA of another model, as every command that writes one does
+    adapter_subdir: ClassVar[str] = ADAPTER_SUBDIR
     quantizable: ClassVar[bool] = True  # QPiSSA's alternation applies to its residual
     adapts_parameters: ClassVar[bool] = True  # PEFT can train it on a ParamWrapper (MoE experts, routers)
     peft_name: ClassVar[str | None] = None  # PEFT's init_lora_weights for the same init, where PEFT has it

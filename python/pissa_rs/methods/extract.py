@@ -42,6 +42,7 @@ class Extract(Method):
     solver = RANDOMIZED_SVD
     changes_base = False
     quantizable = False
+    adapter_subdir = ""  # a plain LoRA of BASE: OUT is the adapter folder, as to-lora's
     reads_base = True  # each target's statistic: BASE's matrix of the same tensor
     own_options = ("extract_base", "extract_energy", "extract_save_modules")
 
