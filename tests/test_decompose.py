@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -553,3 +554,19 @@ def test_a_process_that_initialised_cuda_plans_in_a_fresh_interpreter(llama, tmp
     with pytest.raises(pissa_rs.TargetError, match="matched no module"):
         pissa_rs.decompose_checkpoint(llama, r=4, out=tmp_path / "typo", progress=False, device="cpu",
                                       target_modules=["nope"])
+
+
+def test_a_process_that_imported_ray_plans_in_a_fresh_interpreter(llama, tmp_path, monkeypatch):
+    """A Ray driver's gRPC threads (left running by ray.shutdown() too) crashed a forked
+    planning child with SIGSEGV: once Ray is imported, the child is a fresh interpreter."""
+    import types
+
+    import pissa_rs.planning.plan as planning
+
+    started = []
+    real = planning._start_fresh_child
+    monkeypatch.setattr(planning, "_start_fresh_child", lambda *a: started.append(a) or real(*a))
+    monkeypatch.setattr(planning.multiprocessing, "get_context", lambda *a: pytest.fail("forked with Ray imported"))
+    monkeypatch.setitem(sys.modules, "ray", types.ModuleType("ray"))  # not connected: imported is enough
+    res = pissa_rs.decompose_checkpoint(llama, r=4, out=tmp_path / "o", progress=False)
+    assert len(started) == 1 and (res.out / "pissa_report.json").is_file()

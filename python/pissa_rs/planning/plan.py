@@ -228,9 +228,10 @@ def make_plan_in_child(path: Path, options: list[dict], outs: list[Path], meanwh
 
     The child is forked (it has torch imported already, unlike a fresh interpreter), except
     where this process has initialised CUDA (EVA's pass or the rank budget's spectra on a GPU,
-    or the caller's own work), or is connected to Ray: CUDA is not to be used in a forked child,
+    or the caller's own work), or has imported Ray: CUDA is not to be used in a forked child,
     and a fork of a process whose CUDA or Ray (gRPC) threads hold locks can hang or crash
-    (a Ray driver's planning child died of SIGSEGV), so the child is then a fresh interpreter."""
+    (a Ray driver's planning child died of SIGSEGV, also after ray.shutdown(), which leaves
+    gRPC's threads running), so the child is then a fresh interpreter."""
     import sys
 
     import torch
@@ -238,8 +239,7 @@ def make_plan_in_child(path: Path, options: list[dict], outs: list[Path], meanwh
     from ..requirements import require_versions
 
     require_versions()  # here, where the caller sees its one line: the child imports the libraries it checks
-    ray = sys.modules.get("ray")
-    if torch.cuda.is_initialized() or (ray is not None and ray.is_initialized()):
+    if torch.cuda.is_initialized() or "ray" in sys.modules:
         child, receive = _start_fresh_child(path, options, outs)
     else:
         context = multiprocessing.get_context("fork")
