@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ._pissa_rs import Checkpoint
-from .calibration.samples import model_calibration
+from .calibration.model import model_calibration
 from .engine.commit import commit
 from .engine.device_memory import check_device_memory
 from .engine.devices import PAGE_LOCKED, parse_devices

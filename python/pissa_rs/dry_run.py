@@ -233,7 +233,7 @@ def plan_decomposition(path: Path, opts: DecomposeOptions, out: Path | None) -> 
     """`plan` with options already validated (the CLI's --dry-run)."""
     checkpoint = Checkpoint(path)
     if opts.init_method.calibration is not None:  # the data checked (and hashed) as a run checks it
-        from .calibration.samples import model_calibration
+        from .calibration.model import model_calibration
 
         _, opts = model_calibration(path, opts)
     outs = output_dirs(path, opts.ranks, out, opts.method)

@@ -3,7 +3,7 @@ the engine runs any of them out of core without knowing one by name."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 
@@ -12,7 +12,16 @@ from ..svd import singular_values
 
 if TYPE_CHECKING:
     from ..factors import Factors
-    from ..options import DecomposeOptions
+
+
+class RunOptions(Protocol):
+    """What a method is handed: an options.DecomposeOptions, not imported here (options.py
+    imports the methods, to name and check them). A method reads the run's ranks and the
+    fields it owns (`own_options`)."""
+
+    ranks: list[int]
+
+    def __getattr__(self, name: str) -> Any: ...
 
 # What a method needs from each weight: the dry run's cost model and the memory it needs.
 RANDOMIZED_SVD, FULL_SVD, QR = "randomized top-r SVD", "full SVD", "QR"
@@ -62,19 +71,19 @@ class Method:
     # LoRA of the difference), read by the driver from options.extract_base as the unit needs it
     reads_base: ClassVar[bool] = False
 
-    def options_from_statistics(self, options: DecomposeOptions, targets: list, found: list
-                                ) -> tuple[DecomposeOptions, dict[str, torch.Tensor], dict]:
+    def options_from_statistics(self, options: RunOptions, targets: list, found: list
+                                ) -> tuple[RunOptions, dict[str, torch.Tensor], dict]:
         """A method whose ranks follow from the calibration of every layer (calibration
         "components"): the options to plan with, each target tensor's statistic, and what the
         report says of the choice."""
         raise NotImplementedError
 
-    def commit_ranks(self, options: DecomposeOptions, targets: list, records: list[dict]) -> dict[int, int]:
+    def commit_ranks(self, options: RunOptions, targets: list, records: list[dict]) -> dict[int, int]:
         """Ranks chosen from the results (target index -> rank, at most its planned r): the
         commit keeps that many leading triplets of each, and adapter_config says so. None by default."""
         return {}
 
-    def modules_to_save(self, options: DecomposeOptions) -> list[str]:
+    def modules_to_save(self, options: RunOptions) -> list[str]:
         """Modules of the input the adapter carries whole (PEFT's modules_to_save), by full name."""
         return []
 
@@ -86,7 +95,7 @@ class Method:
         """The name the report records for this init (PEFT's where PEFT has one)."""
         return self.peft_name or self.name
 
-    def check(self, options: DecomposeOptions) -> None:
+    def check(self, options: RunOptions) -> None:
         """Refuse options that do not apply to this method (ValueError naming them)."""
         if not self.adapts_parameters and options.target_parameters:
             raise ValueError(f"method {self.name!r}: PEFT has no {self.name} variant for parameters (ParamWrapper: "
