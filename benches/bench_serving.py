@@ -197,7 +197,7 @@ def main() -> None:
             else:
                 result = run(method, {**common, "finetuned": str((root / "finetuned").resolve()),
                                       "targets": PROJECTIONS, "excluded": ["embed_tokens", "lm_head", "norm"]})
-                result["error"] = lora_errors(out if method == "mergekit" else out / "pissa_init", base, finetuned)
+                result["error"] = lora_errors(out, base, finetuned)  # every LoRA lands in OUT itself
             print(method, result, file=sys.stderr)
             results[method] = result
     print("| method | wall (s) | process, imports included (s) | peak RSS (GiB) | mean rank-r error |\n"
