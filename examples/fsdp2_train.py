@@ -1,13 +1,14 @@
 """A pissa_rs output trained sharded with FSDP2 (torch's `fully_shard`), one process per rank:
 
-    torchrun --nproc_per_node 2 examples/fsdp2_train.py OUT RUN [--steps 6] [--backend gloo]
+    torchrun --standalone --nproc_per_node 2 examples/fsdp2_train.py OUT RUN [--steps 6] [--quantize nf4] [--backend gloo]
 
-Each decoder layer, then the whole model, is sharded; the residual stays frozen and the float32
-adapter trains (AdamW). The global batch (8 sequences) is split across the ranks, so a 2-process
-run takes the steps a 1-process run takes, within float rounding. Rank 0 prints the loss of each
-step (`step N loss L`, the mean over the global batch) and saves the trained adapter, gathered
-whole, as PEFT saves one, into RUN/adapter (AutoPeftModelForCausalLM opens it onto OUT; to-lora
-converts it). On a GPU node: `--backend nccl`, and each rank takes `cuda:LOCAL_RANK`.
+The residual stays frozen and the float32 adapter trains (AdamW). Each decoder layer (the
+classes transformers' `_no_split_modules` names), then the whole model, is sharded. The global
+batch (8 sequences) is split across the ranks, so a 2-process run takes the steps a 1-process
+run takes, within float rounding. Rank 0 prints the loss of each step (`step N loss L`, the
+mean over the global batch) and saves the trained adapter, gathered whole, as PEFT saves one,
+into RUN/adapter (AutoPeftModelForCausalLM opens it onto OUT; to-lora converts it).
+On a GPU node: `--backend nccl`, and each rank takes `cuda:LOCAL_RANK`.
 """
 
 from __future__ import annotations
@@ -49,9 +50,20 @@ def main() -> None:
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}") if args.backend == "nccl" else torch.device("cpu")
     torch.manual_seed(0)
     model = pissa_rs.load_for_training(args.out, quantize=args.quantize, compute_dtype=torch.float32).to(device)
-    for layer in model.get_base_model().model.layers:
+    base = model.get_base_model()
+    blocks = set(base._no_split_modules or ())  # the decoder layer class(es), as transformers names them
+    layers = [m for m in base.modules() if type(m).__name__ in blocks]
+    if not layers:
+        raise SystemExit(f"{type(base).__name__} names no decoder layer class (_no_split_modules) to shard by")
+    for layer in layers:
         fully_shard(layer)
     fully_shard(model)
+    from torch.distributed.tensor import DTensor
+
+    params = list(model.parameters())
+    if rank == 0:  # what a run that only looks sharded (DDP in disguise) would not say
+        print(f"sharded {sum(isinstance(p, DTensor) for p in params)} of {len(params)} parameters over {world} "
+              "rank(s)", flush=True)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr)
     global_batches = batches(model.get_base_model().config.vocab_size, args.steps)

@@ -34,6 +34,8 @@ def torchrun(out: Path, run: Path, processes: int, *extra: str) -> list[float]:
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert f"adapter tensors to {run / 'adapter'}" in done.stdout
+    sharded = re.search(r"^sharded (\d+) of (\d+) parameters over (\d+) rank", done.stdout, flags=re.M)
+    assert sharded and sharded[1] == sharded[2] != "0" and sharded[3] == str(processes), done.stdout[-500:]
     return [float(x) for x in re.findall(r"^step \d+ loss (\S+)$", done.stdout, flags=re.M)]
 
 
