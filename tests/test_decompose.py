@@ -556,17 +556,35 @@ def test_a_process_that_initialised_cuda_plans_in_a_fresh_interpreter(llama, tmp
                                       target_modules=["nope"])
 
 
-def test_a_process_that_imported_ray_plans_in_a_fresh_interpreter(llama, tmp_path, monkeypatch):
+def test_a_process_running_native_threads_plans_in_a_fresh_interpreter(llama, tmp_path, monkeypatch):
     """A Ray driver's gRPC threads (left running by ray.shutdown() too) crashed a forked
-    planning child with SIGSEGV: once Ray is imported, the child is a fresh interpreter."""
-    import types
+    planning child with SIGSEGV: a process with a thread a native library named (here one named
+    as gRPC names its timer thread) plans in a fresh interpreter; importing Ray alone starts no
+    thread, and a process whose threads all carry its own name (Python's, torch's, our reader's)
+    forks."""
+    import threading
 
     import pissa_rs.planning.plan as planning
 
+    assert planning.foreign_threads() == []  # this process: pytest, torch, the reader
     started = []
     real = planning._start_fresh_child
     monkeypatch.setattr(planning, "_start_fresh_child", lambda *a: started.append(a) or real(*a))
-    monkeypatch.setattr(planning.multiprocessing, "get_context", lambda *a: pytest.fail("forked with Ray imported"))
-    monkeypatch.setitem(sys.modules, "ray", types.ModuleType("ray"))  # not connected: imported is enough
-    res = pissa_rs.decompose_checkpoint(llama, r=4, out=tmp_path / "o", progress=False)
+    named, stop = threading.Event(), threading.Event()
+
+    def native_like():
+        Path(f"/proc/self/task/{threading.get_native_id()}/comm").write_text("grpc_global_tim")
+        named.set()
+        stop.wait()
+
+    thread = threading.Thread(target=native_like, daemon=True)
+    thread.start()
+    try:
+        named.wait(10)
+        assert planning.foreign_threads() == ["grpc_global_tim"]
+        monkeypatch.setattr(planning.multiprocessing, "get_context", lambda *a: pytest.fail("forked beside gRPC"))
+        res = pissa_rs.decompose_checkpoint(llama, r=4, out=tmp_path / "o", progress=False)
+    finally:
+        stop.set()
+        thread.join()
     assert len(started) == 1 and (res.out / "pissa_report.json").is_file()

@@ -228,18 +228,16 @@ def make_plan_in_child(path: Path, options: list[dict], outs: list[Path], meanwh
 
     The child is forked (it has torch imported already, unlike a fresh interpreter), except
     where this process has initialised CUDA (EVA's pass or the rank budget's spectra on a GPU,
-    or the caller's own work), or has imported Ray: CUDA is not to be used in a forked child,
-    and a fork of a process whose CUDA or Ray (gRPC) threads hold locks can hang or crash
-    (a Ray driver's planning child died of SIGSEGV, also after ray.shutdown(), which leaves
-    gRPC's threads running), so the child is then a fresh interpreter."""
-    import sys
-
+    or the caller's own work) or runs threads a native library started (foreign_threads: a Ray
+    driver's gRPC threads, which ray.shutdown() leaves running): CUDA is not to be used in a
+    forked child, and a fork of a process whose native threads hold locks can hang or crash (a
+    Ray driver's planning child died of SIGSEGV), so the child is then a fresh interpreter."""
     import torch
 
     from ..requirements import require_versions
 
     require_versions()  # here, where the caller sees its one line: the child imports the libraries it checks
-    if torch.cuda.is_initialized() or "ray" in sys.modules:
+    if torch.cuda.is_initialized() or foreign_threads():
         child, receive = _start_fresh_child(path, options, outs)
     else:
         context = multiprocessing.get_context("fork")
@@ -279,6 +277,27 @@ class _FreshChild:
     @property
     def exitcode(self) -> int | None:
         return self._process.returncode
+
+
+def foreign_threads() -> list[str]:
+    """The names of this process's threads that a native library started and named (gRPC's,
+    Ray's, CUDA's): on Linux every thread Python, torch's pools, tokenizers or our reader start
+    keeps the name of the thread that made it; these do not. Where /proc cannot say, any
+    import of Ray counts (its threads start when it connects)."""
+    import os
+    import sys
+
+    try:
+        main = Path("/proc/self/comm").read_text().strip()
+        names = []
+        for task in os.listdir("/proc/self/task"):
+            try:
+                names.append(Path(f"/proc/self/task/{task}/comm").read_text().strip())
+            except OSError:  # a thread that ended meanwhile
+                continue
+    except OSError:
+        return ["ray"] if "ray" in sys.modules else []
+    return sorted(n for n in names if n != main)
 
 
 def _start_fresh_child(path: Path, options: list[dict], outs: list[Path]):
