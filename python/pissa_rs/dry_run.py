@@ -163,7 +163,8 @@ class DecompositionPlan:
 
         room = calibration_room(self.options)
         tokens = self.options.calibration_batch * self.options.calibration_length
-        split = [p for p in (covariance_passes(ts, element_size, room, tokens) for ts in layers_of(self.targets).values())
+        layers = layers_of(self.targets).values()
+        split = [p for p in (covariance_passes(ts, element_size, room, tokens) for ts in layers)
                  if p.experts is not None and p.num_experts]
         if not split:
             return ""

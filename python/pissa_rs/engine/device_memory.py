@@ -142,7 +142,7 @@ def covariance_passes(layer_targets: list[Target], element_size: int, available:
                             largest.parameter or largest.tensor)
 
 
-def calibration_room(options: DecomposeOptions) -> int | None:
+def calibration_room(options: DecomposeOptions) -> int:
     """What CorDA's layer may take of its device: a GPU's free memory less the context's
     overhead; on a CPU (the device is the host), the host budget `host_memory`."""
     free = free_device_memory(options.torch_devices[:1])
@@ -176,8 +176,9 @@ def device_memory_problem(targets: list[Target], options: DecomposeOptions) -> s
                         f"{human_bytes(passes.covariances)}"
                         + (f", + {human_bytes(passes.per_expert)} for each expert at least"
                            if passes.per_expert else "")
-                        + f"; a batch ~{human_bytes(passes.batch)}) on the device, and {where} has {human_bytes(max(room, 0))} for it: use a device with "
-                        "more memory, or leave these weights out of target_modules / target_parameters")
+                        + f"; a batch ~{human_bytes(passes.batch)}) on the device, and {where} has "
+                        f"{human_bytes(max(room, 0))} for it: use a device with more memory, or leave these weights "
+                        "out of target_modules / target_parameters")
     if plan.short:
         return (f"tensor '{plan.tensor}': its decomposition needs ~{human_bytes(plan.peak_bytes)} of device memory "
                 f"({plan.workers} worker(s) on one device), and "
