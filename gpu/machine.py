@@ -89,9 +89,6 @@ def bench_plan(candidates: list[Path], want_layers: int, available_gib: float) -
     available (the run's own target is 4 GiB of RSS, the checkpoint's writer holds a 2 GB
     tensor at a time)."""
     dims = dict(LLAMA3_70B)
-    if available_gib < 8:
-        return {"workdir": None, "layers": 0, "candidates": [],
-                "why": f"{available_gib:.0f} GiB of memory available, under the 8 the benchmark needs"}
     seen = []
     for path in candidates:
         try:
@@ -103,6 +100,9 @@ def bench_plan(candidates: list[Path], want_layers: int, available_gib: float) -
             continue
         seen.append({"path": str(path), "fs": fs_type(path), "free_gib": free / GiB,
                      "layers_fit": layers_that_fit(dims, free) if free > 2.2 * tensor_bytes(dims, 1) else 0})
+    if available_gib < 8:
+        return {"workdir": None, "layers": 0, "candidates": seen,
+                "why": f"{available_gib:.0f} GiB of memory available, under the 8 the benchmark needs"}
     disk = [s for s in seen if s["fs"] not in ("tmpfs", "ramfs") and s["layers_fit"] >= 1]
     if not disk:
         return {"workdir": None, "layers": 0, "candidates": seen,

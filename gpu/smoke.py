@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -47,6 +48,7 @@ class Smoke:
         self.out, self.device = Path(out), device
         self.out.mkdir(parents=True, exist_ok=True)
         self.path = self.out / "smoke.json"
+        self.folders: list[Path] = []
         # several runs into one OUT (check.sh's smoke and svd steps) add to one file
         self.results: dict[str, dict] = json.loads(self.path.read_text()) if self.path.is_file() else {}
         self.write()
@@ -55,6 +57,12 @@ class Smoke:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.results, indent=1, default=str))
         tmp.replace(self.path)
+
+    def work_dir(self) -> Path:
+        """A folder for the running check's files, removed when the check ends (a whole run left
+        ~30 MB a check in /tmp before; a run killed by its time box still leaves its last one)."""
+        self.folders.append(Path(tempfile.mkdtemp(prefix="pissa-smoke-")))
+        return self.folders[-1]
 
     def progress(self, name: str, detail) -> None:
         """A running check's numbers so far (kept if it is killed before it ends)."""
@@ -75,6 +83,9 @@ class Smoke:
             except Exception as e:  # noqa: BLE001 (a check's failure is its verdict; the next one runs)
                 traceback.print_exc()
                 verdict, detail = FAIL, f"{type(e).__name__}: {e}"[:1500]
+            finally:
+                while self.folders:
+                    shutil.rmtree(self.folders.pop(), ignore_errors=True)
         self.results[name] = {"verdict": verdict, "detail": detail, "s": round(time.perf_counter() - t0, 2)}
         self.write()
         print(f"[{verdict}] {name} ({self.results[name]['s']} s): {json.dumps(detail, default=str)[:2000]}",
@@ -140,8 +151,6 @@ def matmul_state() -> dict:
                 "cuda_allow_tf32": str(torch.backends.cuda.matmul.allow_tf32)}
 
 
-def work_dir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="pissa-smoke-"))
 
 
 # -- the checks ----------------------------------------------------------------------------
@@ -177,7 +186,7 @@ def _tf32(smoke: Smoke):
     from helpers import same_output
 
     dev = smoke.device
-    folder = work_dir()
+    folder = smoke.work_dir()
     model = tiny_model(folder)
     w = spectrum(1024, 3072, 0.7, 2, torch.bfloat16).to(dev)
     default = matmul_state()
@@ -344,7 +353,7 @@ def _runner(smoke: Smoke):
     dev = smoke.device
     cuda = dev.type == "cuda"
     count, busy = (96, 8) if cuda else (24, 1)
-    folder = work_dir()
+    folder = smoke.work_dir()
     g = torch.Generator().manual_seed(7)
     tensors = {f"t{i:03d}": (torch.randn(512 + 64 * (i % 5), 1024, generator=g) * (i + 1)).bfloat16()
                for i in range(count)}
@@ -389,7 +398,7 @@ def _decompose(smoke: Smoke):
     from helpers import same_output
 
     dev = smoke.device
-    folder = work_dir()
+    folder = smoke.work_dir()
     model = tiny_model(folder)
     ours, cpu = decompose(model, folder / "dev", device=str(dev)), decompose(model, folder / "cpu", device="cpu")
     verified = pissa_rs.verify(ours.out, against=model)
@@ -410,7 +419,7 @@ def _qpissa(smoke: Smoke):
     import pissa_rs
 
     dev = smoke.device
-    folder = work_dir()
+    folder = smoke.work_dir()
     model = tiny_model(folder)
     out, ok = {}, True
     for kw in ({"quantize": "nf4", "double_quant": True, "quant_iters": 2, "save_quantized": True},
@@ -438,7 +447,7 @@ def _fork(smoke: Smoke):
     from pissa_rs.planning import plan
 
     dev = smoke.device
-    folder = work_dir()
+    folder = smoke.work_dir()
     model = tiny_model(folder)
     torch.zeros(1, device=dev)  # the parent's CUDA context exists before any child starts
     saved = dec.PLAN_IN_CHILD_ABOVE_BYTES, plan.PLAN_IN_CHILD_ABOVE_BYTES

@@ -112,7 +112,35 @@ def test_check_sh_streams_into_out_and_names_every_step_in_its_summary(tmp_path)
     planned = [json.loads(line)["step"] for line in (out / "plan.jsonl").read_text().splitlines()]
     assert planned == ["machine", "install", "smoke", "pytest", "bench", "svd"]
     machine = json.loads((out / "machine.json").read_text())
-    assert machine["bench"]["workdir"] == str(tmp_path / "work") and "tf32" in machine
+    # the folder asked for is the only one looked at (whether 70B layers fit is this disk's business)
+    assert [c["path"] for c in machine["bench"]["candidates"]] == [str(tmp_path / "work")] and "tf32" in machine
+    assert machine["bench"]["workdir"] in (None, str(tmp_path / "work")) and machine["bench"]["why"]
+
+
+def test_the_benchmark_goes_to_the_first_real_disk_with_room_and_as_many_layers_as_fit(tmp_path, monkeypatch):
+    import machine as machine_step
+    from bench_70b import LLAMA3_70B, tensor_bytes
+
+    layer = tensor_bytes(dict(LLAMA3_70B), 1)
+    # "small" holds one layer's input but not also its output; "two" holds two layers twice, 10% spare
+    disks = {"small": ("ext4", 2 * layer), "ram": ("tmpfs", 100 * layer),
+             "two": ("xfs", int(2.2 * tensor_bytes(dict(LLAMA3_70B), 2))),
+             "big": ("ext4", 100 * layer)}
+    monkeypatch.setattr(machine_step.shutil, "disk_usage",
+                        lambda p: type("U", (), {"free": disks[Path(p).name][1]})())
+    monkeypatch.setattr(machine_step, "fs_type", lambda p: disks[Path(p).name][0])
+    paths = [tmp_path / name for name in ("small", "ram", "two", "big")]
+    stale = tmp_path / "two" / "tmpab12" / "llama3-70b-shapes"  # a killed run's checkpoint goes
+    stale.mkdir(parents=True)
+    plan = machine_step.bench_plan(paths, 3, 64)
+    assert (plan["workdir"], plan["layers"], plan["fs"]) == (str(tmp_path / "two"), 2, "xfs")
+    assert plan["bytes"] == tensor_bytes(dict(LLAMA3_70B), 2) and not stale.parent.exists()
+    fit = [c["layers_fit"] for c in plan["candidates"]]
+    assert fit[0] == 0 and fit[2] == 2 and min(fit[1], fit[3]) > 3
+    assert machine_step.bench_plan(paths[3:], 3, 64)["layers"] == 3
+    assert machine_step.bench_plan(paths[:2], 3, 64)["workdir"] is None  # too small, then memory-backed
+    short = machine_step.bench_plan(paths, 3, 7.5)
+    assert short["workdir"] is None and "under the 8" in short["why"] and len(short["candidates"]) == 4
 
 
 # -- the summary ---------------------------------------------------------------------------
@@ -184,14 +212,18 @@ def test_the_summary_of_a_whole_check_has_its_numbers(tmp_path):
 
 # -- the smoke -----------------------------------------------------------------------------
 
-def run_smoke(out: Path, only: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def run_smoke(out: Path, only: str, timeout: float = 120, **env) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(GPU / "smoke.py"), str(out)], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env={**os.environ, "SMOKE_DEVICE": "cpu", "SMOKE_ONLY": only})
+                          timeout=timeout, cwd=ROOT,
+                          env={**os.environ, "SMOKE_DEVICE": "cpu", "SMOKE_ONLY": only, **env})
 
 
 def test_the_fast_smoke_checks_pass_on_the_cpu(tmp_path):
-    proc = run_smoke(tmp_path, "quantizer,runner,fullsvd")
+    temp = tmp_path / "temp"  # where the checks' folders go: nothing is left there after
+    temp.mkdir()
+    proc = run_smoke(tmp_path, "quantizer,runner,fullsvd", TMPDIR=str(temp))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert list(temp.glob("pissa-smoke-*")) == []  # (torch keeps its own caches there)
     found = json.loads((tmp_path / "smoke.json").read_text())
     assert {k: v["verdict"] for k, v in found.items()} == {"quantizer": "pass", "runner": "pass",
                                                            "fullsvd": "skipped: no CUDA"}
