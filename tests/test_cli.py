@@ -243,3 +243,33 @@ def test_the_report_totals_and_the_printed_line_follow_from_the_records(tmp_path
     assert (f"decomposed {len(records)} weights" in proc.stdout
             and f"(mean energy kept {sum(energies) / len(energies):.3f})" in proc.stdout), proc.stdout
     assert f"error vs QLoRA: {sum(reductions) / len(reductions):.1%} less" in proc.stdout, proc.stdout
+
+
+def test_the_console_scripts_quick_exit_still_does_what_an_exit_must(tmp_path):
+    """exit_now skips the interpreter's teardown (~0.5 s with torch imported), not the exit's
+    duties: a non-daemon thread finishes, exit handlers and finalizers run, buffered output
+    reaches a pipe, the code is the command's."""
+    code = f"""
+import atexit, sys, tempfile, threading, time, weakref
+from pathlib import Path
+from pissa_rs.cli import exit_now
+out = Path({str(tmp_path)!r})
+atexit.register(lambda: (out / "atexit").write_text("ran"))
+holder = type("Holder", (), {{}})()
+weakref.finalize(holder, lambda: (out / "finalizer").write_text("ran"))
+folder = tempfile.TemporaryDirectory(dir=out)  # never cleaned up by hand: its finalizer removes it
+threading.Thread(target=lambda: (time.sleep(0.5), (out / "thread").write_text("done"))).start()
+sys.stdout.write("x" * 200000 + "end")
+exit_now(3)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout.endswith("x" * 1000 + "end") and len(proc.stdout) == 200003
+    assert {p.name for p in tmp_path.iterdir()} == {"atexit", "finalizer", "thread"}
+
+
+@pytest.mark.parametrize("collecting", [True, False])
+def test_importing_the_package_leaves_the_callers_garbage_collector_as_it_was(collecting):
+    code = f"import gc; {'gc.enable()' if collecting else 'gc.disable()'}; import pissa_rs; print(gc.isenabled())"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == str(collecting), proc.stderr
