@@ -201,6 +201,24 @@ def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None
         options, statistics, chosen = options.init_method.options_from_statistics(options, plans[0].targets, found)
         report_extra = (("calibration", record), (options.method, chosen))
         calibration = None  # the statistics are ready: the units run as for any method
+    gradient_scratch = None
+    if calibration is not None and options.init_method.calibration == "gradient":
+        # every target's gradient from a backward pass one layer at a time (LoRA-GA), then the units
+        from .engine.gradients import gradient_pass
+
+        plans, checks = _plan(path, checkpoint, [options.for_rank(max(options.ranks))], outs)
+        checks.close()
+        gradient_scratch = outs[0].parent / f".{outs[0].name}-gradient-pass"  # kept until the commit: resumable
+        identity = hashlib.sha256(json.dumps(
+            {"calibration": calibration.digest, "inputs": inputs, "targets": [[t.tensor, t.r] for t in plans[0].targets],
+             "device": torch.device(options.device).type,
+             **{k: getattr(options, k) for k in ("seed", "calibration_batch", "calibration_dtype",
+                                                 *options.init_method.own_options)}},
+            sort_keys=True).encode()).hexdigest()
+        statistics, record = gradient_pass(plans[0].targets, checkpoint, calibration, options, gradient_scratch,
+                                           identity, progress)
+        report_extra = (("calibration", record),)
+        calibration = None  # the statistics are ready: the units run as for any method
     if options.rank_budget and not options.budget_chosen:  # the ranks from a spectra pass, then the plan
         if options.on_cluster:  # the spectra pass runs here, not on the nodes
             try:
@@ -276,6 +294,8 @@ def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None
                       else commit(job, spec, started, origin, cluster))
             results.append(DecomposeResult(out=spec.out, adapter=spec.adapter, report=report,
                                            status=state))
+        if gradient_scratch is not None:  # every output committed: the pass is not needed again
+            shutil.rmtree(gradient_scratch, ignore_errors=True)
     finally:
         checks.close()
         PAGE_LOCKED.clear()  # the staging buffers the units shared (GPU runs)

@@ -108,7 +108,7 @@ class DecomposeOptions:
                                     "least 1)", parse=int)
     rank_cap: int | None = option(None, "with rank_budget: the largest rank a module gets, and the rank the spectra "
                                   "are measured to (default 2r)", parse=int)
-    calibration: Any = option(None, "data-aware methods (corda-ipm, corda-kpm): calibration text, a text file (one "
+    calibration: Any = option(None, "data-aware methods (corda-ipm, corda-kpm, eva, lora-ga): calibration text, a text file (one "
                               "sample per paragraph), a JSONL file with a 'text' field, or a saved datasets "
                               "Dataset folder (API: also a Dataset or a list of strings)", parse=str)
     calibration_samples: int | None = option(None, f"with calibration: the first N texts are the samples (default: "
@@ -135,6 +135,13 @@ class DecomposeOptions:
                             "two batches reaches tau", parse=float)
     eva_whiten: bool = option(False, "method eva: whiten the components (divide by the square root of their singular "
                               "values)")
+    lora_ga_direction: str = option("ArB2r", "method lora-ga: which of the gradient's top 2r triplets go to A and "
+                                    "which to B (PEFT's LoraGAConfig.direction; random draws from --seed)",
+                                    choices=["ArBr", "A2rBr", "ArB2r", "random"])
+    lora_ga_scale: str = option("stable", "method lora-ga: how B (and A) are scaled (PEFT's LoraGAConfig.scale)",
+                                choices=["stable", "weight_svd", "gd_scale", "unit"])
+    lora_ga_gamma: float = option(16.0, "method lora-ga, scale stable: B times out_features^0.25 / sqrt(gamma)",
+                                  parse=float)
     calibration_sha256: str | None = option(None, "set by the driver: the tokenized samples' hash", cli=False)
     extract_base: str | None = option(None, "method extract: the base model the fine-tuned input started from (a "
                                       "folder); the adapter is a LoRA of it", parse=str)

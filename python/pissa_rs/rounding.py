@@ -112,17 +112,6 @@ def warm_probes(options: DecomposeOptions, checkpoint) -> None:
                        options.quantization, options.quant_iters, options.method)
 
 
-def _probe_statistic(method, rows: int, cols: int, salt: int, device) -> torch.Tensor | None:
-    """A fixed input covariance (M^T M / n) for a method that decomposes with one; a fixed
-    base weight for one that decomposes a difference."""
-    if method.reads_base:
-        return fixed_weight(rows, cols, 70 + salt).to(device=device, dtype=torch.float32)
-    if method.calibration is None:
-        return None
-    m = fixed_weight(cols, cols, 50 + salt).to(device=device, dtype=torch.float32)
-    return m.T @ m / cols
-
-
 def _measure(device, dtypes, niter, adapter_dtype, quantization, quant_iters, method_name) -> str:
     from .methods import get_method
 
@@ -140,7 +129,7 @@ def _measure(device, dtypes, niter, adapter_dtype, quantization, quant_iters, me
                 w = fixed_weight(rows, cols, salt).to(device=device, dtype=dtype)
                 f = method.factors_at_ranks(w, [(r, 2.0)], niter=niter, seed=PROBE_SEED + salt,
                                             adapter_dtype=adapter_dtype, fan_in_fan_out=False,
-                                            statistic=_probe_statistic(method, rows, cols, salt, device))[0]
+                                            statistic=method.probe_statistic(rows, cols, r, salt, fixed_weight, device))[0]
                 absorb(f.lora_A, f.lora_B, *([f.residual] if f.residual is not None else []), f.singular_values,
                        torch.tensor([f.energy_kept, f.max_abs_error], dtype=torch.float64))
             if quantization is not None:
@@ -148,7 +137,7 @@ def _measure(device, dtypes, niter, adapter_dtype, quantization, quant_iters, me
                 w = fixed_weight(rows, cols, 99).to(device=device, dtype=dtype)
                 f = qpissa_factors_at_ranks(w, [(r, 2.0)], quantization, quant_iters, niter=niter,
                                             seed=PROBE_SEED, adapter_dtype=adapter_dtype, method=method,
-                                            statistic=_probe_statistic(method, rows, cols, 99, device))[0]
+                                            statistic=method.probe_statistic(rows, cols, r, 99, fixed_weight, device))[0]
                 absorb(f.lora_A, f.lora_B, f.residual)
     return digest.hexdigest()[:24]
 

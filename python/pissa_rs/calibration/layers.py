@@ -55,6 +55,8 @@ class _Recorder(nn.Module):
         if self.index == self.state["stop_at"]:
             self.state["call"] = (hidden_states, args, kwargs)
             raise _Stop
+        if self.index == self.state.get("output_at"):  # the model's forward goes on from given hidden states
+            return self.state["output"]
         return hidden_states
 
 
@@ -106,7 +108,7 @@ class LayerStack:
         self.layers_name, self.layers = _decoder_layers(model)
         self.base = getattr(model, model.base_model_prefix, model)
         embedding = self.base.get_input_embeddings()
-        self.stored_dtype = self._stored_dtype(f"{self._name_of(embedding)}.weight")
+        self.stored_dtype = self._stored_dtype(f"{self.name_of(embedding)}.weight")
         self.dtype = forward_dtype(dtype, device, self.stored_dtype)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         skip = {id(m) for m in self.layers.modules()} | ({id(m) for m in head.modules()} if head is not None else set())
@@ -139,7 +141,7 @@ class LayerStack:
         stored = self._stored_dtype(f"{name}.weight")
         return stored if stored in (torch.bfloat16, torch.float16) and stored.itemsize < self.dtype.itemsize else None
 
-    def _name_of(self, module: nn.Module) -> str:
+    def name_of(self, module: nn.Module) -> str:
         return next(n for n, m in self.model.named_modules() if m is module)
 
     def _stored_dtype(self, param: str) -> torch.dtype:
@@ -150,7 +152,8 @@ class LayerStack:
             raise CalibrationError(f"{self.where}: no checkpoint tensor holds {param}")
         return TORCH_DTYPES[self.checkpoint.info(tensor).dtype]
 
-    def _read(self, param: str, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    def read(self, param: str, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """Model parameter `param` from the checkpoint, on the device in `dtype`."""
         from ..tensors import TORCH_DTYPES
 
         tensor = self.mapping.tensor_of.get(param)
@@ -204,7 +207,7 @@ class LayerStack:
             if buffers:  # rotary tables and the like: computed, never stored
                 self.model._init_weights(sub)
             for pname, p in params:
-                value = self._read(f"{name}.{pname}" if name else pname, p.shape, dtype or self.dtype)
+                value = self.read(f"{name}.{pname}" if name else pname, p.shape, dtype or self.dtype)
                 setattr(sub, pname, nn.Parameter(value, requires_grad=False))
 
     def layer(self, index: int) -> nn.Module:

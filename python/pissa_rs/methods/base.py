@@ -63,8 +63,10 @@ class Method:
     # init_lora_weights in the adapter_config we write: True (the factors are final, PEFT must not
     # initialize again on load), or the name of a PEFT variant that changes training (MiCA's frozen B)
     config_init_lora_weights: ClassVar[bool | str] = True
-    # What it needs from calibration data, per target: None (the weight alone) or "covariance"
-    # (X^T X of the target's inputs, in x in): the driver then runs the layer-sequential calibration.
+    # What it needs from calibration data, per target: None (the weight alone), "covariance"
+    # (X^T X of the target's inputs, in x in: the driver runs the layer-sequential calibration),
+    # "components" (EVA's pass over every layer first) or "gradient" (the causal-LM loss's
+    # gradient of the weight, from the backward pass one layer at a time: gradient_statistic).
     calibration: ClassVar[str | None] = None
     own_options: ClassVar[tuple[str, ...]] = ()  # DecomposeOptions fields only this method reads
     # True: each target's statistic is the base model's matrix of the same tensor (extract: a
@@ -77,6 +79,26 @@ class Method:
         "components"): the options to plan with, each target tensor's statistic, and what the
         report says of the choice."""
         raise NotImplementedError
+
+    def gradient_statistic(self, gradient: torch.Tensor, r: int, seed: int | None, options: RunOptions | None) -> Any:
+        """A method whose calibration is "gradient": what it keeps of a target's mean gradient
+        (out x in, float32, on the device) for its factors at rank up to `r`. The backward
+        pass (engine/gradients.py) hands each gradient here as its layer is done; the full-size
+        gradient is dropped after. The result has `to(device)` and `tensors()` (saved for resume)."""
+        raise NotImplementedError
+
+    def statistic_from_tensors(self, found: dict[str, torch.Tensor], options: RunOptions) -> Any:
+        """The statistic back from the tensors its `tensors()` saved."""
+        raise NotImplementedError
+
+    def probe_statistic(self, rows: int, cols: int, r: int, salt: int, fixed, device) -> Any:
+        """A fixed statistic of the kind `calibration` names, for the rounding probe (rounding.py)
+        to run this method's math on: `fixed(rows, cols, salt)` is a fixed integer-built matrix.
+        By default an input covariance (M^T M / n) for a data-aware method, else none."""
+        if self.calibration is None:
+            return None
+        m = fixed(cols, cols, 50 + salt).to(device=device, dtype=torch.float32)
+        return m.T @ m / cols
 
     def commit_ranks(self, options: RunOptions, targets: list, records: list[dict]) -> dict[int, int]:
         """Ranks chosen from the results (target index -> rank, at most its planned r): the

@@ -46,6 +46,10 @@ class Extract(Method):
     reads_base = True  # each target's statistic: BASE's matrix of the same tensor
     own_options = ("extract_base", "extract_energy", "extract_save_modules")
 
+    def probe_statistic(self, rows, cols, r, salt, fixed, device):
+        """A fixed base weight (the statistic is BASE's matrix)."""
+        return fixed(rows, cols, 70 + salt).to(device=device, dtype=torch.float32)
+
     def check(self, options):
         super().check(options)
         if not options.extract_base:
