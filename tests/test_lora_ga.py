@@ -260,3 +260,15 @@ def test_what_the_method_cannot_take_is_refused_before_anything_is_written(model
         pissa_rs.decompose_checkpoint(models["llama"], r=R, method="corda-ipm", out=tmp_path / "o", calibration=TEXTS,
                                       lora_ga_direction="ArBr", progress=False)
     assert not (tmp_path / "o").exists() and not (tmp_path / ".o-gradient-pass").exists()
+
+
+def test_the_dry_run_says_the_passes_and_refuses_what_the_run_refuses(models, bert, tmp_path):
+    plan = pissa_rs.plan(models["llama"], r=R, method="lora-ga", calibration=TEXTS, calibration_samples=SAMPLES,
+                         calibration_length=LENGTH, calibration_batch=BATCH)
+    text = plan.describe()
+    assert "a forward over the 3 layers, then a backward" in text and "4 layer boundaries" in text, text
+    assert "gradient triplets" in text and "method: lora-ga (lora_ga)" in text
+    with pytest.raises(CalibrationError, match=r"BertForMaskedLM is not a causal language model"):
+        pissa_rs.plan(bert, r=2, method="lora-ga", calibration=TEXTS, calibration_length=8)
+    with pytest.raises(CalibrationError, match=r"fewer than 2 tokens"):
+        pissa_rs.plan(models["llama"], r=R, method="lora-ga", calibration=TEXTS, calibration_length=1)

@@ -12,15 +12,18 @@ from .layers import LayerStack
 from .samples import CalibrationError, CalibrationSet
 
 
-def check_causal_lm(stack_model: nn.Module, where) -> None:
+def check_causal_lm(config, where) -> None:
     """Refuse a model whose class computes no causal-LM loss (an encoder, a model with no
     head), naming it: the gradient needs one."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    name = type(stack_model).__name__
-    if name not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() or stack_model.get_output_embeddings() is None:
-        raise CalibrationError(f"{where}: {name} is not a causal language model with a head; the gradient of the "
-                               "causal-LM loss needs one (LoRA-GA)")
+    from ..planning.mapping import model_class_for
+
+    cls = model_class_for(config)
+    name = cls.__name__ if cls is not None else MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+    if name not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        raise CalibrationError(f"{where}: {name or config.model_type} is not a causal language model with a head; "
+                               "the gradient of the causal-LM loss needs one (LoRA-GA)")
 
 
 def check_labels(calibration: CalibrationSet) -> None:
@@ -38,7 +41,7 @@ class HeadLoss:
     def __init__(self, stack: LayerStack):
         self.stack = stack
         model = stack.model
-        check_causal_lm(model, stack.where / "config.json")
+        check_causal_lm(stack.config, stack.where / "config.json")
         head = model.get_output_embeddings()
         embedding = stack.base.get_input_embeddings()
         tied = getattr(stack.config, "tie_word_embeddings", False)

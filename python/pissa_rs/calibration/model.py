@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .head import check_causal_lm, check_labels
 from .layers import check_family
 from .samples import CalibrationError, CalibrationSet, tokenized
 
@@ -32,8 +33,12 @@ def model_calibration(path: Path, options) -> tuple[CalibrationSet, Any]:
                                "transformers)")
     config, _ = load_config(path)
     check_family(config, path)
+    if options.init_method.calibration == "gradient":  # a causal-LM loss to take the gradient of
+        check_causal_lm(config, path / "config.json")
     found = tokenized(options.calibration, path, samples=options.calibration_samples,
                       length=options.calibration_length,
                       max_positions=getattr(config, "max_position_embeddings", None))
+    if options.init_method.calibration == "gradient":
+        check_labels(found)
     return found, replace(options, calibration=found.source, calibration_sha256=found.digest,
                           calibration_length=found.length, calibration_samples=len(found.samples))

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from .._pissa_rs import Checkpoint
-from ..calibration.head import HeadLoss, check_labels
+from ..calibration.head import HeadLoss
 from ..calibration.layers import LayerStack
 from ..calibration.samples import CalibrationError, CalibrationSet
 from ..factors import tensor_seed
@@ -110,7 +110,6 @@ def gradient_pass(targets, checkpoint: Checkpoint, calibration: CalibrationSet, 
     from tqdm.auto import tqdm
 
     method = options.init_method
-    check_labels(calibration)
     device = options.torch_devices[0]
     heap.bound_heap()
     stack = LayerStack(checkpoint, Path(checkpoint.root), device, options.calibration_dtype)
