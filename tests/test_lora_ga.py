@@ -162,14 +162,7 @@ def test_the_gradients_are_autograds_over_the_whole_model(models, tmp_path, monk
     whole model on the same padded batches (an uneven last one): a layer dropped, a batch
     counted twice or a padded token counted would each be far off."""
     texts = [t[: 10 + 6 * k] for k, t in enumerate(calibration_texts(8))]
-    seen = {}  # by the seed the pass gives each target (the rounding probe's calls have others)
-    original = LoraGA.gradient_statistic
-
-    def keep(self, gradient, r, seed, options):
-        seen[seed] = gradient.clone()
-        return original(self, gradient, r, seed, options)
-
-    monkeypatch.setattr(LoraGA, "gradient_statistic", keep)
+    seen = keep_gradients(monkeypatch)
     res = ours(models["llama"], tmp_path / "o", calibration=texts, calibration_samples=7, calibration_length=24,
                calibration_batch=3)
     expected = autograd_gradients(models["llama"], texts, 7, 24, 3)
@@ -272,3 +265,85 @@ def test_the_dry_run_says_the_passes_and_refuses_what_the_run_refuses(models, be
         pissa_rs.plan(bert, r=2, method="lora-ga", calibration=TEXTS, calibration_length=8)
     with pytest.raises(CalibrationError, match=r"fewer than 2 tokens"):
         pissa_rs.plan(models["llama"], r=R, method="lora-ga", calibration=TEXTS, calibration_length=1)
+
+
+def keep_gradients(monkeypatch) -> dict[int, torch.Tensor]:
+    """Every gradient the pass hands LoRA-GA, by the seed it gives its target (the rounding
+    probe's calls have others)."""
+    seen = {}
+    original = LoraGA.gradient_statistic
+    monkeypatch.setattr(LoraGA, "gradient_statistic", lambda self, g, r, seed, options: (
+        seen.__setitem__(seed, g.clone()), original(self, g, r, seed, options))[1])
+    return seen
+
+
+def test_an_fp8_source_gives_the_gradients_of_the_model_loaded_dequantized(tmp_path, monkeypatch):
+    """FP8 weights are dequantized as the layers are read (calibration's reader), so the
+    gradients are autograd's on the model transformers loads dequantized; the residual is
+    bfloat16 with no FP8 left."""
+    from low_precision import save_dequantized, save_fp8_block
+
+    src = tmp_path / "src"
+    tokenizer = save_tokenizer(src, calibration_texts())
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128))
+    save_fp8_block(model, src)
+    reference = save_dequantized(model, src, tmp_path / "reference")
+    seen = keep_gradients(monkeypatch)
+    res = ours(src, tmp_path / "o")
+    assert res.report["source_format"] == "fp8"
+    expected = autograd_gradients(reference, TEXTS, SAMPLES, LENGTH, BATCH)
+    assert sorted(res.report["calibration"]["gradient_norms"]) == sorted(expected)
+    for key, gradient in expected.items():
+        gap = (seen[tensor_seed(0, key)] - gradient).abs().max().item()
+        assert gap <= 1e-5 * gradient.abs().max().item(), (key, gap)
+    residual = tensors_of(res.out)
+    assert {str(t.dtype) for t in residual.values()} == {"torch.bfloat16"}
+    assert not [k for k in residual if k.endswith(("_scale", "_scale_inv"))]
+
+
+def test_moe_experts_and_routers_get_their_slice_of_autograds_gradient(tmp_path, monkeypatch):
+    """PEFT's LoRA-GA takes nn.Linear only; here each expert of a fused stack gets its slice
+    of the stack's gradient (only the tokens routed to it reach it) and a router its weight's:
+    autograd's over the whole model, and the adapter opens in PEFT's ParamWrapper layout."""
+    path = tmp_path / "m"
+    tokenizer = save_tokenizer(path, calibration_texts())
+    torch.manual_seed(0)
+    transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, num_experts_per_tok=2, num_experts=4,
+        moe_intermediate_size=48, head_dim=16)).save_pretrained(path)
+    with pytest.raises(pissa_rs.TargetError, match=r"mlp.gate.weight \(r=4\): LoRA-GA takes 2r = 8 triplets"):
+        pissa_rs.decompose_checkpoint(path, r=4, method="lora-ga", out=tmp_path / "o", calibration=TEXTS,
+                                      progress=False)
+    assert not (tmp_path / "o").exists()
+    seen = keep_gradients(monkeypatch)
+    res = pissa_rs.decompose_checkpoint(path, r=2, method="lora-ga", out=tmp_path / "o", calibration=TEXTS,
+                                        calibration_samples=SAMPLES, calibration_length=LENGTH,
+                                        calibration_batch=BATCH, progress=False)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.requires_grad_(False)
+    records = res.report["tensors"]
+    parameters = {t.get("parameter") or t["module"] + ".weight" for t in records}
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in parameters)
+    found = batches(path)
+    for ids, mask in found:
+        model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+    grads = {n: p.grad / len(found) for n, p in model.named_parameters() if p.requires_grad}
+    kinds = set()
+    for t in records:
+        expected = grads[t.get("parameter") or t["module"] + ".weight"]
+        if t.get("expert") is not None:
+            expected = expected[t["expert"]]
+            kinds.add("expert")
+        elif t.get("parameter"):
+            kinds.add("router")
+        mine = seen[tensor_seed(0, t["tensor"])]
+        gap = (mine - expected).abs().max().item()
+        assert gap <= 1e-5 * expected.abs().max().item(), (t["tensor"], gap)
+    assert kinds == {"expert", "router"}
+    loaded = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(res.out), res.adapter)
+    assert loaded.peft_config["default"].target_parameters

@@ -115,9 +115,9 @@ def gradient_pass(targets, checkpoint: Checkpoint, calibration: CalibrationSet, 
     stack = LayerStack(checkpoint, Path(checkpoint.root), device, options.calibration_dtype)
     head = HeadLoss(stack)
     located = target_layers(targets, stack.layers_name)
-    by_layer: dict[int, list[tuple[int, str]]] = {}
-    for index, (layer, inner, _) in enumerate(located):
-        by_layer.setdefault(layer, []).append((index, inner))
+    by_layer: dict[int, list[tuple[int, str, int | None]]] = {}
+    for index, (layer, inner, expert) in enumerate(located):
+        by_layer.setdefault(layer, []).append((index, inner, expert))
     lowest = min(by_layer)
     batches = calibration.batches(options.calibration_batch)
     scratch.mkdir(parents=True, exist_ok=True)
@@ -148,6 +148,14 @@ def gradient_pass(targets, checkpoint: Checkpoint, calibration: CalibrationSet, 
                                                                                key=lambda kv: int(kv[0]))},
               "seconds": state.state["seconds"]}
     return statistics, record
+
+
+def _parameter(layer, inner: str, module: bool) -> torch.nn.Parameter:
+    """The parameter a target names inside its layer: a module's weight, or a parameter by name."""
+    if module:
+        return layer.get_submodule(inner).weight
+    owner, _, name = inner.rpartition(".")
+    return getattr(layer.get_submodule(owner), name)
 
 
 def _forward(stack: LayerStack, state: _Pass, calibration, batches, device, bar) -> None:
@@ -212,10 +220,13 @@ def _backward(stack: LayerStack, head: HeadLoss, state: _Pass, calibration, batc
         above = state.states("grad", layer_index + 1)
         inputs = state.states("hidden", layer_index)
         layer = stack.layer(layer_index)
-        wanted = [(i, layer.get_submodule(inner)) for i, inner in by_layer.get(layer_index, [])]
-        for _, module in wanted:
-            module.weight.requires_grad_(True)
-        sums = {i: torch.zeros(module.weight.shape, dtype=torch.float32, device=device) for i, module in wanted}
+        # each target's parameter: a linear module's weight, or one PEFT wraps (an expert stack,
+        # whose experts are targets of their own and share its gradient, or a router)
+        wanted = by_layer.get(layer_index, [])
+        params = {inner: _parameter(layer, inner, targets[i].parameter is None) for i, inner, _ in wanted}
+        for param in params.values():
+            param.requires_grad_(True)
+        sums = {inner: torch.zeros(p.shape, dtype=torch.float32, device=device) for inner, p in params.items()}
         below = (HiddenStates(state.file("grad", layer_index).with_suffix(".partial"))
                  if layer_index > lowest else None)
         for k, batch in enumerate(batches):
@@ -226,15 +237,17 @@ def _backward(stack: LayerStack, head: HeadLoss, state: _Pass, calibration, batc
                 out = layer(x, *args, **kwargs)
                 out = out[0] if isinstance(out, tuple) else out
                 out.backward(above[k].to(device))
-            for i, module in wanted:  # PEFT's .grad, summed batch after batch in this order
-                sums[i] += module.weight.grad.to(torch.float32)
-                module.weight.grad = None
+            for inner, param in params.items():  # PEFT's .grad, summed batch after batch in this order
+                if param.grad is not None:  # (an expert stack no token reached this batch: none)
+                    sums[inner] += param.grad.to(torch.float32)
+                param.grad = None
             if below is not None:
                 below.append(x.grad)
             fault_point("calibrate")
         saved = {}
-        for i, module in wanted:
-            mean = sums.pop(i) / len(batches)  # PEFT divides by its hook's count of backward calls
+        for i, inner, expert in wanted:
+            total = sums[inner] if expert is None else sums[inner][expert]
+            mean = total / len(batches)  # PEFT divides by its hook's count of backward calls
             if targets[i].fan_in_fan_out:
                 mean = mean.T
             if on_gradient is not None:
@@ -243,13 +256,14 @@ def _backward(stack: LayerStack, head: HeadLoss, state: _Pass, calibration, batc
             statistic = method.gradient_statistic(mean, targets[i].r, tensor_seed(options.seed, targets[i].tensor),
                                                   options)
             saved.update({f"{i}.{k}": v.to("cpu") for k, v in statistic.tensors().items()})
-            del mean
+            del mean, total
+        sums = params = None
         stack.release(layer_index)
         if saved:
             name = f"triplets-{layer_index:05d}.safetensors"
             save_file(saved, str(state.folder / f"{name}.partial"))
             os.replace(state.folder / f"{name}.partial", state.folder / name)
-            state.state["triplets"].update({str(i): name for i, _ in wanted})
+            state.state["triplets"].update({str(i): name for i, _, _ in wanted})
         if below is not None:
             state.finished("grad", layer_index, below)
         else:

@@ -80,6 +80,12 @@ class Method:
         report says of the choice."""
         raise NotImplementedError
 
+    def target_problem(self, shape: tuple[int, int], r: int) -> str | None:
+        """Why this method cannot start an adapter of rank `r` on a weight of `shape` (out x in),
+        beyond what every method needs (r <= min(shape)); None if it can. The plan refuses such
+        a target by name before anything is written."""
+        return None
+
     def gradient_statistic(self, gradient: torch.Tensor, r: int, seed: int | None, options: RunOptions | None) -> Any:
         """A method whose calibration is "gradient": what it keeps of a target's mean gradient
         (out x in, float32, on the device) for its factors at rank up to `r`. The backward

@@ -93,7 +93,9 @@ class LoraGA(Method):
     peft_name = "lora_ga"
     calibration = "gradient"
     quantizable = False  # the factors come from the gradient: QPiSSA's alternation on W has nothing to alternate
-    adapts_parameters = False  # PEFT's LoRA-GA takes nn.Linear / Conv1D only
+    # PEFT's LoRA-GA takes nn.Linear / Conv1D only; here an expert's matrix gets its own slice of
+    # the stack's gradient (a router its weight's), and trains as a plain LoRA on PEFT's ParamWrapper
+    adapts_parameters = True
     own_options = ("lora_ga_direction", "lora_ga_scale", "lora_ga_gamma")
 
     def check(self, options) -> None:
@@ -104,6 +106,11 @@ class LoraGA(Method):
             raise ValueError(f"lora_ga_scale {options.lora_ga_scale!r} is not one of {', '.join(SCALES)}")
         if not options.lora_ga_gamma > 0:
             raise ValueError(f"lora_ga_gamma must be > 0, got {options.lora_ga_gamma!r}")
+
+    def target_problem(self, shape, r):
+        if 2 * r > min(shape):
+            return f"LoRA-GA takes 2r = {2 * r} triplets of the gradient, and the weight {list(shape)} has {min(shape)}"
+        return None
 
     def init_lora_weights(self, niter: int) -> str:
         return "lora_ga"

@@ -96,6 +96,14 @@ def make_plan(path: Path, options: list[dict], outs: list[Path], deferred: list 
                             alpha_pattern={k: v for k, v in found.alpha_pattern.items() if used(k)},
                             left_out=found.left_out + [(p, f"PEFT has no {method.name} variant for parameters "
                                                            "(ParamWrapper)") for p in found.target_parameters])
+        refused = [(t, why) for t in found.targets
+                   for why in [method.target_problem(tuple(t.shape[::-1]) if t.fan_in_fan_out else tuple(t.shape), t.r)]
+                   if why]
+        if refused:
+            names = ", ".join(f"{t.tensor} (r={t.r}): {why}" for t, why in refused[:3])
+            raise TargetError(f"{path}: {len(refused)} target(s) cannot take method {method.name!r}: {names}"
+                              f"{' ...' if len(refused) > 3 else ''}; give them a lower rank (rank_pattern) or "
+                              "leave them out (exclude_modules / exclude_parameters)")
         config = adapter_config(
             r=opts["r"], lora_alpha=opts["lora_alpha"], **concrete_targets(found, opts, config_dir),
             use_rslora=opts["use_rslora"],
