@@ -1,9 +1,10 @@
-"""Benchmark: CorDA-IPM and EVA out of core (pissa_rs, one decoder layer at a time) against
-PEFT's own preprocess_corda + get_peft_model and initialize_lora_eva_weights on the whole
-model, same checkpoint, same samples.
+"""Benchmark: CorDA-IPM, EVA and LoRA-GA out of core (pissa_rs, one decoder layer at a time)
+against PEFT's own preprocess_corda + get_peft_model, initialize_lora_eva_weights and
+preprocess_loraga on the whole model, same checkpoint, same samples.
 
     python benches/bench_calibrated.py [--layers 4] [--samples 64] [--length 256] [--batch 8]
-        [--methods pissa_rs,peft,pissa_rs_eva,peft_eva] [--shapes tinyllama|llama3-8b]
+        [--methods pissa_rs,peft,pissa_rs_eva,peft_eva,pissa_rs_lora_ga,peft_lora_ga]
+        [--shapes tinyllama|llama3-8b]
         [--steps N] [--dtype float32|bfloat16] [--json OUT.json] [--smoke]
 
 The checkpoint is bench_decompose.py's synthetic one (TinyLlama-1.1B shapes by default, bf16,
@@ -61,9 +62,40 @@ texts = json.load(open(os.environ["BENCH_CALIBRATION"]))
 length = int(os.environ["BENCH_LENGTH"])
 model = AutoModelForCausalLM.from_pretrained(SRC, dtype=getattr(torch, os.environ["BENCH_DTYPE"])).eval()
 tokenizer = AutoTokenizer.from_pretrained(SRC)"""
+# The samples as pissa_rs batches them (and PEFT's EVA dataloader): right-padded, with their mask
+BATCHES = """
+rows = [tokenizer(t, truncation=True, max_length=length)["input_ids"] for t in texts]
+batches = []
+batch = int(os.environ["BENCH_BATCH"])
+for k in range(0, len(rows), batch):
+    chunk = rows[k:k + batch]
+    ids = torch.zeros(len(chunk), max(map(len, chunk)), dtype=torch.int64)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(chunk):
+        ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), 1
+    batches.append({"input_ids": ids, "attention_mask": mask})
+"""
 RUNNERS = {
     "pissa_rs": ("import os, torch, pissa_rs", OURS.replace("{method}", "corda-ipm")),
     "pissa_rs_eva": ("import os, torch, pissa_rs", OURS.replace("{method}", "eva")),
+    "pissa_rs_lora_ga": ("import os, torch, pissa_rs", OURS.replace("{method}", "lora-ga")),
+    # PEFT's LoRA-GA as its docs run it: preprocess_loraga with a train_step over the batches,
+    # the whole model and every target's full-size gradient in memory
+    "peft_lora_ga": ("import os, torch, peft, transformers", PEFT + BATCHES + """
+from peft.tuners.lora.config import LoraGAConfig
+from peft.tuners.lora.loraga import preprocess_loraga
+config = LoraConfig(r=R, lora_alpha=R, lora_dropout=0.0, target_modules=TARGETS, init_lora_weights="lora_ga",
+                    lora_ga_config=LoraGAConfig(), task_type="CAUSAL_LM")
+def train_step():
+    for b in batches:
+        model(**b, labels=b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)).loss.backward()
+preprocess_loraga(model, config, train_step)
+model = get_peft_model(model, config)
+model.peft_config["default"].init_lora_weights = True
+model.save_pretrained(os.path.join(OUT, "pissa_init"))
+model = model.unload()
+model.save_pretrained(OUT)
+"""),
     "peft": ("import os, torch, peft, transformers", PEFT + """
 from peft.tuners.lora.config import CordaConfig
 from peft.tuners.lora.corda import preprocess_corda
@@ -86,17 +118,7 @@ from peft.tuners.lora.config import EvaConfig
 from peft.tuners.lora.eva import initialize_lora_eva_weights
 config = LoraConfig(r=R, lora_alpha=R, lora_dropout=0.0, target_modules=TARGETS, init_lora_weights="eva",
                     eva_config=EvaConfig(), task_type="CAUSAL_LM")
-model = get_peft_model(model, config)
-rows = [tokenizer(t, truncation=True, max_length=length)["input_ids"] for t in texts]
-batches = []
-batch = int(os.environ["BENCH_BATCH"])
-for k in range(0, len(rows), batch):
-    chunk = rows[k:k + batch]
-    ids = torch.zeros(len(chunk), max(map(len, chunk)), dtype=torch.int64)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(chunk):
-        ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), 1
-    batches.append({"input_ids": ids, "attention_mask": mask})
+model = get_peft_model(model, config)""" + BATCHES + """
 class _Stopped(BaseException):  # --steps: the loop ended after its first steps
     pass
 _calls = [0]
@@ -202,7 +224,7 @@ def main() -> None:
     print("| method | wall (s) | peak RSS (GiB) |\n|---|---:|---:|")
     for method, r in results.items():
         print(f"| {method} | {r['wall_s']:.1f} | {r['peak_rss_bytes'] / 2**30:.2f} |")
-    for ours_name, theirs_name in (("pissa_rs", "peft"), ("pissa_rs_eva", "peft_eva")):
+    for ours_name, theirs_name in (("pissa_rs", "peft"), ("pissa_rs_eva", "peft_eva"), ("pissa_rs_lora_ga", "peft_lora_ga")):
         if {ours_name, theirs_name} <= results.keys():
             ours, theirs = results[ours_name], results[theirs_name]
             print(f"{ours_name} / {theirs_name}: wall {ours['wall_s'] / theirs['wall_s']:.2f}x, peak RSS "

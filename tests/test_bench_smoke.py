@@ -100,14 +100,17 @@ def test_moe_benchmark_smoke(tmp_path):
 
 
 def test_calibrated_benchmark_smoke(tmp_path):
-    """benches/bench_calibrated.py: CorDA and EVA through pissa_rs and through PEFT, tiny shapes."""
+    """benches/bench_calibrated.py: CorDA, EVA and LoRA-GA through pissa_rs and through PEFT, tiny shapes."""
     out = tmp_path / "calibrated.json"
+    methods = "pissa_rs,peft,pissa_rs_eva,peft_eva,pissa_rs_lora_ga,peft_lora_ga"
     proc = subprocess.run([sys.executable, str(BENCH.parent / "bench_calibrated.py"), "--smoke", "--workdir",
-                           str(tmp_path), "--json", str(out)], capture_output=True, text=True, timeout=600)
+                           str(tmp_path), "--json", str(out), "--methods", methods],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
-    assert set(report["results"]) == {"pissa_rs", "peft", "pissa_rs_eva", "peft_eva"}
+    assert set(report["results"]) == set(methods.split(","))
     assert "pissa_rs / peft: wall" in proc.stdout and "pissa_rs_eva / peft_eva: wall" in proc.stdout
+    assert "pissa_rs_lora_ga / peft_lora_ga: wall" in proc.stdout
     assert set(report["results"]["pissa_rs"]["split_s"]) == {"forward", "statistics", "units", "saved"}
     assert set(report["results"]["pissa_rs_eva"]["split_s"]) == {"forward"}
     for result in report["results"].values():
@@ -126,3 +129,16 @@ def test_calibrated_benchmark_ends_both_eva_loops_after_the_same_steps(tmp_path)
     assert report["steps"] == 1 and "EVA's loops ended after step 1" in proc.stdout
     assert {m: r.get("split_s") for m, r in report["results"].items()} == {"pissa_rs_eva": {"steps": 1},
                                                                              "peft_eva": {"steps": 1}}
+
+
+def test_convergence_benchmark_smoke(tmp_path):
+    """benches/bench_convergence.py: LoRA, PiSSA and LoRA-GA starts fine-tuned on one task."""
+    out = tmp_path / "convergence.json"
+    proc = subprocess.run([sys.executable, str(BENCH.parent / "bench_convergence.py"), "--smoke", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = json.loads(out.read_text())["table"]
+    assert set(table) == {"lora", "pissa", "lora-ga"}
+    for row in table.values():
+        assert 0 < row["held_out"] < 20 and set(row["at_steps"]) == {"1"}
+    assert "| lora-ga |" in proc.stdout

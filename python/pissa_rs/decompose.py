@@ -3,7 +3,6 @@ A local run is every unit in this process, on this process's devices."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ from .engine.device_memory import check_device_memory
 from .engine.devices import PAGE_LOCKED, parse_devices
 from .engine.layout import output_bytes
 from .engine.outdir import prepare_out
+from .engine.passes import PASSES, PassInput
 from .engine.resume import input_state, run_identity
 from .engine.run import ByIndex, run_unit
 from .engine.units import Job, OutputSpec, split_units
@@ -182,43 +182,16 @@ def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None
     outs = output_dirs(path, options.ranks, out, options.method)
     report_extra = ()
     statistics = None
-    if calibration is not None and options.init_method.calibration == "components":
-        # ranks that follow from every layer's calibration (EVA): a pass first, then the plan
-        from .engine.components import collect_components
-
-        plans, checks = _plan(path, checkpoint, [options.for_rank(options.ranks[0])], outs)
-        checks.close()
-        # beside the output, named after it: a pass killed mid-layer resumes there when run again
-        scratch = outs[0].parent / f".{outs[0].name}-eva-pass"
-        identity = hashlib.sha256(json.dumps(
-            {"calibration": calibration.digest, "inputs": inputs, "targets": [[t.tensor, t.r] for t in plans[0].targets],
-             **{k: getattr(options, k) for k in ("eva_rho", "eva_tau", "calibration_batch", "calibration_dtype",
-                                                 "device")}},
-            sort_keys=True).encode()).hexdigest()
-        found, record = collect_components(plans[0].targets, checkpoint, calibration, options, scratch, identity,
-                                           progress)
-        shutil.rmtree(scratch)
-        options, statistics, chosen = options.init_method.options_from_statistics(options, plans[0].targets, found)
-        report_extra = (("calibration", record), (options.method, chosen))
-        calibration = None  # the statistics are ready: the units run as for any method
-    gradient_scratch = None
-    if calibration is not None and options.init_method.calibration == "gradient":
-        # every target's gradient from a backward pass one layer at a time (LoRA-GA), then the units
-        from .engine.gradients import gradient_pass
-
+    scratch = None
+    if calibration is not None and options.init_method.calibration in PASSES:
+        # statistics that need every layer first (EVA's components, LoRA-GA's gradients): the
+        # pass over the targets of the largest rank's plan, then the units as for any method
         plans, checks = _plan(path, checkpoint, [options.for_rank(max(options.ranks))], outs)
         checks.close()
-        gradient_scratch = outs[0].parent / f".{outs[0].name}-gradient-pass"  # kept until the commit: resumable
-        identity = hashlib.sha256(json.dumps(
-            {"calibration": calibration.digest, "inputs": inputs, "targets": [[t.tensor, t.r] for t in plans[0].targets],
-             "device": torch.device(options.device).type,
-             **{k: getattr(options, k) for k in ("seed", "calibration_batch", "calibration_dtype",
-                                                 *options.init_method.own_options)}},
-            sort_keys=True).encode()).hexdigest()
-        statistics, record = gradient_pass(plans[0].targets, checkpoint, calibration, options, gradient_scratch,
-                                           identity, progress)
-        report_extra = (("calibration", record),)
-        calibration = None  # the statistics are ready: the units run as for any method
+        done = PASSES[options.init_method.calibration](
+            PassInput(checkpoint, calibration, options, outs, inputs, plans[0].targets, progress))
+        options, statistics, report_extra, scratch = done.options, done.statistics, done.report_extra, done.scratch
+        calibration = None
     if options.rank_budget and not options.budget_chosen:  # the ranks from a spectra pass, then the plan
         if options.on_cluster:  # the spectra pass runs here, not on the nodes
             try:
@@ -294,8 +267,8 @@ def run_decomposition(path: Path, options: DecomposeOptions, *, out: Path | None
                       else commit(job, spec, started, origin, cluster))
             results.append(DecomposeResult(out=spec.out, adapter=spec.adapter, report=report,
                                            status=state))
-        if gradient_scratch is not None:  # every output committed: the pass is not needed again
-            shutil.rmtree(gradient_scratch, ignore_errors=True)
+        if scratch is not None:  # every output committed: the pass is not needed again
+            shutil.rmtree(scratch, ignore_errors=True)
     finally:
         checks.close()
         PAGE_LOCKED.clear()  # the staging buffers the units shared (GPU runs)

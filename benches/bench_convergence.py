@@ -1,0 +1,173 @@
+"""LoRA-GA's claim through pissa_rs's output: does its start lower the loss faster over the
+first steps than LoRA's and PiSSA's, at the same rank and learning rate?
+
+    python benches/bench_convergence.py [--pretrain 600] [--steps 60] [--rank 8] [--lr 1e-3]
+        [--seeds 0,1,2] [--json OUT.json] [--smoke]
+
+A tiny Llama (4 layers, hidden 128) is first trained from scratch on one text (the docstrings
+of torch's public names) until it has learned something; then each start is fine-tuned with
+PEFT on another (the docstrings of Python's standard library), the same batches in the same
+order, AdamW at the same learning rate: LoRA (PEFT's default init: A random, B = 0), PiSSA and
+LoRA-GA (pissa_rs's outputs; LoRA-GA calibrated on the task's first training batches). Printed:
+the training loss at a few steps and the held-out loss at the end, per start, averaged over
+the seeds (the LoRA init's draw and the batches' order).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_calibrated import add_tokenizer  # noqa: E402
+from bench_decompose import machine  # noqa: E402
+
+STDLIB = ("os", "json", "re", "collections", "itertools", "functools", "pathlib", "subprocess", "shutil",
+          "argparse", "logging", "datetime", "email", "http.client", "urllib.request", "threading", "asyncio",
+          "csv", "sqlite3", "tarfile", "zipfile", "textwrap", "string", "decimal", "fractions", "statistics")
+
+
+def docs_of(modules) -> list[str]:
+    import importlib
+
+    found = []
+    for name in modules:
+        module = importlib.import_module(name) if isinstance(name, str) else name
+        for attr in sorted(dir(module)):
+            try:
+                doc = inspect.getdoc(getattr(module, attr))
+            except Exception:  # noqa: BLE001 - lazy attributes may fail to import
+                continue
+            if doc and len(doc) > 200:
+                found.append(doc)
+    return list(dict.fromkeys(found))
+
+
+def token_batches(tokenizer, texts: list[str], length: int, batch: int) -> list[torch.Tensor]:
+    """The texts as one stream of tokens cut into rows of `length`, `batch` rows a batch."""
+    ids = [i for t in texts for i in tokenizer(t + "\n\n")["input_ids"]]
+    rows = torch.tensor(ids[: len(ids) // length * length]).view(-1, length)
+    return [rows[k:k + batch] for k in range(0, len(rows) - batch + 1, batch)]
+
+
+def pretrain(path: Path, tokenizer, batches, steps: int, smoke: bool) -> float:
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64 if smoke else 128,
+                                      intermediate_size=176 if smoke else 344, num_hidden_layers=2 if smoke else 4,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    loss = None
+    for step in range(steps):
+        ids = batches[step % len(batches)]
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return loss.item()
+
+
+def finetune(model, train, held_out, steps: int, lr: float) -> dict:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    model.train()
+    losses = []
+    for step in range(steps):
+        ids = train[step % len(train)]
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    model.eval()
+    with torch.no_grad():
+        held = sum(model(input_ids=ids, labels=ids).loss.item() for ids in held_out) / len(held_out)
+    return {"train": losses, "held_out": held}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pretrain", type=int, default=600, help="steps of pretraining on the first text")
+    ap.add_argument("--steps", type=int, default=60, help="fine-tuning steps on the second")
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--calibration-batches", type=int, default=4, help="LoRA-GA's gradient: the task's first N batches")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--smoke", action="store_true", help="tiny and short: checks the script, not the claim")
+    args = ap.parse_args()
+    if args.smoke:
+        args.pretrain, args.steps, args.seeds, args.calibration_batches = 20, 4, "0", 1
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    import pissa_rs
+
+    t0 = time.perf_counter()
+    first, second = docs_of(["torch", "torch.nn", "torch.linalg"]), docs_of(STDLIB)
+    length, batch = (32, 4) if args.smoke else (128, 8)
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp) / "base"
+        base.mkdir()
+        add_tokenizer(base, "\n\n".join(first + second), 512 if args.smoke else 2048)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(base)
+        pretrain_batches = token_batches(tokenizer, first, length, batch)
+        task = token_batches(tokenizer, second, length, batch)
+        held_out, train = task[-4:], task[:-4]
+        pretrained_loss = pretrain(base, tokenizer, pretrain_batches, args.pretrain, args.smoke)
+        calibration = [tokenizer.decode(row) for b in train[: args.calibration_batches] for row in b]
+        starts = {
+            "pissa": pissa_rs.decompose_checkpoint(base, r=args.rank, out=Path(tmp) / "pissa", progress=False),
+            "lora-ga": pissa_rs.decompose_checkpoint(base, r=args.rank, out=Path(tmp) / "lora-ga", method="lora-ga",
+                                                     calibration=calibration, calibration_length=length,
+                                                     calibration_batch=batch, progress=False),
+        }
+        results: dict[str, list[dict]] = {"lora": [], "pissa": [], "lora-ga": []}
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+            shuffled = [train[k] for k in order]
+            for name in results:
+                torch.manual_seed(seed)
+                if name == "lora":
+                    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+                    model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.rank, lora_dropout=0.0,
+                                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+                else:
+                    model = pissa_rs.load_for_training(starts[name].out)
+                results[name].append(finetune(model, shuffled, held_out, args.steps, args.lr))
+    marks = [s for s in (1, 5, 10, 20, 40, 60, 100) if s <= args.steps]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    print(f"pretrained to loss {pretrained_loss:.3f}; fine-tuning rank {args.rank}, lr {args.lr}, "
+          f"{len(results['lora'])} seed(s)")
+    print("| start | " + " | ".join(f"step {s}" for s in marks) + f" | mean of the first {min(20, args.steps)} "
+          "| held-out at the end |")
+    print("|---|" + "---:|" * (len(marks) + 2))
+    table = {}
+    for name, runs in results.items():
+        at = [mean([r["train"][s - 1] for r in runs]) for s in marks]
+        first_steps = mean([mean(r["train"][:20]) for r in runs])
+        held = mean([r["held_out"] for r in runs])
+        table[name] = {"at_steps": dict(zip(marks, at)), "mean_first_20": first_steps, "held_out": held}
+        print(f"| {name} | " + " | ".join(f"{x:.3f}" for x in at) + f" | {first_steps:.3f} | {held:.3f} |")
+    print(f"machine: {machine()}; {time.perf_counter() - t0:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps({"pretrained_loss": pretrained_loss, "table": table, "runs": results,
+                                         "args": vars(args) | {"json": str(args.json)}}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
