@@ -16,7 +16,6 @@ the seeds (the LoRA init's draw and the batches' order).
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import sys
 import tempfile
@@ -28,26 +27,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_calibrated import add_tokenizer  # noqa: E402
 from bench_decompose import machine  # noqa: E402
+from bench_forgetting import docs_of  # noqa: E402
 
 STDLIB = ("os", "json", "re", "collections", "itertools", "functools", "pathlib", "subprocess", "shutil",
           "argparse", "logging", "datetime", "email", "http.client", "urllib.request", "threading", "asyncio",
           "csv", "sqlite3", "tarfile", "zipfile", "textwrap", "string", "decimal", "fractions", "statistics")
-
-
-def docs_of(modules) -> list[str]:
-    import importlib
-
-    found = []
-    for name in modules:
-        module = importlib.import_module(name) if isinstance(name, str) else name
-        for attr in sorted(dir(module)):
-            try:
-                doc = inspect.getdoc(getattr(module, attr))
-            except Exception:  # noqa: BLE001 - lazy attributes may fail to import
-                continue
-            if doc and len(doc) > 200:
-                found.append(doc)
-    return list(dict.fromkeys(found))
 
 
 def token_batches(tokenizer, texts: list[str], length: int, batch: int) -> list[torch.Tensor]:
@@ -66,33 +50,32 @@ def pretrain(path: Path, tokenizer, batches, steps: int, smoke: bool) -> float:
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                                       tie_word_embeddings=False)
     model = transformers.LlamaForCausalLM(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-    loss = None
+    losses = train(model, batches, steps, 3e-3, cosine=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return losses[-1]
+
+
+def train(model, batches, steps: int, lr: float, cosine: bool = False) -> list[float]:
+    """AdamW on the trainable parameters, one batch a step in order (cycling); the losses."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps) if cosine else None
+    model.train()
+    losses = []
     for step in range(steps):
         ids = batches[step % len(batches)]
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return loss.item()
-
-
-def finetune(model, train, held_out, steps: int, lr: float) -> dict:
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    model.train()
-    losses = []
-    for step in range(steps):
-        ids = train[step % len(train)]
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
+        if schedule is not None:
+            schedule.step()
         optimizer.zero_grad()
         losses.append(loss.item())
+    return losses
+
+
+def finetune(model, batches, held_out, steps: int, lr: float) -> dict:
+    losses = train(model, batches, steps, lr)
     model.eval()
     with torch.no_grad():
         held = sum(model(input_ids=ids, labels=ids).loss.item() for ids in held_out) / len(held_out)
@@ -118,7 +101,10 @@ def main() -> None:
     import pissa_rs
 
     t0 = time.perf_counter()
-    first, second = docs_of(["torch", "torch.nn", "torch.linalg"]), docs_of(STDLIB)
+    import importlib
+
+    first = docs_of(torch, torch.nn, torch.linalg)
+    second = docs_of(*(importlib.import_module(name) for name in STDLIB))
     length, batch = (32, 4) if args.smoke else (128, 8)
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "base"

@@ -35,12 +35,13 @@ TEXTS = [t[: 12 + 7 * k] for k, t in enumerate(calibration_texts(8))]
 SAMPLES, LENGTH, BATCH = 5, 9, 2
 
 
-def save_model(path, family="llama", layers=3, seed=0):
+def save_model(path, family="llama", layers=3, seed=0, tied=False):
     tokenizer = save_tokenizer(path, calibration_texts())
     config_cls, cls = FAMILIES[family]
     torch.manual_seed(seed)
     model = cls(config_cls(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128))
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                           tie_word_embeddings=tied))
     with torch.no_grad():  # a leading singular value well apart, so that weight_svd's rank-r sketch of
         for module in model.modules():  # sigma_1 (PEFT's draw, and ours) converges within rounding
             if isinstance(module, torch.nn.Linear) and module is not model.lm_head:
@@ -137,6 +138,7 @@ def test_the_output_is_peft_own_lora_ga(models, tmp_path, family, direction, sca
     record = res.report["calibration"]
     assert record["samples"] == SAMPLES and len(record["batch_losses"]) == 3 and record["loss"] > 0
     assert len(record["gradient_norms"]) == 3 * len(LINEAR)
+    assert pissa_rs.verify(res.out, models[family]).ok  # and verify passes it
     # PEFT opens it by folder with no missing or unexpected key
     model = transformers.AutoModelForCausalLM.from_pretrained(res.out)
     loaded = PeftModel.from_pretrained(model, res.adapter)
@@ -157,15 +159,20 @@ def autograd_gradients(path, texts, samples, length, batch):
     return {f"{n}.weight": m.weight.grad / len(found) for n, m in targets.items()}
 
 
-def test_the_gradients_are_autograds_over_the_whole_model(models, tmp_path, monkeypatch):
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_gradients_are_autograds_over_the_whole_model(models, tmp_path, monkeypatch, tied):
     """Every target's mean gradient from the layer-by-layer pass against autograd's over the
     whole model on the same padded batches (an uneven last one): a layer dropped, a batch
-    counted twice or a padded token counted would each be far off."""
+    counted twice or a padded token counted would each be far off. `tied`: the head is the
+    embeddings' matrix, stored once (transformers saves no lm_head.weight)."""
+    path = save_model(tmp_path / "tied", tied=True) if tied else models["llama"]
+    if tied:
+        assert not any("lm_head" in k for k in tensors_of(path))
     texts = [t[: 10 + 6 * k] for k, t in enumerate(calibration_texts(8))]
     seen = keep_gradients(monkeypatch)
-    res = ours(models["llama"], tmp_path / "o", calibration=texts, calibration_samples=7, calibration_length=24,
+    res = ours(path, tmp_path / "o", calibration=texts, calibration_samples=7, calibration_length=24,
                calibration_batch=3)
-    expected = autograd_gradients(models["llama"], texts, 7, 24, 3)
+    expected = autograd_gradients(path, texts, 7, 24, 3)
     lengths = res.report["calibration"]["lengths"]
     assert len(set(lengths)) > 2 and max(lengths) == 24  # padded batches
     norms = res.report["calibration"]["gradient_norms"]
@@ -187,17 +194,25 @@ def run_cli(model, out, data, env=None, extra=()):
                           capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=300)
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(models, tmp_path_factory):
+    """The command's run with the `random` direction, never killed: what every resumed run
+    must write, byte for byte."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    data = root / "c.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    assert run_cli(models["llama"], root / "ref", data, extra=("--lora-ga-direction", "random")).returncode == 0
+    return data, root / "ref"
+
+
 # three layers, three batches: the forward pass reaches the point 9 times, then the backward
 # 9 more, from layer 2 down: 5 is in the forward's layer 1, 14 in the backward's layer 1
 @pytest.mark.parametrize("point, resumed", [("calibrate:5", {"phase": "forward", "layer": 1}),
                                             ("calibrate:14", {"phase": "backward", "layer": 1}),
                                             ("target:4", {"phase": "done", "layer": 0})])
-def test_sigkill_in_either_pass_or_the_units_resumes_byte_identically(models, tmp_path, point, resumed):
-    model = models["llama"]
-    data = tmp_path / "c.jsonl"
-    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
-    reference = tmp_path / "ref"
-    assert run_cli(model, reference, data, extra=("--lora-ga-direction", "random")).returncode == 0
+def test_sigkill_in_either_pass_or_the_units_resumes_byte_identically(models, uninterrupted, tmp_path, point,
+                                                                      resumed):
+    model, (data, reference) = models["llama"], uninterrupted
     before = digest(model)
     out = tmp_path / "o"
     killed = run_cli(model, out, data, env={"PISSA_RS_SIGNAL_AT": point}, extra=("--lora-ga-direction", "random"))
@@ -217,16 +232,19 @@ def test_sigkill_in_either_pass_or_the_units_resumes_byte_identically(models, tm
     assert report["calibration"]["batch_losses"] == reference_report["calibration"]["batch_losses"]
 
 
-def test_the_random_direction_follows_the_seed(models, tmp_path):
-    """PEFT's `random` draws from torch's global generator; ours from --seed: the same seed,
-    the same factors; another seed, another choice of the 2r triplets."""
-    first = ours(models["llama"], tmp_path / "a", lora_ga_direction="random")
-    again = ours(models["llama"], tmp_path / "b", lora_ga_direction="random")
-    other = ours(models["llama"], tmp_path / "c", lora_ga_direction="random", seed=1)
-    load = lambda res: safetensors.torch.load_file(res.adapter / "adapter_model.safetensors")  # noqa: E731
-    a, c = load(first), load(other)
-    assert all(torch.equal(a[k], v) for k, v in load(again).items())
+def test_the_random_direction_follows_the_seed(models, uninterrupted, tmp_path):
+    """PEFT's `random` draws from torch's global generator; ours from --seed: the same seed
+    gives the same factors (every resumed run above), another seed another choice of the 2r
+    triplets, the same gradient."""
+    data, reference = uninterrupted
+    assert run_cli(models["llama"], tmp_path / "o", data, extra=("--lora-ga-direction", "random",
+                                                                 "--seed", "1")).returncode == 0
+    a = safetensors.torch.load_file(reference / "pissa_init" / "adapter_model.safetensors")
+    c = safetensors.torch.load_file(tmp_path / "o" / "pissa_init" / "adapter_model.safetensors")
     assert any(not torch.equal(a[k], c[k]) for k in a)
+    norms = [json.loads((f / "pissa_report.json").read_text())["calibration"]["gradient_norms"]
+             for f in (reference, tmp_path / "o")]
+    assert norms[0] == norms[1]
 
 
 @pytest.fixture(scope="module")

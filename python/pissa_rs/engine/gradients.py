@@ -42,11 +42,12 @@ class GradientStatistics:
         self.folder, self.where, self.build = folder, where, build
 
     def __getitem__(self, tensor: str):
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
         name, index = self.where[tensor]
-        found = load_file(str(self.folder / name))
-        return self.build({k.partition(".")[2]: v for k, v in found.items() if k.partition(".")[0] == str(index)})
+        with safe_open(str(self.folder / name), framework="pt") as f:  # this target's tensors, not its layer's
+            return self.build({k.partition(".")[2]: f.get_tensor(k) for k in f.keys()
+                               if k.partition(".")[0] == str(index)})
 
     def __contains__(self, tensor: str) -> bool:
         return tensor in self.where
@@ -164,6 +165,8 @@ def _forward(stack: LayerStack, state: _Pass, calibration, batches, device, bar)
     start = state.state["next_layer"]
     bar.update(start)
     hidden = state.states("hidden", start) if start else None
+    if start:
+        stack.forget_input_embedding()
     for layer_index in range(start, len(stack)):
         t0 = time.perf_counter()
         layer = stack.layer(layer_index)
@@ -182,6 +185,9 @@ def _forward(stack: LayerStack, state: _Pass, calibration, batches, device, bar)
         stack.release(layer_index)
         if inputs is not None:
             state.finished("hidden", 0, inputs)
+            # past the first layer the model's forward needs the embeddings' shape and dtype only
+            # (the loss's head is read on its own, tied or not): the vocabulary goes
+            stack.forget_input_embedding()
         hidden = state.finished("hidden", layer_index + 1, outputs)
         state.state["next_layer"] = layer_index + 1
         state.state["seconds"]["forward"] += time.perf_counter() - t0
