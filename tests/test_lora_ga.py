@@ -218,7 +218,7 @@ def test_sigkill_in_either_pass_or_the_units_resumes_byte_identically(models, un
     killed = run_cli(model, out, data, env={"PISSA_RS_SIGNAL_AT": point}, extra=("--lora-ga-direction", "random"))
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert not (out / "pissa_report.json").exists()
-    scratch = tmp_path / ".o-gradient-pass"
+    scratch = tmp_path / ".o-lora-ga-pass"
     assert (scratch / "state.json").is_file()
     assert run_cli(model, out, data, extra=("--lora-ga-direction", "random")).returncode == 0
     assert digest(model) == before and not scratch.exists()  # the pass's files go with the commit
@@ -270,7 +270,7 @@ def test_what_the_method_cannot_take_is_refused_before_anything_is_written(model
     with pytest.raises(ValueError, match=r"lora_ga_direction apply to method 'lora-ga', not 'corda-ipm'"):
         pissa_rs.decompose_checkpoint(models["llama"], r=R, method="corda-ipm", out=tmp_path / "o", calibration=TEXTS,
                                       lora_ga_direction="ArBr", progress=False)
-    assert not (tmp_path / "o").exists() and not (tmp_path / ".o-gradient-pass").exists()
+    assert not (tmp_path / "o").exists() and not (tmp_path / ".o-lora-ga-pass").exists()
 
 
 def test_the_dry_run_says_the_passes_and_refuses_what_the_run_refuses(models, bert, tmp_path):

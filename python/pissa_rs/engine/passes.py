@@ -37,9 +37,10 @@ class PassOutput:
     scratch: Path | None  # the pass's folder, kept until the commit (a killed run resumes from it)
 
 
-def scratch_of(out: Path, kind: str) -> Path:
-    """The pass's folder: beside the output, named after it, so a rerun of a killed pass finds it."""
-    return out.parent / f".{out.name}-{kind}-pass"
+def scratch_of(out: Path, method: str) -> Path:
+    """The pass's folder: beside the output, named after it and the method, so a rerun of a
+    killed pass finds it."""
+    return out.parent / f".{out.name}-{method}-pass"
 
 
 def identity_of(given: PassInput, fields: dict) -> str:
@@ -54,9 +55,9 @@ def components(given: PassInput) -> PassOutput:
     from .components import collect_components
 
     options = given.options
-    scratch = scratch_of(given.outs[0], "eva")
-    identity = identity_of(given, {k: getattr(options, k) for k in ("eva_rho", "eva_tau", "calibration_batch",
-                                                                  "calibration_dtype", "device")})
+    scratch = scratch_of(given.outs[0], options.method)
+    identity = identity_of(given, {k: getattr(options, k) for k in ("calibration_batch", "calibration_dtype", "device",
+                                                                  *options.init_method.own_options)})
     found, record = collect_components(given.targets, given.checkpoint, given.calibration, options, scratch,
                                        identity, given.progress)
     shutil.rmtree(scratch)
@@ -70,7 +71,7 @@ def gradients(given: PassInput) -> PassOutput:
     from .gradients import gradient_pass
 
     options = given.options
-    scratch = scratch_of(given.outs[0], "gradient")
+    scratch = scratch_of(given.outs[0], options.method)
     identity = identity_of(given, {"device": torch.device(options.device).type,
                                    **{k: getattr(options, k) for k in ("seed", "calibration_batch", "calibration_dtype",
                                                                        *options.init_method.own_options)}})
