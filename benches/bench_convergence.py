@@ -8,8 +8,9 @@ A tiny Llama (4 layers, hidden 128) is first trained from scratch on one text (t
 of torch's public names) until it has learned something; then each start is fine-tuned with
 PEFT on another (the docstrings of Python's standard library), the same batches in the same
 order, AdamW at the same learning rate: LoRA (PEFT's default init: A random, B = 0), PiSSA and
-LoRA-GA (pissa_rs's outputs; LoRA-GA calibrated on the task's first training batches). Printed:
-the training loss at a few steps and the held-out loss at the end, per start, averaged over
+LoRA-GA (pissa_rs's outputs; LoRA-GA calibrated on the task's first training batches). Printed: the
+held-out loss (4 batches of the second text no run trains on) before the first step and after
+a few step counts, and the mean training loss over the first steps, per start, averaged over
 the seeds (the LoRA init's draw and the batches' order).
 """
 
@@ -56,8 +57,17 @@ def pretrain(path: Path, tokenizer, batches, steps: int, smoke: bool) -> float:
     return losses[-1]
 
 
-def train(model, batches, steps: int, lr: float, cosine: bool = False) -> list[float]:
-    """AdamW on the trainable parameters, one batch a step in order (cycling); the losses."""
+def held_out_loss(model, held_out) -> float:
+    model.eval()
+    with torch.no_grad():
+        loss = sum(model(input_ids=ids, labels=ids).loss.item() for ids in held_out) / len(held_out)
+    model.train()
+    return loss
+
+
+def train(model, batches, steps: int, lr: float, cosine: bool = False, after=None) -> list[float]:
+    """AdamW on the trainable parameters, one batch a step in order (cycling); the losses.
+    `after(step)` runs after each step (1-based)."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps) if cosine else None
     model.train()
@@ -71,15 +81,17 @@ def train(model, batches, steps: int, lr: float, cosine: bool = False) -> list[f
             schedule.step()
         optimizer.zero_grad()
         losses.append(loss.item())
+        if after is not None:
+            after(step + 1)
     return losses
 
 
-def finetune(model, batches, held_out, steps: int, lr: float) -> dict:
-    losses = train(model, batches, steps, lr)
-    model.eval()
-    with torch.no_grad():
-        held = sum(model(input_ids=ids, labels=ids).loss.item() for ids in held_out) / len(held_out)
-    return {"train": losses, "held_out": held}
+def finetune(model, batches, held_out, steps: int, lr: float, marks: list[int]) -> dict:
+    """Training losses, and the held-out loss before the first step and at each of `marks`."""
+    curve = {0: held_out_loss(model, held_out)}
+    losses = train(model, batches, steps, lr,
+                   after=lambda step: curve.__setitem__(step, held_out_loss(model, held_out)) if step in marks else None)
+    return {"train": losses, "held_out_curve": curve, "held_out": curve[steps]}
 
 
 def main() -> None:
@@ -123,6 +135,7 @@ def main() -> None:
                                                      calibration_batch=batch, progress=False),
         }
         results: dict[str, list[dict]] = {"lora": [], "pissa": [], "lora-ga": []}
+        marks = sorted({s for s in (1, 5, 10, 20, 40, 60, 100) if s <= args.steps} | {args.steps})
         for seed in [int(s) for s in args.seeds.split(",")]:
             order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
             shuffled = [train[k] for k in order]
@@ -134,21 +147,19 @@ def main() -> None:
                                                              target_modules="all-linear", task_type="CAUSAL_LM"))
                 else:
                     model = pissa_rs.load_for_training(starts[name].out)
-                results[name].append(finetune(model, shuffled, held_out, args.steps, args.lr))
-    marks = [s for s in (1, 5, 10, 20, 40, 60, 100) if s <= args.steps]
+                results[name].append(finetune(model, shuffled, held_out, args.steps, args.lr, marks))
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     print(f"pretrained to loss {pretrained_loss:.3f}; fine-tuning rank {args.rank}, lr {args.lr}, "
-          f"{len(results['lora'])} seed(s)")
-    print("| start | " + " | ".join(f"step {s}" for s in marks) + f" | mean of the first {min(20, args.steps)} "
-          "| held-out at the end |")
+          f"{len(results['lora'])} seed(s); held-out loss after each step count (mean over the seeds)")
+    print("| start | " + " | ".join(f"step {s}" for s in [0, *marks]) + f" | mean training loss, first "
+          f"{min(20, args.steps)} steps |")
     print("|---|" + "---:|" * (len(marks) + 2))
     table = {}
     for name, runs in results.items():
-        at = [mean([r["train"][s - 1] for r in runs]) for s in marks]
+        curve = {s: mean([r["held_out_curve"][s] for r in runs]) for s in [0, *marks]}
         first_steps = mean([mean(r["train"][:20]) for r in runs])
-        held = mean([r["held_out"] for r in runs])
-        table[name] = {"at_steps": dict(zip(marks, at)), "mean_first_20": first_steps, "held_out": held}
-        print(f"| {name} | " + " | ".join(f"{x:.3f}" for x in at) + f" | {first_steps:.3f} | {held:.3f} |")
+        table[name] = {"held_out_curve": curve, "mean_first_20": first_steps, "held_out": curve[args.steps]}
+        print(f"| {name} | " + " | ".join(f"{x:.3f}" for x in curve.values()) + f" | {first_steps:.3f} |")
     print(f"machine: {machine()}; {time.perf_counter() - t0:.0f} s")
     if args.json:
         args.json.write_text(json.dumps({"pretrained_loss": pretrained_loss, "table": table, "runs": results,
