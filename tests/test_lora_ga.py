@@ -159,12 +159,18 @@ def autograd_gradients(path, texts, samples, length, batch):
     return {f"{n}.weight": m.weight.grad / len(found) for n, m in targets.items()}
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_the_gradients_are_autograds_over_the_whole_model(models, tmp_path, monkeypatch, tied):
+@pytest.mark.parametrize("tied, one_sample_a_time", [(False, False), (True, True)])
+def test_the_gradients_are_autograds_over_the_whole_model(models, tmp_path, monkeypatch, tied, one_sample_a_time):
     """Every target's mean gradient from the layer-by-layer pass against autograd's over the
     whole model on the same padded batches (an uneven last one): a layer dropped, a batch
     counted twice or a padded token counted would each be far off. `tied`: the head is the
-    embeddings' matrix, stored once (transformers saves no lm_head.weight)."""
+    embeddings' matrix, stored once (transformers saves no lm_head.weight);
+    `one_sample_a_time`: the loss at the head taken a sample at a time (as a large vocabulary's
+    logits are), each divided by the whole batch's token count."""
+    from pissa_rs.calibration import head
+
+    if one_sample_a_time:
+        monkeypatch.setattr(head, "LOGITS_BYTES", 1)
     path = save_model(tmp_path / "tied", tied=True) if tied else models["llama"]
     if tied:
         assert not any("lm_head" in k for k in tensors_of(path))

@@ -11,6 +11,9 @@ from torch import nn
 from .layers import LayerStack
 from .samples import CalibrationError, CalibrationSet
 
+# The float32 logits one chunk of samples may take at the head (the loss holds a few times that)
+LOGITS_BYTES = 256 << 20
+
 
 def check_causal_lm(config, where) -> None:
     """Refuse a model whose class computes no causal-LM loss (an encoder, a model with no
@@ -55,18 +58,30 @@ class HeadLoss:
     def loss_and_gradient(self, last: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
                           ) -> tuple[float, torch.Tensor]:
         """(the batch's loss, d loss / d `last`): labels are the input ids with the padding
-        ignored, the loss the model's own (the mean over the batch's predicted tokens), as
-        `model(**batch, labels=...)` gives it."""
+        ignored, the loss the model's own: the mean over the batch's predicted tokens, as
+        `model(**batch, labels=...)` gives it. Computed a few samples at a time, each chunk's
+        loss its tokens' sum divided by the whole batch's count (transformers' loss with
+        num_items_in_batch), so the logits held are a chunk's, not the batch's (8 x 2048 tokens
+        of a 128k vocabulary are 8.4 GB in float32, and the loss holds several such); each
+        token's gradient is the same expression either way."""
         stack = self.stack
         device = stack.device
-        leaf = last.detach().to(device).requires_grad_(True)
-        labels = input_ids.masked_fill(attention_mask == 0, -100).to(device)
-        stack.state["stop_at"], stack.state["output_at"], stack.state["output"] = None, len(stack) - 1, leaf
-        try:
-            with torch.enable_grad():
-                out = stack.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                  labels=labels, use_cache=False)
-                out.loss.backward()
-        finally:
-            stack.state["output_at"], stack.state["output"] = None, None
-        return out.loss.item(), leaf.grad
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        count = torch.tensor(int((labels[:, 1:] != -100).sum()), device=device)
+        vocab = getattr(stack.config, "vocab_size", None) or stack.model.get_output_embeddings().weight.shape[0]
+        rows = max(1, LOGITS_BYTES // max(1, 4 * input_ids.shape[1] * vocab))
+        total, grads = 0.0, []
+        for start in range(0, input_ids.shape[0], rows):
+            part = slice(start, start + rows)
+            leaf = last[part].detach().to(device).requires_grad_(True)
+            stack.state["stop_at"], stack.state["output_at"], stack.state["output"] = None, len(stack) - 1, leaf
+            try:
+                with torch.enable_grad():
+                    out = stack.model(input_ids=input_ids[part].to(device), attention_mask=attention_mask[part].to(device),
+                                      labels=labels[part].to(device), use_cache=False, num_items_in_batch=count)
+                    out.loss.backward()
+            finally:
+                stack.state["output_at"], stack.state["output"] = None, None
+            total += out.loss.item()
+            grads.append(leaf.grad)
+        return total, torch.cat(grads) if len(grads) > 1 else grads[0]
