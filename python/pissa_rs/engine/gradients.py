@@ -101,13 +101,11 @@ class _Pass:
 
 
 def gradient_pass(targets, checkpoint: Checkpoint, calibration: CalibrationSet, options, scratch: Path,
-                  identity: str, progress: bool = False,
-                  on_gradient: Callable[[int, torch.Tensor], None] | None = None) -> tuple[GradientStatistics, dict]:
+                  identity: str, progress: bool = False) -> tuple[GradientStatistics, dict]:
     """Every target's statistic from its mean gradient of the causal-LM loss on `calibration`
     (the method's `gradient_statistic`), as a mapping by tensor name read from files in
     `scratch`, and what the report says of the pass. A pass killed and started again with the
-    same `identity` resumes at the layer it was in. `on_gradient(index, mean)`: each target's
-    mean gradient (out x in, float32) as it is found (the tests compare it with autograd's)."""
+    same `identity` resumes at the layer it was in."""
     from tqdm.auto import tqdm
 
     method = options.init_method
@@ -135,7 +133,7 @@ def gradient_pass(targets, checkpoint: Checkpoint, calibration: CalibrationSet, 
             bar.update(layers)
         if state.state["phase"] == "backward":
             bar.update(layers - min(state.state["next_layer"], layers))
-            _backward(stack, head, state, calibration, batches, by_layer, targets, lowest, options, on_gradient, bar)
+            _backward(stack, head, state, calibration, batches, by_layer, targets, lowest, options, bar)
             left = [state.file("hidden", int(layer)) for layer in state.state["hidden"]]
             state.state.update(phase="done", next_layer=lowest, hidden={}, grad=None)
             state.save_and_drop(*left)  # what is left: the triplets, and the record
@@ -196,7 +194,7 @@ def _forward(stack: LayerStack, state: _Pass, calibration, batches, device, bar)
 
 
 def _backward(stack: LayerStack, head: HeadLoss, state: _Pass, calibration, batches, by_layer, targets, lowest: int,
-              options, on_gradient, bar) -> None:
+              options, bar) -> None:
     """From the loss down to the lowest layer with a target: each layer's forward recomputed
     from its saved input with gradients on, the gradient from above pushed through it."""
     from safetensors.torch import save_file
@@ -256,8 +254,6 @@ def _backward(stack: LayerStack, head: HeadLoss, state: _Pass, calibration, batc
             mean = total / len(batches)  # PEFT divides by its hook's count of backward calls
             if targets[i].fan_in_fan_out:
                 mean = mean.T
-            if on_gradient is not None:
-                on_gradient(i, mean)
             state.state["norms"][str(i)] = torch.linalg.vector_norm(mean).item()
             statistic = method.gradient_statistic(mean, targets[i].r, tensor_seed(options.seed, targets[i].tensor),
                                                   options)
