@@ -181,7 +181,7 @@ def test_the_default_is_pissa_and_its_output_is_unchanged(llama, outputs, tmp_pa
 
 def test_a_typo_in_the_method_is_named_with_the_list(llama, tmp_path, capsys):
     with pytest.raises(ValueError, match=r"unknown method 'milorra'; did you mean 'milora'\? \(the methods: "
-                                         r"corda-ipm, corda-kpm, eva, extract, mica, milora, olora, pissa\)"):
+                                         r"corda-ipm, corda-kpm, eva, extract, lora-ga, mica, milora, olora, pissa\)"):
         pissa_rs.decompose_checkpoint(llama, r=R, method="milorra", out=tmp_path / "o")
     assert main(["decompose", str(llama), "--rank", "4", "--method", "olra", "--out", str(tmp_path / "o")]) != 0
     assert "did you mean 'olora'" in capsys.readouterr().err
