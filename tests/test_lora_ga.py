@@ -114,10 +114,11 @@ def test_the_output_is_peft_own_lora_ga(models, tmp_path, family, direction, sca
     for key, value in adapter.items():
         peft_value = state[key.replace(".weight", ".default.weight")]
         if scale == "weight_svd" and "lora_B" in key:
-            # B times sigma_1(W) from a rank-r sketch (niter 4) of W, each from its own draw: the
-            # sketches agree within 1e-5 here (sigma_1 apart), the directions within rounding
+            # B times sigma_1(W) from a rank-r sketch (niter 4) of W, each from its own draw (its
+            # bits depend on the CPU's kernels): with sigma_1 apart, a sketch is within 1e-5 of
+            # sigma_1 from any of 20 starts tried, so two agree within 1e-4; the directions within rounding
             ratio = (value.norm() / peft_value.norm()).item()
-            assert abs(ratio - 1) < 1e-5, (key, ratio)
+            assert abs(ratio - 1) < 1e-4, (key, ratio)
             value = value / ratio
         assert_same_up_to_sign(value, peft_value, key, 0 if "lora_A" in key else 1, 1e-4)
     residual, original = tensors_of(res.out), tensors_of(models[family])
@@ -139,9 +140,10 @@ def test_the_output_is_peft_own_lora_ga(models, tmp_path, family, direction, sca
     assert record["samples"] == SAMPLES and len(record["batch_losses"]) == 3 and record["loss"] > 0
     assert len(record["gradient_norms"]) == 3 * len(LINEAR)
     assert pissa_rs.verify(res.out, models[family]).ok  # and verify passes it
-    # PEFT opens it by folder with no missing or unexpected key
-    model = transformers.AutoModelForCausalLM.from_pretrained(res.out)
-    loaded = PeftModel.from_pretrained(model, res.adapter)
+    # PEFT opens it by its folder alone (the residual named in its config), no missing or unexpected key
+    from peft import AutoPeftModelForCausalLM
+
+    loaded = AutoPeftModelForCausalLM.from_pretrained(res.adapter)
     assert loaded.peft_config["default"].init_lora_weights is True
 
 
