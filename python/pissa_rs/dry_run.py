@@ -136,14 +136,18 @@ class DecompositionPlan:
             boundary = tokens * hidden * size  # at most: no batch padded
             gradients = max((sum(4 * t.shape[0] * t.shape[1] for t in ts) for ts in per_layer.values()), default=0)
             triplets = sum(4 * (t.shape[0] + t.shape[1] + 1) * 2 * t.r for t in self.targets)
-            logits = o.calibration_batch * o.calibration_length * vocab * (size + 4)  # the head's, and the loss's float32
+            from .calibration.head import samples_per_chunk
+
+            # the head's logits and the loss's float32 copy, a chunk of samples at a time
+            chunk = min(o.calibration_batch, samples_per_chunk(o.calibration_length, vocab))
+            logits = chunk * o.calibration_length * vocab * (size + 4)
             return (head + f"a forward over the {layers} layers, then a backward from the last down to the lowest with "
                     f"a target (each layer's forward recomputed: ~3x a forward in all); disk: {layers + 1} layer "
                     f"boundaries of hidden states, {human_bytes(boundary)} each ({human_bytes((layers + 1) * boundary)}"
                     f"; each removed once its layer's backward is done) + the gradient at one boundary + every "
                     f"target's gradient triplets {human_bytes(triplets)}; device: a layer's targets "
                     f"{human_bytes(weights)} + their float32 gradients {human_bytes(gradients)} + one batch's graph "
-                    f"of the layer; at the head, one batch's logits ~{human_bytes(logits)}; host: one batch")
+                    f"of the layer; at the head, {chunk} sample(s)' logits at a time ~{human_bytes(logits)}; host: one batch")
         if self.options.init_method.calibration == "covariance":  # CorDA: in x in per input, a layer at a time
             weights, covariances, _ = covariance_layer_bytes(self.targets, size)
             boundary, budget = tokens * hidden * size, o.host_memory_bytes  # at most: no batch padded

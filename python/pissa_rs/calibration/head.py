@@ -15,6 +15,12 @@ from .samples import CalibrationError, CalibrationSet
 LOGITS_BYTES = 256 << 20
 
 
+def samples_per_chunk(length: int, vocab: int) -> int:
+    """How many samples of `length` tokens the loss takes at a time: their float32 logits
+    within LOGITS_BYTES, one sample at least."""
+    return max(1, LOGITS_BYTES // max(1, 4 * length * vocab))
+
+
 def check_causal_lm(config, where) -> None:
     """Refuse a model whose class computes no causal-LM loss (an encoder, a model with no
     head), naming it: the gradient needs one."""
@@ -69,7 +75,7 @@ class HeadLoss:
         labels = input_ids.masked_fill(attention_mask == 0, -100)
         count = torch.tensor(int((labels[:, 1:] != -100).sum()), device=device)
         vocab = getattr(stack.config, "vocab_size", None) or stack.model.get_output_embeddings().weight.shape[0]
-        rows = max(1, LOGITS_BYTES // max(1, 4 * input_ids.shape[1] * vocab))
+        rows = samples_per_chunk(input_ids.shape[1], vocab)
         total, grads = 0.0, []
         for start in range(0, input_ids.shape[0], rows):
             part = slice(start, start + rows)

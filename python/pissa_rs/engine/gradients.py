@@ -26,7 +26,7 @@ import torch
 from .._pissa_rs import Checkpoint
 from ..calibration.head import HeadLoss
 from ..calibration.layers import LayerStack
-from ..calibration.samples import CalibrationError, CalibrationSet
+from ..calibration.samples import CalibrationSet
 from ..factors import tensor_seed
 from . import heap
 from .resume import fault_point
@@ -48,9 +48,6 @@ class GradientStatistics:
         with safe_open(str(self.folder / name), framework="pt") as f:  # this target's tensors, not its layer's
             return self.build({k.partition(".")[2]: f.get_tensor(k) for k in f.keys()
                                if k.partition(".")[0] == str(index)})
-
-    def __contains__(self, tensor: str) -> bool:
-        return tensor in self.where
 
 
 class _Pass:
